@@ -1,0 +1,63 @@
+"""rmq: resource governance for Celery workers.
+
+``rmq.install(app)`` wires the governor into a Celery app; ``@governed_task(memory=...,
+cpu=..., disk=...)`` declares what a task needs. Nothing happens on import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import (
+    BudgetExceeded,
+    ConfigError,
+    Defer,
+    MemoryBudgetExceeded,
+    ModelLoadError,
+    ModelNotRegistered,
+    RateLimiterUnavailable,
+    ResourceUnavailable,
+    RmqError,
+    TaskProcessLost,
+)
+
+__all__ = [
+    "install",
+    "governed_task",
+    "GovernedTask",
+    "throttle",
+    "models",
+    "RmqError",
+    "ConfigError",
+    "BudgetExceeded",
+    "ResourceUnavailable",
+    "MemoryBudgetExceeded",
+    "ModelNotRegistered",
+    "ModelLoadError",
+    "RateLimiterUnavailable",
+    "TaskProcessLost",
+    "Defer",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing rmq must not import Celery's worker machinery.
+    if name == "install":
+        from .install import install
+
+        return install
+    if name in ("governed_task", "GovernedTask"):
+        from . import task
+
+        return getattr(task, name)
+    if name == "throttle":
+        from .ratelimit import throttle
+
+        return throttle
+    if name in ("models", "http", "signals"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'rmq' has no attribute {name!r}")

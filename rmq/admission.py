@@ -1,0 +1,108 @@
+"""Admission policy: does a new task fit beside what already runs? Pure functions.
+
+Memory: measured worker memory + the unused part of running declarations + the new
+declaration must stay at or under the admit line, so that well-behaved tasks never push
+the worker into the kill zone. CPU: declared slots must be free. Disk: the session root's
+free space minus other reservations must cover the declaration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .ledger import Entry
+
+__all__ = ["Need", "Verdict", "judge", "percentile"]
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a task asks for. Sizes in bytes."""
+
+    memory_bytes: int
+    cpu_slots: int = 0
+    disk_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one admission check.
+
+    Attributes:
+        admitted: the task fits now.
+        never: the task could not fit even on an idle worker (fail, don't defer).
+        resource: the resource that did not fit (``"memory"``, ``"cpu"``, ``"disk"``) or ``""``.
+        reason: a sentence with the figures, for logs and errors.
+        declared / available / budget: figures of the resource that did not fit.
+    """
+
+    admitted: bool
+    never: bool = False
+    resource: str = ""
+    reason: str = ""
+    declared: int = 0
+    available: int = 0
+    budget: int = 0
+
+
+def judge(
+    need: Need,
+    running: Sequence[Entry],
+    worker_bytes: int,
+    idle_bytes: int,
+    admit_line_bytes: int,
+    budget_bytes: int,
+    cpu_slots: int,
+    disk_free_bytes: int | None = None,
+) -> Verdict:
+    """Decide whether ``need`` fits beside the ``running`` reservations."""
+    from .units import format_bytes as fb
+
+    room_idle = admit_line_bytes - idle_bytes
+    if need.memory_bytes > room_idle:
+        return Verdict(
+            False, True, "memory",
+            f"declares {fb(need.memory_bytes)} but an idle worker admits at most {fb(room_idle)}",
+            need.memory_bytes, max(0, room_idle), budget_bytes,
+        )
+    if need.cpu_slots > cpu_slots:
+        return Verdict(
+            False, True, "cpu", f"declares cpu={need.cpu_slots} but the worker has {cpu_slots} slots",
+            need.cpu_slots, cpu_slots, cpu_slots,
+        )
+    unused = sum(e.unused_bytes for e in running)
+    projected = worker_bytes + unused + need.memory_bytes
+    if projected > admit_line_bytes:
+        return Verdict(
+            False, False, "memory",
+            f"needs {fb(need.memory_bytes)}: worker {fb(worker_bytes)} + reserved-unused {fb(unused)} "
+            f"would pass the admit line {fb(admit_line_bytes)}",
+            need.memory_bytes, max(0, admit_line_bytes - worker_bytes - unused), budget_bytes,
+        )
+    if need.cpu_slots:
+        used_slots = sum(e.cpu_slots for e in running)
+        if used_slots + need.cpu_slots > cpu_slots:
+            return Verdict(
+                False, False, "cpu", f"needs {need.cpu_slots} CPU slots, {cpu_slots - used_slots} free",
+                need.cpu_slots, cpu_slots - used_slots, cpu_slots,
+            )
+    if need.disk_bytes and disk_free_bytes is not None:
+        reserved = sum(e.disk_bytes for e in running)
+        available = disk_free_bytes - reserved
+        if need.disk_bytes > available:
+            return Verdict(
+                False, False, "disk",
+                f"needs {fb(need.disk_bytes)} of disk, {fb(max(0, available))} free after reservations",
+                need.disk_bytes, max(0, available), disk_free_bytes,
+            )
+    return Verdict(True)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0-1) of ``values`` by nearest rank; 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, int(round(q * (len(ordered) - 1)))))
+    return float(ordered[rank])

@@ -1,0 +1,197 @@
+"""The worker bootstep: builds the runtime before the pool forks, runs the governor. Glue only."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from typing import Any
+
+from celery import bootsteps
+
+from .budget import detect_budget
+from .errors import ConfigError
+from .governor import Governor, kill_pid
+from .ledger import Ledger
+from .runtime import Runtime, redis_url_for_app, set_current
+from .snapshot import SnapshotBuilder
+from .task import config_for
+
+__all__ = ["GovernorStep", "CeleryActuator", "config_error_exit"]
+
+log = logging.getLogger("rmq.worker")
+
+
+def config_error_exit(exc: ConfigError) -> None:
+    """One line on stderr and exit status 2, no traceback (SPEC section 7)."""
+    sys.stderr.write(f"rmq: configuration error: {exc}\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
+def _runtime_dir(configured: str | None) -> str:
+    base = configured or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir())
+    os.makedirs(base, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"rmq-{os.getpid()}-", dir=base)
+
+
+def _cpu_slots(configured: int | None) -> tuple[int, str]:
+    if configured:
+        return configured, "configured"
+    try:
+        from .cpu import detect_cpu_slots
+
+        return detect_cpu_slots()
+    except ImportError:  # pragma: no cover - during development only
+        return len(os.sched_getaffinity(0)), "affinity"
+
+
+class CeleryActuator:
+    """The governor's hands on a Celery worker. Pause/resume and unacked touching run on the
+    worker's event loop (a timer); kills and pid reads are safe from the governor thread."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.want_paused = False
+        self.paused_queues: list[str] = []
+        self._is_paused = False
+
+    def pool_pids(self) -> list[int]:
+        try:
+            procs = list(self.worker.pool._pool._pool)
+        except AttributeError:
+            return []
+        return [p.pid for p in procs if p.pid and p.pid != os.getpid()]
+
+    def pause(self) -> None:
+        self.want_paused = True
+
+    def resume(self) -> None:
+        self.want_paused = False
+
+    def kill(self, pid: int) -> None:
+        if pid != os.getpid():
+            kill_pid(pid)
+
+    def apply_pause_state(self) -> None:
+        """On the event loop: cancel or re-add the task queues to match the governor."""
+        if self.want_paused == self._is_paused:
+            return
+        consumer = getattr(self.worker, "consumer", None)
+        task_consumer = getattr(consumer, "task_consumer", None)
+        if task_consumer is None:
+            return
+        if self.want_paused:
+            self.paused_queues = [q.name for q in task_consumer.queues]
+            for name in self.paused_queues:
+                consumer.cancel_task_queue(name)
+            self._is_paused = True
+        else:
+            for name in self.paused_queues:
+                consumer.add_task_queue(name)
+            self.paused_queues = []
+            self._is_paused = False
+
+    def touch_unacked(self) -> None:
+        """On Redis, keep this worker's unacked messages fresh so that a short visibility
+        timeout redelivers the messages of a dead worker quickly but never those of a live one."""
+        consumer = getattr(self.worker, "consumer", None)
+        channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
+        qos = getattr(channel, "qos", None)
+        key = getattr(channel, "unacked_index_key", None)
+        delivered = getattr(qos, "_delivered", None)
+        if not delivered or key is None:
+            return
+        now = time.time()
+        try:
+            channel.client.zadd(key, {tag: now for tag in list(delivered)}, xx=True)
+        except Exception as exc:  # a broken connection is the consumer's to fix
+            log.debug("rmq could not touch unacked messages: %r", exc)
+
+
+class GovernorStep(bootsteps.StartStopStep):
+    """Builds rmq's runtime in the main process (before the pool forks) and runs the governor."""
+
+    label = "rmq governor"
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        try:
+            self.config = config_for(worker.app)
+        except ConfigError as exc:
+            config_error_exit(exc)
+        self.runtime_dir = _runtime_dir(self.config.runtime_dir)
+        self.ledger = Ledger(self.runtime_dir, create=True)
+        self.runtime = Runtime(
+            self.config, worker.app, self.runtime_dir, self.ledger, redis_url_for_app(self.config, worker.app)
+        )
+        set_current(self.runtime)
+        atexit.register(self._remove_runtime_dir)
+        self.budget = detect_budget(self.config)
+        self.cpu_slots, self.cpu_source = _cpu_slots(self.config.cpu_slots)
+        self.governor: Governor | None = None
+        self.snapshots: SnapshotBuilder | None = None
+        self._timers: list[Any] = []
+
+    def start(self, worker: Any) -> None:
+        actuator = CeleryActuator(worker)
+        self.governor = Governor(self.config, self.budget, self.ledger, actuator, cpu_slots=self.cpu_slots)
+        self.runtime.governor = self.governor
+        self.snapshots = SnapshotBuilder(self.runtime, self.governor, getattr(worker, "hostname", None))
+        self.snapshots.extra["config"] = lambda: {
+            "cpu_slots_source": self.cpu_source,
+            "runtime_dir": self.runtime_dir,
+        }
+        self.governor.tick()
+        self.governor.start()
+        timer = getattr(worker, "timer", None)
+        if timer is not None:
+            self._timers.append(timer.call_repeatedly(0.1, actuator.apply_pause_state))
+            touch_every = max(0.5, self.config.visibility_timeout / 5)
+            self._timers.append(timer.call_repeatedly(touch_every, actuator.touch_unacked))
+        for hook in self.runtime.main_start_hooks:
+            hook(self.runtime)
+        log.info(
+            "rmq governor started: budget %d bytes (%s), admit line %d, %d CPU slots (%s), every %.0f ms",
+            self.budget.budget_bytes, self.budget.source, self.governor.admit_line, self.cpu_slots,
+            self.cpu_source, self.config.monitor_interval * 1000,
+        )
+
+    def stop(self, worker: Any) -> None:
+        for t in self._timers:
+            try:
+                t.cancel()
+            except Exception:
+                pass
+        self._timers = []
+        if self.governor is not None:
+            self.governor.stop()
+            self.governor = None
+            for hook in self.runtime.main_stop_hooks:
+                try:
+                    hook(self.runtime)
+                except Exception:
+                    log.exception("rmq stop hook failed")
+
+    terminate = stop
+
+    def _remove_runtime_dir(self) -> None:
+        # at exit, after the pool's children are gone
+        if os.getpid() == self.runtime.main_pid:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        if self.snapshots is None:
+            return {"rmq": {"starting": True}}
+        return {"rmq": self.snapshots.build()}
+
+
+def hostname() -> str:
+    """This host's name (for snapshots outside a worker)."""
+    return socket.gethostname()

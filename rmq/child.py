@@ -1,0 +1,76 @@
+"""What runs in each pool process: start hooks, the pressure watcher, periodic flushes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from .runtime import Runtime
+
+__all__ = ["ChildWatcher", "on_process_start", "on_process_exit"]
+
+log = logging.getLogger("rmq.child")
+
+
+class ChildWatcher:
+    """A daemon thread in a pool process: relays the governor's unload signal to this
+    process's unload hooks (idle processes included) and flushes counters and learned peaks."""
+
+    def __init__(self, rt: Runtime, interval_s: float = 0.1) -> None:
+        self.rt = rt
+        self.interval_s = interval_s
+        self._seen = rt.ledger.read_control().unload_generation
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rmq-child-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        ticks = 0
+        while not self._stop.wait(self.interval_s):
+            ticks += 1
+            try:
+                self.check_pressure()
+                if ticks % 10 == 0:
+                    self.rt.learner.flush()
+                    self.rt.stats.flush()
+            except Exception:
+                log.exception("rmq child watcher failed")
+
+    def check_pressure(self) -> None:
+        """Call the unload hooks once per new unload generation."""
+        control = self.rt.ledger.read_control()
+        if control.unload_generation != self._seen:
+            self._seen = control.unload_generation
+            for hook in list(self.rt.unload_hooks):
+                hook(control.unload_bytes)
+
+
+def on_process_start(rt: Runtime) -> None:
+    """Run in a new pool process (``worker_process_init``)."""
+    for hook in list(rt.process_start_hooks):
+        try:
+            hook(rt)
+        except Exception:
+            log.exception("rmq process start hook %r failed", hook)
+    watcher = ChildWatcher(rt)
+    rt.local("watcher", lambda: watcher)
+    watcher.start()
+
+
+def on_process_exit(rt: Runtime) -> None:
+    """Run when a pool process shuts down (``worker_process_shutdown``)."""
+    for hook in list(rt.process_exit_hooks):
+        try:
+            hook(rt)
+        except Exception:
+            log.exception("rmq process exit hook %r failed", hook)
+    try:
+        rt.learner.flush(force=True)
+    except Exception:
+        pass
+    rt.stats.flush(force=True)

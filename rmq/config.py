@@ -1,0 +1,294 @@
+"""rmq's configuration: every ``rmq_*`` key, parsed and validated into one frozen object.
+
+Keys live in the Celery config (``app.conf.rmq_memory_budget = "6GiB"``); each one can be
+overridden by the environment variable of the same name in upper case
+(``RMQ_MEMORY_BUDGET=6GiB``). Unknown ``rmq_*`` keys in the Celery config are refused.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import ConfigError
+from .units import (
+    parse_duration,
+    parse_priority,
+    parse_ratio,
+    parse_size,
+    parse_size_or_percent,
+)
+
+__all__ = ["RmqConfig", "load_config", "KEYS"]
+
+
+def _int(minimum: int) -> Callable[[object, str], int]:
+    def parse(value: object, what: str) -> int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
+        try:
+            n = int(str(value).strip()) if isinstance(value, str) else int(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}") from None
+        if n < minimum or (not isinstance(value, str) and n != value):
+            raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
+        return n
+
+    return parse
+
+
+def _optional(parse: Callable[[object, str], Any]) -> Callable[[object, str], Any]:
+    def parse_optional(value: object, what: str) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+            return None
+        return parse(value, what)
+
+    return parse_optional
+
+
+def _str(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _bool(value: object, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{what} must be true or false, got {value!r}")
+
+
+def _percent_number(value: object, what: str) -> float:
+    try:
+        f = float(str(value).rstrip("%")) if isinstance(value, str) else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a percentage 0-100, got {value!r}") from None
+    if not 0 < f <= 100:
+        raise ConfigError(f"{what} must be a percentage 0-100, got {value!r}")
+    return f
+
+
+def _size(v: object, w: str) -> int:
+    return parse_size(v, w)
+
+
+def _size0(v: object, w: str) -> int:
+    return parse_size(v, w, allow_zero=True)
+
+
+def _dur(v: object, w: str) -> float:
+    return parse_duration(v, w)
+
+
+def _dur0(v: object, w: str) -> float:
+    return parse_duration(v, w, allow_zero=True)
+
+
+def _fraction0(v: object, w: str) -> float:
+    """A fraction in [0, 1)."""
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{w} must be a fraction in [0, 1), got {v!r}") from None
+    if not 0.0 <= f < 1.0:
+        raise ConfigError(f"{w} must be a fraction in [0, 1), got {v!r}")
+    return f
+
+
+# name -> (default, parser). Defaults are user-facing values, parsed like user input.
+KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
+    # memory (C2)
+    "memory_budget": ("90%", parse_size_or_percent),
+    "monitor_interval": ("250ms", _dur),
+    "admit_ratio": (0.85, parse_ratio),
+    "unload_ratio": (0.80, parse_ratio),
+    "unload_target_ratio": (0.70, parse_ratio),
+    "pause_ratio": (0.85, parse_ratio),
+    "resume_ratio": (0.75, parse_ratio),
+    "kill_ratio": (0.95, parse_ratio),
+    "memory_kill_retries": (2, _int(0)),
+    "kill_backoff": ("1s", _dur0),
+    "admission_wait": ("5s", _dur0),
+    "defer_countdown": ("2s", _dur),
+    "max_deferrals": (30, _int(0)),
+    "default_task_memory": ("32MiB", _size0),
+    "learn_percentile": (0.95, parse_ratio),
+    "learn_window": (50, _int(1)),
+    "uss_interval": ("2s", _dur),
+    "heavy_memory_threshold": ("1GiB", _size),
+    "heavy_queue": ("rmq.heavy", _str),
+    "default_priority": ("normal", parse_priority),
+    "worker_lost_retries": (3, _int(0)),
+    "runtime_dir": (None, _optional(_str)),
+    # crash recovery (R2)
+    "visibility_timeout": ("30s", _dur),
+    "unacked_restore_interval": ("2s", _dur),
+    # models (C3)
+    "models_max_memory": (None, _optional(_size)),
+    "models_max_count": (None, _optional(_int(1))),
+    "model_load_wait": ("10s", _dur0),
+    # cpu (C4)
+    "cpu_slots": (None, _optional(_int(1))),
+    # network (C5)
+    "redis_url": (None, _optional(_str)),
+    "concurrency_lease": ("30s", _dur),
+    "throttle_max_wait": ("2s", _dur0),
+    # disk and sessions (C6)
+    "session_root": (None, _optional(_str)),
+    "session_arg": ("session_id", _str),
+    "failed_session_ttl": ("1h", _dur0),
+    "session_max_age": ("24h", _dur),
+    "cleanup_interval": ("15m", _dur),
+    "disk_high_ratio": (0.80, parse_ratio),
+    "disk_low_ratio": (0.70, parse_ratio),
+    # monitoring (C7)
+    "metrics_port": (None, _optional(_int(0))),
+    "alert_memory_ratio": (0.85, parse_ratio),
+    "alert_cpu_percent": (90, _percent_number),
+    "alert_disk_ratio": (0.80, parse_ratio),
+    "alert_hysteresis": (0.05, _fraction0),
+    "alert_cooldown": ("5m", _dur0),
+    "alert_webhook": (None, _optional(_str)),
+    "monitor_beat_interval": ("60s", _dur),
+    # hygiene (C9)
+    "hygiene_margin": ("16MiB", _size0),
+    "leak_ceiling": (None, _optional(_size)),
+    "leak_slope": ("8MiB", _size),
+    "leak_window": (8, _int(2)),
+    # autoscaler (C10)
+    "autoscale_keepalive": ("30s", _dur0),
+}
+
+
+@dataclass(frozen=True)
+class RmqConfig:
+    """Validated rmq settings. Sizes in bytes, durations in seconds, ratios as fractions.
+
+    Build it with :func:`load_config`; see ``KEYS`` for every key and its default.
+    """
+
+    memory_budget: tuple[str, float]
+    monitor_interval: float
+    admit_ratio: float
+    unload_ratio: float
+    unload_target_ratio: float
+    pause_ratio: float
+    resume_ratio: float
+    kill_ratio: float
+    memory_kill_retries: int
+    kill_backoff: float
+    admission_wait: float
+    defer_countdown: float
+    max_deferrals: int
+    default_task_memory: int
+    learn_percentile: float
+    learn_window: int
+    uss_interval: float
+    heavy_memory_threshold: int
+    heavy_queue: str
+    default_priority: int
+    worker_lost_retries: int
+    runtime_dir: str | None
+    visibility_timeout: float
+    unacked_restore_interval: float
+    models_max_memory: int | None
+    models_max_count: int | None
+    model_load_wait: float
+    cpu_slots: int | None
+    redis_url: str | None
+    concurrency_lease: float
+    throttle_max_wait: float
+    session_root: str | None
+    session_arg: str
+    failed_session_ttl: float
+    session_max_age: float
+    cleanup_interval: float
+    disk_high_ratio: float
+    disk_low_ratio: float
+    metrics_port: int | None
+    alert_memory_ratio: float
+    alert_cpu_percent: float
+    alert_disk_ratio: float
+    alert_hysteresis: float
+    alert_cooldown: float
+    alert_webhook: str | None
+    monitor_beat_interval: float
+    hygiene_margin: int
+    leak_ceiling: int | None
+    leak_slope: int
+    leak_window: int
+    autoscale_keepalive: float
+
+    def __post_init__(self) -> None:
+        if not (self.unload_target_ratio < self.unload_ratio):
+            raise ConfigError(
+                f"rmq_unload_target_ratio ({self.unload_target_ratio}) must be below "
+                f"rmq_unload_ratio ({self.unload_ratio})"
+            )
+        if not (self.resume_ratio < self.pause_ratio):
+            raise ConfigError(
+                f"rmq_resume_ratio ({self.resume_ratio}) must be below rmq_pause_ratio ({self.pause_ratio})"
+            )
+        if not (self.unload_ratio <= self.pause_ratio < self.kill_ratio):
+            raise ConfigError(
+                "thresholds out of order: need rmq_unload_ratio <= rmq_pause_ratio < rmq_kill_ratio, got "
+                f"{self.unload_ratio} / {self.pause_ratio} / {self.kill_ratio}"
+            )
+        if not (self.admit_ratio <= self.kill_ratio):
+            raise ConfigError(
+                f"rmq_admit_ratio ({self.admit_ratio}) must not exceed rmq_kill_ratio ({self.kill_ratio})"
+            )
+        if not (self.disk_low_ratio < self.disk_high_ratio):
+            raise ConfigError(
+                f"rmq_disk_low_ratio ({self.disk_low_ratio}) must be below "
+                f"rmq_disk_high_ratio ({self.disk_high_ratio})"
+            )
+
+    @property
+    def session_root_path(self) -> str:
+        """The session root, defaulting to ``<tmp>/rmq-sessions``."""
+        return self.session_root or os.path.join(tempfile.gettempdir(), "rmq-sessions")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values, for ``rmq doctor`` and snapshots."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def load_config(conf: Mapping[str, Any] | Any, environ: Mapping[str, str] | None = None) -> RmqConfig:
+    """Build the config from a Celery conf (or any mapping) and the environment.
+
+    Precedence: ``RMQ_<KEY>`` environment variable, then ``rmq_<key>`` in ``conf``, then the default.
+
+    Raises:
+        ConfigError: for an unknown ``rmq_*`` key, a bad value (naming key and value), or
+            thresholds out of order.
+    """
+    environ = os.environ if environ is None else environ
+    given = _rmq_keys(conf)
+    unknown = sorted(k for k in given if k[4:] not in KEYS)
+    if unknown:
+        raise ConfigError(f"unknown rmq setting {unknown[0]!r} (known: see rmq.config.KEYS)")
+    values: dict[str, Any] = {}
+    for key, (default, parse) in KEYS.items():
+        env_name = f"RMQ_{key.upper()}"
+        if env_name in environ:
+            raw, source = environ[env_name], env_name
+        elif f"rmq_{key}" in given:
+            raw, source = given[f"rmq_{key}"], f"rmq_{key}"
+        else:
+            raw, source = default, f"rmq_{key}"
+        values[key] = parse(raw, source)
+    return RmqConfig(**values)
+
+
+def _rmq_keys(conf: Any) -> dict[str, Any]:
+    try:
+        items = list(conf.items())
+    except AttributeError:
+        items = []
+    return {str(k): v for k, v in items if str(k).lower().startswith("rmq_")}

@@ -1,0 +1,280 @@
+"""The governor: samples the worker's memory and walks the pressure ladder. No Celery here.
+
+It runs in the worker's main process, on its own thread so that a busy event loop cannot
+delay a kill. What it does to the worker goes through an :class:`Actuator` (pause and
+resume fetching, kill a pool process, list the pool's pids), which the bootstep
+implements on top of Celery and unit tests implement with fakes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psutil
+
+from .budget import Budget
+from .config import RmqConfig
+from .ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
+from .meter import ProcessTreeMeter, TreeReading
+from .pressure import Ladder
+
+__all__ = ["Governor", "Actuator", "KillRecord"]
+
+log = logging.getLogger("rmq.governor")
+
+
+class Actuator(Protocol):
+    """What the governor may do to the worker."""
+
+    def pool_pids(self) -> list[int]: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def kill(self, pid: int) -> None: ...
+
+
+@dataclass
+class KillRecord:
+    """A task the governor killed, for the request handler in the main process."""
+
+    task_id: str
+    task_name: str
+    pid: int
+    observed_bytes: int
+    declared_bytes: int
+    budget_bytes: int
+    detected_at: float
+    killed_at: float
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Governor:
+    """Keeps one worker inside its memory budget."""
+
+    def __init__(
+        self,
+        config: RmqConfig,
+        budget: Budget,
+        ledger: Ledger,
+        actuator: Actuator,
+        meter: ProcessTreeMeter | None = None,
+        cpu_slots: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        alive: Callable[[int], bool] = _alive,
+    ) -> None:
+        self.config = config
+        self.budget = budget
+        self.ledger = ledger
+        self.actuator = actuator
+        self.meter = meter or ProcessTreeMeter(os.getpid(), config.uss_interval)
+        self.cpu_slots = cpu_slots
+        self.clock = clock
+        self.alive = alive
+        self.ladder = Ladder(
+            budget.budget_bytes,
+            config.unload_ratio,
+            config.unload_target_ratio,
+            config.pause_ratio,
+            config.resume_ratio,
+            config.kill_ratio,
+        )
+        self.admit_line = budget.line(config.admit_ratio)
+        self.kills: dict[str, KillRecord] = {}
+        self.counters: dict[str, Any] = {"killed": 0, "unload_requests": 0, "pauses": 0, "dead_released": 0}
+        self.last: TreeReading | None = None
+        self.zone = "ok"
+        self.paused = False
+        self.peak_bytes = 0
+        self.idle_bytes = 0
+        self.unload_generation = 0
+        self.tick_seconds = 0.0
+        self.ticks = 0
+        self._killed_pids: dict[int, float] = {}
+        self._seen_request = ledger.read_unload_request()[0]
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.lock = threading.Lock()
+
+    # the loop --------------------------------------------------------------
+    def start(self) -> None:
+        """Sample every ``rmq_monitor_interval`` on a daemon thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="rmq-governor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop (waits for the current tick)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        interval = self.config.monitor_interval
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                self.tick()
+            except Exception:  # the governor must outlive a bad reading
+                log.exception("rmq governor tick failed")
+            spent = time.perf_counter() - started
+            self.tick_seconds += spent
+            self.ticks += 1
+            self._stop.wait(max(0.0, interval - spent))
+
+    # one step --------------------------------------------------------------
+    def tick(self) -> None:
+        """Sample, publish readings, and act on the ladder."""
+        now = self.clock()
+        pids = self.actuator.pool_pids()
+        reading = self.meter.sample(pids)
+        worker_bytes = reading.worker_bytes
+        if self.budget.cgroup is not None:
+            working_set = self.budget.cgroup.working_set_bytes()
+            if working_set is not None:
+                worker_bytes = max(worker_bytes, working_set)
+        dropped = self.ledger.release_dead(self.alive)
+        if dropped:
+            self.counters["dead_released"] += len(dropped)
+            log.warning("rmq released %d reservation(s) of dead processes: %s", len(dropped),
+                        ", ".join(f"{e.name}[{e.task_id}] pid {e.pid}" for e in dropped))
+        entries = self.ledger.entries()
+        usage = []
+        for e in entries:
+            if e.kind == KIND_TASK and e.pid in reading.rss:
+                usage.append((e, max(0, reading.rss[e.pid] - e.start_rss)))
+        if usage:
+            self.ledger.set_usage(usage)
+            for e, used in usage:
+                e.used_bytes = used
+        tasks = [e for e in entries if e.kind == KIND_TASK]
+        if not tasks:
+            models = sum(e.memory_bytes for e in entries if e.kind == KIND_MODEL)
+            self.idle_bytes = max(0, worker_bytes - models)
+        with self.lock:
+            self.last = reading
+            self.peak_bytes = max(self.peak_bytes, worker_bytes)
+        step = self.ladder.update(worker_bytes, now)
+        self.zone = step.zone
+        unload_bytes = step.unload_bytes
+        request_generation, requested = self.ledger.read_unload_request()
+        if request_generation != self._seen_request:
+            self._seen_request = request_generation
+            unload_bytes = max(unload_bytes, requested)
+        if step.unload or unload_bytes > step.unload_bytes:
+            self.unload_generation += 1
+            self.counters["unload_requests"] += 1
+        self.ledger.write_control(
+            Control(
+                unload_generation=self.unload_generation,
+                unload_bytes=unload_bytes,
+                worker_bytes=worker_bytes,
+                budget_bytes=self.budget.budget_bytes,
+                admit_line_bytes=self.admit_line,
+                idle_bytes=self.idle_bytes,
+                sample_time=time.time(),
+                zone=step.zone,
+                cpu_slots=self.cpu_slots,
+                paused=self.ladder.paused,
+            )
+        )
+        if step.pause:
+            self.paused = True
+            self.counters["pauses"] += 1
+            log.warning("rmq pausing: worker memory %d bytes is %.0f%% of the budget",
+                        worker_bytes, 100 * worker_bytes / self.budget.budget_bytes)
+            self.actuator.pause()
+        elif step.resume:
+            self.paused = False
+            log.warning("rmq resuming: worker memory back to %.0f%% of the budget",
+                        100 * worker_bytes / self.budget.budget_bytes)
+            self.actuator.resume()
+        if step.kill:
+            self._kill_one(tasks, reading, worker_bytes, now)
+
+    def _kill_one(self, tasks: list[Entry], reading: TreeReading, worker_bytes: int, now: float) -> None:
+        # a process already killed is still counted until the pool reaps it: don't kill a second
+        # one for the same excess within one interval
+        pending = [p for p, t in self._killed_pids.items() if now - t < 2.0 and p in reading.rss]
+        if pending:
+            return
+        candidates = [e for e in tasks if e.pid in reading.rss and e.task_id not in self.kills]
+        if not candidates:
+            log.error("rmq: worker memory at %.0f%% of the budget and no governed task to kill",
+                      100 * worker_bytes / self.budget.budget_bytes)
+            return
+        worst = max(candidates, key=lambda e: e.used_bytes - e.memory_bytes)
+        if worst.used_bytes - worst.memory_bytes <= 0:
+            worst = max(candidates, key=lambda e: e.started)
+        record = KillRecord(
+            task_id=worst.task_id,
+            task_name=worst.name,
+            pid=worst.pid,
+            observed_bytes=reading.rss.get(worst.pid, 0),
+            declared_bytes=worst.memory_bytes,
+            budget_bytes=self.budget.budget_bytes,
+            detected_at=now,
+            killed_at=self.clock(),
+        )
+        self.kills[worst.task_id] = record
+        self._killed_pids[worst.pid] = now
+        self.counters["killed"] += 1
+        log.warning(
+            "rmq killing %s[%s] in pid %d: worker at %.0f%% of the budget, task uses %d bytes, declared %d",
+            worst.name, worst.task_id, worst.pid, 100 * worker_bytes / self.budget.budget_bytes,
+            worst.used_bytes, worst.memory_bytes,
+        )
+        self.actuator.kill(worst.pid)
+
+    def pop_kill(self, task_id: str) -> KillRecord | None:
+        """The kill record of ``task_id``, if the governor killed it (consumed once)."""
+        return self.kills.pop(task_id, None)
+
+    # readings for people --------------------------------------------------
+    def memory_snapshot(self) -> dict[str, Any]:
+        """The ``memory`` part of the snapshot."""
+        control = self.ledger.read_control()
+        with self.lock:
+            last = self.last
+            peak = self.peak_bytes
+        budget = self.budget
+        vm = psutil.virtual_memory()
+        working_set = budget.cgroup.working_set_bytes() if budget.cgroup is not None else None
+        return {
+            "budget_bytes": budget.budget_bytes,
+            "budget_source": budget.source,
+            "limit_bytes": budget.limit_bytes,
+            "worker_bytes": control.worker_bytes,
+            "main_bytes": last.main_bytes if last else 0,
+            "children": {str(k): v for k, v in (last.children if last else {}).items()},
+            "cgroup_working_set_bytes": working_set,
+            "host_total_bytes": vm.total,
+            "host_available_bytes": vm.available,
+            "peak_bytes": peak,
+            "ratio": round(control.worker_bytes / budget.budget_bytes, 4) if budget.budget_bytes else 0,
+            "zone": self.zone,
+            "admit_line_bytes": self.admit_line,
+            "idle_bytes": self.idle_bytes,
+        }
+
+
+def kill_pid(pid: int) -> None:
+    """SIGKILL ``pid`` if it still exists."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

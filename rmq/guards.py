@@ -1,0 +1,62 @@
+"""The hooks each resource concern runs around a governed task, in the pool process.
+
+A guard's ``enter`` runs before the task body, in order; ``exit`` runs after it, in
+reverse order, and only for guards whose ``enter`` returned. ``enter`` may raise
+:class:`rmq.errors.Defer` (re-queue the task later, not a failure) or an
+:class:`rmq.errors.RmqError` (the task fails with it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import RmqConfig
+    from .declarations import TaskDeclaration
+
+__all__ = ["Guard", "TaskContext"]
+
+
+@dataclass
+class TaskContext:
+    """What guards know about the task being run.
+
+    Attributes:
+        task_name: registered task name.
+        task_id: the Celery task id.
+        declaration: the task's declaration.
+        config: the worker's rmq config.
+        args / kwargs: the call's arguments (guards may read, never change them).
+        memory_bytes: the memory admitted for this run (declared or learned), set by admission.
+        session_dir: set by the session guard.
+        state: scratch space, one key per guard.
+    """
+
+    task_name: str
+    task_id: str
+    declaration: TaskDeclaration
+    config: RmqConfig
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    memory_bytes: int = 0
+    session_dir: Path | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Guard:
+    """Base class: every hook is a no-op."""
+
+    #: short name, used in logs and counters
+    name = "guard"
+
+    def applies(self, declaration: TaskDeclaration) -> bool:
+        """Whether this guard has anything to do for tasks with this declaration."""
+        return True
+
+    def enter(self, ctx: TaskContext) -> None:
+        """Acquire what the task needs; raise ``Defer`` to re-queue it later."""
+
+    def exit(self, ctx: TaskContext, failed: bool) -> None:
+        """Release what ``enter`` acquired; ``failed`` tells whether the task raised."""

@@ -1,0 +1,102 @@
+"""``rmq.install(app)``: wires rmq into a Celery app. Idempotent; nothing happens on import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+
+from .routing import to_wire_priority, transport_kind
+from .task import GovernedTask, config_for
+
+__all__ = ["install", "router"]
+
+_signals_connected = False
+
+
+def router(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, Any] | None:
+    """Celery router: heavy governed tasks go to the heavy queue (an explicit ``queue=`` wins)."""
+    if task is None or not isinstance(task, GovernedTask):
+        return None
+    from .routing import choose_queue
+
+    cfg = config_for(task.app)
+    queue = choose_queue(task.rmq.heavy, task.rmq.memory_bytes, cfg.heavy_memory_threshold, cfg.heavy_queue)
+    return {"queue": queue} if queue else None
+
+
+def _configure(app: Any) -> None:
+    cfg = config_for(app)
+    conf = app.conf
+    routes = conf.task_routes
+    if routes is None:
+        routes = ()
+    elif isinstance(routes, (dict, str)) or callable(routes):
+        routes = (routes,)
+    if router not in routes:
+        conf.task_routes = (router, *routes)
+    kind = transport_kind(app)
+    options = dict(conf.broker_transport_options or {})
+    if kind == "redis":
+        options.setdefault("priority_steps", list(range(10)))
+        options.setdefault("sep", ":")
+        options.setdefault("queue_order_strategy", "priority")
+        options.setdefault("visibility_timeout", int(cfg.visibility_timeout))
+        options.setdefault("unacked_restore_interval", max(1, int(cfg.unacked_restore_interval)))
+        options.setdefault("unacked_restore_throttle", 1)
+    conf.broker_transport_options = options
+    if conf.task_queue_max_priority is None:
+        conf.task_queue_max_priority = 10
+    if conf.task_default_priority is None:
+        conf.task_default_priority = to_wire_priority(cfg.default_priority, kind)
+    if kind == "redis":
+        backend_opts = dict(conf.result_backend_transport_options or {})
+        backend_opts.setdefault("visibility_timeout", int(cfg.visibility_timeout))
+        conf.result_backend_transport_options = backend_opts
+    schedule = dict(conf.beat_schedule or {})
+    schedule.setdefault("rmq.cleanup_sessions", {"task": "rmq.cleanup_sessions", "schedule": cfg.cleanup_interval})
+    schedule.setdefault("rmq.monitor", {"task": "rmq.monitor", "schedule": cfg.monitor_beat_interval})
+    conf.beat_schedule = schedule
+
+
+def _connect_signals() -> None:
+    global _signals_connected
+    if _signals_connected:
+        return
+    _signals_connected = True
+    from .child import on_process_exit, on_process_start
+    from .runtime import current
+
+    @signals.worker_process_init.connect(weak=False)
+    def _child_start(**_: Any) -> None:
+        rt = current()
+        if rt is not None:
+            on_process_start(rt)
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _child_exit(**_: Any) -> None:
+        rt = current()
+        if rt is not None:
+            on_process_exit(rt)
+
+
+def install(app: Any) -> Any:
+    """Wire rmq into ``app``: the governor bootstep, routes, priorities, transport options,
+    remote-control commands, beat entries and signals. Calling it again does nothing.
+
+    Configuration is read when the app is configured (``rmq_*`` keys and ``RMQ_*``
+    variables); a bad value raises :class:`~rmq.errors.ConfigError` (a worker exits 2).
+    """
+    if getattr(app, "_rmq_installed", False):
+        return app
+    app._rmq_installed = True
+    from . import beat, control  # noqa: F401  (registers the beat tasks and remote-control commands)
+    from .bootstep import GovernorStep
+
+    app.steps["worker"].add(GovernorStep)
+    _connect_signals()
+    if app.configured:
+        _configure(app)
+    else:
+        app.on_after_configure.connect(lambda sender, **kw: _configure(sender), weak=False)
+    return app

@@ -1,0 +1,86 @@
+"""Learned declarations: the observed peak memory of each task name, kept in Redis.
+
+Pool processes buffer observations and write them at most once a second (one pipelined
+round trip), and read a task's learned value at most every ``ttl_s`` seconds, so learning
+costs no Redis round trip per task. Values survive worker restarts and are shared by all
+workers on the same Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import keys
+from .admission import percentile
+
+__all__ = ["PeakLearner"]
+
+log = logging.getLogger("rmq.learning")
+
+
+class PeakLearner:
+    """Records peaks and answers ``learned(task_name)`` (bytes, or 0 when unknown)."""
+
+    def __init__(
+        self,
+        client_factory: Callable[[], Any],
+        window: int = 50,
+        q: float = 0.95,
+        ttl_s: float = 5.0,
+        flush_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client_factory = client_factory
+        self.window = window
+        self.q = q
+        self.ttl_s = ttl_s
+        self.flush_interval_s = flush_interval_s
+        self.clock = clock
+        self._pending: dict[str, list[int]] = {}
+        self._cache: dict[str, tuple[int, float]] = {}
+        self._last_flush = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, task_name: str, peak_bytes: int) -> None:
+        """Buffer one observation; it reaches Redis within ``flush_interval_s``."""
+        with self._lock:
+            self._pending.setdefault(task_name, []).append(int(peak_bytes))
+
+    def flush(self, force: bool = False) -> None:
+        """Write buffered observations (one pipelined round trip)."""
+        now = self.clock()
+        with self._lock:
+            if not self._pending or (not force and now - self._last_flush < self.flush_interval_s):
+                return
+            pending, self._pending = self._pending, {}
+            self._last_flush = now
+        try:
+            pipe = self.client_factory().pipeline(transaction=False)
+            for name, values in pending.items():
+                key = keys.learned_peaks(name)
+                pipe.lpush(key, *values)
+                pipe.ltrim(key, 0, self.window - 1)
+            pipe.execute()
+            for name in pending:
+                self._cache.pop(name, None)
+        except Exception as exc:  # learning is advisory: never fail a task for it
+            log.warning("rmq could not store learned peaks: %s", exc)
+
+    def learned(self, task_name: str) -> int:
+        """The ``q`` percentile of recent peaks of ``task_name`` (0 when none or unreachable)."""
+        now = self.clock()
+        hit = self._cache.get(task_name)
+        if hit is not None and now - hit[1] < self.ttl_s:
+            return hit[0]
+        try:
+            raw = self.client_factory().lrange(keys.learned_peaks(task_name), 0, self.window - 1)
+            value = int(percentile([int(v) for v in raw], self.q))
+        except Exception as exc:
+            log.warning("rmq could not read learned peaks of %s: %s", task_name, exc)
+            value = hit[0] if hit else 0
+        self._cache[task_name] = (value, now)
+        return value

@@ -1,0 +1,306 @@
+"""The reservation ledger shared by all processes of one worker, and the governor's control block.
+
+One file, memory-mapped by every process of the worker: a header the governor writes
+(its latest readings and the unload signal) and a table of reservations (running tasks,
+resident models). Changes to the table happen under an ``fcntl.flock`` taken on a lock
+file that each process opens itself, so the kernel releases it when a holder is
+SIGKILLed (a multiprocessing/billiard Lock would stay locked forever). Reservations of
+dead processes are released by the governor (:meth:`Ledger.release_dead`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+__all__ = ["Ledger", "Entry", "Control", "LedgerFull", "KIND_TASK", "KIND_MODEL"]
+
+KIND_TASK = 1
+KIND_MODEL = 2
+_MAGIC = b"RMQLEDG1"
+# magic, unload generation, unload bytes, worker bytes, budget, admit line, idle bytes,
+# sample time, zone, cpu slots, paused, disk reserved (unused, kept for layout)
+_HEADER = struct.Struct("<8sQqqqqqdiiiq")
+# in use, kind, pid, memory, cpu slots, disk, started, used, start rss, peak used, task id, name
+_SLOT = struct.Struct("<BBxxiqiqxxxxdqqq48s96s")
+_SLOTS = 128
+_REQUEST = struct.Struct("<Qq")  # unload requests from pool processes: generation, bytes
+_REQUEST_OFFSET = 96
+_HEADER_SIZE = 128
+_SIZE = _HEADER_SIZE + _SLOT.size * _SLOTS
+
+ZONES = ("ok", "unload", "pause", "kill")
+
+
+class LedgerFull(RuntimeError):
+    """More reservations than the ledger has slots (128)."""
+
+
+@dataclass
+class Entry:
+    """One reservation. Sizes in bytes."""
+
+    kind: int
+    pid: int
+    memory_bytes: int
+    cpu_slots: int = 0
+    disk_bytes: int = 0
+    task_id: str = ""
+    name: str = ""
+    started: float = 0.0
+    used_bytes: int = 0
+    start_rss: int = 0
+    peak_used_bytes: int = 0
+    slot: int = -1
+
+    @property
+    def unused_bytes(self) -> int:
+        """The part of the declaration not yet in use (what may still come)."""
+        return max(0, self.memory_bytes - self.used_bytes)
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly form, for the snapshot."""
+        return {
+            "pid": self.pid,
+            "task_id": self.task_id,
+            "task_name": self.name,
+            "kind": "task" if self.kind == KIND_TASK else "model",
+            "memory_bytes": self.memory_bytes,
+            "cpu_slots": self.cpu_slots,
+            "disk_bytes": self.disk_bytes,
+            "used_bytes": self.used_bytes,
+        }
+
+
+@dataclass
+class Control:
+    """The governor's latest readings, as pool processes see them."""
+
+    unload_generation: int
+    unload_bytes: int
+    worker_bytes: int
+    budget_bytes: int
+    admit_line_bytes: int
+    idle_bytes: int
+    sample_time: float
+    zone: str
+    cpu_slots: int
+    paused: bool
+
+
+class Ledger:
+    """The shared table of reservations of one worker.
+
+    Args:
+        directory: the worker's runtime directory (tmpfs when available).
+        create: True in the worker's main process (makes and zeroes the file).
+    """
+
+    def __init__(self, directory: str, create: bool = False) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, "ledger")
+        self.lock_path = os.path.join(directory, "ledger.lock")
+        if create:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            with open(self.path, "wb") as fh:
+                fh.write(_MAGIC + b"\0" * (_SIZE - len(_MAGIC)))
+            open(self.lock_path, "a").close()
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, _SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._lock_fd = -1
+        self._lock_pid = -1
+
+    # locking -------------------------------------------------------------
+    def _fd(self) -> int:
+        pid = os.getpid()
+        if self._lock_pid != pid:  # a forked child must open its own descriptor
+            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_pid = pid
+        return self._lock_fd
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the ledger's lock (released by the kernel if this process dies)."""
+        fd = self._fd()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    # control block -------------------------------------------------------
+    def read_control(self) -> Control:
+        """The governor's latest readings (no lock: a single writer)."""
+        v = _HEADER.unpack_from(self._map, 0)
+        return Control(
+            unload_generation=v[1],
+            unload_bytes=v[2],
+            worker_bytes=v[3],
+            budget_bytes=v[4],
+            admit_line_bytes=v[5],
+            idle_bytes=v[6],
+            sample_time=v[7],
+            zone=ZONES[v[8]] if 0 <= v[8] < len(ZONES) else "ok",
+            cpu_slots=v[9],
+            paused=bool(v[10]),
+        )
+
+    def write_control(self, c: Control) -> None:
+        """Publish readings (governor only)."""
+        _HEADER.pack_into(
+            self._map,
+            0,
+            _MAGIC,
+            c.unload_generation,
+            c.unload_bytes,
+            c.worker_bytes,
+            c.budget_bytes,
+            c.admit_line_bytes,
+            c.idle_bytes,
+            c.sample_time,
+            ZONES.index(c.zone),
+            c.cpu_slots,
+            int(c.paused),
+            0,
+        )
+
+    def request_unload(self, bytes_wanted: int) -> None:
+        """A pool process asks every process to unload models (the governor relays it)."""
+        with self.locked():
+            generation, _ = _REQUEST.unpack_from(self._map, _REQUEST_OFFSET)
+            _REQUEST.pack_into(self._map, _REQUEST_OFFSET, generation + 1, bytes_wanted)
+
+    def read_unload_request(self) -> tuple[int, int]:
+        """``(generation, bytes)`` of the latest request from a pool process."""
+        generation, wanted = _REQUEST.unpack_from(self._map, _REQUEST_OFFSET)
+        return generation, wanted
+
+    # table ---------------------------------------------------------------
+    def _read_slot(self, i: int) -> Entry | None:
+        v = _SLOT.unpack_from(self._map, _HEADER_SIZE + i * _SLOT.size)
+        if not v[0]:
+            return None
+        return Entry(
+            kind=v[1],
+            pid=v[2],
+            memory_bytes=v[3],
+            cpu_slots=v[4],
+            disk_bytes=v[5],
+            started=v[6],
+            used_bytes=v[7],
+            start_rss=v[8],
+            peak_used_bytes=v[9],
+            task_id=v[10].rstrip(b"\0").decode("utf-8", "replace"),
+            name=v[11].rstrip(b"\0").decode("utf-8", "replace"),
+            slot=i,
+        )
+
+    def _write_slot(self, i: int, e: Entry | None) -> None:
+        offset = _HEADER_SIZE + i * _SLOT.size
+        if e is None:
+            self._map[offset : offset + _SLOT.size] = b"\0" * _SLOT.size
+            return
+        _SLOT.pack_into(
+            self._map,
+            offset,
+            1,
+            e.kind,
+            e.pid,
+            e.memory_bytes,
+            e.cpu_slots,
+            e.disk_bytes,
+            e.started,
+            e.used_bytes,
+            e.start_rss,
+            e.peak_used_bytes,
+            e.task_id.encode()[:48],
+            e.name.encode()[:96],
+        )
+
+    def entries_unlocked(self) -> list[Entry]:
+        """All reservations; call under :meth:`locked` for a consistent view."""
+        out = []
+        for i in range(_SLOTS):
+            if self._map[_HEADER_SIZE + i * _SLOT.size]:
+                e = self._read_slot(i)
+                if e is not None:
+                    out.append(e)
+        return out
+
+    def entries(self) -> list[Entry]:
+        """All reservations, read under the lock."""
+        with self.locked():
+            return self.entries_unlocked()
+
+    def add_unlocked(self, e: Entry) -> Entry:
+        """Store a reservation (caller holds the lock); returns it with its slot."""
+        for i in range(_SLOTS):
+            if not self._map[_HEADER_SIZE + i * _SLOT.size]:
+                e.slot = i
+                if not e.started:
+                    e.started = time.time()
+                self._write_slot(i, e)
+                return e
+        raise LedgerFull("the ledger has no free slot (128 reservations)")
+
+    def try_add(self, e: Entry, fits: Callable[[list[Entry]], bool]) -> bool:
+        """Atomically add ``e`` if ``fits(current entries)`` says so."""
+        with self.locked():
+            if not fits(self.entries_unlocked()):
+                return False
+            self.add_unlocked(e)
+            return True
+
+    def update(self, e: Entry) -> None:
+        """Rewrite a reservation in place (same slot, same owner)."""
+        with self.locked():
+            current = self._read_slot(e.slot)
+            if current is not None and current.pid == e.pid and current.task_id == e.task_id:
+                self._write_slot(e.slot, e)
+
+    def remove(self, e: Entry) -> None:
+        """Release one reservation (a no-op if it is already gone)."""
+        with self.locked():
+            current = self._read_slot(e.slot)
+            if current is not None and current.pid == e.pid and current.task_id == e.task_id:
+                self._write_slot(e.slot, None)
+
+    def release_dead(self, alive: Callable[[int], bool]) -> list[Entry]:
+        """Drop reservations whose process is gone; returns what was dropped."""
+        dropped = []
+        with self.locked():
+            for e in self.entries_unlocked():
+                if not alive(e.pid):
+                    self._write_slot(e.slot, None)
+                    dropped.append(e)
+        return dropped
+
+    def set_usage(self, usage: Iterable[tuple[Entry, int]]) -> None:
+        """Record the bytes each reservation uses now, and its peak (governor only)."""
+        with self.locked():
+            for e, used in usage:
+                current = self._read_slot(e.slot)
+                if current is None or current.pid != e.pid or current.task_id != e.task_id:
+                    continue
+                current.used_bytes = used
+                current.peak_used_bytes = max(current.peak_used_bytes, used)
+                self._write_slot(e.slot, current)
+
+    def close(self) -> None:
+        """Unmap and close this process's handles."""
+        try:
+            self._map.close()
+        except (BufferError, ValueError):
+            pass
+        if self._lock_pid == os.getpid() and self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1

@@ -1,0 +1,97 @@
+"""The request class of governed tasks, in the worker's main process. Celery glue.
+
+When a pool process dies under a governed task, Celery calls ``on_failure`` with
+``WorkerLostError``. If the governor killed it for memory, the task runs again with
+backoff up to ``rmq_memory_kill_retries`` times, then ends as ``FAILURE`` with
+:class:`~rmq.errors.MemoryBudgetExceeded`. Any other loss (a SIGKILL from outside, the
+kernel OOM killer) redelivers the message at once, at most ``rmq_worker_lost_retries``
+times, then ends as ``FAILURE`` with :class:`~rmq.errors.TaskProcessLost`: never lost,
+never an endless loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import WorkerLostError
+from celery.utils.serialization import get_pickled_exception
+from celery.worker.request import Request
+
+from . import keys
+from .errors import MemoryBudgetExceeded, TaskProcessLost
+from .runtime import current
+from .task import rmq_headers
+
+__all__ = ["GovernedRequest"]
+
+log = logging.getLogger("rmq.request")
+
+
+def _exc_info(exc: BaseException) -> ExceptionInfo:
+    try:
+        raise exc
+    except BaseException:
+        return ExceptionInfo(sys.exc_info())
+
+
+class GovernedRequest(Request):
+    """Celery's request with rmq's handling of lost pool processes."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        exc = get_pickled_exception(getattr(exc_info, "exception", None))
+        rt = current()
+        if rt is None or not isinstance(exc, WorkerLostError) or self.task.request.called_directly:
+            return super().on_failure(exc_info, send_failed_event, return_ok)
+        governor = rt.governor
+        record = governor.pop_kill(self.id) if governor is not None else None
+        headers = rmq_headers(self._request_dict)
+        if record is not None:
+            kills = int(headers.get("rmq_kills", 0) or 0) + 1
+            rt.stats.incr("killed_tasks")
+            if kills <= rt.config.memory_kill_retries and self._rerun(headers, kills, record.task_name):
+                return None
+            failure = MemoryBudgetExceeded(
+                record.task_name, record.observed_bytes, record.declared_bytes, record.budget_bytes, kills
+            )
+            return super().on_failure(_exc_info(failure), send_failed_event, return_ok)
+        lost = self._count_lost()
+        if lost is not None and lost > rt.config.worker_lost_retries:
+            failure = TaskProcessLost(self.task_name, lost, str(exc))
+            return super().on_failure(_exc_info(failure), send_failed_event, return_ok)
+        return super().on_failure(exc_info, send_failed_event, return_ok)  # requeued (reject_on_worker_lost)
+
+    def _rerun(self, headers: dict[str, Any], kills: int, name: str) -> bool:
+        rt = current()
+        assert rt is not None
+        countdown = rt.config.kill_backoff * (2 ** (kills - 1))
+        headers = {**headers, "rmq_kills": kills}
+        try:
+            sig = self.task.signature_from_request(self._context, countdown=countdown, headers=headers)
+            sig.apply_async()
+        except Exception as exc:
+            log.error("rmq could not re-queue killed task %s[%s]: %r", name, self.id, exc)
+            return False
+        log.warning("rmq re-queued %s[%s] after memory kill %d (runs again in %.1fs)", name, self.id, kills,
+                    countdown)
+        if self.task.acks_late:
+            self.acknowledge()
+        self.send_event("task-retried", exception=f"rmq memory kill {kills}", traceback="")
+        return True
+
+    def _count_lost(self) -> int | None:
+        rt = current()
+        try:
+            client = rt.redis() if rt is not None else None
+            if client is None:
+                return None
+            key = keys.worker_lost(self.id)
+            pipe = client.pipeline()
+            pipe.incr(key)
+            pipe.expire(key, 86400)
+            return int(pipe.execute()[0])
+        except Exception as exc:
+            log.warning("rmq could not count lost runs of %s[%s]: %s", self.task_name, self.id, exc)
+            return None

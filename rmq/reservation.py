@@ -1,0 +1,133 @@
+"""Admission through the ledger, in the pool process: memory, CPU slots and disk.
+
+A task that does not fit first asks every pool process to unload models, then waits up
+to ``rmq_admission_wait`` (re-checking as the governor's readings change), then is
+deferred. A task that could never fit on an idle worker fails at once with
+:class:`~rmq.errors.BudgetExceeded`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from .admission import Need, Verdict, judge
+from .errors import BudgetExceeded, Defer
+from .guards import Guard, TaskContext
+from .ledger import KIND_MODEL, KIND_TASK, Entry, Ledger
+from .runtime import Runtime, current
+
+__all__ = ["AdmissionGuard", "LedgerReserver", "own_rss_bytes"]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_POLL_S = 0.05
+
+
+def own_rss_bytes() -> int:
+    """This process's RSS from ``/proc/self/statm`` (a few microseconds)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+def _admit(
+    rt: Runtime, entry: Entry, need: Need, wait_s: float, disk_root: str | None = None
+) -> Verdict:
+    """Try to add ``entry`` to the ledger, waiting up to ``wait_s``; returns the last verdict."""
+    ledger: Ledger = rt.ledger
+    deadline = time.monotonic() + wait_s
+    asked_unload = False
+    while True:
+        control = ledger.read_control()
+        disk_free = shutil.disk_usage(disk_root).free if (need.disk_bytes and disk_root) else None
+        verdict: list[Verdict] = []
+
+        def fits(entries: list[Entry]) -> bool:
+            v = judge(
+                need, entries, control.worker_bytes, control.idle_bytes, control.admit_line_bytes,
+                control.budget_bytes, control.cpu_slots, disk_free,
+            )
+            verdict.append(v)
+            return v.admitted
+
+        if ledger.try_add(entry, fits):
+            return verdict[-1]
+        v = verdict[-1]
+        if v.never or time.monotonic() >= deadline:
+            return v
+        if v.resource == "memory" and not asked_unload:
+            asked_unload = True
+            shortfall = need.memory_bytes - v.available
+            for hook in rt.unload_hooks:
+                hook(shortfall)  # this process's own model cache first
+            ledger.request_unload(shortfall)
+        time.sleep(_POLL_S)
+
+
+class AdmissionGuard(Guard):
+    """Reserves the task's memory, CPU slots and disk in the worker's ledger."""
+
+    name = "admission"
+
+    def enter(self, ctx: TaskContext) -> None:
+        rt = current()
+        if rt is None:
+            return
+        decl = ctx.declaration
+        memory = decl.memory_bytes
+        if memory is None:
+            memory = max(rt.config.default_task_memory, rt.learner.learned(ctx.task_name))
+        ctx.memory_bytes = memory
+        need = Need(memory, decl.cpu_slots, decl.disk_bytes)
+        os.makedirs(rt.config.session_root_path, exist_ok=True) if decl.disk_bytes else None
+        entry = Entry(
+            KIND_TASK, os.getpid(), memory, decl.cpu_slots, decl.disk_bytes,
+            task_id=ctx.task_id, name=ctx.task_name, start_rss=own_rss_bytes(),
+        )
+        v = _admit(rt, entry, need, rt.config.admission_wait, rt.config.session_root_path)
+        if v.admitted:
+            ctx.state["admission"] = entry
+            rt.stats.incr("admitted")
+            return
+        if v.never:
+            rt.stats.incr("rejected", v.resource)
+            raise BudgetExceeded(ctx.task_name, v.resource, v.declared, v.available, v.budget)
+        raise Defer(v.reason, rt.config.defer_countdown, kind=v.resource)
+
+    def exit(self, ctx: TaskContext, failed: bool) -> None:
+        rt = current()
+        entry: Entry | None = ctx.state.pop("admission", None)
+        if rt is None or entry is None:
+            return
+        seen = [e for e in rt.ledger.entries() if e.slot == entry.slot and e.task_id == entry.task_id]
+        peak = max(own_rss_bytes() - entry.start_rss, seen[0].peak_used_bytes if seen else 0, 0)
+        rt.ledger.remove(entry)
+        if not failed:
+            rt.learner.observe(ctx.task_name, peak)
+
+
+class LedgerReserver:
+    """The model cache's reserver: a resident model holds its size in the ledger."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self._held: dict[str, Entry] = {}
+
+    def reserve(self, key: str, size_bytes: int, timeout_s: float) -> bool:
+        """Reserve ``size_bytes`` for ``key``, waiting up to ``timeout_s``; False if it never fit."""
+        entry = Entry(KIND_MODEL, os.getpid(), size_bytes, task_id=key, name=key, start_rss=own_rss_bytes())
+        v = _admit(self.rt, entry, Need(size_bytes), timeout_s)
+        if v.admitted:
+            self._held[key] = entry
+        return v.admitted
+
+    def release(self, key: str) -> None:
+        """Give back ``key``'s reservation."""
+        entry = self._held.pop(key, None)
+        if entry is not None:
+            self.rt.ledger.remove(entry)

@@ -1,0 +1,47 @@
+"""Queues and priorities that mean the same on every broker. Pure except ``transport_kind``.
+
+Users speak AMQP: 0-9, a larger number runs first. RabbitMQ does that natively with
+``x-max-priority``; kombu's Redis transport runs 0 first, so rmq flips the number on the
+wire for Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .units import MAX_PRIORITY
+
+__all__ = ["to_wire_priority", "from_wire_priority", "transport_kind", "choose_queue", "REDIS_SCHEMES"]
+
+REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
+
+
+def transport_kind(app: Any) -> str:
+    """``"redis"``, ``"amqp"`` or another scheme, from the app's broker URL."""
+    cached = getattr(app, "_rmq_transport_kind", None)
+    if cached is not None:
+        return cached
+    url = app.conf.broker_url or "amqp://"
+    if isinstance(url, (list, tuple)):
+        url = url[0]
+    scheme = str(url).split("://", 1)[0].split("+")[0] if "://" in str(url) else str(url)
+    kind = "redis" if scheme in REDIS_SCHEMES or str(url).startswith(REDIS_SCHEMES) else scheme
+    app._rmq_transport_kind = kind
+    return kind
+
+
+def to_wire_priority(priority: int, kind: str) -> int:
+    """A user priority (larger first) as the broker wants it."""
+    return MAX_PRIORITY - priority if kind == "redis" else priority
+
+
+def from_wire_priority(wire: int, kind: str) -> int:
+    """The inverse of :func:`to_wire_priority`."""
+    return MAX_PRIORITY - wire if kind == "redis" else wire
+
+
+def choose_queue(heavy: bool, memory_bytes: int | None, heavy_threshold: int, heavy_queue: str) -> str | None:
+    """The heavy queue for heavy tasks (declared, or memory at/above the threshold), else ``None``."""
+    if heavy or (memory_bytes is not None and memory_bytes >= heavy_threshold):
+        return heavy_queue
+    return None

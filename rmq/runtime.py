@@ -1,0 +1,153 @@
+"""The per-worker state that pool processes share, and per-process handles.
+
+The worker bootstep creates one :class:`Runtime` in the main process before the pool
+forks; every pool process (replacements included) inherits it. Handles that must not
+cross a fork (Redis clients, lock descriptors, counters) are re-made lazily when the
+current pid differs from the one that made them.
+
+Outside a worker (a client process, a unit test) there is no runtime: ``current()``
+returns ``None`` and governed tasks run ungoverned.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .config import RmqConfig
+from .errors import RateLimiterUnavailable
+from .procstats import ProcessStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    import redis as redis_lib
+
+    from .ledger import Ledger
+
+__all__ = ["Runtime", "current", "set_current", "redis_url_for_app"]
+
+_current: Runtime | None = None
+
+
+class Runtime:
+    """State of one governed worker, shared by its main process and pool processes.
+
+    Attributes:
+        config: the validated rmq config.
+        app: the Celery app.
+        runtime_dir: per-worker directory (ledger file, per-process counters).
+        ledger: the reservation ledger and governor control block.
+        redis_url: Redis used for rate limits, semaphores and learned declarations.
+        main_pid: pid of the worker's main process.
+    """
+
+    def __init__(
+        self,
+        config: RmqConfig,
+        app: Any,
+        runtime_dir: str,
+        ledger: Ledger,
+        redis_url: str | None,
+    ) -> None:
+        self.config = config
+        self.app = app
+        self.runtime_dir = runtime_dir
+        self.ledger = ledger
+        self.redis_url = redis_url
+        self.main_pid = os.getpid()
+        self._pid = -1
+        self._redis: redis_lib.Redis | None = None
+        self._stats: ProcessStats | None = None
+        self._local: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        #: called once in each pool process when it starts (worker_process_init)
+        self.process_start_hooks: list[Callable[[Runtime], None]] = []
+        #: called once in each pool process when it exits
+        self.process_exit_hooks: list[Callable[[Runtime], None]] = []
+        #: called with a byte count when this process should free model memory
+        self.unload_hooks: list[Callable[[int], int]] = []
+        #: called in the worker's main process when the governor starts / the worker stops
+        self.main_start_hooks: list[Callable[[Runtime], None]] = []
+        self.main_stop_hooks: list[Callable[[Runtime], None]] = []
+        #: the governor, in the main process only (set by the bootstep)
+        self.governor: Any = None
+
+    def _check_fork(self) -> None:
+        pid = os.getpid()
+        if pid != self._pid:
+            self._pid = pid
+            self._redis = None
+            self._stats = None
+            self._local = {}
+
+    @property
+    def in_pool_process(self) -> bool:
+        """True in a pool child, False in the worker's main process."""
+        return os.getpid() != self.main_pid
+
+    @property
+    def stats(self) -> ProcessStats:
+        """This process's counters (flushed to the runtime dir for the governor)."""
+        self._check_fork()
+        if self._stats is None:
+            self._stats = ProcessStats(self.runtime_dir)
+        return self._stats
+
+    def redis(self) -> redis_lib.Redis:
+        """This process's Redis client for rate limits, semaphores and learning.
+
+        Raises:
+            RateLimiterUnavailable: when no Redis URL is configured or derivable.
+        """
+        self._check_fork()
+        if self._redis is None:
+            if not self.redis_url:
+                raise RateLimiterUnavailable(
+                    "no Redis for rmq: set rmq_redis_url (the broker and result backend are not Redis)"
+                )
+            import redis as redis_lib
+
+            self._redis = redis_lib.Redis.from_url(
+                self.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=30
+            )
+        return self._redis
+
+    @property
+    def learner(self) -> Any:
+        """This process's :class:`~rmq.learning.PeakLearner`."""
+        from .learning import PeakLearner
+
+        return self.local(
+            "learner",
+            lambda: PeakLearner(self.redis, window=self.config.learn_window, q=self.config.learn_percentile),
+        )
+
+    def local(self, key: str, factory: Callable[[], Any]) -> Any:
+        """A per-process singleton made by ``factory`` on first use (after any fork)."""
+        self._check_fork()
+        with self._lock:
+            if key not in self._local:
+                self._local[key] = factory()
+            return self._local[key]
+
+
+def current() -> Runtime | None:
+    """The worker's runtime, or ``None`` outside a governed worker."""
+    return _current
+
+
+def set_current(runtime: Runtime | None) -> None:
+    """Install (or clear) the runtime; done by the worker bootstep."""
+    global _current
+    _current = runtime
+
+
+def redis_url_for_app(config: RmqConfig, app: Any) -> str | None:
+    """``rmq_redis_url``, else the broker URL if it is Redis, else the result backend if Redis."""
+    if config.redis_url:
+        return config.redis_url
+    for url in (app.conf.broker_url, app.conf.result_backend):
+        if isinstance(url, str) and url.split("://", 1)[0] in ("redis", "rediss", "redis+socket"):
+            return url
+    return None

@@ -1,0 +1,126 @@
+"""The governor's snapshot: what ``inspect stats`` shows under ``rmq``.
+
+Built on demand (a stats request, a metrics scrape), never on the governor's hot path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from typing import Any
+
+import psutil
+
+from . import procstats
+from .governor import Governor
+from .runtime import Runtime
+
+__all__ = ["SnapshotBuilder"]
+
+
+class SnapshotBuilder:
+    """Assembles the snapshot from the governor, the ledger and the pool processes' counters."""
+
+    def __init__(self, rt: Runtime, governor: Governor, hostname: str | None = None) -> None:
+        self.rt = rt
+        self.governor = governor
+        self.hostname = hostname or socket.gethostname()
+        self.extra: dict[str, Any] = {}  # other parts (autoscaler, alerts) add callables here
+        self._retired: dict[str, Any] = {}
+        self._net_last: tuple[float, int, int] | None = None
+        self._lock = threading.Lock()
+        psutil.cpu_percent(None)  # prime the CPU reading
+
+    def _network(self) -> dict[str, float]:
+        now = time.monotonic()
+        io = psutil.net_io_counters()
+        with self._lock:
+            last, self._net_last = self._net_last, (now, io.bytes_sent, io.bytes_recv)
+        if last is None or now - last[0] <= 0:
+            return {"sent_bytes_per_s": 0.0, "recv_bytes_per_s": 0.0}
+        dt = now - last[0]
+        return {
+            "sent_bytes_per_s": round((io.bytes_sent - last[1]) / dt, 1),
+            "recv_bytes_per_s": round((io.bytes_recv - last[2]) / dt, 1),
+        }
+
+    def _disk(self, reserved: int) -> dict[str, Any]:
+        root = self.rt.config.session_root_path
+        probe = root if os.path.isdir(root) else os.path.dirname(root) or "/"
+        try:
+            usage = shutil.disk_usage(probe)
+        except OSError:
+            return {"root": root, "total_bytes": 0, "used_bytes": 0, "free_bytes": 0, "ratio": 0.0,
+                    "reserved_bytes": reserved}
+        return {
+            "root": root,
+            "total_bytes": usage.total,
+            "used_bytes": usage.used,
+            "free_bytes": usage.free,
+            "ratio": round(usage.used / usage.total, 4) if usage.total else 0.0,
+            "reserved_bytes": reserved,
+        }
+
+    def child_files(self, live_pids: set[int]) -> dict[int, dict[str, Any]]:
+        """Counters of pool processes; files of dead ones are folded into a retired total."""
+        files = procstats.read_all(self.rt.runtime_dir)
+        for pid, data in list(files.items()):
+            if pid not in live_pids and pid != os.getpid():
+                self._retired = procstats.merge_counters([self._retired, data.get("counters", {})])
+                try:
+                    os.unlink(os.path.join(self.rt.runtime_dir, f"proc-{pid}.json"))
+                except OSError:
+                    pass
+                del files[pid]
+        return files
+
+    def build(self) -> dict[str, Any]:
+        """The whole snapshot (schema in the README's monitoring section)."""
+        gov = self.governor
+        entries = self.rt.ledger.entries()
+        live = set(gov.actuator.pool_pids())
+        files = self.child_files(live)
+        main_counters = dict(self.rt.stats.counters)
+        counters = procstats.merge_counters(
+            [self._retired, main_counters, *(d.get("counters", {}) for d in files.values())]
+        )
+        counters["killed"] = gov.counters["killed"]
+        counters["unload_requests"] = gov.counters["unload_requests"]
+        counters["pauses"] = gov.counters["pauses"]
+        counters["dead_released"] = gov.counters["dead_released"]
+        counters.setdefault("admitted", 0)
+        counters.setdefault("deferred", {})
+        cpu_used = sum(e.cpu_slots for e in entries)
+        snap: dict[str, Any] = {
+            "hostname": self.hostname,
+            "pid": os.getpid(),
+            "time": time.time(),
+            "memory": gov.memory_snapshot(),
+            "cpu": {
+                "slots": gov.cpu_slots,
+                "slots_used": cpu_used,
+                "percent": psutil.cpu_percent(None),
+                "load1": os.getloadavg()[0],
+            },
+            "disk": self._disk(sum(e.disk_bytes for e in entries)),
+            "network": self._network(),
+            "paused": gov.paused,
+            "paused_queues": list(getattr(gov.actuator, "paused_queues", [])),
+            "reservations": [e.as_dict() for e in entries],
+            "processes": {str(pid): d.get("gauges", {}) for pid, d in files.items()},
+            "counters": counters,
+            "governor": {
+                "interval_s": self.rt.config.monitor_interval,
+                "ticks": gov.ticks,
+                "tick_seconds": round(gov.tick_seconds, 4),
+            },
+        }
+        for key, part in self.extra.items():
+            try:
+                snap[key] = part()
+            except Exception as exc:  # one broken part must not hide the rest
+                snap[key] = {"error": repr(exc)}
+        return snap

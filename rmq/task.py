@@ -1,0 +1,205 @@
+"""``@governed_task`` and the task base class that runs the guards. Celery glue, thin.
+
+The base class runs each concern's guard around the task body in the pool process,
+turns :class:`~rmq.errors.Defer` into a deferral (re-queued with a countdown, same task id,
+``max_retries`` untouched, at most ``rmq_max_deferrals`` times), and gives priorities the
+AMQP meaning on every broker.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from celery import Task, shared_task
+from celery.exceptions import Retry
+
+from .config import RmqConfig, load_config
+from .declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
+from .errors import Defer, ResourceUnavailable
+from .guards import Guard, TaskContext
+from .routing import from_wire_priority, to_wire_priority, transport_kind
+from .runtime import current
+
+__all__ = ["governed_task", "GovernedTask", "config_for", "guard_chain", "rmq_headers"]
+
+log = logging.getLogger("rmq.task")
+_DEFERRALS = "rmq_deferrals"
+
+
+def config_for(app: Any) -> RmqConfig:
+    """The app's rmq config, parsed once (the worker's runtime config when there is one)."""
+    rt = current()
+    if rt is not None and rt.app is app:
+        return rt.config
+    cached = getattr(app, "_rmq_config", None)
+    if cached is None:
+        cached = load_config(app.conf)
+        app._rmq_config = cached
+    return cached
+
+
+def guard_chain() -> list[Guard]:
+    """The guards every governed task passes, in order (the concern modules provide them)."""
+    from .registry_guards import default_guards
+
+    return default_guards()
+
+
+def rmq_headers(source: Any) -> dict[str, Any]:
+    """The ``rmq_*`` message headers of a request, a request dict or a headers dict."""
+    if isinstance(source, dict):
+        items = source.items()
+    else:
+        items = [(k, getattr(source, k, None)) for k in ("rmq_deferrals", "rmq_kills")]
+        headers = getattr(source, "headers", None) or {}
+        items = list(items) + list(headers.items())
+    return {k: v for k, v in items if isinstance(k, str) and k.startswith("rmq_") and v is not None}
+
+
+class GovernedTask(Task):
+    """Base class of governed tasks. Users get it through :func:`governed_task`."""
+
+    abstract = True
+    #: the task's declaration (set by the decorator)
+    rmq: TaskDeclaration = TaskDeclaration()
+    Request = "rmq.request:GovernedRequest"
+    acks_late = True
+    reject_on_worker_lost = True
+    _rmq_local = threading.local()
+    _rmq_argnames: tuple[str, ...] | None = None
+
+    # running ----------------------------------------------------------------
+    @property
+    def session_dir(self) -> Path:
+        """The session directory of the running task (``session=True`` tasks only)."""
+        ctx = getattr(self._rmq_local, "ctx", None)
+        if ctx is None or ctx.session_dir is None:
+            raise AttributeError(f"{self.name} has no session directory (declare session=True)")
+        return ctx.session_dir
+
+    @property
+    def rmq_context(self) -> TaskContext | None:
+        """The running task's :class:`~rmq.guards.TaskContext`, if governed."""
+        return getattr(self._rmq_local, "ctx", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        rt = current()
+        request = self.request
+        if rt is None or request is None or request.called_directly or request.is_eager:
+            return super().__call__(*args, **kwargs)
+        if self._rmq_argnames is None:
+            try:
+                params = inspect.signature(self.run).parameters
+                type(self)._rmq_argnames = tuple(params)
+            except (TypeError, ValueError):
+                type(self)._rmq_argnames = ()
+        ctx = TaskContext(
+            task_name=self.name,
+            task_id=request.id,
+            declaration=self.rmq,
+            config=rt.config,
+            args=tuple(args),
+            kwargs=dict(kwargs),
+        )
+        ctx.state["argnames"] = self._rmq_argnames
+        entered: list[Guard] = []
+        self._rmq_local.ctx = ctx
+        try:
+            try:
+                for guard in guard_chain():
+                    if guard.applies(self.rmq):
+                        guard.enter(ctx)
+                        entered.append(guard)
+            except Defer as defer:
+                self._exit_guards(entered, ctx, failed=True)
+                entered = []
+                return self._defer(defer)
+            failed = True
+            try:
+                result = super().__call__(*args, **kwargs)
+                failed = False
+                return result
+            finally:
+                self._exit_guards(entered, ctx, failed)
+                entered = []
+        finally:
+            if entered:
+                self._exit_guards(entered, ctx, failed=True)
+            self._rmq_local.ctx = None
+            rt.stats.flush()
+
+    @staticmethod
+    def _exit_guards(entered: list[Guard], ctx: TaskContext, failed: bool) -> None:
+        for guard in reversed(entered):
+            try:
+                guard.exit(ctx, failed)
+            except Exception:
+                log.exception("rmq guard %s failed to release for %s[%s]", guard.name, ctx.task_name, ctx.task_id)
+
+    def _defer(self, defer: Defer) -> Any:
+        rt = current()
+        request = self.request
+        headers = rmq_headers(request)
+        done = int(headers.get(_DEFERRALS, 0) or 0)
+        if rt is not None:
+            rt.stats.incr("deferred", defer.kind)
+        if done >= rt.config.max_deferrals if rt is not None else False:
+            raise ResourceUnavailable(self.name, defer.reason, done)
+        headers[_DEFERRALS] = done + 1
+        sig = self.signature_from_request(request, countdown=defer.countdown_s, headers=headers)
+        sig.apply_async()
+        log.info("rmq deferred %s[%s] for %.2fs (%s): %s", self.name, request.id, defer.countdown_s,
+                 defer.kind, defer.reason)
+        raise Retry(message=f"rmq deferred ({defer.kind}): {defer.reason}", when=defer.countdown_s, sig=sig)
+
+    # sending ------------------------------------------------------------------
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: Any = None, producer: Any = None,
+                    link: Any = None, link_error: Any = None, shadow: Any = None, **options: Any) -> Any:
+        priority = options.get("priority")
+        if priority is None:
+            priority = self.rmq.priority
+        if priority is None:
+            priority = config_for(self.app).default_priority
+        options["priority"] = to_wire_priority(priority, transport_kind(self.app))
+        return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+
+    def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None,
+                               queue: Any = None, **extra_options: Any) -> Any:
+        # The request carries the wire priority; apply_async translates again, so undo it here.
+        sig = super().signature_from_request(request, args, kwargs, queue, **extra_options)
+        wire = sig.options.get("priority")
+        if wire is not None:
+            sig.options["priority"] = from_wire_priority(wire, transport_kind(self.app))
+        return sig
+
+
+def governed_task(*args: Any, **options: Any) -> Any:
+    """Declare a governed Celery task: ``@governed_task`` or ``@governed_task(memory="2GiB", ...)``.
+
+    rmq options (``memory``, ``cpu``, ``disk``, ``heavy``, ``priority``, ``session``,
+    ``cleanup``, ``rate_limits``, ``concurrency``, ``network``, ``hygiene``) are validated
+    now and raise :class:`~rmq.errors.ConfigError` naming the argument and value; every
+    other option goes to Celery (``shared_task`` semantics: no app needed here).
+    """
+    if len(args) == 1 and callable(args[0]) and not options:
+        return governed_task()(args[0])
+    if args:
+        raise TypeError("governed_task takes keyword options only, e.g. @governed_task(memory='2GiB')")
+    rmq_opts = {k: options.pop(k) for k in list(options) if k in RMQ_OPTIONS}
+    declaration = parse_declaration(**rmq_opts)
+    if declaration.network:
+        from .network_defaults import apply_network_defaults
+
+        apply_network_defaults(options)
+    base = options.pop("base", GovernedTask)
+    if not issubclass(base, GovernedTask):
+        raise TypeError(f"base must subclass rmq.GovernedTask, got {base!r}")
+
+    def decorate(fun: Any) -> Any:
+        return shared_task(base=base, rmq=declaration, **options)(fun)
+
+    return decorate
