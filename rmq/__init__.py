@@ -45,7 +45,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # Lazy: importing rmq must not import Celery's worker machinery.
     if name == "install":
-        from .install import install
+        from .wiring import install
 
         return install
     if name in ("governed_task", "GovernedTask"):

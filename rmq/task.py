@@ -23,6 +23,7 @@ from .errors import Defer, ResourceUnavailable
 from .guards import Guard, TaskContext
 from .routing import from_wire_priority, to_wire_priority, transport_kind
 from .runtime import current
+from .units import parse_priority
 
 __all__ = ["governed_task", "GovernedTask", "config_for", "guard_chain", "rmq_headers"]
 
@@ -164,7 +165,7 @@ class GovernedTask(Task):
             priority = self.rmq.priority
         if priority is None:
             priority = config_for(self.app).default_priority
-        options["priority"] = to_wire_priority(priority, transport_kind(self.app))
+        options["priority"] = to_wire_priority(parse_priority(priority), transport_kind(self.app))
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
 
     def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None,

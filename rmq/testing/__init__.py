@@ -1,0 +1,1 @@
+"""Support for running real governed workers as subprocesses (tests, benchmarks, the demo)."""

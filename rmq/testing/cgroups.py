@@ -1,0 +1,96 @@
+"""Memory cgroups for tests and benchmarks: a child of this process's own memory cgroup.
+
+cgroup v1 (``memory.limit_in_bytes``) and v2 (``memory.max``) are both handled. Creating one
+needs root and a writable hierarchy; :func:`can_create` says why not where it can't.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+import uuid
+from pathlib import Path
+
+from ..probes import HostProbe
+
+__all__ = ["MemoryCgroup", "can_create"]
+
+
+class MemoryCgroup:
+    """A child memory cgroup with a limit; processes join it through :meth:`wrap`."""
+
+    def __init__(self, limit_bytes: int, name: str | None = None) -> None:
+        parent = HostProbe().memory_cgroup()
+        if parent is None:
+            raise OSError("this process is in no memory cgroup hierarchy")
+        self.version = parent.version
+        self.path = parent.path / (name or f"rmq-test-{uuid.uuid4().hex[:8]}")
+        self.path.mkdir()
+        if self.version == 1:
+            (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            try:  # no swap escape hatch
+                (self.path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+            except OSError:
+                pass
+        else:
+            (self.path / "memory.max").write_text(str(limit_bytes))
+            try:
+                (self.path / "memory.swap.max").write_text("0")
+            except OSError:
+                pass
+        self.limit_bytes = limit_bytes
+
+    @property
+    def procs_file(self) -> Path:
+        return self.path / "cgroup.procs"
+
+    def wrap(self) -> list[str]:
+        """An argv prefix that moves the process into this cgroup, then execs the rest."""
+        return ["sh", "-c", f"echo $$ > {shlex.quote(str(self.procs_file))} && exec \"$@\"", "sh"]
+
+    def oom_kills(self) -> int:
+        """Kernel OOM kills inside this cgroup so far."""
+        name = "memory.oom_control" if self.version == 1 else "memory.events"
+        try:
+            for line in (self.path / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except OSError:
+            pass
+        return 0
+
+    def peak_bytes(self) -> int | None:
+        """The cgroup's peak usage where the kernel keeps one."""
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        try:
+            return int((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def remove(self, timeout: float = 10.0) -> None:
+        """Remove the cgroup once its processes are gone."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.1)
+
+
+def can_create() -> str | None:
+    """``None`` when a child memory cgroup can be made here, else the reason why not."""
+    if os.geteuid() != 0:
+        return "creating memory cgroups needs root"
+    try:
+        cg = MemoryCgroup(256 * 1024 * 1024)
+    except OSError as exc:
+        return f"cannot create a memory cgroup here: {exc}"
+    cg.remove()
+    return None

@@ -1,0 +1,56 @@
+"""Fixtures for tests that start real worker subprocesses."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from rmq.testing.worker import WorkerProcess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``WorkerProcess``es that are stopped (by PID) when the test ends."""
+    started: list[WorkerProcess] = []
+
+    def start(client_app=None, wait: bool = True, **kwargs) -> WorkerProcess:
+        kwargs.setdefault("cwd", ROOT)
+        w = WorkerProcess(**kwargs).start()
+        started.append(w)
+        if wait and client_app is not None:
+            w.wait_ready(client_app)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
+        if os.environ.get("RMQ_KEEP_WORKER_LOGS") is None:
+            try:
+                os.unlink(w.log_path)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def redis_app(redis_url):
+    """A client app of the reference application on the test's Redis database."""
+    import workers.tasks  # noqa: F401  (registers the shared tasks)
+    from workers.app import make_app
+
+    app = make_app(broker=redis_url, backend=redis_url)
+    yield app
+    app.close()
+
+
+def worker_env(broker: str, backend: str | None = None, **rmq: object) -> dict[str, str]:
+    """Environment for a reference-app worker: broker, backend and ``RMQ_*`` settings."""
+    env = {"RMQ_BROKER_URL": broker, "RMQ_RESULT_BACKEND": backend or broker}
+    for key, value in rmq.items():
+        env[f"RMQ_{key.upper()}"] = str(value)
+    return env
