@@ -1,0 +1,134 @@
+"""Model cache (SPEC C3): register loaders, get or lease models, unload them for real.
+
+Users write::
+
+    from rmq import models
+
+    @models.register("whisper_base", size="1.5GiB", pinned=True)
+    def load_whisper():
+        ...
+
+    with models.use("whisper_base") as model:   # leased: never evicted while in use
+        ...
+
+There is one cache per process (pool processes each have theirs); ``models.cache()`` returns
+this process's one, made on first use with the worker's ``rmq_models_*`` settings.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .. import runtime as rt_mod
+from .admission import NullReserver, Reserver
+from .cache import ModelCache, rss_probe
+from .registry import REGISTRY, ModelSpec, Registry
+from .synthetic import SyntheticModel, synthetic_loader
+from .watcher import PressureWatcher
+
+__all__ = [
+    "REGISTRY",
+    "ModelCache",
+    "ModelSpec",
+    "NullReserver",
+    "PressureWatcher",
+    "Registry",
+    "Reserver",
+    "SyntheticModel",
+    "cache",
+    "get",
+    "register",
+    "rss_probe",
+    "set_reserver_factory",
+    "synthetic_loader",
+    "use",
+]
+
+_RUNTIME_KEY = "rmq.models.cache"
+_cache: ModelCache | None = None
+_cache_pid = -1
+_cache_lock = threading.Lock()
+_reserver_factory: Callable[[], Reserver] | None = None
+
+
+def register(
+    name: str,
+    size: object = None,
+    pinned: bool = False,
+    loader: Callable[[], Any] | None = None,
+    unload: Callable[[Any], None] | None = None,
+) -> Any:
+    """Register a model loader; a decorator when ``loader`` is not given.
+
+    Args:
+        name: the model's name.
+        size: ``"1.5GiB"`` or bytes; ``None`` measures the process's growth during the load.
+        pinned: never unloaded by memory pressure or by ``rmq_models_max_*``.
+        loader: builds the model; called once per process on first use.
+        unload: called with the model before it is dropped (else its ``unload()``/``close()``).
+
+    Raises:
+        ConfigError: bad argument, or the name is taken by another loader.
+    """
+    return REGISTRY.register(name, size=size, pinned=pinned, loader=loader, unload=unload)
+
+
+def set_reserver_factory(factory: Callable[[], Reserver] | None) -> None:
+    """Make every cache created from now on (one per process) reserve loads via ``factory()``.
+
+    The worker glue sets this before the pool forks, for example
+    ``models.set_reserver_factory(lambda: LedgerReserver(rt.ledger))``.
+    """
+    global _reserver_factory
+    _reserver_factory = factory
+
+
+def _new_cache(rt: rt_mod.Runtime | None) -> ModelCache:
+    reserver = _reserver_factory() if _reserver_factory is not None else None
+    if rt is None:
+        return ModelCache(reserver=reserver)
+    cfg = rt.config
+    return ModelCache(
+        max_memory_bytes=cfg.models_max_memory,
+        max_count=cfg.models_max_count,
+        load_wait_s=cfg.model_load_wait,
+        defer_countdown_s=cfg.defer_countdown,
+        reserver=reserver,
+    )
+
+
+def cache() -> ModelCache:
+    """This process's model cache (a new one after a fork; the runtime's in a worker)."""
+    global _cache, _cache_pid, _cache_lock
+    rt = rt_mod.current()
+    if rt is not None:
+        return rt.local(_RUNTIME_KEY, lambda: _new_cache(rt))  # type: ignore[no-any-return]
+    pid = os.getpid()
+    if _cache_pid != pid:
+        _cache_lock = threading.Lock()  # the parent's lock may have been held when it forked
+    with _cache_lock:
+        if _cache is None or _cache_pid != pid:
+            _cache, _cache_pid = _new_cache(None), pid
+        return _cache
+
+
+def get(name: str) -> Any:
+    """The model ``name`` from this process's cache, loaded on first use (not leased).
+
+    Raises:
+        ModelNotRegistered: unknown name.
+        ModelLoadError: the loader raised (cause chained).
+        Defer: inside a task, when the worker's memory budget has no room for the load.
+    """
+    return cache().get(name)
+
+
+@contextmanager
+def use(name: str) -> Iterator[Any]:
+    """Lease the model ``name`` for the ``with`` block; raises like :func:`get`."""
+    with cache().use(name) as model:
+        yield model
