@@ -1,0 +1,524 @@
+"""Alerts: threshold rules with hysteresis and cool-down, where alerts go, and cluster checks.
+
+A rule raises once per crossing: when its value reaches the threshold it raises, and it re-arms
+only after the value falls below ``threshold - hysteresis``. A crossing within ``cooldown_s`` of
+the last raise stays pending and is raised when the cool-down ends if the value is still at or
+above the threshold, so a flapping reading never floods and a lasting one is never hidden.
+
+Nothing here imports Celery: the signal sink imports :mod:`rmq.signals` when it first runs, and
+the Celery event is sent by a callable the worker glue passes in. Clocks are injected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+__all__ = [
+    "Alert",
+    "AlertEngine",
+    "AlertRule",
+    "Sink",
+    "WebhookSender",
+    "active_cluster_alerts",
+    "cluster_alerts",
+    "default_sinks",
+    "event_sink",
+    "log_sink",
+    "readings_from_snapshot",
+    "rules_from_config",
+    "signal_sink",
+]
+
+logger = logging.getLogger("rmq.alerts")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One raised alert.
+
+    Attributes:
+        name: rule name (``"memory"``, ``"cpu"``, ``"disk"``, ``"backlog_growing"``, ...).
+        value: the reading that raised it (ratio, percent or queue depth).
+        threshold: the threshold it crossed.
+        message: one line for people.
+        time: epoch seconds when raised.
+        hostname: worker hostname (``"cluster"`` for cluster-level alerts).
+        level: always ``"warning"`` for now.
+        subject: what the alert is about beyond the host, e.g. the queue name.
+    """
+
+    name: str
+    value: float
+    threshold: float
+    message: str
+    time: float
+    hostname: str = ""
+    level: str = "warning"
+    subject: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the webhook body, the signal's ``alert`` and the event fields)."""
+        return dataclasses.asdict(self)
+
+
+Sink = Callable[[Alert], Any]
+
+
+class AlertRule:
+    """A threshold on one reading, raised once per crossing.
+
+    Args:
+        name: reading name, also the alert name.
+        threshold: raise when the value is >= this.
+        hysteresis: re-arm only when the value is < ``threshold - hysteresis`` (same unit).
+        cooldown_s: minimum seconds between two raises of this rule.
+        message: ``str.format`` template with ``name``, ``value`` and ``threshold``.
+
+    Attributes:
+        active: True from a crossing until the value falls below the re-arm line (the
+            condition is in effect, whether or not the cool-down let it be reported).
+        last_raised: epoch seconds of the last raise, or None.
+        suppressed: crossings that fell within the cool-down.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        threshold: float,
+        hysteresis: float = 0.0,
+        cooldown_s: float = 0.0,
+        message: str = "{name} at {value:.3g} (alert at {threshold:.3g})",
+    ) -> None:
+        if hysteresis < 0 or cooldown_s < 0:
+            raise ValueError(f"alert rule {name!r}: hysteresis and cooldown_s must be >= 0")
+        self.name = name
+        self.threshold = float(threshold)
+        self.hysteresis = float(hysteresis)
+        self.cooldown_s = float(cooldown_s)
+        self.message = message
+        self.active = False
+        self.last_raised: float | None = None
+        self.suppressed = 0
+        self._armed = True
+        self._pending = False
+
+    def update(self, value: float, now: float) -> Alert | None:
+        """Feed one reading taken at ``now`` (epoch s); return an Alert when one is raised."""
+        if value >= self.threshold:
+            if self._armed:
+                self._armed = False
+                self.active = True
+                self._pending = True
+                if self.last_raised is not None and now - self.last_raised < self.cooldown_s:
+                    self.suppressed += 1
+            if self._pending and (self.last_raised is None or now - self.last_raised >= self.cooldown_s):
+                self._pending = False
+                self.last_raised = now
+                text = self.message.format(name=self.name, value=value, threshold=self.threshold)
+                return Alert(self.name, value, self.threshold, text, now)
+        elif value < self.threshold - self.hysteresis:
+            self._armed = True
+            self._pending = False
+            self.active = False
+        return None
+
+
+class AlertEngine:
+    """Evaluates rules on every tick and hands new alerts to every sink.
+
+    Args:
+        rules: the rules, one per reading name.
+        sinks: callables taking an :class:`Alert`; one failing sink does not stop the others.
+        hostname: stamped on every alert this engine raises.
+        clock: epoch-seconds clock used when ``tick`` gets no ``now``.
+    """
+
+    def __init__(
+        self,
+        rules: Iterable[AlertRule],
+        sinks: Iterable[Sink] = (),
+        hostname: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rules = {rule.name: rule for rule in rules}
+        self.sinks = list(sinks)
+        self.hostname = hostname
+        self.clock = clock
+        self.raised: dict[str, int] = {}
+        self.sink_errors = 0
+
+    def tick(self, readings: Mapping[str, float | None], now: float | None = None) -> list[Alert]:
+        """Evaluate ``{"memory": ratio, "cpu": percent, "disk": ratio}``; dispatch and return new alerts.
+
+        Readings that are missing or None leave their rule untouched.
+        """
+        now = self.clock() if now is None else now
+        new = []
+        for name, rule in self.rules.items():
+            value = readings.get(name)
+            if value is None:
+                continue
+            alert = rule.update(float(value), now)
+            if alert is not None:
+                new.append(dataclasses.replace(alert, hostname=self.hostname))
+        self.dispatch(new)
+        return new
+
+    def dispatch(self, alerts: Iterable[Alert]) -> None:
+        """Count ``alerts`` and send each to every sink (also used for cluster-level alerts)."""
+        for alert in alerts:
+            self.raised[alert.name] = self.raised.get(alert.name, 0) + 1
+            for sink in self.sinks:
+                try:
+                    sink(alert)
+                except Exception:
+                    self.sink_errors += 1
+                    logger.exception("rmq alert sink %r failed for alert %s", sink, alert.name)
+
+    @property
+    def total(self) -> int:
+        """Alerts raised so far, all rules together (the snapshot's ``counters.alerts``)."""
+        return sum(self.raised.values())
+
+    def active(self) -> list[str]:
+        """Names of rules whose condition is in effect now (the snapshot's ``alerts``)."""
+        return sorted(name for name, rule in self.rules.items() if rule.active)
+
+    def info(self) -> dict[str, Any]:
+        """Counters for the snapshot: raised by name, total, active, suppressed, sink errors."""
+        return {
+            "raised": dict(self.raised),
+            "total": self.total,
+            "active": self.active(),
+            "suppressed": {name: rule.suppressed for name, rule in self.rules.items()},
+            "sink_errors": self.sink_errors,
+        }
+
+
+def log_sink(alert: Alert) -> None:
+    """Log the alert at WARNING on logger ``rmq.alerts``."""
+    where = f"{alert.hostname}/{alert.subject}" if alert.subject else alert.hostname or "-"
+    logger.warning("rmq alert %s on %s: %s", alert.name, where, alert.message)
+
+
+def signal_sink(alert: Alert) -> None:
+    """Send :data:`rmq.signals.alert` with ``sender=hostname, alert=alert.as_dict()``."""
+    from . import signals  # the only Celery import, kept out of this module's import time
+
+    signals.alert.send(sender=alert.hostname, alert=alert.as_dict())
+
+
+def event_sink(send_event: Callable[[dict[str, Any]], Any]) -> Sink:
+    """Wrap ``send_event(fields)`` (one that sends Celery event ``rmq-alert``) as a sink.
+
+    ``fields`` is ``alert.as_dict()`` without ``hostname``: Celery's event dispatcher stamps its
+    own and refuses a second one.
+    """
+
+    def sink(alert: Alert) -> None:
+        fields = alert.as_dict()
+        del fields["hostname"]
+        send_event(fields)
+
+    return sink
+
+
+def default_sinks(
+    send_event: Callable[[dict[str, Any]], Any] | None = None, webhook: WebhookSender | None = None
+) -> list[Sink]:
+    """Log, signal, and, when given, the Celery event callable and the webhook."""
+    sinks: list[Sink] = [log_sink, signal_sink]
+    if send_event is not None:
+        sinks.append(event_sink(send_event))
+    if webhook is not None:
+        sinks.append(webhook)
+    return sinks
+
+
+_STOP = object()
+
+
+class WebhookSender:
+    """POSTs alert JSON to a URL from a background daemon thread; never blocks the caller.
+
+    Args:
+        url: where to POST.
+        retries: extra attempts after the first, on connection errors, timeouts and 5xx.
+        backoff_s: wait before the first retry, doubled for each further one.
+        timeout_s: per-request timeout.
+        max_queue: alerts waiting to be sent; beyond it new ones are dropped and counted.
+
+    Attributes:
+        sent, failed, dropped: delivery counters.
+    """
+
+    def __init__(
+        self, url: str, retries: int = 3, backoff_s: float = 0.5, timeout_s: float = 2.0, max_queue: int = 100
+    ) -> None:
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise ValueError(f"alert webhook must be an http(s) URL, got {url!r}")
+        self.url = url
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.max_queue = max_queue
+        self.sent = self.failed = self.dropped = 0
+        self._lock = threading.Condition()
+        self._pending = 0
+        self._closed = False
+        self._pid = -1
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+
+    def __call__(self, alert: Alert) -> None:
+        """Sink interface: queue ``alert.as_dict()``."""
+        self.send(alert.as_dict())
+
+    def send(self, payload: Mapping[str, Any] | Alert) -> bool:
+        """Queue one JSON body; return False (and count a drop) if the queue is full or stopped."""
+        body = payload.as_dict() if isinstance(payload, Alert) else dict(payload)
+        with self._lock:
+            if self._closed:
+                self.dropped += 1
+                return False
+            self._ensure_thread()
+            try:
+                self._queue.put_nowait(body)
+            except queue.Full:
+                self.dropped += 1
+                return False
+            self._pending += 1
+        return True
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every queued alert is delivered or given up on; False on timeout."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._pending == 0, timeout_s)
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Let queued alerts go out for up to ``timeout_s``, then abandon the rest (counted as dropped)."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread if self._pid == os.getpid() else None
+        if thread is None:
+            return
+        try:
+            self._queue.put_nowait(_STOP)
+        except queue.Full:
+            self._stop.set()
+        thread.join(timeout_s)
+        self._stop.set()
+
+    def info(self) -> dict[str, int]:
+        """Delivery counters: sent, failed, dropped, pending."""
+        with self._lock:
+            return {
+                "sent": self.sent,
+                "failed": self.failed,
+                "dropped": self.dropped,
+                "pending": self._pending,
+            }
+
+    def _ensure_thread(self) -> None:
+        if self._pid != os.getpid():  # made before a fork: the thread and queue did not come along
+            self._pid = os.getpid()
+            self._queue = queue.Queue(maxsize=self.max_queue)
+            self._pending = 0
+            self._thread = threading.Thread(target=self._run, name="rmq-alert-webhook", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=self.timeout_s) as client:
+            while not self._stop.is_set():
+                body = self._queue.get()
+                if body is _STOP:
+                    break
+                try:
+                    ok = self._deliver(client, body)
+                except Exception:  # this thread must outlive any one bad alert
+                    logger.exception("rmq alert webhook: delivering alert %s failed", body.get("name"))
+                    ok = False
+                with self._lock:
+                    if ok:
+                        self.sent += 1
+                    else:
+                        self.failed += 1
+                    self._pending -= 1
+                    self._lock.notify_all()
+        with self._lock:
+            while True:
+                try:
+                    body = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if body is not _STOP:
+                    self.dropped += 1
+                    self._pending -= 1
+            self._lock.notify_all()
+
+    def _deliver(self, client: httpx.Client, body: dict[str, Any]) -> bool:
+        parts = urlsplit(self.url)
+        where = f"{parts.scheme}://{parts.hostname}{parts.path}"  # no credentials or query in logs
+        content = json.dumps(body, default=str).encode()
+        problem = ""
+        for attempt in range(self.retries + 1):
+            if attempt and self._stop.wait(self.backoff_s * 2 ** (attempt - 1)):
+                break
+            try:
+                response = client.post(
+                    self.url, content=content, headers={"content-type": "application/json"}
+                )
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+                continue
+            except httpx.HTTPError as exc:  # e.g. too many redirects: retrying cannot help
+                problem = f"{type(exc).__name__}: {exc}"
+                break
+            if response.status_code < 400:
+                return True
+            problem = f"HTTP {response.status_code}"
+            if response.status_code < 500:
+                break
+        logger.warning(
+            "rmq alert webhook %s failed (%s); alert %s not delivered", where, problem, body.get("name")
+        )
+        return False
+
+
+def rules_from_config(config: Any) -> list[AlertRule]:
+    """The memory, cpu and disk rules from ``rmq_alert_*`` settings (an RmqConfig).
+
+    ``alert_hysteresis`` is a fraction: used as-is for the memory and disk ratios and as
+    percentage points (x 100) for cpu.
+    """
+    hysteresis = float(config.alert_hysteresis)
+    cooldown_s = float(config.alert_cooldown)
+    memory = "memory at {value:.0%} of budget (alert at {threshold:.0%})"
+    cpu = "cpu at {value:.0f}% (alert at {threshold:.0f}%)"
+    disk = "disk at {value:.0%} used (alert at {threshold:.0%})"
+    return [
+        AlertRule("memory", config.alert_memory_ratio, hysteresis, cooldown_s, memory),
+        AlertRule("cpu", config.alert_cpu_percent, hysteresis * 100, cooldown_s, cpu),
+        AlertRule("disk", config.alert_disk_ratio, hysteresis, cooldown_s, disk),
+    ]
+
+
+def readings_from_snapshot(snapshot: Mapping[str, Any]) -> dict[str, float | None]:
+    """``{"memory": ratio, "cpu": percent, "disk": ratio}`` from a governor snapshot."""
+
+    def pick(section: str, key: str) -> float | None:
+        value = (snapshot.get(section) or {}).get(key)
+        return None if value is None else float(value)
+
+    return {"memory": pick("memory", "ratio"), "cpu": pick("cpu", "percent"), "disk": pick("disk", "ratio")}
+
+
+def _consumed(view: Mapping[str, Any]) -> set[str] | None:
+    """Queues some live worker consumes (paused ones count), or None when the view cannot tell."""
+    if "consumers" not in view:
+        return None
+    workers = view.get("workers") or {}
+    consumed = {q for q, hosts in (view.get("consumers") or {}).items() if set(hosts or ()) & set(workers)}
+    for snapshot in workers.values():
+        consumed.update((snapshot or {}).get("paused_queues") or ())
+    return consumed
+
+
+def cluster_alerts(
+    previous_view: Mapping[str, Any] | None,
+    current_view: dict[str, Any],
+    *,
+    growth_views: int = 3,
+    unconsumed_views: int = 2,
+    cooldown_s: float = 0.0,
+    hostname: str = "cluster",
+) -> list[Alert]:
+    """Cluster-level checks on two consecutive cluster views; return alerts newly raised.
+
+    Raises ``backlog_growing`` when a queue's depth rose strictly over the last ``growth_views``
+    views, and ``queue_unconsumed`` when a queue held messages and no live worker consumed it
+    in ``unconsumed_views`` views in a row (needs ``view["consumers"] = {queue: [hostname]}``,
+    e.g. from ``inspect active_queues``; a worker's paused queues count as consumed). Each
+    condition raises once while it lasts, at most once per ``cooldown_s``.
+
+    The history this needs is written into ``current_view["history"]``; store the view as-is
+    and pass it back as ``previous_view`` next time.
+    """
+    prev = (previous_view or {}).get("history") or {}
+    now = float(current_view.get("time") or time.time())
+    keep = max(growth_views, 2)
+    depths: dict[str, list[int]] = {}
+    for q, depth in (current_view.get("queues") or {}).items():
+        if depth is not None:
+            depths[q] = (list((prev.get("depths") or {}).get(q, [])) + [int(depth)])[-keep:]
+    consumed = _consumed(current_view)
+    unconsumed: dict[str, int] = {}
+    if consumed is not None:
+        for q, hist in depths.items():
+            if hist[-1] > 0 and q not in consumed:
+                unconsumed[q] = int((prev.get("unconsumed") or {}).get(q, 0)) + 1
+
+    conditions: dict[str, Alert] = {}
+    for q, hist in depths.items():
+        recent = hist[-growth_views:]
+        if len(recent) == growth_views and all(b > a for a, b in pairwise(recent)):
+            trail = " -> ".join(map(str, recent))
+            conditions[f"backlog_growing:{q}"] = Alert(
+                "backlog_growing",
+                recent[-1],
+                recent[0],
+                f"queue {q!r} backlog growing over the last {growth_views} views: {trail}",
+                now,
+                hostname,
+                subject=q,
+            )
+    for q, streak in unconsumed.items():
+        if streak >= unconsumed_views:
+            conditions[f"queue_unconsumed:{q}"] = Alert(
+                "queue_unconsumed",
+                depths[q][-1],
+                0,
+                f"queue {q!r} holds {depths[q][-1]} messages and no live worker consumes it",
+                now,
+                hostname,
+                subject=q,
+            )
+
+    was_active = prev.get("active") or {}
+    raised_at = {k: float(t) for k, t in (prev.get("raised_at") or {}).items() if now - float(t) < cooldown_s}
+    new: list[Alert] = []
+    active: dict[str, dict[str, Any]] = {}
+    for key, alert in conditions.items():
+        reported = bool((was_active.get(key) or {}).get("reported"))
+        if not reported and (key not in raised_at or now - raised_at[key] >= cooldown_s):
+            new.append(alert)
+            raised_at[key] = now
+            reported = True
+        active[key] = {"alert": alert.as_dict(), "reported": reported}
+    current_view["history"] = {
+        "depths": depths,
+        "unconsumed": unconsumed,
+        "active": active,
+        "raised_at": raised_at,
+    }
+    return new
+
+
+def active_cluster_alerts(view: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Cluster conditions in effect in a view that went through :func:`cluster_alerts`."""
+    active = ((view.get("history") or {}).get("active")) or {}
+    return [entry["alert"] for entry in active.values()]

@@ -1,0 +1,342 @@
+"""Alert rules, the engine and its sinks, the webhook against real local HTTP servers, cluster checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from celery.events import Event
+
+from rmq import signals
+from rmq.alerts import (
+    Alert,
+    AlertEngine,
+    AlertRule,
+    WebhookSender,
+    active_cluster_alerts,
+    cluster_alerts,
+    default_sinks,
+    readings_from_snapshot,
+    rules_from_config,
+)
+from rmq.config import load_config
+
+
+def feed(rule: AlertRule, values: list[float], start: float = 1000.0, step: float = 1.0) -> list[Alert]:
+    alerts = []
+    for i, value in enumerate(values):
+        alert = rule.update(value, start + i * step)
+        if alert is not None:
+            alerts.append(alert)
+    return alerts
+
+
+# --- rules -------------------------------------------------------------------------------------------
+
+
+def test_crossing_staying_dipping_within_hysteresis_and_crossing_again_raises_exactly_one_alert():
+    rule = AlertRule("memory", threshold=0.85, hysteresis=0.05, cooldown_s=0)
+
+    alerts = feed(rule, [0.50, 0.86, 0.90, 0.88, 0.83, 0.81, 0.87, 0.95])
+
+    assert len(alerts) == 1
+    assert (alerts[0].name, alerts[0].value, alerts[0].threshold, alerts[0].level) == (
+        "memory",
+        0.86,
+        0.85,
+        "warning",
+    )
+    assert alerts[0].time == 1001.0
+    assert rule.active
+
+
+def test_hysteresis_rearms_only_below_threshold_minus_hysteresis():
+    rule = AlertRule("memory", threshold=0.85, hysteresis=0.05, cooldown_s=0)
+    assert len(feed(rule, [0.86])) == 1
+
+    assert feed(rule, [0.79], start=2000) == []
+    assert not rule.active  # resolved
+
+    again = feed(rule, [0.86], start=3000)
+    assert [a.time for a in again] == [3000.0]
+    assert rule.active
+
+
+def test_crossing_within_cooldown_raises_nothing_then_raises_once_if_still_high_after_it():
+    rule = AlertRule("disk", threshold=0.8, hysteresis=0.05, cooldown_s=60)
+    assert rule.update(0.9, now=0) is not None
+    assert rule.update(0.5, now=10) is None  # re-armed
+    assert rule.update(0.9, now=20) is None  # new crossing inside the cool-down
+    assert rule.update(0.95, now=59) is None
+    assert rule.suppressed == 1
+    assert rule.active
+
+    late = rule.update(0.9, now=61)  # cool-down over, condition still in effect
+    assert late is not None and late.time == 61
+    assert rule.update(0.9, now=200) is None  # and only once
+
+
+def test_crossing_within_cooldown_that_resolves_is_never_raised():
+    rule = AlertRule("disk", threshold=0.8, hysteresis=0.05, cooldown_s=60)
+    assert rule.update(0.9, now=0) is not None
+    assert rule.update(0.5, now=10) is None
+    assert rule.update(0.9, now=20) is None
+    assert rule.update(0.5, now=30) is None
+    assert rule.update(0.5, now=100) is None
+    assert rule.update(0.9, now=110) is not None  # a fresh crossing after the cool-down
+
+
+def test_rules_from_config_use_settings_and_cpu_hysteresis_in_points():
+    config = load_config(
+        {"rmq_alert_cpu_percent": 90, "rmq_alert_hysteresis": 0.05, "rmq_alert_cooldown": "0s"}, {}
+    )
+    rules = {rule.name: rule for rule in rules_from_config(config)}
+    assert (rules["memory"].threshold, rules["memory"].hysteresis) == (0.85, 0.05)
+    assert (rules["disk"].threshold, rules["disk"].hysteresis) == (0.80, 0.05)
+    assert (rules["cpu"].threshold, rules["cpu"].hysteresis) == (90.0, pytest.approx(5.0))
+
+    # 86 % is within 5 points of 90: no re-arm, so the second crossing raises nothing; 84 re-arms.
+    alerts = feed(rules["cpu"], [91, 86, 91, 84, 92])
+    assert [a.value for a in alerts] == [91, 92]
+    assert alerts[0].message == "cpu at 91% (alert at 90%)"
+
+
+def test_readings_from_snapshot():
+    snap = {"memory": {"ratio": 0.5}, "cpu": {"percent": 12}, "disk": {}}
+    assert readings_from_snapshot(snap) == {"memory": 0.5, "cpu": 12.0, "disk": None}
+
+
+# --- engine and sinks --------------------------------------------------------------------------------
+
+
+def make_engine(sinks) -> AlertEngine:
+    rules = [AlertRule("memory", 0.85, 0.05, 0), AlertRule("cpu", 90, 5, 0)]
+    return AlertEngine(rules, sinks, hostname="w1@box", clock=lambda: 5000.0)
+
+
+def test_engine_dispatches_new_alerts_to_every_sink_and_counts_them(caplog):
+    got: list[Alert] = []
+
+    def broken(alert: Alert) -> None:
+        raise RuntimeError("sink down")
+
+    engine = make_engine([broken, got.append])
+    caplog.set_level(logging.WARNING, logger="rmq.alerts")
+
+    first = engine.tick({"memory": 0.9, "cpu": 50, "disk": None})
+    engine.tick({"memory": 0.95, "cpu": 95})  # memory stays high: only cpu is new
+    engine.tick({"cpu": 10})  # memory reading missing: its rule is untouched
+
+    assert [a.name for a in first] == ["memory"]
+    assert [(a.name, a.hostname, a.time) for a in got] == [
+        ("memory", "w1@box", 5000.0),
+        ("cpu", "w1@box", 5000.0),
+    ]
+    assert engine.raised == {"memory": 1, "cpu": 1}
+    assert engine.total == 2
+    assert engine.active() == ["memory"]
+    assert engine.sink_errors == 2
+    assert engine.info()["active"] == ["memory"]
+
+
+def test_default_sinks_log_signal_and_event(caplog):
+    received: list[tuple[object, dict]] = []
+    events: list[dict] = []
+
+    def receiver(sender, alert, **kwargs):
+        received.append((sender, alert))
+
+    signals.alert.connect(receiver, weak=False)
+    try:
+        engine = make_engine(default_sinks(send_event=events.append))
+        caplog.set_level(logging.WARNING, logger="rmq.alerts")
+        engine.tick({"memory": 0.9})
+    finally:
+        signals.alert.disconnect(receiver)
+
+    assert len(received) == 1
+    sender, alert = received[0]
+    assert sender == "w1@box"
+    assert alert["name"] == "memory" and alert["value"] == 0.9 and alert["hostname"] == "w1@box"
+    assert events == [{k: v for k, v in alert.items() if k != "hostname"}]
+    # the fields fit Celery's event constructor, which the dispatcher calls with its own hostname
+    event = Event("rmq-alert", hostname="w1@box", pid=1, clock=1, utcoffset=0, **events[0])
+    assert event["type"] == "rmq-alert" and event["name"] == "memory"
+    warnings = [r for r in caplog.records if r.name == "rmq.alerts" and r.levelno == logging.WARNING]
+    assert (
+        len(warnings) == 1 and "memory" in warnings[0].getMessage() and "w1@box" in warnings[0].getMessage()
+    )
+
+
+# --- webhook -----------------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses  # one per request; the last one repeats
+        self.bodies: list[dict] = []
+
+
+@pytest.fixture
+def webhook_server() -> Iterator[tuple[str, Recorder]]:
+    recorder = Recorder([200])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            recorder.bodies.append(body)
+            status = recorder.statuses[min(len(recorder.bodies), len(recorder.statuses)) - 1]
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/hook", recorder
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def an_alert(name: str = "memory") -> Alert:
+    return Alert(name, 0.9, 0.85, "memory at 90% of budget", 1234.5, "w1@box")
+
+
+def test_webhook_posts_alert_json_and_retries_after_a_500(webhook_server):
+    url, recorder = webhook_server
+    recorder.statuses = [500, 200]
+    sender = WebhookSender(url, retries=3, backoff_s=0.05, timeout_s=2)
+    try:
+        assert sender.send(an_alert()) is True
+        assert sender.wait_idle(10)
+    finally:
+        sender.stop()
+
+    assert recorder.bodies == [an_alert().as_dict(), an_alert().as_dict()]
+    assert sender.info() == {"sent": 1, "failed": 0, "dropped": 0, "pending": 0}
+
+
+def test_webhook_does_not_retry_a_4xx(webhook_server):
+    url, recorder = webhook_server
+    recorder.statuses = [400]
+    sender = WebhookSender(url, retries=3, backoff_s=0.01)
+    try:
+        sender(an_alert())  # the sink interface
+        assert sender.wait_idle(10)
+    finally:
+        sender.stop()
+    assert len(recorder.bodies) == 1
+    assert (sender.sent, sender.failed) == (0, 1)
+
+
+def test_webhook_retries_connection_errors_then_counts_a_failure(caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    sender = WebhookSender(f"http://127.0.0.1:{port}/hook", retries=2, backoff_s=0.01)
+    caplog.set_level(logging.WARNING, logger="rmq.alerts")
+    try:
+        sender.send({"name": "memory"})
+        assert sender.wait_idle(10)
+    finally:
+        sender.stop()
+    assert (sender.sent, sender.failed) == (0, 1)
+    assert any("webhook" in r.getMessage() and "ConnectError" in r.getMessage() for r in caplog.records)
+
+
+def test_webhook_never_blocks_the_caller_even_when_the_server_hangs():
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(16)  # accepts connections into the backlog and never answers
+    sender = WebhookSender(f"http://127.0.0.1:{hang.getsockname()[1]}/", retries=0, timeout_s=2, max_queue=2)
+    try:
+        started = time.monotonic()
+        results = [sender.send(an_alert()) for _ in range(10)]
+        elapsed = time.monotonic() - started
+
+        assert elapsed < 0.5
+        assert results.count(True) <= 3  # at most one in flight plus a full queue of two
+        assert sender.dropped == results.count(False) >= 7
+
+        started = time.monotonic()
+        sender.stop(timeout_s=0.1)
+        assert time.monotonic() - started < 1.0
+        assert sender.send(an_alert()) is False  # stopped: dropped, still without blocking
+    finally:
+        hang.close()
+        if sender._thread is not None:
+            sender._thread.join(5)
+
+
+def test_webhook_refuses_a_non_http_url():
+    with pytest.raises(ValueError, match="ftp://x"):
+        WebhookSender("ftp://x/hook")
+
+
+# --- cluster checks ----------------------------------------------------------------------------------
+
+
+def run_views(views: list[dict], **kwargs) -> list[list[Alert]]:
+    """Feed views in order, passing each stored (JSON round-tripped) view as the previous one."""
+    previous, out = None, []
+    for view in views:
+        out.append(cluster_alerts(previous, view, **kwargs))
+        previous = json.loads(json.dumps(view))
+    return out
+
+
+def test_backlog_growing_raises_once_while_it_grows_and_again_after_it_recovers():
+    depths = [1, 3, 7, 9, 5, 6, 8, 11]
+    views = [{"time": 100.0 * i, "workers": {}, "queues": {"celery": d}} for i, d in enumerate(depths)]
+
+    results = run_views(views, growth_views=3)
+
+    raised = [(i, a.name, a.subject, a.value) for i, alerts in enumerate(results) for a in alerts]
+    assert raised == [(2, "backlog_growing", "celery", 7), (6, "backlog_growing", "celery", 8)]
+    assert "1 -> 3 -> 7" in results[2][0].message
+    assert results[2][0].hostname == "cluster"
+    assert [a["subject"] for a in active_cluster_alerts(views[3])] == ["celery"]
+    assert active_cluster_alerts(views[4]) == []
+
+
+def test_backlog_growing_respects_cooldown():
+    depths = [1, 2, 3, 1, 2, 3, 4]
+    views = [{"time": 10.0 * i, "queues": {"q": d}} for i, d in enumerate(depths)]
+    results = run_views(views, growth_views=3, cooldown_s=1000)
+    assert [len(r) for r in results] == [0, 0, 1, 0, 0, 0, 0]
+
+
+def test_queue_without_a_live_consumer_raises_after_two_views():
+    def view(t: float, depth: int) -> dict:
+        return {
+            "time": t,
+            "workers": {"w1": {"paused_queues": ["heavy"]}, "w2": None},
+            "queues": {"celery": depth, "orphan": depth, "ghost": depth, "heavy": depth, "empty": 0},
+            # "ghost" is consumed only by a worker that is no longer alive
+            "consumers": {"celery": ["w1"], "ghost": ["w9"]},
+        }
+
+    results = run_views([view(0, 5), view(60, 5), view(120, 4)], growth_views=5)
+
+    assert results[0] == []
+    assert sorted((a.name, a.subject) for a in results[1]) == [
+        ("queue_unconsumed", "ghost"),
+        ("queue_unconsumed", "orphan"),
+    ]
+    assert results[2] == []  # still true, already raised
+
+
+def test_no_consumer_information_means_no_unconsumed_check():
+    views = [{"time": t, "workers": {}, "queues": {"q": 5}} for t in (0, 60, 120)]
+    assert run_views(views) == [[], [], []]
