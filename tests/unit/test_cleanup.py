@@ -1,0 +1,536 @@
+"""Safe removal and cleanup policies (SPEC C6, section 7 row 5)."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rmq.cleanup as cleanup_mod
+from rmq.cleanup import (
+    cleanup_from_config,
+    format_report,
+    measure_tree,
+    plan_cleanup,
+    remove_tree,
+    run_cleanup,
+)
+from rmq.config import load_config
+from rmq.errors import ConfigError
+from rmq.sessions import SessionRoot, SessionStore, is_live, validate_session_id
+
+ROOT_DIR = Path(__file__).resolve().parents[2]
+DAY = 86400.0
+NOW = 2_000_000_000.0  # injected clock, far after any real mtime we set
+HOLDER = """
+import sys
+from rmq.sessions import SessionStore
+SessionStore(sys.argv[1]).open(sys.argv[2], "holder-task")
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def snapshot(top: Path) -> dict[str, tuple]:
+    """Everything under ``top`` as lstat sees it: type, mode, size, mtime, content or link target."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            s = p.lstat()
+            if p.is_symlink():
+                extra: object = os.readlink(p)
+            elif p.is_file():
+                extra = p.read_bytes()
+            else:
+                extra = None
+            out[str(p.relative_to(top))] = (s.st_mode, s.st_size, s.st_mtime_ns, extra)
+    return out
+
+
+def outside_tree(base: Path) -> Path:
+    """A sentinel tree that no cleanup may change."""
+    out = base / "outside"
+    (out / "dir" / "sub").mkdir(parents=True)
+    (out / "file.txt").write_text("precious")
+    (out / "dir" / "inner.txt").write_text("inner")
+    (out / "dir" / "sub" / "deep.txt").write_text("deep")
+    return out
+
+
+def age(path: Path, seconds_ago: float, now: float = NOW) -> None:
+    """Set mtimes of ``path`` and everything below it (links themselves) to ``now - seconds_ago``."""
+    t = now - seconds_ago
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            os.utime(Path(dirpath) / name, (t, t), follow_symlinks=False)
+    os.utime(path, (t, t), follow_symlinks=False)
+
+
+def make_session(root: Path, sid: str, files: dict[str, int] | None = None, seconds_ago: float = 10) -> Path:
+    path = root / f"session_{sid}"
+    path.mkdir(parents=True)
+    for name, size in (files or {"data.bin": 10}).items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(b"x" * size)
+    age(path, seconds_ago)
+    return path
+
+
+def no_disk_pressure():
+    return (1000, 0, 1000)
+
+
+def run(root: Path, **kw):
+    kw.setdefault("now", NOW)
+    kw.setdefault("disk_usage", no_disk_pressure)
+    return run_cleanup(root, **kw)
+
+
+# --- remove_tree --------------------------------------------------------------------------
+
+
+def test_remove_tree_counts_files_and_bytes(tmp_path):
+    make_session(tmp_path, "a", {"one": 100, "d/two": 50, "d/e/three": 7})
+    removed = remove_tree(tmp_path, "session_a")
+    assert removed.bytes_freed == 157
+    assert removed.entries == 6  # 3 files, d, d/e, the session dir
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "a\0b"])
+def test_remove_tree_refuses_paths(tmp_path, name):
+    with pytest.raises(ValueError):
+        remove_tree(tmp_path, name)
+
+
+def test_remove_tree_of_missing_name_is_empty(tmp_path):
+    assert remove_tree(tmp_path, "nothing") == (0, 0)
+
+
+def test_symlinks_inside_a_session_are_unlinked_never_followed(tmp_path):
+    # Given a session holding links to a file, a directory, the root's parent and dangling targets
+    outside = outside_tree(tmp_path)
+    root = tmp_path / "sessions"
+    sess = make_session(root, "s", {"own.txt": 3, "nested/own2.txt": 4})
+    (sess / "to_file").symlink_to(outside / "file.txt")
+    (sess / "to_dir").symlink_to(outside / "dir")
+    (sess / "nested" / "to_outside").symlink_to("../../../outside")
+    (sess / "nested" / "to_root").symlink_to(root)
+    (sess / "nested" / "to_parent").symlink_to("..")
+    (sess / "chain").symlink_to(sess / "to_dir")  # link to a link
+    (sess / "dangling").symlink_to(tmp_path / "nowhere")
+    before = snapshot(outside)
+    # When cleanup removes the session
+    report = run(root, older_than_s=0)
+    # Then the links are gone and every target survives unchanged
+    assert report.removed_names == ["session_s"] and report.bytes_freed == 7
+    assert not sess.exists() and not sess.is_symlink()
+    assert snapshot(outside) == before
+    assert root.is_dir()
+
+
+def test_a_session_that_is_itself_a_symlink_is_unlinked(tmp_path):
+    outside = outside_tree(tmp_path)
+    root = tmp_path / "sessions"
+    root.mkdir()
+    (root / "session_evil").symlink_to(outside / "dir")
+    before = snapshot(outside)
+    report = run(root, older_than_s=-1)
+    assert report.removed_names == ["session_evil"] and report.bytes_freed == 0
+    assert not (root / "session_evil").is_symlink()
+    assert snapshot(outside) == before
+
+
+def test_directory_swapped_for_a_symlink_during_the_walk_is_not_followed(tmp_path, monkeypatch):
+    # Given a session with a subdirectory, and an attacker who swaps that subdirectory for a
+    # symlink to the outside tree between the walk's lstat and its open
+    outside = outside_tree(tmp_path)
+    root = tmp_path / "sessions"
+    sess = make_session(root, "race", {"sub/a.txt": 1})
+    moved = tmp_path / "moved"
+    real_open_dir = cleanup_mod._open_dir
+    swapped = []
+
+    def racing_open_dir(parent_fd, name, fix_perms):
+        if name == "sub" and not swapped:
+            (sess / "sub").rename(moved)
+            (sess / "sub").symlink_to(outside / "dir")
+            swapped.append(name)
+        return real_open_dir(parent_fd, name, fix_perms)
+
+    monkeypatch.setattr(cleanup_mod, "_open_dir", racing_open_dir)
+    before = snapshot(outside)
+    # When the session is removed
+    remove_tree(root, "session_race")
+    # Then the link was unlinked, the outside is intact
+    assert swapped == ["sub"]
+    assert not sess.exists()
+    assert snapshot(outside) == before
+    assert (moved / "a.txt").exists()
+
+
+def test_unwritable_and_unreadable_dirs_are_emptied():
+    # Real permissions only bind a non-root user: as root, remove as nobody in a child process.
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        sess = make_session(base / "r", "p", {"ro/f": 5, "noread/g": 6, "noexec/h": 7})
+        script = (
+            "import os, sys\n"
+            "from rmq.cleanup import remove_tree\n"
+            "if os.geteuid() == 0:\n"
+            "    os.setgid(65534); os.setuid(65534)\n"
+            "print(tuple(remove_tree(sys.argv[1], 'session_p')))\n"
+        )
+        if os.geteuid() == 0:
+            for dirpath, dirnames, filenames in os.walk(base):
+                for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+                    os.chown(name, 65534, 65534)
+        (sess / "ro").chmod(0o500)
+        (sess / "noread").chmod(0o300)
+        (sess / "noexec").chmod(0o600)
+        sess.chmod(0o500)
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(base / "r")],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=ROOT_DIR,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "(18, 7)"
+        assert os.listdir(base / "r") == []
+
+
+def test_measure_tree_does_not_follow_links(tmp_path):
+    outside = outside_tree(tmp_path)
+    sess = make_session(tmp_path, "m", {"f": 10}, seconds_ago=3 * DAY)
+    (sess / "l").symlink_to(outside)
+    os.utime(sess / "l", (NOW - 3 * DAY, NOW - 3 * DAY), follow_symlinks=False)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        info = measure_tree(fd, "session_m")
+    finally:
+        os.close(fd)
+    assert info.bytes == 10 and info.entries == 3
+    assert info.newest_mtime == pytest.approx(NOW - 3 * DAY)
+
+
+# --- policies ----------------------------------------------------------------------------
+
+
+def test_age_policy_uses_the_newest_mtime_in_the_tree(tmp_path):
+    old = make_session(tmp_path, "old", seconds_ago=2 * DAY)
+    fresh_inside = make_session(tmp_path, "touched", {"a": 1, "deep/b": 1}, seconds_ago=2 * DAY)
+    os.utime(fresh_inside / "deep" / "b", (NOW - 60, NOW - 60))
+    make_session(tmp_path, "new", seconds_ago=3600)
+    names = [c.name for c in plan_cleanup(tmp_path, NOW, DAY, 3600, no_disk_pressure, 0.8, 0.7)]
+    assert names == ["session_old"]
+    report = run(tmp_path, max_age_s=DAY)
+    assert report.removed_names == ["session_old"] and report.reasons == {"age": 1}
+    assert not old.exists()
+    assert sorted(os.listdir(tmp_path)) == [".rmq", "session_new", "session_touched"]
+
+
+def test_older_than_overrides_max_age(tmp_path):
+    make_session(tmp_path, "a", seconds_ago=7200)
+    assert plan_cleanup(tmp_path, NOW, DAY, 3600, no_disk_pressure, 0.8, 0.7) == []
+    [c] = plan_cleanup(tmp_path, NOW, DAY, 3600, no_disk_pressure, 0.8, 0.7, older_than_s=3600)
+    assert c.name == "session_a" and c.reason == "age"
+
+
+def test_only_session_entries_directly_under_root_are_touched(tmp_path):
+    for name in ["keep_me", "sessionX", ".hidden", "Session_caps"]:
+        make_session(tmp_path, "tmp", seconds_ago=9 * DAY).rename(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("mine")
+    age(tmp_path / "notes.txt", 9 * DAY)
+    odd = ["session_", "session_with space", "session_ü", "session_a\nb", "session_..x"]
+    for name in odd:
+        make_session(tmp_path, "tmp", seconds_ago=9 * DAY).rename(tmp_path / name)
+    (tmp_path / "session_file").write_text("a file")
+    age(tmp_path / "session_file", 9 * DAY)
+    others = {n: snapshot(tmp_path / n) for n in ["keep_me", "sessionX", ".hidden", "Session_caps"]}
+    report = run(tmp_path, max_age_s=DAY)
+    assert sorted(report.removed_names) == sorted([*odd, "session_file"])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [".rmq", "keep_me", "sessionX", ".hidden", "Session_caps", "notes.txt"]
+    )
+    assert {n: snapshot(tmp_path / n) for n in others} == others
+
+
+def test_failed_session_kept_for_its_ttl_then_removed(tmp_path):
+    store = SessionStore(tmp_path)
+    path = store.open("f", "t")
+    (path / "log").write_text("boom")
+    store.close("f", "t", failed=True, now=NOW)
+    # within the TTL it stays, even with a tiny max age
+    assert run(tmp_path, now=NOW + 3599, failed_ttl_s=3600, max_age_s=1).removed == 0
+    assert path.is_dir()
+    report = run(tmp_path, now=NOW + 3601, failed_ttl_s=3600)
+    assert report.removed_names == ["session_f"] and report.reasons == {"failed": 1}
+    with SessionRoot(tmp_path) as sr:
+        assert sr.failed_markers() == {}
+
+
+def test_failed_ttl_longer_than_max_age_keeps_it(tmp_path):
+    store = SessionStore(tmp_path)
+    store.open("f", "t")
+    store.close("f", "t", failed=True, now=NOW)
+    age(tmp_path / "session_f", 2 * DAY)
+    assert run(tmp_path, now=NOW + 1.5 * DAY, max_age_s=DAY, failed_ttl_s=2 * DAY).removed == 0
+    assert run(tmp_path, now=NOW + 2.5 * DAY, max_age_s=DAY, failed_ttl_s=2 * DAY).removed == 1
+
+
+def test_keep_policy_session_removed_by_age_only(tmp_path):
+    store = SessionStore(tmp_path)
+    store.open("k", "t")
+    store.close("k", "t", failed=False, policy="keep")
+    real_now = os.stat(tmp_path / "session_k").st_mtime
+    assert run(tmp_path, now=real_now + 3600, max_age_s=DAY).removed == 0
+    assert run(tmp_path, now=real_now + DAY + 10, max_age_s=DAY).removed_names == ["session_k"]
+
+
+class FakeDisk:
+    """A disk whose used bytes are ``base`` plus the bytes still present under ``root``."""
+
+    def __init__(self, root: Path, total: int, base: int) -> None:
+        self.root, self.total, self.base = root, total, base
+
+    def __call__(self):
+        present = sum(
+            os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(self.root) for f in files
+        )
+        used = self.base + present
+        return (self.total, used, self.total - used)
+
+
+def test_disk_pressure_removes_oldest_idle_until_below_low_ratio(tmp_path):
+    # Given 4 idle sessions of 100 kB, all younger than max age, on a disk 85 % used
+    for i, sid in enumerate(["d0", "d1", "d2", "d3"]):
+        make_session(tmp_path, sid, {"blob": 100_000}, seconds_ago=3600 * (10 - i))  # d0 oldest
+    disk = FakeDisk(tmp_path, total=1_000_000, base=450_000)
+    assert disk()[1] == 850_000
+    # When cleanup runs with 80 % / 70 %
+    report = run(tmp_path, disk_usage=disk, max_age_s=DAY, high_ratio=0.8, low_ratio=0.7)
+    # Then the two oldest go (850 -> 650 kB) and the rest stays
+    assert report.removed_names == ["session_d0", "session_d1"]
+    assert report.reasons == {"disk": 2} and report.bytes_freed == 200_000
+    assert report.disk_ratio_before == pytest.approx(0.85)
+    assert report.disk_ratio_after == pytest.approx(0.65)
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("session_")) == ["session_d2", "session_d3"]
+
+
+def test_disk_pressure_below_high_ratio_removes_nothing(tmp_path):
+    make_session(tmp_path, "d0", {"blob": 100_000}, seconds_ago=3600)
+    disk = FakeDisk(tmp_path, total=1_000_000, base=690_000)  # 79 %
+    assert run(tmp_path, disk_usage=disk, high_ratio=0.8, low_ratio=0.7).removed == 0
+
+
+def test_disk_pressure_counts_age_removals_first(tmp_path):
+    make_session(tmp_path, "aged", {"blob": 150_000}, seconds_ago=2 * DAY)
+    make_session(tmp_path, "young", {"blob": 100_000}, seconds_ago=60)
+    disk = FakeDisk(tmp_path, total=1_000_000, base=600_000)  # 85 %; removing "aged" reaches 70 %
+    plan = plan_cleanup(tmp_path, NOW, DAY, 3600, disk, 0.8, 0.75)
+    assert [(c.name, c.reason) for c in plan] == [("session_aged", "age")]
+
+
+# --- leases held by real processes -------------------------------------------------------
+
+
+def start_holder(root: Path, session_id: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root), session_id],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT_DIR,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    if not ready or proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        pytest.fail("lease holder did not start")
+    return proc
+
+
+def test_live_lease_protects_an_ancient_session_until_its_holder_is_killed(tmp_path):
+    # Given a session held by a live process, its files days old, and a full disk
+    proc = start_holder(tmp_path, "busy")
+    try:
+        sess = tmp_path / "session_busy"
+        (sess / "big").write_bytes(b"x" * 50_000)
+        age(sess, 30 * DAY)
+        make_session(tmp_path, "idle", seconds_ago=30 * DAY)
+        full = FakeDisk(tmp_path, total=100_000, base=45_000)
+        # When cleanup runs, Then only the idle one goes; the held one is reported as skipped
+        assert [c.name for c in plan_cleanup(tmp_path, NOW, DAY, 3600, full, 0.8, 0.7)] == ["session_idle"]
+        report = run(tmp_path, max_age_s=DAY, disk_usage=full)
+        assert report.removed_names == ["session_idle"]
+        assert report.skipped_live == 1  # wanted by age and by disk pressure, counted once
+        assert (sess / "big").exists() and is_live(tmp_path, "busy")
+        # When the holder is SIGKILLed, Then its lease no longer protects the session
+        proc.kill()
+        proc.wait(timeout=10)
+        report = run(tmp_path, max_age_s=DAY)
+        assert report.removed_names == ["session_busy"] and report.stale_leases_removed == 1
+        assert os.listdir(tmp_path / ".rmq" / "leases") == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_session_reused_between_plan_and_removal_is_spared(tmp_path, monkeypatch):
+    make_session(tmp_path, "r", seconds_ago=2 * DAY)
+    store = SessionStore(tmp_path)
+    real_plan = cleanup_mod._plan
+
+    def plan_then_reuse(*args, **kwargs):
+        result = real_plan(*args, **kwargs)
+        store.open("r", "late-task")  # a task starts after the plan was made
+        store.close("r", "late-task", failed=False, policy="keep")
+        return result
+
+    monkeypatch.setattr(cleanup_mod, "_plan", plan_then_reuse)
+    report = run(tmp_path, max_age_s=DAY)
+    assert report.removed == 0 and (tmp_path / "session_r").is_dir()
+
+
+# --- dry run, config, report -------------------------------------------------------------
+
+
+def test_dry_run_touches_nothing(tmp_path):
+    root = tmp_path / "sessions"
+    proc = start_holder(root, "dead")
+    proc.kill()
+    proc.wait(timeout=10)
+    make_session(root, "old", {"a": 100}, seconds_ago=3 * DAY)
+    age(root / "session_dead", 3 * DAY)
+    (root / ".rmq" / "trash" / "leftover").mkdir()
+    before = snapshot(tmp_path)
+    report = run(root, max_age_s=DAY, dry_run=True, disk_usage=lambda: (1000, 900, 100))
+    assert snapshot(tmp_path) == before
+    assert report.dry_run and sorted(report.removed_names) == ["session_dead", "session_old"]
+    assert report.bytes_freed == 100 and report.stale_leases_removed == 0
+    assert report.disk_ratio_before == pytest.approx(0.9)
+    assert report.disk_ratio_after == pytest.approx(0.8)  # projected
+    assert "would remove 2 session(s)" in format_report(report)
+
+
+def test_cleanup_on_missing_root_creates_nothing(tmp_path):
+    for dry_run in (True, False):
+        report = run(tmp_path / "none", dry_run=dry_run)
+        assert report.removed == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_leftover_trash_is_emptied(tmp_path):
+    SessionStore(tmp_path).open("x", "t")
+    (tmp_path / ".rmq" / "trash" / "session_y.1.ab" / "d").mkdir(parents=True)
+    (tmp_path / ".rmq" / "trash" / "session_y.1.ab" / "d" / "f").write_bytes(b"12345")
+    report = run(tmp_path)
+    assert os.listdir(tmp_path / ".rmq" / "trash") == []
+    assert report.removed == 0 and (tmp_path / "session_x").is_dir()
+
+
+def test_cleanup_from_config(tmp_path):
+    root = tmp_path / "sessions"
+    make_session(root, "a", seconds_ago=2 * 3600)
+    make_session(root, "b", seconds_ago=60)
+    config = load_config({"rmq_session_root": str(root), "rmq_session_max_age": "1h"}, environ={})
+    dry = cleanup_from_config(config, dry_run=True, now=NOW)
+    assert dry.removed_names == ["session_a"] and (root / "session_a").exists()
+    assert 0 < dry.disk_ratio_before < 1  # real shutil.disk_usage
+    report = cleanup_from_config(config, older_than_s=30, now=NOW)
+    assert sorted(report.removed_names) == ["session_a", "session_b"]
+    assert report.as_dict()["removed"] == 2
+
+
+def test_format_report_says_what_happened(tmp_path):
+    make_session(tmp_path, "a", {"f": 2048}, seconds_ago=2 * DAY)
+    report = run(tmp_path, max_age_s=DAY, disk_usage=lambda: (1000, 500, 500))
+    text = format_report(report)
+    assert text.splitlines()[0] == (
+        f"rmq cleanup {tmp_path}: removed 1 session(s), 2.0KiB freed (age 1); disk 50.0% -> 50.0%"
+    )
+    assert text.splitlines()[1] == "  removed: session_a"
+
+
+# --- property: nothing outside the root ever changes -------------------------------------
+
+NAMES = st.sampled_from(["a", "b", "c", ".d", "e e", "f\nf"])
+KINDS = st.sampled_from(
+    ["file", "dir", "link_file", "link_dir", "link_outside", "link_up", "link_root", "dangling", "link_in"]
+)
+TREE = st.lists(st.tuples(st.lists(NAMES, min_size=1, max_size=3), KINDS), max_size=14)
+
+
+def build(sess: Path, ops, outside: Path, root: Path) -> None:
+    sess.mkdir()
+    for parts, kind in ops:
+        path = sess.joinpath(*parts)
+        if not all(
+            p.is_dir() and not p.is_symlink()
+            for p in [path.parent, *path.parent.parents]
+            if sess in [p, *p.parents]
+        ):
+            continue
+        if path.exists() or path.is_symlink():
+            continue
+        if kind == "file":
+            path.write_text("x" * len(parts))
+        elif kind == "dir":
+            path.mkdir()
+        else:
+            target = {
+                "link_file": outside / "file.txt",
+                "link_dir": outside / "dir",
+                "link_outside": Path("../" * len(parts)) / ".." / "outside",
+                "link_up": Path(".."),
+                "link_root": root,
+                "dangling": outside / "missing",
+                "link_in": sess,
+            }[kind]
+            path.symlink_to(target)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sid=st.one_of(st.text(max_size=140), st.from_regex(r"[A-Za-z0-9_-]{1,128}", fullmatch=True)), ops=TREE)
+def test_property_cleanup_stays_inside_the_root(sid, ops):
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        outside = outside_tree(base)
+        root = base / "sessions"
+        store = SessionStore(root)
+        valid = re.fullmatch(r"[A-Za-z0-9_-]{1,128}", sid) is not None
+        if not valid:
+            with pytest.raises(ConfigError):
+                validate_session_id(sid)
+            with pytest.raises(ConfigError):
+                store.open(sid, "t")
+            assert not root.exists()
+            return
+        store.open(sid, "t")
+        build_root = root / f"session_{sid}"
+        shutil.rmtree(build_root)
+        build(build_root, ops, outside, root)
+        before = snapshot(outside)
+        assert store.close(sid, "t", failed=False) == "removed"
+        assert not build_root.exists() and not build_root.is_symlink()
+        assert snapshot(outside) == before
+        # and cleanup of a leftover copy of the same tree behaves the same
+        build(build_root, ops, outside, root)
+        report = run(root, older_than_s=-1)
+        assert report.removed_names == [f"session_{sid}"] and not report.errors
+        assert snapshot(outside) == before
+        assert sorted(os.listdir(root)) == [".rmq"]
