@@ -17,6 +17,7 @@ from celery import bootsteps
 from .budget import detect_budget
 from .errors import ConfigError
 from .governor import Governor, kill_pid
+from .hooks import install_hooks
 from .ledger import Ledger
 from .runtime import Runtime, redis_url_for_app, set_current
 from .snapshot import SnapshotBuilder
@@ -132,6 +133,7 @@ class GovernorStep(bootsteps.StartStopStep):
             self.config, worker.app, self.runtime_dir, self.ledger, redis_url_for_app(self.config, worker.app)
         )
         set_current(self.runtime)
+        install_hooks(self.runtime, worker)
         atexit.register(self._remove_runtime_dir)
         self.budget = detect_budget(self.config)
         self.cpu_slots, self.cpu_source = _cpu_slots(self.config.cpu_slots)

@@ -155,12 +155,13 @@ class Governor:
         entries = self.ledger.entries()
         usage = []
         for e in entries:
-            if e.kind == KIND_TASK and e.pid in reading.rss:
+            if e.pid in reading.rss:
                 usage.append((e, max(0, reading.rss[e.pid] - e.start_rss)))
         if usage:
             self.ledger.set_usage(usage)
             for e, used in usage:
                 e.used_bytes = used
+                e.peak_used_bytes = max(e.peak_used_bytes, used)
         tasks = [e for e in entries if e.kind == KIND_TASK]
         if not tasks:
             models = sum(e.memory_bytes for e in entries if e.kind == KIND_MODEL)

@@ -61,8 +61,12 @@ class Entry:
 
     @property
     def unused_bytes(self) -> int:
-        """The part of the declaration not yet in use (what may still come)."""
-        return max(0, self.memory_bytes - self.used_bytes)
+        """The part of the declaration not yet in use (what may still come).
+
+        A model's memory stays once loaded, so its peak counts; a task may free and grow again.
+        """
+        used = self.peak_used_bytes if self.kind == KIND_MODEL else self.used_bytes
+        return max(0, self.memory_bytes - used)
 
     def as_dict(self) -> dict[str, object]:
         """JSON-friendly form, for the snapshot."""

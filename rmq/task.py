@@ -124,6 +124,10 @@ class GovernedTask(Task):
                 result = super().__call__(*args, **kwargs)
                 failed = False
                 return result
+            except Defer as defer:  # raised by the body, e.g. a model load that does not fit
+                self._exit_guards(entered, ctx, failed=True)
+                entered = []
+                return self._defer(defer)
             finally:
                 self._exit_guards(entered, ctx, failed)
                 entered = []

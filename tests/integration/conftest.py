@@ -37,6 +37,29 @@ def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
                 pass
 
 
+TESTS_DIR = os.path.join(ROOT, "tests", "integration")
+
+
+@pytest.fixture
+def test_app(redis_url):
+    """A client of ``taskapp`` (reference tasks plus governor-provoking ones) on the test's Redis."""
+    import sys
+
+    if TESTS_DIR not in sys.path:
+        sys.path.insert(0, TESTS_DIR)
+    import taskapp  # noqa: F401  (registers its shared tasks)
+    from workers.app import make_app
+
+    app = make_app(broker=redis_url, backend=redis_url)
+    yield app
+    app.close()
+
+
+def taskapp_env(broker: str, **rmq: object) -> dict[str, str]:
+    """Environment for a ``-A taskapp`` worker."""
+    return {**worker_env(broker, **rmq), "PYTHONPATH": f"{TESTS_DIR}:{ROOT}"}
+
+
 @pytest.fixture
 def redis_app(redis_url):
     """A client app of the reference application on the test's Redis database."""

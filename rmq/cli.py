@@ -1,0 +1,248 @@
+"""The ``rmq`` command: worker profiles, doctor, status, cleanup, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["main", "profile_argv", "parse_autoscale"]
+
+PROFILES = ("heavy", "light", "all")
+
+
+def _fail(message: str, status: int = 2) -> None:
+    sys.stderr.write(f"rmq: {message}\n")
+    raise SystemExit(status)
+
+
+def _load_app(name: str | None) -> Any:
+    if not name:
+        name = os.environ.get("RMQ_APP", "workers.app")
+    sys.path.insert(0, os.getcwd())
+    from celery.app.utils import find_app
+
+    try:
+        return find_app(name)
+    except Exception as exc:  # an import error in the user's module
+        _fail(f"cannot load the Celery app {name!r}: {exc}")
+
+
+def parse_autoscale(value: str) -> tuple[int, int]:
+    """``"MAX,MIN"`` -> (max, min); raises ConfigError for negatives, MAX < MIN or junk."""
+    parts = value.split(",")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--autoscale must be MAX,MIN with whole numbers, got {value!r}") from None
+    if len(numbers) == 1:
+        numbers.append(0)
+    if len(numbers) != 2:
+        raise ConfigError(f"--autoscale must be MAX,MIN, got {value!r}")
+    high, low = numbers
+    if high < 1 or low < 0:
+        raise ConfigError(f"--autoscale needs MAX >= 1 and MIN >= 0, got {value!r}")
+    if high < low:
+        raise ConfigError(f"--autoscale MAX must not be below MIN, got {value!r}")
+    return high, low
+
+
+def _has_flag(args: list[str], *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") or (len(f) == 2 and a.startswith(f) and len(a) > 2)
+               for a in args for f in flags)
+
+
+def profile_argv(profile: str, app: Any, extra: list[str], cpu_slots: int) -> list[str]:
+    """The ``celery worker`` flags of a profile; flags the user gave win."""
+    cfg = _config(app)
+    default_queue = app.conf.task_default_queue or "celery"
+    queues = {"heavy": [cfg.heavy_queue], "light": [default_queue], "all": [default_queue, cfg.heavy_queue]}
+    concurrency = {"heavy": max(1, cpu_slots), "light": max(2, cpu_slots * 2), "all": max(2, cpu_slots)}
+    prefetch = {"heavy": 1, "light": 4, "all": 1}
+    argv: list[str] = []
+    if not _has_flag(extra, "-Q", "--queues"):
+        argv += ["-Q", ",".join(queues[profile])]
+    if not _has_flag(extra, "-c", "--concurrency", "--autoscale"):
+        argv += ["-c", str(concurrency[profile])]
+    if not _has_flag(extra, "--prefetch-multiplier"):
+        argv += ["--prefetch-multiplier", str(prefetch[profile])]
+    return argv + extra
+
+
+def _config(app: Any) -> Any:
+    from .task import config_for
+
+    try:
+        return config_for(app)
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}")
+
+
+def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    app = _load_app(args.app)
+    _config(app)
+    for i, a in enumerate(extra):
+        value = a.split("=", 1)[1] if a.startswith("--autoscale=") else (
+            extra[i + 1] if a == "--autoscale" and i + 1 < len(extra) else None)
+        if value is not None:
+            try:
+                parse_autoscale(value)
+            except ConfigError as exc:
+                _fail(str(exc))
+    from .cpu import detect_cpu_slots
+
+    cfg = _config(app)
+    slots = cfg.cpu_slots or detect_cpu_slots()[0]
+    argv = [sys.executable, "-m", "celery", "-A", args.app or "workers.app", "worker",
+            *profile_argv(args.profile, app, extra, slots)]
+    if args.dry_run:
+        print(" ".join(argv))
+        return 0
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .budget import detect_budget
+    from .cpu import detect_cpu_slots
+    from .runtime import redis_url_for_app
+    from .units import format_bytes
+
+    app = _load_app(args.app)
+    cfg = _config(app)
+    budget = detect_budget(cfg)
+    slots, slot_source = (cfg.cpu_slots, "configured") if cfg.cpu_slots else detect_cpu_slots()
+    ok = True
+    print(f"memory budget   {format_bytes(budget.budget_bytes)} ({budget.source}; limit {format_bytes(budget.limit_bytes)})")
+    print(f"admit line      {format_bytes(budget.line(cfg.admit_ratio))} ({cfg.admit_ratio:.0%})")
+    print(f"ladder          unload {cfg.unload_ratio:.0%} / pause {cfg.pause_ratio:.0%} / kill {cfg.kill_ratio:.0%}")
+    print(f"cpu slots       {slots} ({slot_source})")
+    print(f"session root    {cfg.session_root_path}")
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+        print(f"broker          reachable ({conn.as_uri()})")
+    except Exception as exc:
+        ok = False
+        print(f"broker          UNREACHABLE: {exc}")
+    url = redis_url_for_app(cfg, app)
+    if url:
+        try:
+            import redis
+
+            redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+            print("rmq redis       reachable (rate limits, learned declarations)")
+        except Exception as exc:
+            ok = False
+            print(f"rmq redis       UNREACHABLE: {exc}")
+    else:
+        print("rmq redis       none (set rmq_redis_url for rate limits and learned declarations)")
+    print("config          ok")
+    return 0 if ok else 1
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from .cleanup import cleanup_from_config, format_report
+    from .units import parse_duration
+
+    app = _load_app(args.app)
+    cfg = _config(app)
+    try:
+        older = parse_duration(args.older_than, "--older-than") if args.older_than else None
+    except ConfigError as exc:
+        _fail(str(exc))
+    report = cleanup_from_config(cfg, dry_run=args.dry_run, older_than_s=older)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .cluster import load_or_collect
+
+    app = _load_app(args.app)
+    _config(app)
+
+    def view() -> dict[str, Any]:
+        return load_or_collect(app, live=args.live)
+
+    if args.json:
+        from .status import render_json
+
+        print(render_json(view()))
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    from .status import render_plain, render_table
+
+    if args.watch:
+        import time
+
+        from rich.live import Live
+
+        with Live(render_table(view()), console=console, refresh_per_second=2) as live:
+            try:
+                while True:
+                    time.sleep(args.interval)
+                    live.update(render_table(view()))
+            except KeyboardInterrupt:
+                return 0
+    if console.is_terminal:
+        console.print(render_table(view()))
+    else:
+        print(render_plain(view()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(broker=args.broker, sessions=args.sessions, plain=args.plain, timeout=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmq", description="Resource governance for Celery workers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="run celery worker with a profile's defaults (other flags pass through)")
+    w.add_argument("-A", "--app")
+    w.add_argument("--profile", choices=PROFILES, default="all")
+    w.add_argument("--dry-run", action="store_true", help="print the celery command instead of running it")
+    d = sub.add_parser("doctor", help="detected limits, config check, broker reachability")
+    d.add_argument("-A", "--app")
+    c = sub.add_parser("cleanup", help="clean this host's session root")
+    c.add_argument("-A", "--app")
+    c.add_argument("--dry-run", action="store_true")
+    c.add_argument("--older-than")
+    c.add_argument("--json", action="store_true")
+    s = sub.add_parser("status", help="workers, budgets, models and queue depths")
+    s.add_argument("-A", "--app")
+    s.add_argument("--watch", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--live", action="store_true", help="ask the workers now instead of reading the monitor's view")
+    s.add_argument("--interval", type=float, default=2.0)
+    m = sub.add_parser("demo", help="run the reference media pipeline on an embedded Redis")
+    m.add_argument("--broker", help="use this broker (redis://...) instead of an embedded Redis")
+    m.add_argument("--sessions", type=int, default=3)
+    m.add_argument("--plain", action="store_true", help="plain lines instead of the live view")
+    m.add_argument("--timeout", type=float, default=240.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rmq`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "worker":
+        args, extra = parser.parse_known_args(argv)
+        return cmd_worker(args, extra)
+    args = parser.parse_args(argv)
+    handlers = {"doctor": cmd_doctor, "cleanup": cmd_cleanup, "status": cmd_status, "demo": cmd_demo}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
