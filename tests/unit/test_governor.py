@@ -1,0 +1,362 @@
+"""The governor's policy with fake readings: pause, resume, unload, kill, dead reservations (SPEC C2).
+
+The actuator, the meter, the clock and ``alive`` are fakes; the ledger is real (in tmp_path),
+so what pool processes would read from the control block is checked too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rmq.budget import Budget
+from rmq.config import load_config
+from rmq.governor import Governor, KillRecord
+from rmq.ledger import KIND_MODEL, KIND_TASK, Entry, Ledger
+from rmq.meter import TreeReading
+from rmq.probes import CgroupMemory
+
+MiB = 1024**2
+BUDGET = 1000 * MiB
+MAIN = 1
+
+
+class FakeActuator:
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = list(pids)
+        self.calls: list[tuple] = []
+
+    def pool_pids(self) -> list[int]:
+        return list(self.pids)
+
+    def pause(self) -> None:
+        self.calls.append(("pause",))
+
+    def resume(self) -> None:
+        self.calls.append(("resume",))
+
+    def kill(self, pid: int) -> None:
+        self.calls.append(("kill", pid))
+
+    def kills(self) -> list[int]:
+        return [c[1] for c in self.calls if c[0] == "kill"]
+
+
+class FakeMeter:
+    """Returns the reading set in ``self.rss`` (pid -> bytes; main counted, children as private)."""
+
+    def __init__(self) -> None:
+        self.main_bytes = 100 * MiB
+        self.children: dict[int, int] = {}
+        self.extra = 0  # memory not attributed to a pool child (to reach any total)
+        self.asked: list[list[int]] = []
+
+    def sample(self, pids) -> TreeReading:
+        pids = list(pids)
+        self.asked.append(pids)
+        children = {p: b for p, b in self.children.items() if p in pids}
+        rss = {MAIN: self.main_bytes + self.extra, **children}
+        total = self.main_bytes + self.extra + sum(children.values())
+        return TreeReading(total, self.main_bytes + self.extra, dict(children), rss)
+
+    def total(self, worker_bytes: int) -> None:
+        """Make the next readings total ``worker_bytes``."""
+        self.extra = 0
+        self.extra = worker_bytes - self.main_bytes - sum(self.children.values())
+        assert self.extra >= 0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 5000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class World:
+    def __init__(self, tmp_path: Path, budget: Budget | None = None) -> None:
+        self.ledger = Ledger(str(tmp_path / "rt"), create=True)
+        self.actuator = FakeActuator([11, 12, 13])
+        self.meter = FakeMeter()
+        self.clock = Clock()
+        self.dead: set[int] = set()
+        self.config = load_config({}, {})
+        self.budget = budget or Budget(BUDGET, "configured", 2 * BUDGET)
+        self.gov = Governor(
+            self.config, self.budget, self.ledger, self.actuator, meter=self.meter, cpu_slots=4,
+            clock=self.clock, alive=lambda pid: pid not in self.dead,
+        )
+
+    def at(self, worker_bytes: int, dt: float = 0.25) -> None:
+        """One tick, ``dt`` seconds after the previous one, with the worker at ``worker_bytes``."""
+        self.clock.t += dt
+        self.meter.total(worker_bytes)
+        self.gov.tick()
+
+    def reserve(self, pid: int, task_id: str, memory: int, start_rss: int = 0, started: float = 0.0,
+                kind: int = KIND_TASK) -> Entry:
+        e = Entry(kind, pid, memory, task_id=task_id, name=f"media.{task_id}", start_rss=start_rss,
+                  started=started)
+        assert self.ledger.try_add(e, lambda _: True)
+        return e
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path)
+    yield w
+    w.gov.stop()
+    w.ledger.close()
+
+
+def pct(ratio: float) -> int:
+    return int(BUDGET * ratio)
+
+
+# --- pause and resume --------------------------------------------------------------------------------
+def test_pause_edge_at_085_and_resume_below_075(world: World) -> None:
+    world.at(pct(0.84))
+    assert world.actuator.calls == []
+    world.at(pct(0.85))
+    assert world.actuator.calls == [("pause",)]
+    assert world.gov.paused and world.ledger.read_control().paused
+    # no second pause while paused, no resume inside the hysteresis band
+    for r in (0.90, 0.80, 0.76, 0.75):
+        world.at(pct(r))
+    assert world.actuator.calls == [("pause",)]
+    assert world.ledger.read_control().zone == "pause"
+    world.at(pct(0.74))
+    assert world.actuator.calls == [("pause",), ("resume",)]
+    assert not world.gov.paused and not world.ledger.read_control().paused
+    assert world.gov.counters["pauses"] == 1
+
+
+def test_readings_are_published_in_the_control_block(world: World) -> None:
+    before = time.time()
+    world.at(pct(0.5))
+    c = world.ledger.read_control()
+    assert (c.worker_bytes, c.budget_bytes, c.admit_line_bytes) == (pct(0.5), BUDGET, pct(0.85))
+    assert (c.zone, c.cpu_slots, c.paused) == ("ok", 4, False)
+    assert before <= c.sample_time <= time.time()
+    assert world.meter.asked[-1] == [11, 12, 13]  # the pool's pids from the actuator
+    assert world.gov.peak_bytes == pct(0.5)
+    world.at(pct(0.3))
+    assert world.gov.peak_bytes == pct(0.5)
+    assert world.gov.zone == "ok"
+
+
+# --- unloading ---------------------------------------------------------------------------------------
+def test_unload_generation_increments_and_repeats_while_above_target(world: World) -> None:
+    world.at(pct(0.79))
+    assert world.ledger.read_control().unload_generation == 0
+    world.at(pct(0.80))
+    c = world.ledger.read_control()
+    assert (c.unload_generation, c.zone) == (1, "unload")
+    assert c.unload_bytes == pct(0.80) - pct(0.70)
+    world.at(pct(0.78), dt=0.25)  # still above the target, before the repeat interval
+    assert world.ledger.read_control().unload_generation == 1
+    assert world.ledger.read_control().unload_bytes == 0
+    world.at(pct(0.78), dt=1.0)  # a repeat
+    assert world.ledger.read_control().unload_generation == 2
+    world.at(pct(0.69))  # below the target: the episode ends
+    world.at(pct(0.75), dt=5.0)
+    assert world.ledger.read_control().unload_generation == 2
+    assert world.gov.counters["unload_requests"] == 2
+
+
+def test_pool_process_unload_request_is_relayed(world: World) -> None:
+    world.at(pct(0.5))
+    assert world.ledger.read_control().unload_generation == 0
+    # a pool process whose task does not fit asks for 200 MiB
+    other = Ledger(world.ledger.directory)
+    try:
+        other.request_unload(200 * MiB)
+    finally:
+        other.close()
+    world.at(pct(0.5))
+    c = world.ledger.read_control()
+    assert (c.unload_generation, c.unload_bytes) == (1, 200 * MiB)
+    world.at(pct(0.5))  # relayed once
+    assert world.ledger.read_control().unload_generation == 1
+
+
+# --- killing -----------------------------------------------------------------------------------------
+def test_kill_selects_the_task_exceeding_its_declaration_most(world: World) -> None:
+    world.reserve(11, "a", 100 * MiB, start_rss=50 * MiB, started=1.0)  # uses 350, 250 over
+    world.reserve(12, "b", 100 * MiB, start_rss=50 * MiB, started=3.0)  # uses 150, 50 over (newest)
+    world.reserve(13, "c", 400 * MiB, start_rss=50 * MiB, started=2.0)  # uses 150, under
+    world.meter.children = {11: 400 * MiB, 12: 200 * MiB, 13: 200 * MiB}
+    world.at(pct(0.94))
+    assert world.actuator.kills() == []
+    world.at(pct(0.95))
+    assert world.actuator.kills() == [11]
+    assert world.gov.counters["killed"] == 1
+    assert world.ledger.read_control().zone == "kill"
+    # the governor wrote each task's usage and peak into the ledger
+    used = {e.task_id: (e.used_bytes, e.peak_used_bytes) for e in world.ledger.entries()}
+    assert used == {"a": (350 * MiB,) * 2, "b": (150 * MiB,) * 2, "c": (150 * MiB,) * 2}
+
+
+def test_kill_record_carries_the_figures_once(world: World) -> None:
+    world.reserve(11, "a", 100 * MiB, start_rss=50 * MiB)
+    world.meter.children = {11: 400 * MiB}
+    world.at(pct(0.96))
+    detected = world.clock.t
+    record = world.gov.pop_kill("a")
+    assert record == KillRecord(
+        task_id="a", task_name="media.a", pid=11, observed_bytes=400 * MiB, declared_bytes=100 * MiB,
+        budget_bytes=BUDGET, detected_at=detected, killed_at=detected,
+    )
+    assert world.gov.pop_kill("a") is None
+    assert world.gov.pop_kill("never-killed") is None
+
+
+def test_kill_the_newest_when_no_task_exceeds_its_declaration(world: World) -> None:
+    world.reserve(11, "old", 500 * MiB, start_rss=0, started=100.0)
+    world.reserve(12, "new", 500 * MiB, start_rss=0, started=200.0)
+    world.reserve(13, "mid", 500 * MiB, start_rss=0, started=150.0)
+    world.meter.children = {11: 200 * MiB, 12: 100 * MiB, 13: 300 * MiB}
+    world.at(pct(0.97))
+    assert world.actuator.kills() == [12]
+
+
+def test_models_are_never_killed_as_tasks(world: World) -> None:
+    world.reserve(11, "whisper", 100 * MiB, kind=KIND_MODEL)
+    world.meter.children = {11: 800 * MiB}
+    world.at(pct(0.99))
+    assert world.actuator.kills() == []
+
+
+def test_no_second_kill_while_the_killed_process_is_still_there(world: World) -> None:
+    world.reserve(11, "a", 100 * MiB, start_rss=0, started=1.0)
+    world.reserve(12, "b", 100 * MiB, start_rss=0, started=2.0)
+    world.meter.children = {11: 500 * MiB, 12: 300 * MiB}
+    world.at(pct(0.96))
+    assert world.actuator.kills() == [11]
+    # the pool has not reaped pid 11 yet: its memory still counts, but one kill is enough
+    for _ in range(3):
+        world.at(pct(0.96), dt=0.25)
+    assert world.actuator.kills() == [11]
+    # once pid 11 is gone and the worker is still above the kill line, the next task goes
+    world.actuator.pids.remove(11)
+    del world.meter.children[11]
+    world.at(pct(0.96), dt=0.25)
+    assert world.actuator.kills() == [11, 12]
+
+
+def test_a_kill_that_did_not_take_effect_is_followed_by_another_after_2s(world: World) -> None:
+    world.reserve(11, "a", 100 * MiB, start_rss=0, started=1.0)
+    world.reserve(12, "b", 100 * MiB, start_rss=0, started=2.0)
+    world.meter.children = {11: 500 * MiB, 12: 300 * MiB}
+    world.at(pct(0.96))
+    world.at(pct(0.96), dt=1.9)
+    assert world.actuator.kills() == [11]
+    world.at(pct(0.96), dt=0.2)  # 2.1 s after the first kill, pid 11 still there
+    assert world.actuator.kills() == [11, 12]  # never the same task twice
+
+
+def test_above_kill_line_without_governed_tasks_logs_and_kills_nothing(world: World, caplog) -> None:
+    with caplog.at_level(logging.ERROR, logger="rmq.governor"):
+        world.at(pct(0.99))
+    assert world.actuator.kills() == []
+    assert "no governed task to kill" in caplog.text
+
+
+# --- dead processes and idle memory ------------------------------------------------------------------
+def test_release_dead_drops_reservations_of_dead_pids(world: World, caplog) -> None:
+    world.reserve(11, "alive", 100 * MiB)
+    world.reserve(77, "ghost", 300 * MiB)
+    world.dead.add(77)
+    with caplog.at_level(logging.WARNING, logger="rmq.governor"):
+        world.at(pct(0.5))
+    assert [e.task_id for e in world.ledger.entries()] == ["alive"]
+    assert world.gov.counters["dead_released"] == 1
+    assert "media.ghost[ghost] pid 77" in caplog.text
+
+
+def test_idle_bytes_is_worker_memory_minus_models_when_no_task_runs(world: World) -> None:
+    world.reserve(11, "whisper", 200 * MiB, kind=KIND_MODEL)
+    world.at(500 * MiB)
+    assert world.gov.idle_bytes == 300 * MiB
+    assert world.ledger.read_control().idle_bytes == 300 * MiB
+    # while tasks run, the idle figure is kept from the last idle moment
+    world.reserve(12, "job", 100 * MiB)
+    world.at(800 * MiB)
+    assert world.ledger.read_control().idle_bytes == 300 * MiB
+
+
+def test_cgroup_working_set_counts_when_larger(tmp_path: Path) -> None:
+    cg_dir = tmp_path / "cg"
+    cg_dir.mkdir()
+    (cg_dir / "memory.current").write_text(str(pct(0.90)))
+    (cg_dir / "memory.stat").write_text(f"inactive_file {pct(0.02)}\n")
+    budget = Budget(BUDGET, "cgroup-v2", BUDGET, CgroupMemory(2, cg_dir, BUDGET))
+    w = World(tmp_path, budget)
+    try:
+        # the process tree looks small, but the cgroup (page cache, other processes) is at 88 %
+        w.at(pct(0.40))
+        c = w.ledger.read_control()
+        assert c.worker_bytes == pct(0.90) - pct(0.02)
+        assert w.actuator.calls == [("pause",)]
+        snap = w.gov.memory_snapshot()
+        assert snap["cgroup_working_set_bytes"] == pct(0.90) - pct(0.02)
+        assert snap["budget_source"] == "cgroup-v2"
+    finally:
+        w.ledger.close()
+
+
+# --- snapshot and loop -------------------------------------------------------------------------------
+def test_memory_snapshot_schema(world: World) -> None:
+    world.meter.children = {11: 50 * MiB}
+    world.at(pct(0.8))
+    snap = world.gov.memory_snapshot()
+    assert set(snap) == {
+        "budget_bytes", "budget_source", "limit_bytes", "worker_bytes", "main_bytes", "children",
+        "cgroup_working_set_bytes", "host_total_bytes", "host_available_bytes", "peak_bytes", "ratio",
+        "zone", "admit_line_bytes", "idle_bytes",
+    }
+    assert snap["budget_bytes"] == BUDGET and snap["budget_source"] == "configured"
+    assert snap["worker_bytes"] == pct(0.8)
+    assert snap["ratio"] == pytest.approx(0.8, abs=1e-3)
+    assert snap["zone"] == "unload"
+    assert snap["children"] == {"11": 50 * MiB}
+    assert snap["cgroup_working_set_bytes"] is None
+    assert snap["host_total_bytes"] > 0
+
+
+def test_the_loop_ticks_until_stopped(world: World) -> None:
+    world.meter.total(pct(0.86))
+    world.gov.start()
+    deadline = time.monotonic() + 5
+    while world.gov.ticks < 2:
+        assert time.monotonic() < deadline, "the governor loop did not tick"
+        time.sleep(0.02)
+    world.gov.stop()
+    assert not world.gov._thread.is_alive()
+    assert world.actuator.calls[0] == ("pause",)
+    ticks = world.gov.ticks
+    time.sleep(0.3)
+    assert world.gov.ticks == ticks
+
+
+def test_a_failing_tick_does_not_stop_the_loop(world: World, caplog) -> None:
+    calls = []
+
+    def broken(pids):
+        calls.append(1)
+        raise OSError("reading failed")
+
+    world.meter.sample = broken
+    with caplog.at_level(logging.ERROR, logger="rmq.governor"):
+        world.gov.start()
+        deadline = time.monotonic() + 5
+        while len(calls) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        world.gov.stop()
+    assert "rmq governor tick failed" in caplog.text

@@ -1,0 +1,337 @@
+"""The reservation ledger shared by a worker's processes, and its control block (SPEC C2).
+
+The SIGKILL tests start real processes: the point of the ledger is that a holder killed by
+the kernel cannot leave it locked or leave its reservations behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from rmq.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger, LedgerFull
+
+MiB = 1024**2
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def ledger(tmp_path) -> Iterator[Ledger]:
+    led = Ledger(str(tmp_path / "rt"), create=True)
+    yield led
+    led.close()
+
+
+def entry(pid: int = 4242, memory: int = 100 * MiB, task_id: str = "t1", **kw) -> Entry:
+    return Entry(KIND_TASK, pid, memory, task_id=task_id, name=kw.pop("name", "media.transcribe"), **kw)
+
+
+def spawn(code: str, *args: str) -> subprocess.Popen:
+    """A fresh Python process running ``code`` with the repository on its path."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream:
+            stream.close()
+
+
+def lock_is_free(lock_path: str) -> bool:
+    fd = os.open(lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
+
+
+# --- the table ---------------------------------------------------------------------------------------
+def test_a_new_ledger_is_empty(ledger: Ledger) -> None:
+    assert ledger.entries() == []
+    assert os.path.exists(ledger.lock_path)
+
+
+def test_add_and_read_back_every_field(ledger: Ledger) -> None:
+    e = entry(cpu_slots=2, disk_bytes=3 * MiB, start_rss=50 * MiB, started=123.5)
+    with ledger.locked():
+        added = ledger.add_unlocked(e)
+    assert added.slot == 0
+    [got] = ledger.entries()
+    assert got == Entry(KIND_TASK, 4242, 100 * MiB, 2, 3 * MiB, "t1", "media.transcribe", 123.5, 0, 50 * MiB, 0, 0)
+    assert got.as_dict() == {
+        "pid": 4242, "task_id": "t1", "task_name": "media.transcribe", "kind": "task",
+        "memory_bytes": 100 * MiB, "cpu_slots": 2, "disk_bytes": 3 * MiB, "used_bytes": 0,
+    }
+
+
+def test_add_stamps_the_start_time(ledger: Ledger) -> None:
+    before = time.time()
+    with ledger.locked():
+        ledger.add_unlocked(entry())
+    assert before <= ledger.entries()[0].started <= time.time()
+
+
+def test_models_are_reported_as_models(ledger: Ledger) -> None:
+    with ledger.locked():
+        ledger.add_unlocked(Entry(KIND_MODEL, 1, 2 * MiB, task_id="whisper", name="whisper"))
+    assert ledger.entries()[0].as_dict()["kind"] == "model"
+
+
+def test_another_handle_sees_the_same_table(ledger: Ledger) -> None:
+    other = Ledger(ledger.directory)  # a pool process opens without create
+    try:
+        assert ledger.try_add(entry(), lambda entries: True)
+        assert [e.task_id for e in other.entries()] == ["t1"]
+    finally:
+        other.close()
+
+
+def test_remove_only_the_matching_reservation(ledger: Ledger) -> None:
+    a = entry(task_id="a")
+    b = entry(task_id="b")
+    assert ledger.try_add(a, lambda _: True) and ledger.try_add(b, lambda _: True)
+    ledger.remove(a)
+    assert [e.task_id for e in ledger.entries()] == ["b"]
+    ledger.remove(a)  # already gone: a no-op
+    # a stale handle for a slot now reused by someone else does not remove the newcomer
+    c = entry(task_id="c")
+    assert ledger.try_add(c, lambda _: True)
+    assert c.slot == a.slot
+    ledger.remove(a)
+    assert sorted(e.task_id for e in ledger.entries()) == ["b", "c"]
+
+
+def test_slots_are_reused(ledger: Ledger) -> None:
+    first = entry(task_id="x")
+    ledger.try_add(first, lambda _: True)
+    ledger.remove(first)
+    second = entry(task_id="y")
+    ledger.try_add(second, lambda _: True)
+    assert second.slot == first.slot == 0
+
+
+def test_try_add_consults_fits_with_current_entries(ledger: Ledger) -> None:
+    limit = 250 * MiB
+
+    def fits(entries: list[Entry]) -> bool:
+        return sum(e.memory_bytes for e in entries) + 100 * MiB <= limit
+
+    seen: list[int] = []
+    assert ledger.try_add(entry(task_id="1"), lambda es: seen.append(len(es)) is None and fits(es))
+    assert ledger.try_add(entry(task_id="2"), fits)
+    assert not ledger.try_add(entry(task_id="3"), fits)
+    assert seen == [0]
+    assert [e.task_id for e in ledger.entries()] == ["1", "2"]
+
+
+def test_full_ledger_raises(ledger: Ledger) -> None:
+    with ledger.locked():
+        for i in range(128):
+            ledger.add_unlocked(entry(task_id=str(i)))
+        with pytest.raises(LedgerFull):
+            ledger.add_unlocked(entry(task_id="one too many"))
+
+
+def test_update_rewrites_in_place(ledger: Ledger) -> None:
+    e = entry()
+    ledger.try_add(e, lambda _: True)
+    e.memory_bytes = 300 * MiB
+    ledger.update(e)
+    assert ledger.entries()[0].memory_bytes == 300 * MiB
+    stranger = entry(task_id="someone-else")
+    stranger.slot = e.slot
+    stranger.memory_bytes = 1
+    ledger.update(stranger)
+    assert ledger.entries()[0].memory_bytes == 300 * MiB
+
+
+def test_long_names_are_truncated_not_refused(ledger: Ledger) -> None:
+    e = entry(name="n" * 200)
+    ledger.try_add(e, lambda _: True)
+    assert ledger.entries()[0].name == "n" * 96
+
+
+@pytest.mark.xfail(
+    reason="BUG: task_id is stored truncated to 48 bytes but remove/update/set_usage compare it with the "
+    "untruncated id, so a reservation with a long task id (or model key) can never be removed",
+    strict=True,
+)
+def test_a_reservation_with_a_long_task_id_can_be_removed(ledger: Ledger) -> None:
+    e = entry(task_id="pipeline-2024-06-01-" + "x" * 60)  # Celery allows any task id string
+    ledger.try_add(e, lambda _: True)
+    ledger.remove(e)
+    assert ledger.entries() == []
+
+
+def test_set_usage_records_usage_and_peak(ledger: Ledger) -> None:
+    e = entry()
+    ledger.try_add(e, lambda _: True)
+    ledger.set_usage([(e, 40 * MiB)])
+    ledger.set_usage([(e, 70 * MiB)])
+    ledger.set_usage([(e, 20 * MiB)])
+    [got] = ledger.entries()
+    assert (got.used_bytes, got.peak_used_bytes) == (20 * MiB, 70 * MiB)
+    assert got.unused_bytes == 80 * MiB
+
+
+def test_set_usage_ignores_gone_reservations(ledger: Ledger) -> None:
+    e = entry()
+    ledger.try_add(e, lambda _: True)
+    ledger.remove(e)
+    ledger.set_usage([(e, 40 * MiB)])
+    assert ledger.entries() == []
+
+
+def test_release_dead(ledger: Ledger) -> None:
+    for pid, tid in ((10, "a"), (11, "b"), (10, "c")):
+        ledger.try_add(entry(pid=pid, task_id=tid), lambda _: True)
+    dropped = ledger.release_dead(lambda pid: pid != 10)
+    assert sorted(e.task_id for e in dropped) == ["a", "c"]
+    assert [e.task_id for e in ledger.entries()] == ["b"]
+    assert ledger.release_dead(lambda pid: True) == []
+
+
+# --- control block -----------------------------------------------------------------------------------
+def test_control_block_round_trip(ledger: Ledger) -> None:
+    c = Control(
+        unload_generation=7, unload_bytes=123 * MiB, worker_bytes=900 * MiB, budget_bytes=2048 * MiB,
+        admit_line_bytes=1740 * MiB, idle_bytes=80 * MiB, sample_time=1700000000.25, zone="pause",
+        cpu_slots=4, paused=True,
+    )
+    ledger.write_control(c)
+    assert ledger.read_control() == c
+    other = Ledger(ledger.directory)
+    try:
+        assert other.read_control() == c
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("zone", ["ok", "unload", "pause", "kill"])
+def test_every_zone_round_trips(ledger: Ledger, zone: str) -> None:
+    c = Control(0, 0, 0, 1, 1, 0, 0.0, zone, 1, False)
+    ledger.write_control(c)
+    assert ledger.read_control().zone == zone
+
+
+def test_a_fresh_control_block_reads_as_zeros(ledger: Ledger) -> None:
+    c = ledger.read_control()
+    assert (c.unload_generation, c.worker_bytes, c.zone, c.paused) == (0, 0, "ok", False)
+
+
+def test_control_and_table_do_not_overlap(ledger: Ledger) -> None:
+    ledger.try_add(entry(), lambda _: True)
+    ledger.write_control(Control(2**63 - 1, -1, -1, -1, -1, -1, 1e300, "kill", -1, True))
+    ledger.request_unload(2**62)
+    [got] = ledger.entries()
+    assert (got.pid, got.memory_bytes, got.task_id) == (4242, 100 * MiB, "t1")
+
+
+def test_request_unload_bumps_a_generation(ledger: Ledger) -> None:
+    assert ledger.read_unload_request() == (0, 0)
+    ledger.request_unload(300 * MiB)
+    ledger.request_unload(500 * MiB)
+    assert ledger.read_unload_request() == (2, 500 * MiB)
+    assert ledger.read_control().unload_generation == 0  # requests don't touch the governor's counter
+
+
+# --- across real processes ---------------------------------------------------------------------------
+HOLD_LOCK = """
+    import sys, time
+    from rmq.ledger import Entry, KIND_TASK, Ledger
+    led = Ledger(sys.argv[1])
+    with led.locked():
+        led.add_unlocked(Entry(KIND_TASK, __import__("os").getpid(), 1 << 30, task_id="doomed", name="big"))
+        print("locked", flush=True)
+        time.sleep(60)
+"""
+
+
+def test_sigkilled_holder_releases_the_lock_and_its_reservation(ledger: Ledger) -> None:
+    # Given a pool process that holds the ledger's lock and a reservation
+    proc = spawn(HOLD_LOCK, ledger.directory)
+    try:
+        assert proc.stdout.readline().strip() == "locked", proc.stderr.read()
+        assert not lock_is_free(ledger.lock_path)  # it really holds it
+        # When the kernel kills it
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        # Then the lock is free at once (flock dies with its holder)
+        deadline = time.monotonic() + 2.0
+        while not lock_is_free(ledger.lock_path):
+            assert time.monotonic() < deadline, "the ledger lock stayed held after SIGKILL"
+            time.sleep(0.01)
+        with ledger.locked():
+            entries = ledger.entries_unlocked()
+        assert [(e.pid, e.task_id) for e in entries] == [(proc.pid, "doomed")]
+        # and the governor drops the dead process's reservation
+        dropped = ledger.release_dead(lambda pid: pid != proc.pid)
+        assert [e.task_id for e in dropped] == ["doomed"]
+        assert ledger.entries() == []
+    finally:
+        stop(proc)
+
+
+ADDER = """
+    import sys, time
+    from rmq.ledger import Entry, KIND_TASK, Ledger
+    led = Ledger(sys.argv[1])
+    limit, attempts, tag = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    def fits(entries):
+        time.sleep(0.0005)  # widen the window between the check and the write
+        return sum(e.memory_bytes for e in entries) + 1 <= limit
+    print("ready", flush=True)
+    sys.stdin.readline()  # start together
+    ok = 0
+    for i in range(attempts):
+        ok += led.try_add(Entry(KIND_TASK, 1, 1, task_id=f"{tag}{i}", name=tag), fits)
+    print(ok, flush=True)
+"""
+
+
+def test_concurrent_adders_never_exceed_the_limit(ledger: Ledger) -> None:
+    # Given two processes racing to reserve 1 byte at a time under a limit of 40 bytes
+    limit, attempts = 40, 30
+    procs = [spawn(ADDER, ledger.directory, str(limit), str(attempts), tag) for tag in ("a", "b")]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        admitted = []
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            admitted.append(int(out))
+    finally:
+        for p in procs:
+            stop(p)
+    entries = ledger.entries()
+    # Then exactly the limit was admitted, every admitted reservation is in its own slot, none lost
+    assert sum(admitted) == limit
+    assert len(entries) == limit
+    assert len({e.slot for e in entries}) == limit
+    assert sum(e.memory_bytes for e in entries) == limit
+    # and neither could take more than its attempts, so both got a share
+    assert all(n > 0 for n in admitted), admitted
