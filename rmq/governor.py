@@ -213,7 +213,7 @@ class Governor:
         pending = [p for p, t in self._killed_pids.items() if now - t < 2.0 and p in reading.rss]
         if pending:
             return
-        candidates = [e for e in tasks if e.pid in reading.rss and e.task_id not in self.kills]
+        candidates = [e for e in tasks if e.pid in reading.rss and e.pid != os.getpid() and e.task_id not in self.kills]
         if not candidates:
             log.error("rmq: worker memory at %.0f%% of the budget and no governed task to kill",
                       100 * worker_bytes / self.budget.budget_bytes)

@@ -42,7 +42,7 @@ class PeakLearner:
         self.clock = clock
         self._pending: dict[str, list[int]] = {}
         self._cache: dict[str, tuple[int, float]] = {}
-        self._last_flush = 0.0
+        self._last_flush = float("-inf")
         self._lock = threading.Lock()
 
     def observe(self, task_name: str, peak_bytes: int) -> None:

@@ -38,6 +38,11 @@ _SIZE = _HEADER_SIZE + _SLOT.size * _SLOTS
 ZONES = ("ok", "unload", "pause", "kill")
 
 
+def _fit(text: str, n: int) -> str:
+    """``text`` cut to the ``n`` bytes a slot stores (on a character boundary)."""
+    return text.encode()[:n].decode("utf-8", "ignore")
+
+
 class LedgerFull(RuntimeError):
     """More reservations than the ledger has slots (128)."""
 
@@ -250,6 +255,7 @@ class Ledger:
         for i in range(_SLOTS):
             if not self._map[_HEADER_SIZE + i * _SLOT.size]:
                 e.slot = i
+                e.task_id, e.name = _fit(e.task_id, 48), _fit(e.name, 96)
                 if not e.started:
                     e.started = time.time()
                 self._write_slot(i, e)
@@ -268,14 +274,14 @@ class Ledger:
         """Rewrite a reservation in place (same slot, same owner)."""
         with self.locked():
             current = self._read_slot(e.slot)
-            if current is not None and current.pid == e.pid and current.task_id == e.task_id:
+            if current is not None and current.pid == e.pid and current.task_id == _fit(e.task_id, 48):
                 self._write_slot(e.slot, e)
 
     def remove(self, e: Entry) -> None:
         """Release one reservation (a no-op if it is already gone)."""
         with self.locked():
             current = self._read_slot(e.slot)
-            if current is not None and current.pid == e.pid and current.task_id == e.task_id:
+            if current is not None and current.pid == e.pid and current.task_id == _fit(e.task_id, 48):
                 self._write_slot(e.slot, None)
 
     def release_dead(self, alive: Callable[[int], bool]) -> list[Entry]:
@@ -293,7 +299,7 @@ class Ledger:
         with self.locked():
             for e, used in usage:
                 current = self._read_slot(e.slot)
-                if current is None or current.pid != e.pid or current.task_id != e.task_id:
+                if current is None or current.pid != e.pid or current.task_id != _fit(e.task_id, 48):
                     continue
                 current.used_bytes = used
                 current.peak_used_bytes = max(current.peak_used_bytes, used)

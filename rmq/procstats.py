@@ -29,7 +29,7 @@ class ProcessStats:
         self.counters: dict[str, Any] = {}
         self.gauges: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._last_flush = 0.0
+        self._last_flush = float("-inf")
         self._dirty = False
 
     def incr(self, *path: str, n: float = 1) -> None:

@@ -107,9 +107,13 @@ class Runtime:
                     "no Redis for rmq: set rmq_redis_url (the broker and result backend are not Redis)"
                 )
             import redis as redis_lib
+            from redis.backoff import ExponentialBackoff
+            from redis.retry import Retry
 
+            # one quick retry: redis-py's default (10 retries) blocks a task for seconds when Redis is down
             self._redis = redis_lib.Redis.from_url(
-                self.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=30
+                self.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=30,
+                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
             )
         return self._redis
 

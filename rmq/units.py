@@ -6,6 +6,7 @@ Sizes become bytes, durations seconds, rates a :class:`Rate`, priorities an inte
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -66,6 +67,8 @@ def parse_size(value: object, what: str = "size", allow_zero: bool = False) -> i
     if isinstance(value, bool):
         raise _bad(what, kind, value)
     if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _bad(what, kind, value)
         n = int(value)
     elif isinstance(value, str):
         m = _NUMBER_UNIT.match(value)
@@ -93,7 +96,7 @@ def parse_duration(value: object, what: str = "duration", allow_zero: bool = Fal
         s = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
     else:
         raise _bad(what, kind, value)
-    if s < 0 or (s == 0 and not allow_zero):
+    if not math.isfinite(s) or s < 0 or (s == 0 and not allow_zero):
         raise _bad(what, kind, value)
     return s
 

@@ -171,11 +171,6 @@ def test_long_names_are_truncated_not_refused(ledger: Ledger) -> None:
     assert ledger.entries()[0].name == "n" * 96
 
 
-@pytest.mark.xfail(
-    reason="BUG: task_id is stored truncated to 48 bytes but remove/update/set_usage compare it with the "
-    "untruncated id, so a reservation with a long task id (or model key) can never be removed",
-    strict=True,
-)
 def test_a_reservation_with_a_long_task_id_can_be_removed(ledger: Ledger) -> None:
     e = entry(task_id="pipeline-2024-06-01-" + "x" * 60)  # Celery allows any task id string
     ledger.try_add(e, lambda _: True)
