@@ -4,12 +4,13 @@
 (the text reversed when ``target`` is ``"reverse"``, else upper-cased). Beyond ``--rate`` (a fixed
 window per period, the way many real APIs count) it answers 429 with ``Retry-After`` (seconds to the
 next window, at least 1, or ``--retry-after``); with ``--fail-rate p`` an accepted request answers
-503 with probability ``p``. HTTP/1.1 with keep-alive.
+503 with probability ``p``; ``--latency s`` delays every answer. HTTP/1.1 with keep-alive.
 
 ``GET /stats`` (JSON) and ``POST /reset`` are control endpoints, never counted. Everything else
 counts: requests per one-second wall-clock window and in any sliding second, connections opened
-and still open (connections that made at least one counted request), bytes received and sent
-(request line + headers + body; status line + headers + body), 429s and 503s.
+and still open (connections that made at least one counted request), requests in flight (the
+most at once), bytes received and sent (request line + headers + body; status line + headers +
+body), 429s and 503s.
 
 Run ``python -m workers.fake_api --port 0 --rate 5/s``: the first line printed is the bound port.
 Tests use :func:`start_in_thread`.
