@@ -1,0 +1,510 @@
+"""Pooled HTTP clients that obey cluster-wide rate and concurrency limits (SPEC C11).
+
+``client("tts-api", base_url=..., rate="10/s", concurrency=4)`` returns this process's one
+pooled :class:`RmqHttpClient` of that name (an ``httpx.Client`` with keep-alive). Every attempt
+takes a permit of the cluster-wide semaphore ``http:<name>``, then, as its headers start going
+out (after any connect), a token of the cluster-wide limit ``http:<name>`` (both in Redis, see
+``rmq.ratelimit``): a token is used the moment it is granted, so the rate holds on the wire.
+No token or permit within ``max_wait`` raises :class:`rmq.errors.Defer`.
+
+Retries (``retries`` of them, full-jitter exponential backoff) cover connection errors,
+timeouts, 429 and 5xx; a ``Retry-After`` header sets the least wait. A final 429/5xx raises
+``httpx.HTTPStatusError``; a final transport error is re-raised; any other status is returned.
+
+Byte accounting (``sent_bytes`` / ``recv_bytes``) counts HTTP/1.1 wire bytes as a server sees
+them: request line + header lines + blank line + body (``Content-Length``), and status line +
+header lines + blank line + body bytes read (before decoding). Chunked framing and TLS are not
+counted; an attempt that never connected sends nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import email.utils
+import logging
+import math
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import httpx
+
+from . import runtime as _runtime
+from .errors import ConfigError, Defer, RateLimiterUnavailable
+from .ratelimit import ClusterLimiter, ClusterSemaphore, LeaseKeeper
+from .units import Rate, parse_duration, parse_rate
+
+__all__ = [
+    "RmqHttpClient",
+    "backoff_delay",
+    "client",
+    "close_all",
+    "parse_retry_after",
+    "request_wire_bytes",
+    "response_wire_bytes",
+    "stats",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_RETRIES = 3
+#: longest wait for a token/permit outside a worker (inside: ``rmq_throttle_max_wait``)
+DEFAULT_MAX_WAIT_S = 2.0
+DEFAULT_LEASE_S = 30.0
+BACKOFF_BASE_S = 0.25
+#: backoff ceiling; a ``Retry-After`` longer than this defers the task instead of sleeping
+BACKOFF_CAP_S = 10.0
+#: tokens are spaced as if each period were this much longer: a request reaches the server a
+#: little after its token, unevenly (a new connection's first request lags by ~5 ms), and without
+#: slack an exact-rate grant sequence can land ``count + 1`` requests in one server-side window
+RATE_MARGIN_S = 0.02
+#: countdown of a deferral for a full semaphore (nobody knows when a permit frees)
+PERMIT_RETRY_S = 1.0
+LIMIT_PREFIX = "http:"
+COUNTERS = ("requests", "retries", "errors", "deferred", "throttled", "throttled_s", "backoff_s",
+            "sent_bytes", "recv_bytes", "responses_429", "responses_5xx")
+
+_RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date; None if invalid."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if math.isnan(seconds) or math.isinf(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def backoff_delay(attempt: int, rng: random.Random | None = None,
+                  base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S) -> float:
+    """Full jitter: uniform in ``[0, min(cap_s, base_s * 2**attempt)]`` (``attempt`` from 0)."""
+    ceiling = min(cap_s, base_s * (2 ** min(attempt, 32)))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+def _headers_bytes(raw: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(k) + len(v) + 4 for k, v in raw) + 2  # "k: v\r\n" each, then "\r\n"
+
+
+def request_wire_bytes(request: httpx.Request) -> int:
+    """HTTP/1.1 bytes of a request: request line, headers, blank line, body (Content-Length)."""
+    line = len(request.method) + len(request.url.raw_path) + len(" HTTP/1.1\r\n") + 1
+    body = request.headers.get("content-length")
+    return line + _headers_bytes(request.headers.raw) + (int(body) if body and body.isdigit() else 0)
+
+
+def response_wire_bytes(response: httpx.Response) -> int:
+    """HTTP/1.1 bytes of a response: status line, headers, blank line, body bytes read."""
+    reason = response.extensions.get("reason_phrase", response.reason_phrase.encode())
+    line = len(response.http_version) + len(str(response.status_code)) + len(reason) + 4
+    return line + _headers_bytes(response.headers.raw) + response.num_bytes_downloaded
+
+
+def _retryable_status(code: int) -> bool:
+    return code == 429 or 500 <= code <= 599
+
+
+class RmqHttpClient:
+    """One pooled HTTP client governed by cluster-wide limits; make it with :func:`client`.
+
+    Args:
+        name: the client's name: limit keys (``http:<name>``) and counters use it.
+        base_url: prefix of relative URLs.
+        rate: cluster-wide rate of attempts, or None for no rate limit.
+        concurrency: cluster-wide attempts in flight, or None for no limit; also the pool size.
+        timeout_s: httpx timeout (connect, read, write, pool) per attempt.
+        retries: extra attempts after the first.
+        max_wait_s: longest wait for a token or permit before ``Defer``; None: the runtime's
+            ``rmq_throttle_max_wait``, else 2 s.
+        headers: default headers.
+        redis: Redis client for the limits; None: the runtime's, resolved on first use.
+        transport / limiter / semaphore / sleep / clock / rng: injected for tests.
+    """
+
+    def __init__(self, name: str, *, base_url: str | None = None, rate: Rate | None = None,
+                 concurrency: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 retries: int = DEFAULT_RETRIES, max_wait_s: float | None = None,
+                 headers: Mapping[str, str] | None = None, redis: Any = None,
+                 transport: httpx.BaseTransport | None = None, limiter: Any = None, semaphore: Any = None,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.name, self.base_url, self.rate, self.concurrency = name, base_url, rate, concurrency
+        self.timeout_s, self.retries, self.max_wait_s = timeout_s, retries, max_wait_s
+        self.headers = dict(headers or {})
+        self.redis = redis
+        self.pid = os.getpid()
+        #: the settings ``client()`` was given (a forked child's client starts from them)
+        self.given: dict[str, Any] = {}
+        self.limit_name = LIMIT_PREFIX + name
+        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+        self._trace_gate = transport is None  # only httpcore's own transport calls the trace hook
+        self._token_rate = Rate(rate.count, rate.period_s + RATE_MARGIN_S) if rate is not None else None
+        self._limiter, self._semaphore = limiter, semaphore
+        self._keeper: LeaseKeeper | None = None
+        self._sleep, self._clock, self._rng = sleep, clock, rng or random.Random()
+        self._lock = threading.Lock()
+        pool = concurrency or 10
+        self.http = httpx.Client(
+            base_url=base_url or "", headers=self.headers, timeout=timeout_s, transport=transport,
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=30.0),
+        )
+        self.closed = False
+
+    # -- public API -------------------------------------------------------------------------
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """Send a request (``params=, headers=, content=, data=, files=, json=, cookies=, timeout=``).
+
+        Raises:
+            Defer: no token or permit within ``max_wait_s``, a ``Retry-After`` beyond the backoff
+                cap, or (inside a worker) the limiter's Redis being down.
+            RateLimiterUnavailable: the limiter's Redis is down, outside a worker.
+            httpx.HTTPStatusError: the last attempt still answered 429 or 5xx.
+            httpx.TransportError: the last attempt still failed to connect or timed out.
+        """
+        return self._send(self.http.build_request(method, url, **kwargs))
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``request("GET", url, ...)``."""
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``request("POST", url, ...)``."""
+        return self.request("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``request("PUT", url, ...)``."""
+        return self.request("PUT", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        """``request("DELETE", url, ...)``."""
+        return self.request("DELETE", url, **kwargs)
+
+    def close(self) -> None:
+        """Close pooled connections (idempotent); later requests raise ``RuntimeError``."""
+        self.closed = True
+        if self._keeper is not None:
+            self._keeper.stop(timeout_s=1.0)
+        self.http.close()
+
+    def stats(self) -> dict[str, float]:
+        """A copy of this client's counters (this process only)."""
+        with self._lock:
+            return dict(self.counters)
+
+    # -- internals --------------------------------------------------------------------------
+    def _count(self, key: str, n: float = 1) -> None:
+        with self._lock:
+            self.counters[key] += n
+        rt = _runtime.current()
+        if rt is not None:
+            rt.stats.incr("http", self.name, key, n=n)
+
+    def _redis(self) -> Any:
+        if self.redis is not None:
+            return self.redis
+        rt = _runtime.current()
+        if rt is None:
+            raise RateLimiterUnavailable(
+                f"http client {self.name!r} has limits but no Redis outside a worker: pass redis=")
+        return rt.redis()
+
+    def _wait_limit(self) -> float:
+        if self.max_wait_s is not None:
+            return self.max_wait_s
+        rt = _runtime.current()
+        return rt.config.throttle_max_wait if rt is not None else DEFAULT_MAX_WAIT_S
+
+    def _limiter_down(self, exc: RateLimiterUnavailable, kind: str) -> None:
+        rt = _runtime.current()
+        if rt is None:
+            raise exc
+        self._count("deferred")
+        log.warning("rmq: http client %r deferred %.1fs, limits not checked (failing closed): %s",
+                    self.name, rt.config.defer_countdown, exc)
+        raise Defer(f"http client {self.name!r}: limiter unavailable: {exc}",
+                    countdown_s=rt.config.defer_countdown, kind=f"{kind}_unavailable") from exc
+
+    def _take_permit(self) -> str | None:
+        if self.concurrency is None:
+            return None
+        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        start, delay, limit, waited = self._clock(), 0.02, self._wait_limit(), False
+        try:
+            if self._semaphore is None:
+                rt = _runtime.current()
+                lease = rt.config.concurrency_lease if rt is not None else DEFAULT_LEASE_S
+                self._semaphore = ClusterSemaphore(self._redis(), max(lease, 3 * self.timeout_s))
+            while not self._semaphore.acquire(self.limit_name, self.concurrency, holder):
+                if self._clock() - start + delay > limit:
+                    self._throttled(start, waited)
+                    self._count("deferred")
+                    raise Defer(f"http client {self.name!r}: concurrency {self.concurrency} full for "
+                                f"{limit:g}s", countdown_s=PERMIT_RETRY_S, kind="concurrency")
+                self._sleep(delay)
+                delay, waited = min(delay * 2, 0.25), True
+        except RateLimiterUnavailable as exc:
+            self._limiter_down(exc, "concurrency")
+        self._throttled(start, waited)
+        if isinstance(self._semaphore, ClusterSemaphore):
+            if self._keeper is None:
+                self._keeper = LeaseKeeper(self._semaphore)
+            self._keeper.add(self.limit_name, holder, self.concurrency)
+            self._keeper.start()
+        return holder
+
+    def _give_permit(self, holder: str | None) -> None:
+        if holder is None:
+            return
+        if self._keeper is not None:
+            self._keeper.discard(self.limit_name, holder)
+        try:
+            self._semaphore.release(self.limit_name, holder)
+        except RateLimiterUnavailable as exc:  # the lease lapses by itself
+            log.warning("rmq: http client %r: permit not released: %s", self.name, exc)
+
+    def _take_token(self) -> None:
+        if self.rate is None:
+            return
+        start, limit, waited = self._clock(), self._wait_limit(), False
+        try:
+            if self._limiter is None:
+                self._limiter = ClusterLimiter(self._redis())
+            while (wait := self._limiter.acquire(self.limit_name, self._token_rate)) > 0:
+                if self._clock() - start + wait > limit:
+                    self._throttled(start, waited)
+                    self._count("deferred")
+                    raise Defer(f"http client {self.name!r}: no token of {self.rate} within {limit:g}s",
+                                countdown_s=wait, kind="rate_limit")
+                self._sleep(wait)
+                waited = True
+        except RateLimiterUnavailable as exc:
+            self._limiter_down(exc, "rate_limit")
+        self._throttled(start, waited)
+
+    def _throttled(self, start: float, waited: bool) -> None:
+        if waited:
+            self._count("throttled")
+            self._count("throttled_s", self._clock() - start)
+
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        attempt = 0
+        while True:
+            retry_after: float | None = None
+            holder = self._take_permit()
+            try:
+                gate = _Gate(self)
+                if self._trace_gate:
+                    request.extensions["trace"] = gate
+                else:
+                    gate.open()
+                try:
+                    response = self.http.send(request)
+                except (Defer, RateLimiterUnavailable) as exc:
+                    gate.reraise(exc)
+                except _RETRY_ERRORS as exc:
+                    if not isinstance(exc, _NOT_SENT):
+                        self._count("sent_bytes", request_wire_bytes(request))
+                    if attempt >= self.retries:
+                        self._count("errors")
+                        raise
+                    log.info("rmq: http client %r: %s, retrying", self.name, exc)
+                else:
+                    self._count("sent_bytes", request_wire_bytes(request))
+                    self._count("recv_bytes", response_wire_bytes(response))
+                    if not _retryable_status(response.status_code):
+                        return response
+                    self._count("responses_429" if response.status_code == 429 else "responses_5xx")
+                    if attempt >= self.retries:
+                        self._count("errors")
+                        raise httpx.HTTPStatusError(
+                            f"{response.status_code} {response.reason_phrase} for {request.method} "
+                            f"{request.url} after {attempt + 1} attempts", request=request, response=response)
+                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+            finally:
+                self._give_permit(holder)
+            if retry_after is not None and retry_after > BACKOFF_CAP_S:
+                self._count("deferred")
+                raise Defer(f"http client {self.name!r}: server asks to retry after {retry_after:.0f}s",
+                            countdown_s=retry_after, kind="rate_limit")
+            delay = max(retry_after or 0.0, backoff_delay(attempt, self._rng))
+            self._count("retries")
+            self._count("backoff_s", delay)
+            self._sleep(delay)
+            attempt += 1
+
+
+class _Gate:
+    """Takes the token and counts the request once, as late as possible.
+
+    httpcore calls it (the ``trace`` extension) as the request headers start going out, after any
+    connect: the token is used at once, so the rate holds on the wire, and an attempt that never
+    connected takes no token. httpcore drops an exception's cause on its way out; reraise restores it.
+    """
+
+    def __init__(self, owner: RmqHttpClient) -> None:
+        self.owner, self.taken = owner, False
+        self.cause: BaseException | None = None
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event.endswith(".send_request_headers.started") and not self.taken:
+            self.open()
+
+    def open(self) -> None:
+        self.taken = True
+        try:
+            self.owner._take_token()
+        except (Defer, RateLimiterUnavailable) as exc:
+            self.cause = exc.__cause__
+            raise
+        self.owner._count("requests")
+
+    def reraise(self, exc: BaseException) -> None:
+        raise exc from self.cause
+
+
+# -- the per-process registry -------------------------------------------------------------
+_registry: dict[tuple[int, str], RmqHttpClient] = {}
+_registry_lock = threading.Lock()
+_hooked = False
+
+
+def _reset_lock_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()  # a thread of the parent may have held it at fork
+
+
+def _hook_process() -> None:
+    global _hooked
+    if not _hooked:  # once: forked children inherit atexit and fork hooks
+        _hooked = True
+        atexit.register(close_all)
+        os.register_at_fork(after_in_child=_reset_lock_in_child)
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name or len(name) > 200 or any(c.isspace() or c == "\0" for c in name):
+        raise ConfigError(f"http client name must be a non-empty string without spaces, got {name!r}")
+    return name
+
+
+def client(name: str, base_url: str | None = None, rate: str | Rate | None = None,
+           concurrency: int | None = None, timeout: float | str | None = None, retries: int | None = None,
+           max_wait: float | str | None = None, headers: Mapping[str, str] | None = None,
+           redis: Any = None) -> RmqHttpClient:
+    """This process's pooled client ``name``, made on first use with these settings.
+
+    A later call may repeat the settings or leave them out (None); a differing one is an error.
+    Clients close when the process exits (atexit, and the worker runtime's exit hooks). A forked
+    child gets its own client, made from the parent's settings, and never touches the parent's
+    connections.
+
+    Args:
+        name: client name (limit keys ``rmq:rate:http:<name>`` / ``rmq:sem:http:<name>``, counters).
+        base_url: prefix of relative URLs.
+        rate: cluster-wide attempts, ``"10/s"``, ``"100/m"``; None: unlimited.
+        concurrency: cluster-wide attempts in flight (int >= 1); None: unlimited (pool of 10).
+        timeout: per-attempt timeout, seconds or ``"500ms"``; default 10 s.
+        retries: extra attempts on connection errors, timeouts, 429 and 5xx; default 3.
+        max_wait: longest wait for a token or permit before ``Defer``; default
+            ``rmq_throttle_max_wait`` inside a worker, else 2 s.
+        headers: default headers sent with every request.
+        redis: a ``redis.Redis`` for the limits; default the worker runtime's.
+
+    Raises:
+        ConfigError: a bad value, or settings that differ from the existing client's.
+    """
+    _check_name(name)
+    wanted: dict[str, Any] = {}
+    if base_url is not None:
+        if not isinstance(base_url, str):
+            raise ConfigError(f"http client {name!r}: base_url must be a string, got {base_url!r}")
+        wanted["base_url"] = base_url
+    if rate is not None:
+        wanted["rate"] = parse_rate(rate, f"http client {name!r} rate")
+    if concurrency is not None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"http client {name!r}: concurrency must be an integer >= 1, got {concurrency!r}")
+        wanted["concurrency"] = concurrency
+    if timeout is not None:
+        wanted["timeout_s"] = parse_duration(timeout, f"http client {name!r} timeout")
+    if retries is not None:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigError(f"http client {name!r}: retries must be an integer >= 0, got {retries!r}")
+        wanted["retries"] = retries
+    if max_wait is not None:
+        wanted["max_wait_s"] = parse_duration(max_wait, f"http client {name!r} max_wait", allow_zero=True)
+    if headers is not None:
+        wanted["headers"] = dict(headers)
+    if redis is not None:
+        wanted["redis"] = redis
+    pid = os.getpid()
+    with _registry_lock:
+        existing = _registry.get((pid, name))
+        if existing is None or existing.closed:  # a forked child takes its parent's settings, not sockets
+            existing = next((c for (p, n), c in reversed(_registry.items()) if n == name and p != pid), None)
+        if existing is not None:
+            for attr, value in wanted.items():
+                have = getattr(existing, attr)
+                if (have is not value) if attr == "redis" else (have != value):
+                    raise ConfigError(f"http client {name!r} already exists with {attr}={have!r}; "
+                                      f"got {attr}={value!r}")
+            if existing.pid == pid:
+                return existing
+            wanted = {**existing.given, **wanted}
+        if "redis" not in wanted and ("rate" in wanted or "concurrency" in wanted) and _runtime.current() is None:
+            raise ConfigError(f"http client {name!r} has cluster-wide limits but no Redis outside a worker: "
+                              "pass redis=redis.Redis(...)")
+        made = RmqHttpClient(name, **wanted)
+        made.given = wanted
+        _registry[(pid, name)] = made
+        _hook_process()
+    rt = _runtime.current()
+    if rt is not None and _close_hook not in rt.process_exit_hooks:
+        rt.process_exit_hooks.append(_close_hook)
+    return made
+
+
+def _close_hook(rt: Any) -> None:
+    close_all()
+
+
+def close_all() -> None:
+    """Close this process's clients (a forked child leaves its parent's alone) and forget them."""
+    pid = os.getpid()
+    with _registry_lock:
+        mine = [key for key in _registry if key[0] == pid]
+        clients = [_registry.pop(key) for key in mine]
+    for c in clients:
+        try:
+            c.close()
+        except (OSError, RuntimeError, httpx.HTTPError) as exc:  # pragma: no cover - exit goes on
+            log.debug("rmq: closing http client %r: %s", c.name, exc)
+
+
+def stats(name: str | None = None) -> dict[str, Any]:
+    """This process's counters: ``{name: {counter: n}}``, or one client's dict when ``name`` is given."""
+    pid = os.getpid()
+    with _registry_lock:
+        clients = {n: c for (p, n), c in _registry.items() if p == pid}
+    if name is not None:
+        return clients[name].stats() if name in clients else dict.fromkeys(COUNTERS, 0)
+    return {n: c.stats() for n, c in clients.items()}
