@@ -62,6 +62,11 @@ class CeleryActuator:
         self.paused_queues: list[str] = []
         self._is_paused = False
 
+    @property
+    def is_paused(self) -> bool:
+        """Whether the worker has really stopped fetching (the governor's wish, applied)."""
+        return self._is_paused
+
     def pool_pids(self) -> list[int]:
         try:
             procs = list(self.worker.pool._pool._pool)

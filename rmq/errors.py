@@ -59,14 +59,14 @@ class BudgetExceeded(RmqError):
         self.declared = declared
         self.available = available
         self.budget = budget
-        fmt = _fmt_bytes if resource in ("memory", "disk") else str
-        super().__init__(
-            f"{task_name} declares {resource}={fmt(declared)} but an idle worker admits at most "
-            f"{fmt(available)} (budget {fmt(budget)})"
-        )
+        super().__init__(task_name, resource, declared, available, budget)
 
-    def __reduce__(self):  # keep figures through pickling in result backends
-        return (type(self), (self.task_name, self.resource, self.declared, self.available, self.budget))
+    def __str__(self) -> str:
+        fmt = _fmt_bytes if self.resource in ("memory", "disk") else str
+        return (
+            f"{self.task_name} declares {self.resource}={fmt(self.declared)} but an idle worker admits at most "
+            f"{fmt(self.available)} (budget {fmt(self.budget)})"
+        )
 
 
 class ResourceUnavailable(RmqError):
@@ -76,10 +76,10 @@ class ResourceUnavailable(RmqError):
         self.task_name = task_name
         self.reason = reason
         self.deferrals = deferrals
-        super().__init__(f"{task_name} gave up after {deferrals} deferrals: {reason}")
+        super().__init__(task_name, reason, deferrals)
 
-    def __reduce__(self):
-        return (type(self), (self.task_name, self.reason, self.deferrals))
+    def __str__(self) -> str:
+        return f"{self.task_name} gave up after {self.deferrals} deferrals: {self.reason}"
 
 
 class MemoryBudgetExceeded(RmqError):
@@ -101,19 +101,16 @@ class MemoryBudgetExceeded(RmqError):
         self.declared_bytes = declared_bytes
         self.budget_bytes = budget_bytes
         self.kills = kills
-        super().__init__(
-            f"{task_name} was killed {kills}x for memory: observed {_fmt_bytes(observed_bytes)}, "
-            f"declared {_fmt_bytes(declared_bytes)}, worker budget {_fmt_bytes(budget_bytes)}"
-        )
+        super().__init__(task_name, observed_bytes, declared_bytes, budget_bytes, kills)
 
-    def __reduce__(self):
+    def __str__(self) -> str:
         return (
-            type(self),
-            (self.task_name, self.observed_bytes, self.declared_bytes, self.budget_bytes, self.kills),
+            f"{self.task_name} was killed {self.kills}x for memory: observed {_fmt_bytes(self.observed_bytes)}, "
+            f"declared {_fmt_bytes(self.declared_bytes)}, worker budget {_fmt_bytes(self.budget_bytes)}"
         )
 
 
-class ModelNotRegistered(RmqError, KeyError):
+class ModelNotRegistered(RmqError, KeyError):  # noqa: N818 - the SPEC's name
     """``models.get(name)`` for a name nobody registered."""
 
     def __init__(self, name: str) -> None:
@@ -156,7 +153,9 @@ class TaskProcessLost(RmqError):
         self.task_name = task_name
         self.times = times
         self.detail = detail
-        super().__init__(f"{task_name} lost its process {times}x (killed from outside or by the kernel): {detail}")
+        super().__init__(task_name, times, detail)
 
-    def __reduce__(self):
-        return (type(self), (self.task_name, self.times, self.detail))
+    def __str__(self) -> str:
+        return (
+            f"{self.task_name} lost its process {self.times}x (killed from outside or by the kernel): {self.detail}"
+        )

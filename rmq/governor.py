@@ -124,8 +124,9 @@ class Governor:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        interval = self.config.monitor_interval
         while not self._stop.is_set():
+            # under pressure, sample faster so a runaway task overshoots less before the kill
+            interval = self.config.monitor_interval if self.zone == "ok" else min(self.config.monitor_interval, 0.05)
             started = time.perf_counter()
             try:
                 self.tick()
@@ -157,11 +158,9 @@ class Governor:
         for e in entries:
             if e.pid in reading.rss:
                 usage.append((e, max(0, reading.rss[e.pid] - e.start_rss)))
-        if usage:
-            self.ledger.set_usage(usage)
-            for e, used in usage:
-                e.used_bytes = used
-                e.peak_used_bytes = max(e.peak_used_bytes, used)
+        for e, used in usage:
+            e.used_bytes = used
+            e.peak_used_bytes = max(e.peak_used_bytes, used)
         tasks = [e for e in entries if e.kind == KIND_TASK]
         if not tasks:
             models = sum(e.memory_bytes for e in entries if e.kind == KIND_MODEL)
@@ -179,7 +178,7 @@ class Governor:
         if step.unload or unload_bytes > step.unload_bytes:
             self.unload_generation += 1
             self.counters["unload_requests"] += 1
-        self.ledger.write_control(
+        self.ledger.publish(
             Control(
                 unload_generation=self.unload_generation,
                 unload_bytes=unload_bytes,
@@ -191,7 +190,8 @@ class Governor:
                 zone=step.zone,
                 cpu_slots=self.cpu_slots,
                 paused=self.ladder.paused,
-            )
+            ),
+            usage,
         )
         if step.pause:
             self.paused = True
@@ -210,10 +210,12 @@ class Governor:
     def _kill_one(self, tasks: list[Entry], reading: TreeReading, worker_bytes: int, now: float) -> None:
         # a process already killed is still counted until the pool reaps it: don't kill a second
         # one for the same excess within one interval
-        pending = [p for p, t in self._killed_pids.items() if now - t < 2.0 and p in reading.rss]
-        if pending:
+        for pid, at in list(self._killed_pids.items()):
+            if pid not in reading.rss or now - at > 60:
+                del self._killed_pids[pid]
+        if any(now - at < 2.0 for at in self._killed_pids.values()):
             return
-        candidates = [e for e in tasks if e.pid in reading.rss and e.pid != os.getpid() and e.task_id not in self.kills]
+        candidates = [e for e in tasks if e.pid in reading.rss and e.pid != os.getpid() and e.pid not in self._killed_pids]
         if not candidates:
             log.error("rmq: worker memory at %.0f%% of the budget and no governed task to kill",
                       100 * worker_bytes / self.budget.budget_bytes)

@@ -294,16 +294,26 @@ class Ledger:
                     dropped.append(e)
         return dropped
 
+    def publish(self, control: Control, usage: Iterable[tuple[Entry, int]]) -> None:
+        """Write the governor's readings and the usage of each reservation in one locked step,
+        so admission never pairs a new usage figure with an old memory reading."""
+        with self.locked():
+            self.write_control(control)
+            self._set_usage_unlocked(usage)
+
     def set_usage(self, usage: Iterable[tuple[Entry, int]]) -> None:
         """Record the bytes each reservation uses now, and its peak (governor only)."""
         with self.locked():
-            for e, used in usage:
-                current = self._read_slot(e.slot)
-                if current is None or current.pid != e.pid or current.task_id != _fit(e.task_id, 48):
-                    continue
-                current.used_bytes = used
-                current.peak_used_bytes = max(current.peak_used_bytes, used)
-                self._write_slot(e.slot, current)
+            self._set_usage_unlocked(usage)
+
+    def _set_usage_unlocked(self, usage: Iterable[tuple[Entry, int]]) -> None:
+        for e, used in usage:
+            current = self._read_slot(e.slot)
+            if current is None or current.pid != e.pid or current.task_id != _fit(e.task_id, 48):
+                continue
+            current.used_bytes = used
+            current.peak_used_bytes = max(current.peak_used_bytes, used)
+            self._write_slot(e.slot, current)
 
     def close(self) -> None:
         """Unmap and close this process's handles."""

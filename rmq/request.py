@@ -15,9 +15,8 @@ import logging
 import sys
 from typing import Any
 
-from billiard.einfo import ExceptionInfo
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
-from celery.utils.serialization import get_pickled_exception
 from celery.worker.request import Request
 
 from . import keys
@@ -41,9 +40,11 @@ class GovernedRequest(Request):
     """Celery's request with rmq's handling of lost pool processes."""
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
-        exc = get_pickled_exception(getattr(exc_info, "exception", None))
+        exc = getattr(exc_info, "exception", None)
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
         rt = current()
-        if rt is None or not isinstance(exc, WorkerLostError) or self.task.request.called_directly:
+        if rt is None or not isinstance(exc, WorkerLostError):
             return super().on_failure(exc_info, send_failed_event, return_ok)
         governor = rt.governor
         record = governor.pop_kill(self.id) if governor is not None else None

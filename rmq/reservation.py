@@ -43,11 +43,11 @@ def _admit(
     deadline = time.monotonic() + wait_s
     asked_unload = False
     while True:
-        control = ledger.read_control()
         disk_free = shutil.disk_usage(disk_root).free if (need.disk_bytes and disk_root) else None
         verdict: list[Verdict] = []
 
         def fits(entries: list[Entry]) -> bool:
+            control = ledger.read_control()  # under the lock: consistent with the entries' usage
             v = judge(
                 need, entries, control.worker_bytes, control.idle_bytes, control.admit_line_bytes,
                 control.budget_bytes, control.cpu_slots, disk_free,
@@ -93,6 +93,12 @@ class AdmissionGuard(Guard):
         if v.admitted:
             ctx.state["admission"] = entry
             rt.stats.incr("admitted")
+            if os.environ.get("RMQ_DEBUG_ADMISSION"):
+                c = rt.ledger.read_control()
+                others = [(e.name, e.memory_bytes >> 20, e.used_bytes >> 20) for e in rt.ledger.entries()]
+                import logging
+                logging.getLogger("rmq").warning("ADMIT %s worker=%dMiB entries=%s", ctx.task_id[:8],
+                                                 c.worker_bytes >> 20, others)
             return
         if v.never:
             rt.stats.incr("rejected", v.resource)

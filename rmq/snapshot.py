@@ -107,7 +107,7 @@ class SnapshotBuilder:
             },
             "disk": self._disk(sum(e.disk_bytes for e in entries)),
             "network": self._network(),
-            "paused": gov.paused,
+            "paused": bool(getattr(gov.actuator, "is_paused", gov.paused)),
             "paused_queues": list(getattr(gov.actuator, "paused_queues", [])),
             "reservations": [e.as_dict() for e in entries],
             "processes": {str(pid): d.get("gauges", {}) for pid, d in files.items()},

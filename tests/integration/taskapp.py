@@ -29,8 +29,9 @@ def touch400(mib: int = 300, hold_s: float = 1.0) -> dict:
     started = time.time()
     block = _touch(mib * MiB)
     time.sleep(hold_s)
+    ended = time.time()  # before the memory goes back
     del block
-    return {"pid": os.getpid(), "started": started, "ended": time.time()}
+    return {"pid": os.getpid(), "started": started, "ended": ended}
 
 
 @app.task(name="t.plain_touch")
@@ -39,8 +40,9 @@ def plain_touch(mib: int = 300, hold_s: float = 1.0) -> dict:
     started = time.time()
     block = _touch(mib * MiB)
     time.sleep(hold_s)
+    ended = time.time()  # before the memory goes back
     del block
-    return {"pid": os.getpid(), "started": started, "ended": time.time()}
+    return {"pid": os.getpid(), "started": started, "ended": ended}
 
 
 @governed_task(memory="64MiB", name="t.hold_until_ratio")
@@ -54,10 +56,10 @@ def hold_until_ratio(ratio: float, hold_s: float) -> dict:
         c = rt.ledger.read_control()
         if c.worker_bytes >= ratio * c.budget_bytes:
             break
-        blocks.append(_touch(16 * MiB))
-        time.sleep(0.02)
+        blocks.append(_touch(8 * MiB))
+        time.sleep(0.05)  # slow enough for the governor's readings to keep up
     time.sleep(hold_s)
-    return {"held_mib": len(blocks) * 16, "pid": os.getpid()}
+    return {"held_mib": len(blocks) * 8, "pid": os.getpid()}
 
 
 @governed_task(memory="100MiB", name="t.runaway")
@@ -94,8 +96,9 @@ def undeclared_touch(mib: int = 300, hold_s: float = 1.0) -> dict:
     started = time.time()
     block = _touch(mib * MiB)
     time.sleep(hold_s)
+    ended = time.time()  # before the memory goes back
     del block
-    return {"pid": os.getpid(), "started": started, "ended": time.time()}
+    return {"pid": os.getpid(), "started": started, "ended": ended}
 
 
 @governed_task(memory="64MiB", name="t.sleep")

@@ -10,6 +10,7 @@ import sys
 import pytest
 import redis as redis_lib
 
+from rmq.queues import redis_queue_depth
 from rmq.testing.cgroups import MemoryCgroup, can_create
 from rmq.testing.worker import wait_until
 
@@ -24,9 +25,7 @@ def test_governed_tasks_run_and_heavy_tasks_wait_for_a_heavy_worker(redis_url, r
     # Then light tasks run, the heavy one stays in the heavy queue
     assert [r.get(timeout=20) for r in light] == [0, 1, 2, 3]
     client = redis_lib.Redis.from_url(redis_url)
-    heavy_keys = [k for k in client.keys("rmq.heavy*")]
-    assert heavy_keys, "the heavy task was not routed to rmq.heavy"
-    assert sum(client.llen(k) for k in heavy_keys) == 1
+    assert redis_queue_depth(client, "rmq.heavy") == 1, "the heavy task was not routed to rmq.heavy"
     assert heavy.state == "PENDING"
     # When a heavy worker starts, it runs it
     start_worker(redis_app, env=worker_env(redis_url), queues=["rmq.heavy"], concurrency=1)
@@ -144,7 +143,7 @@ def test_declared_memory_at_the_threshold_routes_to_the_heavy_queue(redis_url, m
     client = redis_lib.Redis.from_url(redis_url)
     app.tasks["workers.noop"].delay(1)  # declares 64MiB
     app.tasks["workers.touch"].delay(1, 0.0)  # declares nothing
-    heavy = sum(client.llen(k) for k in client.keys("rmq.heavy*"))
-    default = sum(client.llen(k) for k in client.keys("celery*"))
+    heavy = redis_queue_depth(client, "rmq.heavy")
+    default = redis_queue_depth(client, "celery")
     assert (heavy, default) == (1, 1)
     app.close()

@@ -1,0 +1,330 @@
+"""Memory hygiene between tasks (C9): trim after growth, detect leaks, recycle gracefully.
+
+After a governed task, a pool process that grew past its idle baseline by more than
+``rmq_hygiene_margin`` runs ``gc.collect()`` and ``malloc_trim(0)`` and counts the bytes that
+came back. Its baseline after hygiene (cached models excluded) feeds a :class:`LeakDetector`;
+when the baseline keeps growing, or is about to pass ``rmq_leak_ceiling``, the process is
+recycled after its current task with :func:`request_recycle`.
+
+Memory is read as RSS from ``/proc/self/statm`` (about 20 us, fork-safe because ``/proc/self``
+is resolved at each open). USS costs about 1 ms (it walks ``smaps_rollup``) and only deltas
+matter here: pages a forked child shares with its parent sit in its RSS from the first task
+on, so they cancel out of every growth figure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import statistics
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import runtime
+from .config import RmqConfig
+from .declarations import TaskDeclaration
+from .guards import Guard, TaskContext
+from .memtrim import collect_and_trim
+from .units import format_bytes
+
+__all__ = ["HygieneGuard", "LeakDetector", "request_recycle", "rss_bytes"]
+
+log = logging.getLogger("rmq.hygiene")
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """This process's resident set size in bytes (``/proc/self/statm``, else psutil)."""
+    try:
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+    except OSError:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    try:
+        return int(os.read(fd, 128).split()[1]) * _PAGE
+    finally:
+        os.close(fd)
+
+
+class LeakDetector:
+    """Decides from a process's post-task baselines whether it leaks (pure, no readings).
+
+    Args:
+        slope_bytes_per_task: least-squares growth per task over the window that counts as a leak.
+        window: number of recent baselines the slope is fitted on (>= 2).
+        ceiling_bytes: recycle before the baseline would pass this, or ``None``.
+    """
+
+    def __init__(self, slope_bytes_per_task: int, window: int, ceiling_bytes: int | None = None) -> None:
+        if window < 2:
+            raise ValueError(f"window must be >= 2, got {window}")
+        self.slope_bytes_per_task = slope_bytes_per_task
+        self.window = window
+        self.ceiling_bytes = ceiling_bytes
+        self.baselines: deque[int] = deque(maxlen=window)
+        #: sum of baseline deltas by the task that ran between the two readings
+        self.attributed: dict[str, int] = {}
+        self.observed = 0
+
+    def observe(self, task_name: str, baseline_bytes: int) -> None:
+        """Record the baseline measured after ``task_name`` ran (hygiene done, models excluded)."""
+        if self.baselines:
+            delta = baseline_bytes - self.baselines[-1]
+            self.attributed[task_name] = self.attributed.get(task_name, 0) + delta
+        self.baselines.append(baseline_bytes)
+        self.observed += 1
+
+    def slope(self) -> float | None:
+        """Least-squares growth in bytes per task over the recent baselines (None below 2)."""
+        n = len(self.baselines)
+        if n < 2:
+            return None
+        x_mean = (n - 1) / 2
+        y_mean = sum(self.baselines) / n
+        num = sum((x - x_mean) * (y - y_mean) for x, y in enumerate(self.baselines))
+        den = sum((x - x_mean) ** 2 for x in range(n))
+        return num / den
+
+    def expected_growth(self) -> float:
+        """Growth one more task is expected to add: the lower median of the recent steps, >= 0.
+
+        A median, unlike the slope, ignores a single step up (a library loaded on first use),
+        so a process does not get recycled, and its replacement after it, for one jump.
+        """
+        if len(self.baselines) < 3:
+            return 0.0
+        steps = [b - a for a, b in itertools.pairwise(self.baselines)]
+        return max(0.0, float(statistics.median_low(steps)))
+
+    def should_recycle(self) -> tuple[bool, str]:
+        """``(True, "ceiling" | "slope")`` when the process should be recycled, else ``(False, "")``.
+
+        ``ceiling``: the last baseline plus one more task's expected growth reaches the ceiling.
+        ``slope``: over a full window, the fitted slope reaches the threshold, the baseline rose by
+        at least half what that slope implies, and at least half the steps were real increases
+        (so one step up, a module imported once, is not a leak).
+        """
+        if not self.baselines:
+            return False, ""
+        last = self.baselines[-1]
+        if self.ceiling_bytes is not None and last + self.expected_growth() >= self.ceiling_bytes:
+            return True, "ceiling"
+        slope = self.slope()
+        if len(self.baselines) < self.window or slope is None or slope < self.slope_bytes_per_task:
+            return False, ""
+        span = len(self.baselines) - 1
+        if last - self.baselines[0] < self.slope_bytes_per_task * span / 2:
+            return False, ""
+        rising = sum(
+            1 for a, b in itertools.pairwise(self.baselines) if b - a >= self.slope_bytes_per_task / 2
+        )
+        return (True, "slope") if rising * 2 >= span else (False, "")
+
+    def suspect(self) -> str | None:
+        """The task name with the largest net baseline growth attributed to it, if any grew."""
+        if not self.attributed:
+            return None
+        name, total = max(self.attributed.items(), key=lambda kv: kv[1])
+        return name if total > 0 else None
+
+    def explain(self, reason: str) -> str:
+        """A sentence with the figures behind ``reason``, for the log."""
+        last = self.baselines[-1] if self.baselines else 0
+        if reason == "ceiling":
+            return (
+                f"baseline {format_bytes(last)} growing {format_bytes(self.expected_growth())}/task "
+                f"reaches the ceiling {format_bytes(self.ceiling_bytes)}"
+            )
+        return (
+            f"baseline grew {format_bytes(self.slope() or 0.0)}/task over the last {len(self.baselines)} tasks "
+            f"(threshold {format_bytes(self.slope_bytes_per_task)}/task), now {format_bytes(last)}"
+        )
+
+
+_recycle_requested_pid = 0
+
+
+def _pool_worker() -> Any | None:
+    """The billiard ``Worker`` whose loop runs this process, or None (solo/threads pool, tests)."""
+    try:
+        from billiard.pool import Worker
+        from billiard.process import current_process
+    except ImportError:  # pragma: no cover - billiard comes with Celery
+        return None
+    worker = getattr(current_process(), "_target", None)
+    return worker if isinstance(worker, Worker) else None
+
+
+def _always() -> bool:
+    return True
+
+
+def request_recycle(reason: str, detail: str = "", suspect_task: str | None = None) -> bool:
+    """Make this pool process exit after the task it is running, never during it.
+
+    Mechanism: billiard's worker loop checks a "should shut down" callable at the top of each
+    iteration, after the previous job's result was put on the result queue and before it
+    reads the next job; when true it leaves the loop, waits until the parent consumed every
+    result it sent (``_ensure_messages_consumed``), exits with status 0, and the pool starts a
+    replacement. This is the path ``Pool.restart()`` (Celery's ``pool_restart``) uses. When the
+    pool created a restart sentinel for this process (``allow_restart``), it is set; otherwise
+    the loop's ``should_shutdown`` closure variable is pointed at a function returning True.
+    Nothing interrupts the running task: the flag is only read when the loop asks for work.
+
+    Counts ``hygiene.recycles.<reason>`` and logs a WARNING once per process.
+
+    Args:
+        reason: short counter key, e.g. ``"slope"`` or ``"ceiling"``.
+        detail: figures for the log line.
+        suspect_task: the task name most associated with the growth.
+
+    Returns:
+        True when the process will exit after this task; False outside a billiard pool process.
+    """
+    global _recycle_requested_pid
+    pid = os.getpid()
+    if _recycle_requested_pid == pid:
+        return True
+    worker = _pool_worker()
+    ok = False
+    if worker is not None:
+        sentinel = getattr(worker, "_shutdown", None)
+        receive = getattr(worker, "wait_for_job", None)
+        code = getattr(receive, "__code__", None)
+        if sentinel is not None:
+            sentinel.set()
+            ok = True
+        elif code is not None and "should_shutdown" in code.co_freevars:
+            receive.__closure__[code.co_freevars.index("should_shutdown")].cell_contents = _always
+            ok = True
+    rt = runtime.current()
+    suffix = f" ({detail})" if detail else ""
+    if not ok:
+        log.warning(
+            "rmq: process %d should be recycled (%s%s; suspect task %s) but is not a prefork pool process",
+            pid,
+            reason,
+            suffix,
+            suspect_task or "unknown",
+        )
+        if rt is not None:
+            rt.stats.incr("hygiene", "recycle_unavailable")
+        return False
+    _recycle_requested_pid = pid
+    log.warning(
+        "rmq: recycling pool process %d after its current task: %s%s; suspect task %s",
+        pid,
+        reason,
+        suffix,
+        suspect_task or "unknown",
+    )
+    if rt is not None:
+        rt.stats.incr("hygiene", "recycles", reason)
+        rt.stats.flush(force=True)
+    return True
+
+
+@dataclass
+class _ProcessState:
+    idle_bytes: int | None = None
+    first_baseline: int | None = None
+    returned_bytes: int = 0
+    detector: LeakDetector | None = None
+    recycling: str = ""
+    cannot_recycle: bool = False
+
+
+class HygieneGuard(Guard):
+    """Runs after each task with ``hygiene=True``: trims when the process grew, watches for leaks.
+
+    Args:
+        memory_probe: this process's memory in bytes (default :func:`rss_bytes`).
+        model_bytes: bytes this process's model cache holds, excluded from the baseline.
+        trim: frees garbage and returns heap to the OS (default ``collect_and_trim``).
+        recycle: called as ``recycle(reason, detail=..., suspect_task=...)`` to recycle.
+    """
+
+    name = "hygiene"
+
+    def __init__(
+        self,
+        memory_probe: Callable[[], int] = rss_bytes,
+        model_bytes: Callable[[], int] = lambda: 0,
+        trim: Callable[[], object] = collect_and_trim,
+        recycle: Callable[..., bool] = request_recycle,
+    ) -> None:
+        self.memory_probe = memory_probe
+        self.model_bytes = model_bytes
+        self.trim = trim
+        self.recycle = recycle
+
+    def applies(self, declaration: TaskDeclaration) -> bool:
+        """Only for tasks declared with ``hygiene=True`` (the default)."""
+        return declaration.hygiene
+
+    def enter(self, ctx: TaskContext) -> None:
+        """Record the process's memory before the task."""
+        rt = runtime.current()
+        if rt is None:
+            return
+        state: _ProcessState = rt.local("hygiene", _ProcessState)
+        now = self.memory_probe()
+        ctx.state[self.name] = now
+        if state.idle_bytes is None or now < state.idle_bytes:
+            state.idle_bytes = now
+
+    def exit(self, ctx: TaskContext, failed: bool) -> None:
+        """Trim if the process grew past ``rmq_hygiene_margin``, feed the leak detector, publish."""
+        rt = runtime.current()
+        if rt is None or self.name not in ctx.state:
+            return
+        state: _ProcessState = rt.local("hygiene", _ProcessState)
+        start = ctx.state[self.name]
+        before = self.memory_probe()
+        after = before
+        idle = state.idle_bytes if state.idle_bytes is not None else start
+        if before - idle > ctx.config.hygiene_margin:
+            self.trim()
+            after = self.memory_probe()
+            returned = max(0, before - after)
+            state.returned_bytes += returned
+            rt.stats.incr("hygiene", "runs")
+            rt.stats.incr("hygiene", "bytes_returned", n=returned)
+            state.idle_bytes = after
+        elif after < idle:
+            state.idle_bytes = after
+        baseline = max(0, after - int(self.model_bytes()))
+        if state.first_baseline is None:
+            state.first_baseline = baseline
+        detector = state.detector = state.detector or _detector_for(ctx.config)
+        detector.observe(ctx.task_name, baseline)
+        suspect = detector.suspect()
+        recycle, reason = (
+            (False, "") if state.recycling or state.cannot_recycle else detector.should_recycle()
+        )
+        gauges = {
+            "baseline_bytes": baseline,
+            "growth_bytes": baseline - state.first_baseline,
+            "returned_bytes": state.returned_bytes,
+            "suspect_task": suspect,
+            "last_task_growth_bytes": before - start,
+            "tasks": detector.observed,
+            "recycling": state.recycling or reason or None,
+        }
+        rt.stats.set_gauge("hygiene", gauges)
+        if not recycle:
+            return
+        if self.recycle(reason, detail=detector.explain(reason), suspect_task=suspect):
+            state.recycling = reason
+        else:
+            state.cannot_recycle = True  # a solo or threads pool: say it once, keep serving
+            rt.stats.set_gauge("hygiene", {**gauges, "recycling": None})
+
+
+def _detector_for(config: RmqConfig) -> LeakDetector:
+    return LeakDetector(config.leak_slope, config.leak_window, config.leak_ceiling)
