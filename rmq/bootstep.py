@@ -151,6 +151,9 @@ class GovernorStep(bootsteps.StartStopStep):
         self.governor = Governor(self.config, self.budget, self.ledger, actuator, cpu_slots=self.cpu_slots)
         self.runtime.governor = self.governor
         self.snapshots = SnapshotBuilder(self.runtime, self.governor, getattr(worker, "hostname", None))
+        self.runtime.snapshots = self.snapshots
+        self.runtime.worker = worker
+        self.snapshots.extra = self.runtime.snapshot_parts
         self.snapshots.extra["config"] = lambda: {
             "cpu_slots_source": self.cpu_source,
             "runtime_dir": self.runtime_dir,

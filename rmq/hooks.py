@@ -1,43 +1,37 @@
-"""Connects each concern to the worker's lifecycle: what runs in the main process when the
-governor starts, and in every pool process when it starts and ends. Glue only."""
+"""Connects each concern to the worker's lifecycle. Glue only.
+
+Every concern module that needs the worker exposes ``worker_hooks(rt, worker)``; it is called
+once in the worker's main process before the pool forks, and registers what it needs on the
+runtime: ``rt.process_start_hooks`` / ``rt.process_exit_hooks`` (each pool process),
+``rt.main_start_hooks`` / ``rt.main_stop_hooks`` (the main process, around the governor),
+``rt.unload_hooks`` (per process, called with bytes to free) and ``rt.snapshot_parts``.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
 from .runtime import Runtime
 
-__all__ = ["install_hooks"]
+__all__ = ["install_hooks", "CONCERNS"]
 
 log = logging.getLogger("rmq.hooks")
 
-
-def _models(rt: Runtime) -> None:
-    from . import models
-    from .reservation import LedgerReserver
-
-    models.set_reserver_factory(lambda: LedgerReserver(rt))
-
-    def start(rt: Runtime) -> None:
-        def relieve(bytes_wanted: int) -> int:
-            freed = models.cache().relieve(bytes_wanted, "pressure")
-            rt.stats.flush(force=True)  # an idle process has no task end to flush at
-            return freed
-
-        rt.unload_hooks.append(relieve)
-
-    def end(rt: Runtime) -> None:
-        models.cache().close()
-
-    rt.process_start_hooks.append(start)
-    rt.process_exit_hooks.append(end)
+#: modules whose ``worker_hooks`` run, in this order
+CONCERNS = ("rmq.models.hooks", "rmq.hygiene", "rmq.http", "rmq.monitoring", "rmq.autoscale")
 
 
 def install_hooks(rt: Runtime, worker: Any) -> None:
-    """Register every concern's hooks on ``rt`` (main process, before the pool forks)."""
-    _models(rt)
-    for name in ("_hygiene", "_http"):
-        fn = globals().get(name)
-        if fn is not None:
-            fn(rt)
+    """Call every concern's ``worker_hooks(rt, worker)`` (main process, before the fork)."""
+    for name in CONCERNS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # the concern is not there (yet): nothing to wire
+                continue
+            raise
+        hook = getattr(module, "worker_hooks", None)
+        if hook is not None:
+            hook(rt, worker)

@@ -1,4 +1,4 @@
-"""The ordered guard chain of governed tasks: admission first, hygiene last."""
+"""The ordered guard chain of governed tasks."""
 
 from __future__ import annotations
 
@@ -11,11 +11,25 @@ __all__ = ["default_guards"]
 
 @lru_cache(maxsize=1)
 def _chain() -> tuple[Guard, ...]:
+    from .cpu import ThreadCapGuard
+    from .hygiene import HygieneGuard
+    from .ratelimit import ConcurrencyGuard, RateLimitGuard
     from .reservation import AdmissionGuard
+    from .sessions import SessionGuard
 
-    return (AdmissionGuard(),)
+    # Cluster-wide permits and tokens first: a task without one is deferred at once, before it
+    # waits for memory while holding a pool process. Hygiene last, so it measures what the
+    # task left behind after everything else was released.
+    return (
+        ConcurrencyGuard(),
+        RateLimitGuard(),
+        AdmissionGuard(),
+        SessionGuard(),
+        ThreadCapGuard(),
+        HygieneGuard(),
+    )
 
 
 def default_guards() -> list[Guard]:
-    """Admission (memory, CPU, disk) -> rate limits -> concurrency -> session -> thread caps -> hygiene."""
+    """Concurrency -> rate limits -> admission (memory, CPU, disk) -> session -> thread caps -> hygiene."""
     return list(_chain())

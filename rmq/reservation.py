@@ -93,12 +93,6 @@ class AdmissionGuard(Guard):
         if v.admitted:
             ctx.state["admission"] = entry
             rt.stats.incr("admitted")
-            if os.environ.get("RMQ_DEBUG_ADMISSION"):
-                c = rt.ledger.read_control()
-                others = [(e.name, e.memory_bytes >> 20, e.used_bytes >> 20) for e in rt.ledger.entries()]
-                import logging
-                logging.getLogger("rmq").warning("ADMIT %s worker=%dMiB entries=%s", ctx.task_id[:8],
-                                                 c.worker_bytes >> 20, others)
             return
         if v.never:
             rt.stats.incr("rejected", v.resource)

@@ -70,6 +70,12 @@ class Runtime:
         #: called in the worker's main process when the governor starts / the worker stops
         self.main_start_hooks: list[Callable[[Runtime], None]] = []
         self.main_stop_hooks: list[Callable[[Runtime], None]] = []
+        #: extra snapshot sections: name -> callable returning a JSON-friendly value (main process)
+        self.snapshot_parts: dict[str, Callable[[], Any]] = {}
+        #: the Celery worker (WorkController), in the main process only
+        self.worker: Any = None
+        #: the snapshot builder, in the main process only (set by the bootstep)
+        self.snapshots: Any = None
         #: the governor, in the main process only (set by the bootstep)
         self.governor: Any = None
 

@@ -53,6 +53,8 @@ def _configure(app: Any) -> None:
         backend_opts = dict(conf.result_backend_transport_options or {})
         backend_opts.setdefault("visibility_timeout", int(cfg.visibility_timeout))
         conf.result_backend_transport_options = backend_opts
+    if conf.worker_autoscaler in (None, "celery.worker.autoscale:Autoscaler"):
+        conf.worker_autoscaler = "rmq.autoscale:ResourceAutoscaler"
     schedule = dict(conf.beat_schedule or {})
     schedule.setdefault("rmq.cleanup_sessions", {"task": "rmq.cleanup_sessions", "schedule": cfg.cleanup_interval})
     schedule.setdefault("rmq.monitor", {"task": "rmq.monitor", "schedule": cfg.monitor_beat_interval})

@@ -51,21 +51,18 @@ def redis_server(tmp_path_factory) -> Iterator[str]:
         server.shutdown()
 
 
-_db_counter = iter(range(1, 16))
+# Databases 1-15 are handed out round robin, starting at a pid-dependent offset so that two
+# test runs on one machine rarely flush each other's database.
+_db_offset = os.getpid() % 15
+_db_count = 0
 
 
 @pytest.fixture
 def redis_url(redis_server: str) -> Iterator[str]:
-    """A Redis database URL for one test, flushed before and after.
-
-    Databases 1-15 are handed out round robin; the test suite runs serially.
-    """
-    global _db_counter
-    try:
-        db = next(_db_counter)
-    except StopIteration:
-        _db_counter = iter(range(1, 16))
-        db = next(_db_counter)
+    """A Redis database URL for one test, flushed before and after."""
+    global _db_count
+    db = (_db_offset + _db_count) % 15 + 1
+    _db_count += 1
     url = f"{redis_server}/{db}"
     client = redis_lib.Redis.from_url(url)
     client.flushdb()
