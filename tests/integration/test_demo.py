@@ -1,0 +1,76 @@
+"""Issue 8 acceptance: the demo completes, accounts for every task, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import psutil
+import pytest
+
+from .conftest import ROOT
+
+
+def _leftovers() -> list[str]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "rmq-demo-" in cmd or "demo@" in cmd:
+            found.append(f"{p.info['pid']}: {cmd[:120]}")
+    return found
+
+
+def _run_demo(*args: str, tmp: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TMPDIR": tmp}
+    env.pop("RMQ_BROKER_URL", None)
+    return subprocess.run([sys.executable, "-m", "rmq.cli", "demo", "--plain", "--sessions", "3", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.parametrize("real_redis", [False, True], ids=["embedded-redis", "machine-redis"])
+def test_demo_accounts_for_every_task_and_leaves_nothing_behind(real_redis, redis_url):
+    tmp = tempfile.mkdtemp(prefix="rmq-demo-test-")
+    try:
+        args = ("--broker", redis_url) if real_redis else ()
+        out = _run_demo(*args, tmp=tmp)
+        text = out.stdout + out.stderr
+        assert out.returncode == 0, text[-4000:]
+        assert "every task accounted for" in text
+        assert "unaccounted tasks    : 0" in text
+        assert "runaway task         : FAILURE MemoryBudgetExceeded" in text
+        summary = text[text.index("=== rmq demo summary"):]
+        assert "'pressure'" in summary or "'admission'" in summary, summary  # a model was unloaded
+        assert "within the budget" in summary
+        assert "embedded Redis" in text if not real_redis else "using broker" in text
+        assert not _leftovers(), _leftovers()
+        assert not glob.glob(os.path.join(tmp, "rmq-demo-*")), os.listdir(tmp)
+        assert not glob.glob(os.path.join(tmp, "rmq-worker-*.log"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_demo_stops_everything_on_ctrl_c():
+    tmp = tempfile.mkdtemp(prefix="rmq-demo-test-")
+    env = {**os.environ, "TMPDIR": tmp}
+    proc = subprocess.Popen([sys.executable, "-m", "rmq.cli", "demo", "--plain"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # wait until the worker and beat are up
+            lines.append(line)
+            if "are up" in line:
+                break
+        proc.send_signal(subprocess.signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, "".join(lines) + rest
+        assert "interrupted" in rest
+        assert not _leftovers(), _leftovers()
+        assert not glob.glob(os.path.join(tmp, "rmq-demo-*"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
