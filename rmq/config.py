@@ -126,7 +126,7 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "worker_lost_retries": (3, _int(0)),
     "runtime_dir": (None, _optional(_str)),
     # crash recovery (R2)
-    "visibility_timeout": ("30s", _dur),
+    "visibility_timeout": ("20s", _dur),
     "unacked_restore_interval": ("2s", _dur),
     # models (C3)
     "models_max_memory": (None, _optional(_size)),
