@@ -117,7 +117,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     budget = detect_budget(cfg)
     slots, slot_source = (cfg.cpu_slots, "configured") if cfg.cpu_slots else detect_cpu_slots()
     ok = True
-    print(f"memory budget   {format_bytes(budget.budget_bytes)} ({budget.source}; limit {format_bytes(budget.limit_bytes)})")
+    print(f"memory budget   {format_bytes(budget.budget_bytes)} ({budget.source}; "
+          f"limit {format_bytes(budget.limit_bytes)})")
     print(f"admit line      {format_bytes(budget.line(cfg.admit_ratio))} ({cfg.admit_ratio:.0%})")
     print(f"ladder          unload {cfg.unload_ratio:.0%} / pause {cfg.pause_ratio:.0%} / kill {cfg.kill_ratio:.0%}")
     print(f"cpu slots       {slots} ({slot_source})")

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .testing.worker import WorkerProcess, wait_until
+from .testing.worker import WorkerProcess
 from .units import format_bytes
 
 __all__ = ["run_demo", "DemoResult"]
@@ -291,6 +291,3 @@ def _summary(result: DemoResult, runaway: Any) -> None:
     print("every task accounted for" if result.ok() else "SOME TASKS ARE UNACCOUNTED FOR")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    wait_until  # re-exported for scripts
-    sys.exit(run_demo())

@@ -215,7 +215,8 @@ class Governor:
                 del self._killed_pids[pid]
         if any(now - at < 2.0 for at in self._killed_pids.values()):
             return
-        candidates = [e for e in tasks if e.pid in reading.rss and e.pid != os.getpid() and e.pid not in self._killed_pids]
+        main = os.getpid()
+        candidates = [e for e in tasks if e.pid in reading.rss and e.pid != main and e.pid not in self._killed_pids]
         if not candidates:
             log.error("rmq: worker memory at %.0f%% of the budget and no governed task to kill",
                       100 * worker_bytes / self.budget.budget_bytes)

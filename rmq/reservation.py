@@ -43,30 +43,33 @@ def _admit(
     deadline = time.monotonic() + wait_s
     asked_unload = False
     while True:
-        disk_free = shutil.disk_usage(disk_root).free if (need.disk_bytes and disk_root) else None
-        verdict: list[Verdict] = []
-
-        def fits(entries: list[Entry]) -> bool:
-            control = ledger.read_control()  # under the lock: consistent with the entries' usage
-            v = judge(
-                need, entries, control.worker_bytes, control.idle_bytes, control.admit_line_bytes,
-                control.budget_bytes, control.cpu_slots, disk_free,
-            )
-            verdict.append(v)
-            return v.admitted
-
-        if ledger.try_add(entry, fits):
-            return verdict[-1]
-        v = verdict[-1]
-        if v.never or time.monotonic() >= deadline:
-            return v
-        if v.resource == "memory" and not asked_unload:
+        verdict = _try_once(ledger, entry, need, disk_root)
+        if verdict.admitted or verdict.never or time.monotonic() >= deadline:
+            return verdict
+        if verdict.resource == "memory" and not asked_unload:
             asked_unload = True
-            shortfall = need.memory_bytes - v.available
+            shortfall = need.memory_bytes - verdict.available
             for hook in rt.unload_hooks:
                 hook(shortfall)  # this process's own model cache first
             ledger.request_unload(shortfall)
         time.sleep(_POLL_S)
+
+
+def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None) -> Verdict:
+    disk_free = shutil.disk_usage(disk_root).free if (need.disk_bytes and disk_root) else None
+    verdicts: list[Verdict] = []
+
+    def fits(entries: list[Entry]) -> bool:
+        control = ledger.read_control()  # under the lock: consistent with the entries' usage
+        v = judge(
+            need, entries, control.worker_bytes, control.idle_bytes, control.admit_line_bytes,
+            control.budget_bytes, control.cpu_slots, disk_free,
+        )
+        verdicts.append(v)
+        return v.admitted
+
+    ledger.try_add(entry, fits)
+    return verdicts[-1]
 
 
 class AdmissionGuard(Guard):

@@ -19,8 +19,10 @@ def make_app(broker: str | None = None, backend: str | None = None, queue: str |
     """A Celery app configured like the reference app, with rmq installed."""
     broker = broker or os.environ.get("RMQ_BROKER_URL", DEFAULT_BROKER)
     if backend is None:
-        backend = os.environ.get("RMQ_RESULT_BACKEND") or (broker if broker.startswith("redis") else DEFAULT_BROKER)
-    app = Celery("workers", broker=broker, backend=backend, include=["workers.tasks", "workers.pipeline"], set_as_current=False)
+        fallback = broker if broker.startswith("redis") else DEFAULT_BROKER
+        backend = os.environ.get("RMQ_RESULT_BACKEND") or fallback
+    app = Celery("workers", broker=broker, backend=backend, include=["workers.tasks", "workers.pipeline"],
+                 set_as_current=False)
     app.conf.update(
         task_default_queue=queue or os.environ.get("RMQ_APP_QUEUE", "celery"),
         worker_prefetch_multiplier=1,

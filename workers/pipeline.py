@@ -15,7 +15,7 @@ from typing import Any
 
 from rmq import governed_task, models
 from rmq.models.synthetic import synthetic_loader
-from workers.app import app  # noqa: F401  (binds the shared tasks to the reference app)
+import workers.app  # noqa: F401  (binds the shared tasks to the reference app)
 
 MiB = 1024 * 1024
 
@@ -111,9 +111,9 @@ def pipeline(session_id: str, lang: str, seconds: int = 30, app: Any = None) -> 
     """The chain of one session (bound to ``app``, default the reference app)."""
     from celery import chain
 
-    from workers.app import app as default_app
+    from workers import app as reference
 
-    tasks = (app or default_app).tasks
+    tasks = (app or reference.app).tasks
     return chain(
         tasks["pipeline.ingest"].si(session_id=session_id, seconds=seconds),
         tasks["pipeline.transcribe"].si(session_id=session_id),

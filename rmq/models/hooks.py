@@ -12,8 +12,8 @@ __all__ = ["worker_hooks"]
 def worker_hooks(rt: Runtime, worker: Any) -> None:
     """Main process, before the fork: every pool process's cache reserves loads in the ledger,
     unloads when the governor (or a waiting admission) asks, and closes on exit."""
-    from . import cache, set_reserver_factory
     from ..reservation import LedgerReserver
+    from . import cache, set_reserver_factory
 
     set_reserver_factory(lambda: LedgerReserver(rt))
 

@@ -48,6 +48,7 @@ def test_app(redis_url):
     if TESTS_DIR not in sys.path:
         sys.path.insert(0, TESTS_DIR)
     import taskapp  # noqa: F401  (registers its shared tasks)
+
     from workers.app import make_app
 
     app = make_app(broker=redis_url, backend=redis_url)

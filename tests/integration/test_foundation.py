@@ -12,7 +12,6 @@ import redis as redis_lib
 
 from rmq.queues import redis_queue_depth
 from rmq.testing.cgroups import MemoryCgroup, can_create
-from rmq.testing.worker import wait_until
 
 from .conftest import ROOT, worker_env
 
