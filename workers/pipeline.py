@@ -13,9 +13,9 @@ import os
 import time
 from typing import Any
 
+import workers.app  # noqa: F401  (binds the shared tasks to the reference app)
 from rmq import governed_task, models
 from rmq.models.synthetic import synthetic_loader
-import workers.app  # noqa: F401  (binds the shared tasks to the reference app)
 
 MiB = 1024 * 1024
 
