@@ -21,14 +21,9 @@ __all__ = [
 
 
 def _fmt_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.1f}TiB"  # pragma: no cover - loop always returns
+    from .units import format_bytes  # units imports this module: import late
+
+    return format_bytes(n)
 
 
 class RmqError(Exception):

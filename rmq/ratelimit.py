@@ -35,6 +35,7 @@ from .guards import Guard, TaskContext
 from .units import Rate, parse_rate
 
 __all__ = [
+    "GRANTED_US",
     "ClusterLimiter",
     "ClusterSemaphore",
     "ConcurrencyGuard",
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: ``throttle``'s longest wait for a token outside a worker (inside: ``rmq_throttle_max_wait``)
 DEFAULT_THROTTLE_WAIT_S = 2.0
+#: ``TaskContext.state`` key holding the Redis time (us) at which a task's tokens were granted
+GRANTED_US = "rate_limit_granted_us"
 _LIMITER, _SEMAPHORE, _KEEPER = "rmq.ratelimit.limiter", "rmq.ratelimit.semaphore", "rmq.ratelimit.keeper"
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.ReadOnlyError, rexc.MasterDownError)
 
@@ -374,7 +377,8 @@ class RateLimitGuard(Guard):
 
     All limits are checked in one script before any token is recorded, so a task denied by
     one limit never consumes another's token. A denied task defers at once (it must not hold
-    a pool slot) with a countdown equal to the time until its next token.
+    a pool slot) with a countdown equal to the time until its next token. The grant's Redis
+    time (microseconds) is left in ``ctx.state[GRANTED_US]`` for the task (``self.rmq_context``).
     """
 
     name = "rate_limit"
@@ -399,6 +403,7 @@ class RateLimitGuard(Guard):
         if decision.granted:
             for name in limits:
                 _count(rt, name, "granted")
+            ctx.state[GRANTED_US] = decision.redis_time_us
             return
         blocker = decision.blocker or next(iter(limits))
         _count(rt, blocker, "denied")

@@ -85,6 +85,43 @@ def _safe_token(text: object) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", str(text))[:64] or "_"
 
 
+# Descriptors holding a root lock in this process; a forked child closes its copies.
+_lock_fds: set[int] = set()
+_lock_fds_guard = threading.Lock()
+_fork_hooked = False
+
+
+def _open_lock_fd(state_fd: int) -> int:
+    global _fork_hooked
+    with _lock_fds_guard:
+        if not _fork_hooked:  # registered on first use: nothing happens on import
+            os.register_at_fork(
+                before=_lock_fds_guard.acquire,
+                after_in_parent=_lock_fds_guard.release,
+                after_in_child=_drop_inherited_locks,
+            )
+            _fork_hooked = True
+        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=state_fd)
+        _lock_fds.add(fd)
+    return fd
+
+
+def _close_lock_fd(fd: int) -> None:
+    with _lock_fds_guard:  # a fork between close and discard would close a reused number
+        _lock_fds.discard(fd)
+        os.close(fd)
+
+
+def _drop_inherited_locks() -> None:
+    for fd in _lock_fds:
+        try:
+            os.close(fd)  # the parent's lock stays: flock is per open file, we drop one reference
+        except OSError:
+            pass
+    _lock_fds.clear()
+    _lock_fds_guard.release()  # acquired by the forking thread in ``before``
+
+
 def _subdir(parent_fd: int, name: str, create: bool) -> int | None:
     if create:
         try:
@@ -147,17 +184,20 @@ class SessionRoot:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the root's removal lock (blocking)."""
+        """Hold the root's removal lock (blocking).
+
+        A process forked while the lock is held (a pool process forked by the worker while
+        its cleanup thread holds it) closes its inherited copy at once, so the lock is
+        never kept by a process that does not know it holds it.
+        """
         if self.state_fd is None:
             raise FileNotFoundError(errno.ENOENT, "session root has no state directory", str(self.path))
-        fd = os.open(
-            "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.state_fd
-        )
+        fd = _open_lock_fd(self.state_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)
+            _close_lock_fd(fd)
 
     def names(self) -> list[str]:
         """Entries named ``session_*`` directly under the root."""
@@ -246,8 +286,8 @@ class SessionRoot:
         os.replace(tmp, session_id, src_dir_fd=self.failed_fd, dst_dir_fd=self.failed_fd)
 
     def clear_failed(self, session_id: str) -> None:
-        """Forget a failure marker."""
-        if self.failed_fd is not None:
+        """Forget a failure marker (only valid ids have one: ``session_..`` is no session)."""
+        if self.failed_fd is not None and _ID_RE.fullmatch(session_id):
             try:
                 os.unlink(session_id, dir_fd=self.failed_fd)
             except FileNotFoundError:
@@ -259,7 +299,7 @@ class SessionRoot:
         if self.failed_fd is None:
             return out
         for name in os.listdir(self.failed_fd):
-            if ".tmp" in name:
+            if not _ID_RE.fullmatch(name):  # "<id>.tmp..." being written, or junk
                 continue
             try:
                 fd = os.open(

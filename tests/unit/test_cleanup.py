@@ -534,3 +534,65 @@ def test_property_cleanup_stays_inside_the_root(sid, ops):
         assert report.removed_names == [f"session_{sid}"] and not report.errors
         assert snapshot(outside) == before
         assert sorted(os.listdir(root)) == [".rmq"]
+
+
+def test_disk_pressure_starts_at_the_high_ratio_itself(tmp_path):
+    make_session(tmp_path, "d0", {"blob": 100_000}, seconds_ago=3600)
+    make_session(tmp_path, "d1", {"blob": 100_000}, seconds_ago=60)
+    disk = FakeDisk(tmp_path, total=1_000_000, base=600_000)  # exactly 80 %
+    report = run(tmp_path, disk_usage=disk, high_ratio=0.8, low_ratio=0.7)
+    # 80 % -> 70 % is not below 70 %: both go, oldest first
+    assert report.removed_names == ["session_d0", "session_d1"] and report.reasons == {"disk": 2}
+
+
+def test_disk_pressure_when_the_disk_cannot_be_read_applies_age_only(tmp_path):
+    make_session(tmp_path, "aged", seconds_ago=2 * DAY)
+    make_session(tmp_path, "young", seconds_ago=60)
+
+    def broken():
+        raise OSError("statvfs failed")
+
+    report = run(tmp_path, disk_usage=broken, max_age_s=DAY)
+    assert report.removed_names == ["session_aged"] and report.disk_ratio_before is None
+
+
+# --- odd entries directly under the root ----------------------------------------------------
+
+
+ROOT_NAMES = st.sampled_from(
+    ["session_.", "session_..", "session_", "session_a.b", "session_\n", "session_ x", "session_ok", "other"]
+)
+ROOT_KINDS = st.sampled_from(["dir", "file", "link_outside_dir", "link_outside_file", "link_root", "link_up", "fifo"])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=st.lists(st.tuples(ROOT_NAMES, ROOT_KINDS), max_size=8), failed=st.booleans())
+def test_property_odd_root_entries_never_break_cleanup_or_escape(entries, failed):
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        outside = outside_tree(base)
+        root = base / "sessions"
+        store = SessionStore(root)
+        store.open("real", "t")
+        store.close("real", "t", failed=failed)  # a failure marker too, sometimes
+        for name, kind in entries:
+            path = root / name
+            if path.exists() or path.is_symlink():
+                continue
+            if kind == "dir":
+                path.mkdir()
+                (path / "f").write_text("x")
+            elif kind == "file":
+                path.write_text("x")
+            elif kind == "fifo":
+                os.mkfifo(path)
+            else:
+                path.symlink_to({"link_outside_dir": outside / "dir", "link_outside_file": outside / "file.txt",
+                                 "link_root": root, "link_up": Path("..")}[kind])
+        before = snapshot(outside)
+        report = run(root, older_than_s=-1, failed_ttl_s=-1)
+        assert not report.errors
+        assert snapshot(outside) == before
+        left = sorted(n for n in os.listdir(root) if n.startswith("session_"))
+        assert left == []
+        assert os.listdir(root / ".rmq" / "failed") == []
