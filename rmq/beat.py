@@ -10,35 +10,32 @@ __all__ = ["cleanup_sessions", "monitor"]
 
 
 @shared_task(name="rmq.cleanup_sessions", bind=True, ignore_result=False)
-def cleanup_sessions(self: Any, timeout: float = 15.0, dry_run: bool = False) -> dict[str, Any]:
+def cleanup_sessions(self: Any, timeout: float = 8.0, dry_run: bool = False) -> dict[str, Any]:
     """Broadcast ``rmq_cleanup``: every worker cleans its own session root (its own disk).
 
-    Celery beat runs this on one worker; the broadcast reaches all of them. The workers that
-    answer a ping are counted first, so the task returns as soon as they have all replied
-    (at the latest after ``timeout`` seconds).
+    Celery beat runs this on one worker; the broadcast reaches all of them. Replies are
+    collected until none has come for ``timeout`` seconds (a worker replies within
+    ``rmq.control.REPLY_WAIT_S``, with ``status: "running"`` if its cleanup takes longer).
+    A ping afterwards names the live workers that did not reply.
 
     Returns:
         ``{"workers": {hostname: report}, "removed": n, "bytes_freed": n, "missing": [hostname]}``;
-        a report has ``removed``, ``bytes_freed``, ``removed_names``, ``reasons``, ``skipped_live``
-        (``status`` ``"running"`` when a worker's cleanup outlasts its reply wait). ``missing``
-        lists workers that answered the ping but not the cleanup.
+        a report has ``removed``, ``bytes_freed``, ``removed_names``, ``reasons``, ``skipped_live``.
     """
     control = self.app.control
-    ping_s = min(2.0, timeout / 4)
-    expected = {host for reply in control.ping(timeout=ping_s) or [] for host in reply}
     replies = control.broadcast(
-        "rmq_cleanup", arguments={"dry_run": bool(dry_run)}, reply=True,
-        timeout=max(0.1, timeout - ping_s), limit=len(expected) or None,
+        "rmq_cleanup", arguments={"dry_run": bool(dry_run)}, reply=True, timeout=timeout
     ) or []
     workers: dict[str, Any] = {}
     for reply in replies:
         workers.update(reply)
+    alive = {host for reply in control.ping(timeout=1.0) or [] for host in reply}
     reports = [r for r in workers.values() if isinstance(r, dict)]
     return {
         "workers": workers,
         "removed": sum(int(r.get("removed", 0)) for r in reports),
         "bytes_freed": sum(int(r.get("bytes_freed", 0)) for r in reports),
-        "missing": sorted(expected - set(workers)),
+        "missing": sorted(alive - set(workers)),
     }
 
 

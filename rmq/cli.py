@@ -158,7 +158,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         _fail(str(exc))
     report = cleanup_from_config(cfg, dry_run=args.dry_run, older_than_s=older)
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
-    return 0
+    return 1 if report.errors else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
