@@ -120,9 +120,7 @@ class LeakDetector:
         span = len(self.baselines) - 1
         if last - self.baselines[0] < self.slope_bytes_per_task * span / 2:
             return False, ""
-        rising = sum(
-            1 for a, b in itertools.pairwise(self.baselines) if b - a >= self.slope_bytes_per_task / 2
-        )
+        rising = sum(1 for a, b in itertools.pairwise(self.baselines) if b - a >= self.slope_bytes_per_task / 2)
         return (True, "slope") if rising * 2 >= span else (False, "")
 
     def suspect(self) -> str | None:
@@ -196,11 +194,12 @@ def request_recycle(reason: str, detail: str = "", suspect_task: str | None = No
         sentinel = getattr(worker, "_shutdown", None)
         receive = getattr(worker, "wait_for_job", None)
         code = getattr(receive, "__code__", None)
+        closure = getattr(receive, "__closure__", None)
         if sentinel is not None:
             sentinel.set()
             ok = True
-        elif code is not None and "should_shutdown" in code.co_freevars:
-            receive.__closure__[code.co_freevars.index("should_shutdown")].cell_contents = _always
+        elif code is not None and closure is not None and "should_shutdown" in code.co_freevars:
+            closure[code.co_freevars.index("should_shutdown")].cell_contents = _always
             ok = True
     rt = runtime.current()
     suffix = f" ({detail})" if detail else ""
@@ -304,9 +303,7 @@ class HygieneGuard(Guard):
         detector = state.detector = state.detector or _detector_for(ctx.config)
         detector.observe(ctx.task_name, baseline)
         suspect = detector.suspect()
-        recycle, reason = (
-            (False, "") if state.recycling or state.cannot_recycle else detector.should_recycle()
-        )
+        recycle, reason = (False, "") if state.recycling or state.cannot_recycle else detector.should_recycle()
         gauges = {
             "baseline_bytes": baseline,
             "growth_bytes": baseline - state.first_baseline,

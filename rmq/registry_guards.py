@@ -11,6 +11,7 @@ __all__ = ["default_guards"]
 
 @lru_cache(maxsize=1)
 def _chain() -> tuple[Guard, ...]:
+    from . import models
     from .cpu import ThreadCapGuard
     from .hygiene import HygieneGuard
     from .ratelimit import ConcurrencyGuard, RateLimitGuard
@@ -26,7 +27,7 @@ def _chain() -> tuple[Guard, ...]:
         AdmissionGuard(),
         SessionGuard(),
         ThreadCapGuard(),
-        HygieneGuard(),
+        HygieneGuard(model_bytes=models.held_bytes),
     )
 
 

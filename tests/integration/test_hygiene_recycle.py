@@ -33,15 +33,14 @@ GUARD = HygieneGuard()
 
 def _init(runtime_dir: str, conf: dict[str, Any]) -> None:
     config = load_config(conf, {})
-    runtime.set_current(Runtime(config, app=None, runtime_dir=runtime_dir, ledger=None, redis_url=None))
+    rt = Runtime(config, app=None, runtime_dir=runtime_dir, ledger=None, redis_url=None)  # type: ignore[arg-type]
+    runtime.set_current(rt)
 
 
 def _leaky(i: int) -> dict[str, Any]:
     rt = runtime.current()
     assert rt is not None
-    ctx = TaskContext(
-        task_name="tests.leaky", task_id=str(i), declaration=TaskDeclaration(), config=rt.config
-    )
+    ctx = TaskContext(task_name="tests.leaky", task_id=str(i), declaration=TaskDeclaration(), config=rt.config)
     GUARD.enter(ctx)
     LEAK.append(bytearray(b"\x01") * (30 * MiB))  # written, so resident
     GUARD.exit(ctx, failed=False)
