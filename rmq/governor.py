@@ -102,6 +102,7 @@ class Governor:
         self.peak_bytes = 0
         self.idle_bytes = 0
         self.unload_generation = 0
+        self.unload_bytes = 0
         self.tick_seconds = 0.0
         self.ticks = 0
         self._killed_pids: dict[int, float] = {}
@@ -177,11 +178,12 @@ class Governor:
             unload_bytes = max(unload_bytes, requested)
         if step.unload or unload_bytes > step.unload_bytes:
             self.unload_generation += 1
+            self.unload_bytes = unload_bytes  # kept with its generation, not rewritten each tick
             self.counters["unload_requests"] += 1
         self.ledger.publish(
             Control(
                 unload_generation=self.unload_generation,
-                unload_bytes=unload_bytes,
+                unload_bytes=self.unload_bytes,
                 worker_bytes=worker_bytes,
                 budget_bytes=self.budget.budget_bytes,
                 admit_line_bytes=self.admit_line,

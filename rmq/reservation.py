@@ -12,13 +12,14 @@ import os
 import shutil
 import time
 
+from . import models
 from .admission import Need, Verdict, judge
 from .errors import BudgetExceeded, Defer
 from .guards import Guard, TaskContext
-from .ledger import KIND_MODEL, KIND_TASK, Entry, Ledger
+from .ledger import KIND_TASK, Entry, Ledger
 from .runtime import Runtime, current
 
-__all__ = ["AdmissionGuard", "LedgerReserver", "own_rss_bytes"]
+__all__ = ["AdmissionGuard", "own_rss_bytes"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _POLL_S = 0.05
@@ -48,10 +49,8 @@ def _admit(
             return verdict
         if verdict.resource == "memory" and not asked_unload:
             asked_unload = True
-            shortfall = need.memory_bytes - verdict.available
-            for hook in rt.unload_hooks:
-                hook(shortfall)  # this process's own model cache first
-            ledger.request_unload(shortfall)
+            # every pool process (this one too, through its watcher) unloads its share of one plan
+            ledger.request_unload(need.memory_bytes - verdict.available)
         time.sleep(_POLL_S)
 
 
@@ -95,6 +94,7 @@ class AdmissionGuard(Guard):
         v = _admit(rt, entry, need, rt.config.admission_wait, rt.config.session_root_path)
         if v.admitted:
             ctx.state["admission"] = entry
+            ctx.state["models_loaded"] = models.loaded_bytes()
             rt.stats.incr("admitted")
             return
         if v.never:
@@ -109,28 +109,8 @@ class AdmissionGuard(Guard):
             return
         seen = [e for e in rt.ledger.entries() if e.slot == entry.slot and e.task_id == entry.task_id]
         peak = max(own_rss_bytes() - entry.start_rss, seen[0].peak_used_bytes if seen else 0, 0)
+        # models the task loaded hold their own reservations: not part of the task's peak
+        peak = max(0, peak - (models.loaded_bytes() - ctx.state.pop("models_loaded", 0)))
         rt.ledger.remove(entry)
         if not failed:
             rt.learner.observe(ctx.task_name, peak)
-
-
-class LedgerReserver:
-    """The model cache's reserver: a resident model holds its size in the ledger."""
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self._held: dict[str, Entry] = {}
-
-    def reserve(self, key: str, size_bytes: int, timeout_s: float) -> bool:
-        """Reserve ``size_bytes`` for ``key``, waiting up to ``timeout_s``; False if it never fit."""
-        entry = Entry(KIND_MODEL, os.getpid(), size_bytes, task_id=key, name=key, start_rss=own_rss_bytes())
-        v = _admit(self.rt, entry, Need(size_bytes), timeout_s)
-        if v.admitted:
-            self._held[key] = entry
-        return v.admitted
-
-    def release(self, key: str) -> None:
-        """Give back ``key``'s reservation."""
-        entry = self._held.pop(key, None)
-        if entry is not None:
-            self.rt.ledger.remove(entry)

@@ -28,22 +28,23 @@ from .admission import NullReserver, Reserver
 from .cache import ModelCache, rss_probe
 from .registry import REGISTRY, ModelSpec, Registry
 from .synthetic import SyntheticModel, synthetic_loader
-from .watcher import PressureWatcher
 
 __all__ = [
     "REGISTRY",
     "ModelCache",
     "ModelSpec",
     "NullReserver",
-    "PressureWatcher",
     "Registry",
     "Reserver",
     "SyntheticModel",
     "cache",
     "get",
+    "held_bytes",
+    "loaded_bytes",
     "register",
     "rss_probe",
     "set_reserver_factory",
+    "set_task_probe",
     "synthetic_loader",
     "use",
 ]
@@ -53,6 +54,7 @@ _cache: ModelCache | None = None
 _cache_pid = -1
 _cache_lock = threading.Lock()
 _reserver_factory: Callable[[], Reserver] | None = None
+_task_probe: Callable[[], bool] | None = None
 
 
 def register(
@@ -80,17 +82,25 @@ def register(
 def set_reserver_factory(factory: Callable[[], Reserver] | None) -> None:
     """Make every cache created from now on (one per process) reserve loads via ``factory()``.
 
-    The worker glue sets this before the pool forks, for example
-    ``models.set_reserver_factory(lambda: LedgerReserver(rt.ledger))``.
+    The worker glue (``rmq.models.hooks``) sets this before the pool forks:
+    ``models.set_reserver_factory(lambda: LedgerModelReserver(rt))``.
     """
     global _reserver_factory
     _reserver_factory = factory
 
 
+def set_task_probe(probe: Callable[[], bool] | None) -> None:
+    """Make caches created from now on ask ``probe()`` whether a governed task runs in the
+    calling thread: a load refused for memory then defers that task (:class:`rmq.errors.Defer`);
+    anywhere else it raises :class:`rmq.errors.ModelLoadError`. None: "a runtime exists"."""
+    global _task_probe
+    _task_probe = probe
+
+
 def _new_cache(rt: rt_mod.Runtime | None) -> ModelCache:
     reserver = _reserver_factory() if _reserver_factory is not None else None
     if rt is None:
-        return ModelCache(reserver=reserver)
+        return ModelCache(reserver=reserver, in_task=_task_probe)
     cfg = rt.config
     return ModelCache(
         max_memory_bytes=cfg.models_max_memory,
@@ -98,6 +108,7 @@ def _new_cache(rt: rt_mod.Runtime | None) -> ModelCache:
         load_wait_s=cfg.model_load_wait,
         defer_countdown_s=cfg.defer_countdown,
         reserver=reserver,
+        in_task=_task_probe,
     )
 
 
@@ -125,6 +136,20 @@ def get(name: str) -> Any:
         Defer: inside a task, when the worker's memory budget has no room for the load.
     """
     return cache().get(name)
+
+
+def held_bytes() -> int:
+    """Bytes of the models this process holds (declared or measured sizes)."""
+    return cache().held_bytes
+
+
+def loaded_bytes() -> int:
+    """Bytes this process has loaded so far (a running total, never decreases).
+
+    The difference across a task is the memory it spent on model loads, which stays in the
+    cache (and in the ledger) after the task: not part of the task's own peak.
+    """
+    return int(cache().counters.get("bytes_loaded", 0))
 
 
 @contextmanager

@@ -13,6 +13,11 @@ class Reserver(Protocol):
 
     Keys look like ``"model:<name>"`` and belong to the calling process: two pool processes
     holding the same model hold two reservations.
+
+    A reserver may also offer ``admit(key, size_bytes, timeout_s, relieve) -> bool``, which the
+    cache then calls instead: it calls ``relieve(missing_bytes)`` to unload this process's LRU
+    models by what is missing, before it asks anyone else (see
+    :class:`rmq.models.reserver.LedgerModelReserver`).
     """
 
     def reserve(self, key: str, size_bytes: int, timeout_s: float) -> bool:

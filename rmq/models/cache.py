@@ -13,10 +13,10 @@ Policy, in one place (eviction itself is in :mod:`rmq.models.store`):
   with no recovery short of a config change, while the hard limit that protects the worker,
   its memory budget, is enforced by the ledger reservation that every load takes.
 - Before loading, the model's size (declared, else the size measured at its last load in this
-  process, else 0) is reserved through a :class:`~rmq.models.admission.Reserver` (the worker's
-  ledger). Refused: this process evicts its own LRU models and asks again, waiting up to
-  ``load_wait_s`` (the ledger asks the other pool processes meanwhile). Refused again: the load
-  raises :class:`rmq.errors.Defer` inside a task (the task is re-queued), else
+  process, else 0) is reserved through a :class:`~rmq.models.admission.Reserver` (in a worker,
+  :class:`~rmq.models.reserver.LedgerModelReserver`). Refused: this process evicts its own LRU
+  models, then the other pool processes are asked, waiting up to ``load_wait_s``. Refused again:
+  the load raises :class:`rmq.errors.Defer` inside a governed task (the task is re-queued), else
   :class:`rmq.errors.ModelLoadError`. A resident model holds its reservation until unloaded.
 - Undeclared sizes are the growth of ``memory_probe()`` during the load; a concurrent load in
   another thread of the same process inflates it, so declare sizes where that matters.
@@ -134,6 +134,7 @@ class ModelCache(ModelStore):
                 self._touch(entry)
             if self._over_caps():  # leases may have kept the cache over a cap
                 self._fit_caps(0, 0, keep=None)
+            self._publish()  # the gauge shows leases and LRU order
 
     def _acquire(self, name: str, lease: bool) -> _Entry:
         spec = self.registry.get(name)
@@ -146,14 +147,17 @@ class ModelCache(ModelStore):
                     entry.leases += int(lease)
                     if first:
                         self._count("hits")
-                    return entry
-                if first:
-                    self._count("misses")
-                    first = False
-                pending = self._loading.get(name)
-                owner = pending is None
-                if pending is None:
-                    pending = self._loading[name] = _Pending()
+                else:
+                    if first:
+                        self._count("misses")
+                        first = False
+                    found = self._loading.get(name)
+                    owner = found is None
+                    pending = found if found is not None else self._loading.setdefault(name, _Pending())
+            if entry is not None:
+                if lease:
+                    self._publish()  # the gauge shows the lease
+                return entry
             if owner:
                 return self._load(spec, pending, lease)
             pending.done.wait()
@@ -181,6 +185,7 @@ class ModelCache(ModelStore):
                     self._measured[name] = size
                 self._count("loads")
                 self._count("load_seconds", n=seconds)
+                self._count("bytes_loaded", n=size)
             how = "measured" if measured else "declared"
             logger.info("loaded model %r in %.2fs (%s %s)", name, seconds, format_bytes(size), how)
             self._fit_caps(0, 0, keep=name)
@@ -195,11 +200,16 @@ class ModelCache(ModelStore):
             pending.done.set()
 
     def _reserve(self, name: str, key: str, size_bytes: int) -> None:
-        if self._reserver.reserve(key, size_bytes, 0.0):
+        admit = getattr(self._reserver, "admit", None)
+        if admit is not None:  # the worker's reserver: it knows how much is missing
+            if admit(key, size_bytes, self.load_wait_s, lambda n: self.relieve(n, "admission")):
+                return
+        elif self._reserver.reserve(key, size_bytes, 0.0):
             return
-        self.relieve(size_bytes, "admission")
-        if self._reserver.reserve(key, size_bytes, self.load_wait_s):
-            return
+        else:
+            self.relieve(size_bytes, "admission")
+            if self._reserver.reserve(key, size_bytes, self.load_wait_s):
+                return
         with self._lock:
             self._count("denied")
         reason = f"model {name!r} needs {format_bytes(size_bytes)} and the worker's memory budget has no room"

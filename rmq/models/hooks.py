@@ -2,28 +2,94 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..runtime import Runtime
 
-__all__ = ["worker_hooks"]
+__all__ = ["in_governed_task", "pressure_bytes", "relieve_worker", "worker_hooks"]
+
+
+def in_governed_task() -> bool:
+    """True in a thread that runs a governed task body (its guards entered, not yet exited)."""
+    from celery import current_task
+
+    task = current_task._get_current_object() if current_task else None
+    return getattr(task, "rmq_context", None) is not None
+
+
+def pressure_bytes(rt: Runtime, signalled_bytes: int) -> int:
+    """What to free for one unload signal.
+
+    The governor publishes the bytes with each tick, not with each signal: a watcher that reads
+    the new generation a tick late sees 0. Then free what the current reading is above the
+    unload target, and at least one model (someone asked for memory).
+    """
+    if signalled_bytes > 0:
+        return signalled_bytes
+    c = rt.ledger.read_control()
+    return max(1, c.worker_bytes - int(c.budget_bytes * rt.config.unload_target_ratio))
+
+
+def relieve_worker(rt: Runtime, bytes_wanted: int) -> int:
+    """Unload this process's share of the worker's least recently used models (see
+    :mod:`rmq.models.relief`); returns the bytes this process freed.
+
+    Before unloading, the share is published (the ``relief`` gauge, flushed at once) with the
+    signal's generation: a process that plans later for the same signal, when these models have
+    already left the ledger, counts them as freed instead of taking more.
+    """
+    from .. import procstats
+    from ..ledger import KIND_MODEL
+    from . import REGISTRY, cache
+    from .relief import plan_relief, resident_models
+
+    pid = os.getpid()
+    generation = rt.ledger.read_control().unload_generation
+    models = cache()
+    own = models.snapshot()
+    published = {other: data.get("gauges", {}) for other, data in procstats.read_all(rt.runtime_dir).items()}
+    claimed: set[tuple[int, str]] = set()
+    for other, gauges in published.items():
+        relief = gauges.get("relief") or {}
+        if other != pid and relief.get("generation") == generation:
+            claimed.update((other, name) for name in relief.get("names", []))
+            bytes_wanted -= int(relief.get("bytes", 0))
+    reservations = [
+        (e.pid, e.name.removeprefix("model:"), e.memory_bytes) for e in rt.ledger.entries() if e.kind == KIND_MODEL
+    ]
+    gauges = {other: g.get("models", []) for other, g in published.items() if other != pid}
+    residents = [
+        r for r in resident_models(pid, own, reservations, gauges, REGISTRY) if (r.pid, r.name) not in claimed
+    ]
+    mine = [r for r in plan_relief(residents, bytes_wanted) if r.pid == pid]
+    if not mine:
+        return 0
+    claim = {"generation": generation, "bytes": sum(r.size_bytes for r in mine), "names": [r.name for r in mine]}
+    rt.stats.set_gauge("relief", claim)
+    rt.stats.flush(force=True)
+    return sum(r.size_bytes for r in mine if models.evict(r.name, "pressure"))
 
 
 def worker_hooks(rt: Runtime, worker: Any) -> None:
     """Main process, before the fork: every pool process's cache reserves loads in the ledger,
-    unloads when the governor (or a waiting admission) asks, and closes on exit."""
-    from ..reservation import LedgerReserver
-    from . import cache, set_reserver_factory
+    unloads its share when the governor (or a waiting load) asks, and closes on exit."""
+    from . import cache, set_reserver_factory, set_task_probe
+    from .reserver import LedgerModelReserver
 
-    set_reserver_factory(lambda: LedgerReserver(rt))
+    set_reserver_factory(lambda: LedgerModelReserver(rt))
+    set_task_probe(in_governed_task)
 
     def start(rt: Runtime) -> None:
         def relieve(bytes_wanted: int) -> int:
-            freed = cache().relieve(bytes_wanted, "pressure")
+            freed = relieve_worker(rt, pressure_bytes(rt, bytes_wanted))
             rt.stats.flush(force=True)  # an idle process has no task end to flush at
             return freed
 
         rt.unload_hooks.append(relieve)
 
+    def close(rt: Runtime) -> None:
+        cache().close()
+
     rt.process_start_hooks.append(start)
-    rt.process_exit_hooks.append(lambda rt: cache().close())
+    rt.process_exit_hooks.append(close)

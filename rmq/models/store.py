@@ -71,7 +71,7 @@ class ModelStore:
         #: local copy of the counters also sent to ``rt.stats`` under "models"
         self.counters: dict[str, Any] = {
             "hits": 0, "misses": 0, "loads": 0, "load_seconds": 0.0, "load_errors": 0,
-            "denied": 0, "evictions": {}, "bytes_unloaded": 0,
+            "denied": 0, "evictions": {}, "bytes_loaded": 0, "bytes_unloaded": 0,
         }  # fmt: skip
 
     def set_reserver(self, reserver: Reserver | None) -> None:

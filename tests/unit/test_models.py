@@ -14,7 +14,7 @@ import pytest
 from rmq import memtrim, models
 from rmq import runtime as rt_mod
 from rmq.errors import ConfigError, Defer, ModelLoadError, ModelNotRegistered
-from rmq.models import ModelCache, PressureWatcher, Registry, SyntheticModel, synthetic_loader
+from rmq.models import ModelCache, Registry, SyntheticModel, synthetic_loader
 from rmq.procstats import ProcessStats
 
 MiB = 2**20
@@ -612,67 +612,6 @@ def test_module_level_register_get_use(unique):
     finally:
         models.cache().evict(name)
         models.REGISTRY.unregister(name)
-
-
-# -- pressure watcher -----------------------------------------------------------------------
-
-
-def test_pressure_watcher_calls_once_per_new_generation():
-    reading = [(5, 0)]
-    freed: list[int] = []
-    watcher = PressureWatcher(lambda: reading[0], freed.append, interval_s=0.01)
-    watcher.start()
-    try:
-        reading[0] = (6, 300 * MiB)
-        deadline = time.monotonic() + 5
-        while not freed and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert freed == [300 * MiB]
-        time.sleep(0.05)  # several more polls of the same generation
-        assert freed == [300 * MiB]
-        reading[0] = (7, MiB)
-        deadline = time.monotonic() + 5
-        while len(freed) < 2 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert freed == [300 * MiB, MiB]
-    finally:
-        watcher.stop()
-    assert not watcher.running
-
-
-def test_pressure_watcher_survives_bad_readings_and_ignores_the_starting_generation():
-    calls = {"n": 0}
-    freed: list[int] = []
-
-    def read():
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError("control block gone")
-        return (3, 10) if calls["n"] < 4 else (4, 20)
-
-    watcher = PressureWatcher(read, freed.append, interval_s=0.01)
-    watcher.start()  # generation 3 is already there at start: not acted on
-    try:
-        deadline = time.monotonic() + 5
-        while not freed and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert freed == [20]
-    finally:
-        watcher.stop()
-
-
-def test_pressure_watcher_drives_cache_relieve():
-    env = Env()
-    env.add("a", size="10MiB")
-    env.add("b", size="10MiB")
-    env.get("a")
-    env.get("b")
-    reading = [(1, 0)]
-    watcher = PressureWatcher(lambda: reading[0], lambda n: env.cache.relieve(n, "pressure"))
-    watcher.poll_once()
-    reading[0] = (2, 5 * MiB)
-    assert watcher.poll_once() is True
-    assert env.cache.names() == ["b"]
 
 
 # -- synthetic models -----------------------------------------------------------------------
