@@ -168,7 +168,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     _config(app)
 
     def view() -> dict[str, Any]:
-        return load_or_collect(app, live=args.live)
+        return load_or_collect(app, live=args.live or args.watch)
 
     if args.json:
         from .status import render_json

@@ -89,6 +89,13 @@ def _dur0(v: object, w: str) -> float:
     return parse_duration(v, w, allow_zero=True)
 
 
+def _http_url(value: object, what: str) -> str:
+    text = _str(value, what)
+    if not text.lower().startswith(("http://", "https://")) or len(text) < 10:
+        raise ConfigError(f"{what} must be an http(s) URL, got {value!r}")
+    return text
+
+
 def _fraction0(v: object, w: str) -> float:
     """A fraction in [0, 1)."""
     try:
@@ -148,12 +155,13 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "disk_low_ratio": (0.70, parse_ratio),
     # monitoring (C7)
     "metrics_port": (None, _optional(_int(0))),
+    "metrics_addr": ("0.0.0.0", _str),
     "alert_memory_ratio": (0.85, parse_ratio),
     "alert_cpu_percent": (90, _percent_number),
     "alert_disk_ratio": (0.80, parse_ratio),
     "alert_hysteresis": (0.05, _fraction0),
     "alert_cooldown": ("5m", _dur0),
-    "alert_webhook": (None, _optional(_str)),
+    "alert_webhook": (None, _optional(_http_url)),
     "monitor_beat_interval": ("60s", _dur),
     # hygiene (C9)
     "hygiene_margin": ("16MiB", _size0),
@@ -211,6 +219,7 @@ class RmqConfig:
     disk_high_ratio: float
     disk_low_ratio: float
     metrics_port: int | None
+    metrics_addr: str
     alert_memory_ratio: float
     alert_cpu_percent: float
     alert_disk_ratio: float

@@ -32,12 +32,13 @@ class SnapshotBuilder:
         self._retired: dict[str, Any] = {}
         self._net_last: tuple[float, int, int] | None = None
         self._lock = threading.Lock()
+        self._net_lock = threading.Lock()
         psutil.cpu_percent(None)  # prime the CPU reading
 
     def _network(self) -> dict[str, float]:
         now = time.monotonic()
         io = psutil.net_io_counters()
-        with self._lock:
+        with self._net_lock:
             last, self._net_last = self._net_last, (now, io.bytes_sent, io.bytes_recv)
         if last is None or now - last[0] <= 0:
             return {"sent_bytes_per_s": 0.0, "recv_bytes_per_s": 0.0}
@@ -67,6 +68,7 @@ class SnapshotBuilder:
     def child_files(self, live_pids: set[int]) -> dict[int, dict[str, Any]]:
         """Counters of pool processes; files of dead ones are folded into a retired total."""
         files = procstats.read_all(self.rt.runtime_dir)
+        files.pop(os.getpid(), None)  # the main process's own counters are read from memory (solo pool)
         for pid, data in list(files.items()):
             if pid not in live_pids and pid != os.getpid():
                 self._retired = procstats.merge_counters([self._retired, data.get("counters", {})])
@@ -82,10 +84,12 @@ class SnapshotBuilder:
         gov = self.governor
         entries = self.rt.ledger.entries()
         live = set(gov.actuator.pool_pids())
-        files = self.child_files(live)
+        with self._lock:  # stats requests and metrics scrapes may build at the same time
+            files = self.child_files(live)
+            retired = self._retired
         main_counters = dict(self.rt.stats.counters)
         counters = procstats.merge_counters(
-            [self._retired, main_counters, *(d.get("counters", {}) for d in files.values())]
+            [retired, main_counters, *(d.get("counters", {}) for d in files.values())]
         )
         counters["killed"] = gov.counters["killed"]
         counters["unload_requests"] = gov.counters["unload_requests"]

@@ -121,7 +121,8 @@ def _worker_table(host: str, snap: Mapping[str, Any] | None, now: float, ascii: 
             width,
             ascii,
             f"{format_bytes(mem.get('worker_bytes'))} of {format_bytes(mem.get('budget_bytes'))} budget"
-            f" ({mem.get('budget_source', '-')}), zone {mem.get('zone', '-')}, peak {format_bytes(mem.get('peak_bytes'))}",
+            f" ({mem.get('budget_source', '-')}), zone {mem.get('zone', '-')},"
+            f" peak {format_bytes(mem.get('peak_bytes'))}",
         ),
     )
     children = mem.get("children") or {}
@@ -181,6 +182,11 @@ def _worker_table(host: str, snap: Mapping[str, Any] | None, now: float, ascii: 
     alerts = snap.get("alerts") or []
     if alerts:
         table.add_row("alerts", Text(", ".join(map(str, alerts)), style="bold red"))
+    metrics = snap.get("metrics") or {}
+    if isinstance(metrics, Mapping) and metrics.get("port"):
+        table.add_row("metrics", f"port {metrics['port']}{metrics.get('path', '')}")
+    elif isinstance(metrics, Mapping) and metrics.get("error"):
+        table.add_row("metrics", Text(str(metrics["error"]), style="yellow"))
     return table
 
 

@@ -1,0 +1,281 @@
+"""Worker-side monitoring: resource alerts every second and the opt-in Prometheus endpoint.
+
+Wired by :func:`worker_hooks` (see :mod:`rmq.hooks`). In the worker's main process a daemon
+thread feeds cheap readings (memory ratio from the ledger's control block, host CPU from
+``psutil.cpu_times`` deltas, disk usage of the session root) to an
+:class:`~rmq.alerts.AlertEngine` whose sinks are the log, :data:`rmq.signals.alert`, the Celery
+event ``rmq-alert`` and the optional webhook. The thread does not depend on the governor's
+loop, so a slow tick there never delays an alert and an alert sink never delays a kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import psutil
+
+from .alerts import Alert, AlertEngine, WebhookSender, default_sinks, event_sink, rules_from_config
+from .runtime import Runtime
+
+__all__ = ["AlertLoop", "CpuProbe", "EventSender", "WorkerMonitor", "disk_ratio", "worker_hooks"]
+
+log = logging.getLogger("rmq.monitoring")
+
+#: seconds between two alert evaluations
+ALERT_INTERVAL_S = 1.0
+#: where the metrics endpoint listens unless ``rmq_metrics_addr`` says otherwise
+DEFAULT_METRICS_ADDR = "0.0.0.0"
+#: a failing broker delays one event by at most about a second
+_EVENT_RETRY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.5, "interval_max": 0.5}
+
+
+class CpuProbe:
+    """Host CPU busy percent since the previous call, from ``cpu_times`` deltas.
+
+    Keeps its own baseline: ``psutil.cpu_percent(None)`` shares one module-wide baseline with
+    the snapshot, and two callers would shorten each other's interval.
+
+    Args:
+        read_times: returns an object with the ``psutil.cpu_times()`` fields (injected in tests).
+    """
+
+    def __init__(self, read_times: Callable[[], Any] = psutil.cpu_times) -> None:
+        self.read_times = read_times
+        self._last: tuple[float, float] | None = None
+
+    def __call__(self) -> float | None:
+        """Percent busy (0-100) since the last call; None on the first call or a zero interval."""
+        times = self.read_times()
+        total = sum(times)
+        idle = times.idle + getattr(times, "iowait", 0.0)
+        last, self._last = self._last, (total, idle)
+        if last is None or total <= last[0]:
+            return None
+        return round(100.0 * (1.0 - (idle - last[1]) / (total - last[0])), 1)
+
+
+def disk_ratio(root: str) -> float | None:
+    """Used fraction of the filesystem holding ``root`` (its parent if it does not exist yet)."""
+    probe = root if os.path.isdir(root) else os.path.dirname(root) or "/"
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError:
+        return None
+    return usage.used / usage.total if usage.total else None
+
+
+def worker_readings(rt: Runtime, cpu: Callable[[], float | None]) -> Callable[[], dict[str, float | None]]:
+    """A reader of ``{"memory": ratio, "cpu": percent, "disk": ratio}`` for one worker."""
+
+    def read() -> dict[str, float | None]:
+        control = rt.ledger.read_control()
+        memory = None
+        if control.budget_bytes > 0 and control.sample_time > 0:  # no sample yet: no opinion
+            memory = control.worker_bytes / control.budget_bytes
+        return {"memory": memory, "cpu": cpu(), "disk": disk_ratio(rt.config.session_root_path)}
+
+    return read
+
+
+class AlertLoop:
+    """Evaluates an engine on a daemon thread every ``interval_s``.
+
+    Args:
+        engine: the alert engine (its sinks run on this thread).
+        read: returns the readings for :meth:`AlertEngine.tick`.
+        interval_s: seconds between evaluations.
+    """
+
+    def __init__(
+        self,
+        engine: AlertEngine,
+        read: Callable[[], Mapping[str, float | None]],
+        interval_s: float = ALERT_INTERVAL_S,
+    ) -> None:
+        self.engine = engine
+        self.read = read
+        self.interval_s = interval_s
+        self.ticks = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> list[Alert]:
+        """One evaluation; returns the alerts it raised."""
+        self.ticks += 1
+        return self.engine.tick(self.read())
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="rmq-alerts", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Stop the thread (waits for the current evaluation up to ``timeout_s``)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tick()
+            except Exception:  # alerts must outlive a bad reading
+                self.errors += 1
+                log.exception("rmq alert evaluation failed")
+
+
+class EventSender:
+    """Sends the Celery event ``rmq-alert`` on a connection of its own.
+
+    Its own dispatcher (enabled, no group filter) sends even on workers started without
+    ``-E``, and it never shares a connection with the worker's event loop.
+
+    Args:
+        app: the Celery app.
+        hostname: the worker's node name, stamped on each event by Celery.
+    """
+
+    def __init__(self, app: Any, hostname: str) -> None:
+        self.app = app
+        self.hostname = hostname
+        self._dispatcher: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self, fields: dict[str, Any]) -> None:
+        """Send one event with ``fields``; on a broker error reconnect next time and re-raise."""
+        with self._lock:
+            if self._dispatcher is None:
+                self._dispatcher = self.app.events.Dispatcher(
+                    self.app.connection_for_write(), hostname=self.hostname, enabled=True,
+                    buffer_while_offline=False,
+                )
+            try:
+                self._dispatcher.send("rmq-alert", retry=True, retry_policy=_EVENT_RETRY, **fields)
+            except Exception:
+                self._close()
+                raise
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            connection = dispatcher.connection
+            dispatcher.close()
+            with contextlib.suppress(*connection.connection_errors, *connection.channel_errors):
+                connection.release()
+
+
+class WorkerMonitor:
+    """Alerts and the metrics endpoint of one worker (main process).
+
+    Args:
+        rt: the worker's runtime.
+        hostname: the worker's node name.
+        interval_s: seconds between alert evaluations.
+
+    Raises:
+        ValueError: when ``rmq_alert_webhook`` is not an http(s) URL.
+    """
+
+    def __init__(self, rt: Runtime, hostname: str, interval_s: float = ALERT_INTERVAL_S) -> None:
+        self.rt = rt
+        self.hostname = hostname
+        self.interval_s = interval_s
+        self.engine: AlertEngine | None = None
+        self.loop: AlertLoop | None = None
+        # made now, so a bad URL stops the worker before it starts; its thread starts on first use
+        self.webhook = WebhookSender(rt.config.alert_webhook) if rt.config.alert_webhook else None
+        self.events: EventSender | None = None
+        self.metrics: dict[str, Any] = {"port": None}
+        self._server: Any = None
+
+    def start(self, rt: Runtime) -> None:
+        """Main start hook: build the sinks and engine, start the loop and the endpoint."""
+        config = rt.config
+        self.events = EventSender(rt.app, self.hostname)
+        rt.stats.incr("alerts", n=0)  # the key exists before the loop thread touches the dict
+        # the webhook only queues; the event may wait on the broker, so it goes last
+        sinks = [self._count, *default_sinks(None, self.webhook), event_sink(self.events)]
+        self.engine = AlertEngine(rules_from_config(config), sinks, hostname=self.hostname)
+        self.loop = AlertLoop(self.engine, worker_readings(rt, CpuProbe()), self.interval_s)
+        self.loop.start()
+        if config.metrics_port is not None:
+            self._start_metrics(rt)
+
+    def stop(self, rt: Runtime) -> None:
+        """Main stop hook: stop the loop, let queued webhooks go out briefly, close the endpoint."""
+        if self.loop is not None:
+            self.loop.stop()
+        if self.webhook is not None:
+            self.webhook.stop(timeout_s=2.0)
+        if self.events is not None:
+            self.events.close()
+        if self._server is not None:
+            from .metrics import stop_metrics_server
+
+            stop_metrics_server(self._server)
+            self._server = None
+
+    def _count(self, alert: Alert) -> None:
+        self.rt.stats.incr("alerts")
+
+    def _start_metrics(self, rt: Runtime) -> None:
+        from .metrics import start_metrics_server
+
+        addr = getattr(rt.config, "metrics_addr", None) or DEFAULT_METRICS_ADDR
+        port = rt.config.metrics_port
+        snapshots = rt.snapshots
+        try:
+            self._server, _, bound = start_metrics_server(port or 0, snapshots.build, addr=addr)
+        except OSError as exc:  # e.g. the port is taken: the worker runs on without metrics
+            self.metrics = {"port": None, "addr": addr, "error": f"cannot listen on {addr}:{port}: {exc}"}
+            log.error("rmq metrics endpoint not started: cannot listen on %s:%s: %s", addr, port, exc)
+            return
+        self.metrics = {"port": bound, "addr": addr, "path": "/metrics"}
+        log.info("rmq metrics on http://%s:%d/metrics", addr, bound)
+
+    def active(self) -> list[str]:
+        """Names of alerts in effect (the snapshot's ``alerts``)."""
+        return self.engine.active() if self.engine is not None else []
+
+    def info(self) -> dict[str, Any]:
+        """Alert counters for the snapshot's ``alerting`` section."""
+        if self.engine is None:
+            return {}
+        info: dict[str, Any] = {**self.engine.info(), "interval_s": self.interval_s}
+        if self.loop is not None:
+            info["evaluations"] = self.loop.ticks
+            info["evaluation_errors"] = self.loop.errors
+        info["thresholds"] = {name: rule.threshold for name, rule in self.engine.rules.items()}
+        if self.webhook is not None:
+            info["webhook"] = self.webhook.info()
+        return info
+
+
+def worker_hooks(rt: Runtime, worker: Any) -> None:
+    """Register alerts and metrics on the runtime (main process, before the pool forks)."""
+    hostname = str(getattr(worker, "hostname", "") or "")
+    try:
+        monitor = WorkerMonitor(rt, hostname)
+    except ValueError as exc:  # a bad rmq_alert_webhook: refuse to start, like any bad setting
+        from .bootstep import config_error_exit
+        from .errors import ConfigError
+
+        config_error_exit(ConfigError(f"rmq_alert_webhook: {exc}"))
+    rt.main_start_hooks.append(monitor.start)
+    rt.main_stop_hooks.append(monitor.stop)
+    rt.snapshot_parts["alerts"] = monitor.active
+    rt.snapshot_parts["alerting"] = monitor.info
+    rt.snapshot_parts["metrics"] = lambda: dict(monitor.metrics)
