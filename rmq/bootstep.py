@@ -115,9 +115,23 @@ class CeleryActuator:
             return
         now = time.time()
         try:
-            channel.client.zadd(key, {tag: now for tag in list(delivered)}, xx=True)
+            # Not channel.client: that is the connection with the consumer's pending BRPOP, and a
+            # command sent on it would read the BRPOP's reply (a message) as its own and lose it.
+            with channel.conn_or_acquire() as client:
+                client.zadd(key, {tag: now for tag in list(delivered)}, xx=True)
         except Exception as exc:  # a broken connection is the consumer's to fix
             log.debug("rmq could not touch unacked messages: %r", exc)
+
+    def reap_exited(self) -> None:
+        """On the event loop: finish pool processes that died but that Celery's exit-pipe check
+        missed (the pipe closes before the process can be reaped; Celery then waits for its
+        5 s maintenance timer, which delays the redelivery of the lost task)."""
+        pool = getattr(getattr(self.worker, "pool", None), "_pool", None)
+        for proc in list(getattr(pool, "_pool", None) or ()):
+            popen = getattr(proc, "_popen", None)
+            if popen is not None and popen.poll() is not None:
+                pool.maintain_pool()
+                return
 
 
 class GovernorStep(bootsteps.StartStopStep):
@@ -163,6 +177,7 @@ class GovernorStep(bootsteps.StartStopStep):
         timer = getattr(worker, "timer", None)
         if timer is not None:
             self._timers.append(timer.call_repeatedly(0.1, actuator.apply_pause_state))
+            self._timers.append(timer.call_repeatedly(0.1, actuator.reap_exited))
             touch_every = max(0.5, self.config.visibility_timeout / 5)
             self._timers.append(timer.call_repeatedly(touch_every, actuator.touch_unacked))
         for hook in self.runtime.main_start_hooks:

@@ -22,7 +22,7 @@ from .runtime import Runtime, current
 __all__ = ["AdmissionGuard", "own_rss_bytes"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_POLL_S = 0.05
+_POLL_S = 0.02
 
 
 def own_rss_bytes() -> int:
