@@ -108,7 +108,7 @@ class WorkerProcess:
         except OSError:
             return ""
 
-    def wait_ready(self, client_app: Any, timeout: float = 30.0) -> WorkerProcess:
+    def wait_ready(self, client_app: Any, timeout: float = 60.0) -> WorkerProcess:
         """Wait until the worker answers a ping (and its pool is up)."""
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:

@@ -337,5 +337,5 @@ def test_a_worker_with_a_bad_alert_webhook_exits_2_with_one_line(redis_url):
     )
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.startswith("rmq:")]
-    assert len(lines) == 1 and "rmq_alert_webhook" in lines[0] and "ftp://" in lines[0], out.stderr
+    assert len(lines) == 1 and "rmq_alert_webhook" in lines[0].lower() and "ftp://" in lines[0], out.stderr
     assert "Traceback" not in out.stderr
