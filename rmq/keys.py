@@ -10,6 +10,11 @@ def rate_limit(name: str) -> str:
     return f"{PREFIX}rate:{name}"
 
 
+def rate_limit_turns(name: str) -> str:
+    """Booked turns of callers waiting for one cluster-wide rate limit."""
+    return f"{PREFIX}rate-turns:{name}"
+
+
 def semaphore(name: str) -> str:
     """Sorted set of leased permits (member = holder id, score = lease expiry)."""
     return f"{PREFIX}sem:{name}"

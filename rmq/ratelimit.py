@@ -5,7 +5,8 @@ workers on any number of hosts share a limit and disagree about nothing.
 
 - Rate limits are sliding-window logs (one sorted set per limit, a member per grant): a grant
   is recorded only when the last ``period`` holds fewer than ``count`` grants, so no window of
-  ``period`` seconds, wherever it starts, ever holds more than ``count`` grants.
+  ``period`` seconds, wherever it starts, ever holds more than ``count`` grants. Denied callers
+  are given turns 1/rate apart, so a backlog returns spread out rather than all at once.
 - Concurrency limits are semaphores whose permits are leases (member = holder, score = expiry):
   a holder that dies stops renewing and its permit lapses after ``lease_s``.
 
@@ -60,24 +61,51 @@ if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 """
-# KEYS: one log per limit. ARGV: member, then count and period (us) per key.
-# Returns {granted, wait_us, now_us, index of the limit that denied}.
+# KEYS: one log per limit, then one queue of turns per limit. ARGV: grant id, caller (or ""), then
+# count and period (us) per limit. Returns {granted, wait_us, now_us, index of the denying limit}.
+# The grant is decided by the logs alone. A denied caller is booked a turn in the blocking limit's
+# queue, 1/rate after the last turn booked, so a backlog of deferred tasks comes back spread out,
+# about once each, instead of all at once for one token. A caller back for its turn and beaten
+# (the schedule runs late) keeps its place: the next token, plus 1/rate per caller booked before
+# it still waiting. Turns whose callers never came back lapse after a grace. No caller: no turn.
 _RATE_LUA = _CLOCK + """
+local n, caller = #KEYS / 2, ARGV[2]
 local wait, blocker = 0, 0
-for i, key in ipairs(KEYS) do
-  local count, period = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+for i = 1, n do
+  local key, count, period = KEYS[i], tonumber(ARGV[2 * i + 1]), tonumber(ARGV[2 * i + 2])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - period)
-  local n = redis.call('ZCARD', key)
-  if n >= count then
-    local oldest = redis.call('ZRANGE', key, n - count, n - count, 'WITHSCORES')
+  local c = redis.call('ZCARD', key)
+  if c >= count then
+    local oldest = redis.call('ZRANGE', key, c - count, c - count, 'WITHSCORES')
     local w = tonumber(oldest[2]) + period - now
     if w > wait then wait, blocker = w, i end
   end
 end
-if blocker > 0 then return {0, wait, now, blocker} end
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now, ARGV[1])
-  redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[2 * i + 1]) / 1000) + 1000)
+if blocker > 0 and caller == '' then return {0, wait, now, blocker} end
+if blocker > 0 then
+  local count, period = tonumber(ARGV[2 * blocker + 1]), tonumber(ARGV[2 * blocker + 2])
+  local turns = KEYS[n + blocker]
+  redis.call('ZREMRANGEBYSCORE', turns, '-inf', now - period - 5000000)
+  local mine = tonumber(redis.call('ZSCORE', turns, caller))
+  local turn = now + wait
+  if mine and mine > turn then
+    turn = mine
+  elseif mine then
+    turn = turn + redis.call('ZCOUNT', turns, '-inf', string.format('(%d', mine)) * math.floor(period / count)
+  else
+    local last = redis.call('ZRANGE', turns, -1, -1, 'WITHSCORES')
+    if last[2] and tonumber(last[2]) + math.floor(period / count) > turn then
+      turn = tonumber(last[2]) + math.floor(period / count)
+    end
+    redis.call('ZADD', turns, turn, caller)
+  end
+  redis.call('PEXPIRE', turns, math.ceil((turn - now + period) / 1000) + 5000)
+  return {0, turn - now, now, blocker}
+end
+for i = 1, n do
+  redis.call('ZADD', KEYS[i], now, ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[2 * i + 2]) / 1000) + 1000)
+  redis.call('ZREM', KEYS[n + i], caller)
 end
 return {1, 0, now, 0}
 """
@@ -112,6 +140,11 @@ return redis.call('ZCARD', KEYS[1])
 
 def _rate_key(name: str) -> str:
     return keys.rate_limit(name)
+
+
+def _turns_key(name: str) -> str:
+    """Turns booked by denied callers of a rate limit (member = caller, score = turn, us)."""
+    return keys.rate_limit_turns(name)
 
 
 def _semaphore_key(name: str) -> str:
@@ -162,7 +195,8 @@ class Decision:
 
     Attributes:
         granted: a token was granted (and recorded) for every limit.
-        wait_s: when denied, seconds until every limit would have a token; 0.0 when granted.
+        wait_s: when denied, seconds until the caller's turn (at least until every limit has a
+            token); 0.0 when granted.
         redis_time_us: Redis's clock when it decided (microseconds since the epoch).
         blocker: when denied, the limit with the longest wait.
     """
@@ -184,26 +218,32 @@ class ClusterLimiter:
     def __init__(self, client: Any) -> None:
         self.client = client
 
-    def decide(self, limits: Mapping[str, Rate]) -> Decision:
+    def decide(self, limits: Mapping[str, Rate], caller: str | None = None) -> Decision:
         """Take one token from every limit, or from none, in one round trip.
 
-        Checking all limits before recording any means a denial never burns a token.
+        Checking all limits before recording any means a denial never burns a token. A denial
+        books ``caller`` a turn: ``wait_s`` is the time to the next token, or later when callers
+        denied before it are due first (turns are 1/rate apart). Pass the same ``caller`` (e.g. a
+        task id) when coming back, to keep the turn; without one, nothing is booked and
+        ``wait_s`` is the time to the next token.
 
         Raises:
             RateLimiterUnavailable: Redis did not answer.
         """
         names = list(limits)
-        args: list[Any] = [secrets.token_hex(8)]
+        args: list[Any] = [secrets.token_hex(8), caller or ""]
         for name in names:
             args += [limits[name].count, int(limits[name].period_s * 1_000_000)]
-        granted, wait_us, now_us, blocker = _RATE(self.client, [_rate_key(n) for n in names], args)
+        keys_ = [_rate_key(n) for n in names] + [_turns_key(n) for n in names]
+        granted, wait_us, now_us, blocker = _RATE(self.client, keys_, args)
         if granted:
             return Decision(True, 0.0, int(now_us))
         return Decision(False, max(int(wait_us), 1) / 1_000_000, int(now_us), names[int(blocker) - 1])
 
-    def acquire(self, name: str, rate: Rate) -> float:
-        """0.0 when a token was granted (and recorded), else seconds until the next one."""
-        return self.decide({name: rate}).wait_s
+    def acquire(self, name: str, rate: Rate, caller: str | None = None) -> float:
+        """0.0 when a token was granted (and recorded), else seconds until ``caller``'s turn
+        (the next token without a caller)."""
+        return self.decide({name: rate}, caller).wait_s
 
 
 class ClusterSemaphore:
@@ -362,7 +402,8 @@ def throttle(
             f"throttle({name!r}) has no Redis outside a governed worker: pass client=redis.Redis(...)"
         )
     deadline = time.monotonic() + max_wait_s
-    while (wait := limiter.acquire(name, parsed)) > 0:
+    caller = secrets.token_hex(8)  # one turn for the whole wait
+    while (wait := limiter.acquire(name, parsed, caller)) > 0:
         if wait > deadline - time.monotonic():
             _count(rt, name, "denied")
             raise Defer(f"rate limit {name!r} ({parsed}) has no token within {max_wait_s:g}s",
@@ -376,12 +417,15 @@ class RateLimitGuard(Guard):
     """Takes a token of every declared rate limit before the task runs, or defers it.
 
     All limits are checked in one script before any token is recorded, so a task denied by
-    one limit never consumes another's token. A denied task defers at once (it must not hold
-    a pool slot) with a countdown equal to the time until its next token. The grant's Redis
-    time (microseconds) is left in ``ctx.state[GRANTED_US]`` for the task (``self.rmq_context``).
+    one limit never consumes another's token. A denied task defers (it must not hold a pool
+    slot) until its turn; only a token due within ``inline_wait_s`` is waited for in place,
+    which is cheaper than a deferral. The grant's Redis time (microseconds) is left in
+    ``ctx.state[GRANTED_US]`` for the task (``self.rmq_context``).
     """
 
     name = "rate_limit"
+    #: longest wait for a token spent in the pool process instead of deferring
+    inline_wait_s = 0.1
 
     def applies(self, declaration: Any) -> bool:
         return bool(declaration.rate_limits)
@@ -391,8 +435,13 @@ class RateLimitGuard(Guard):
         if rt is None:
             return
         limits = ctx.declaration.rate_limits
+        deadline = time.monotonic() + self.inline_wait_s
         try:
-            decision = rt.local(_LIMITER, lambda: ClusterLimiter(rt.redis())).decide(limits)
+            limiter = rt.local(_LIMITER, lambda: ClusterLimiter(rt.redis()))
+            while not (decision := limiter.decide(limits, ctx.task_id)).granted:
+                if decision.wait_s > deadline - time.monotonic():
+                    break
+                time.sleep(decision.wait_s)
         except RateLimiterUnavailable as exc:
             log.warning("rmq: %s[%s] deferred %.1fs, rate limits %s not checked (failing closed): %s",
                         ctx.task_name, ctx.task_id, ctx.config.defer_countdown, sorted(limits), exc)

@@ -29,6 +29,7 @@ __all__ = ["governed_task", "GovernedTask", "config_for", "guard_chain", "rmq_he
 
 log = logging.getLogger("rmq.task")
 _DEFERRALS = "rmq_deferrals"
+_UNCOUNTED = frozenset({"rate_limit"})
 
 
 def config_for(app: Any) -> RmqConfig:
@@ -152,9 +153,11 @@ class GovernedTask(Task):
         done = int(headers.get(_DEFERRALS, 0) or 0)
         if rt is not None:
             rt.stats.incr("deferred", defer.kind)
-        if done >= rt.config.max_deferrals if rt is not None else False:
+        # a rate-limit deferral is a booked turn that holds nothing: it does not use up the budget
+        counted = defer.kind not in _UNCOUNTED
+        if counted and rt is not None and done >= rt.config.max_deferrals:
             raise ResourceUnavailable(self.name, defer.reason, done)
-        headers[_DEFERRALS] = done + 1
+        headers[_DEFERRALS] = done + int(counted)
         sig = self.signature_from_request(request, countdown=defer.countdown_s, headers=headers)
         sig.apply_async()
         log.info("rmq deferred %s[%s] for %.2fs (%s): %s", self.name, request.id, defer.countdown_s,
