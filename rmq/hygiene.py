@@ -67,15 +67,27 @@ class LeakDetector:
         self.window = window
         self.ceiling_bytes = ceiling_bytes
         self.baselines: deque[int] = deque(maxlen=window)
+        #: how far each task took the process above the baseline before it (peak - previous baseline)
+        self.rises: deque[int] = deque(maxlen=window)
+        self.first_baseline: int | None = None
         #: sum of baseline deltas by the task that ran between the two readings
         self.attributed: dict[str, int] = {}
         self.observed = 0
 
-    def observe(self, task_name: str, baseline_bytes: int) -> None:
-        """Record the baseline measured after ``task_name`` ran (hygiene done, models excluded)."""
+    def observe(self, task_name: str, baseline_bytes: int, peak_bytes: int | None = None) -> None:
+        """Record the baseline measured after ``task_name`` ran (hygiene done, models excluded).
+
+        ``peak_bytes``: the process's memory when the task ended, before hygiene (models
+        excluded), when known; the ceiling rule then also keeps the next task's transient
+        growth (garbage it leaves until hygiene runs) under the ceiling.
+        """
         if self.baselines:
             delta = baseline_bytes - self.baselines[-1]
             self.attributed[task_name] = self.attributed.get(task_name, 0) + delta
+            if peak_bytes is not None:
+                self.rises.append(max(0, peak_bytes - self.baselines[-1]))
+        if self.first_baseline is None:
+            self.first_baseline = baseline_bytes
         self.baselines.append(baseline_bytes)
         self.observed += 1
 
@@ -101,10 +113,23 @@ class LeakDetector:
         steps = [b - a for a, b in itertools.pairwise(self.baselines)]
         return max(0.0, float(statistics.median_low(steps)))
 
+    def expected_rise(self) -> float:
+        """How far above the last baseline one more task is expected to take the process, >= 0.
+
+        The lower median of the recent rises (a task's peak minus the baseline before it), at
+        least :meth:`expected_growth`; just the growth while fewer than 2 rises are known.
+        """
+        growth = self.expected_growth()
+        if len(self.rises) < 2:
+            return growth
+        return max(growth, float(statistics.median_low(self.rises)))
+
     def should_recycle(self) -> tuple[bool, str]:
         """``(True, "ceiling" | "slope")`` when the process should be recycled, else ``(False, "")``.
 
-        ``ceiling``: the last baseline plus one more task's expected growth reaches the ceiling.
+        ``ceiling``: the last baseline plus one more task's expected growth reaches the ceiling,
+        or, once the baseline grew since this process's first task (so that a fresh process
+        would start lower), the last baseline plus one more task's expected rise does.
         ``slope``: over a full window, the fitted slope reaches the threshold, the baseline rose by
         at least half what that slope implies, and at least half the steps were real increases
         (so one step up, a module imported once, is not a leak).
@@ -112,8 +137,12 @@ class LeakDetector:
         if not self.baselines:
             return False, ""
         last = self.baselines[-1]
-        if self.ceiling_bytes is not None and last + self.expected_growth() >= self.ceiling_bytes:
-            return True, "ceiling"
+        if self.ceiling_bytes is not None:
+            if last + self.expected_growth() >= self.ceiling_bytes:
+                return True, "ceiling"
+            grew = self.first_baseline is not None and last > self.first_baseline
+            if grew and last + self.expected_rise() >= self.ceiling_bytes:
+                return True, "ceiling"
         slope = self.slope()
         if len(self.baselines) < self.window or slope is None or slope < self.slope_bytes_per_task:
             return False, ""
@@ -134,8 +163,11 @@ class LeakDetector:
         """A sentence with the figures behind ``reason``, for the log."""
         last = self.baselines[-1] if self.baselines else 0
         if reason == "ceiling":
+            rise = self.expected_rise()
+            shown = rise - self.expected_growth() >= 4 * 1024 * 1024  # a real transient, not noise
+            peak = f", peaking {format_bytes(rise)} above it," if shown else ""
             return (
-                f"baseline {format_bytes(last)} growing {format_bytes(self.expected_growth())}/task "
+                f"baseline {format_bytes(last)} growing {format_bytes(self.expected_growth())}/task{peak} "
                 f"reaches the ceiling {format_bytes(self.ceiling_bytes)}"
             )
         return (
@@ -174,7 +206,9 @@ def request_recycle(reason: str, detail: str = "", suspect_task: str | None = No
     the loop's ``should_shutdown`` closure variable is pointed at a function returning True.
     Nothing interrupts the running task: the flag is only read when the loop asks for work.
 
-    Counts ``hygiene.recycles.<reason>`` and logs a WARNING once per process.
+    Counts ``hygiene.recycles.<reason>`` and ``hygiene.recycled_for.<suspect task>`` (counters
+    outlive the process: the snapshot folds those of exited processes into a retired total)
+    and logs a WARNING once per process.
 
     Args:
         reason: short counter key, e.g. ``"slope"`` or ``"ceiling"``.
@@ -224,6 +258,7 @@ def request_recycle(reason: str, detail: str = "", suspect_task: str | None = No
     )
     if rt is not None:
         rt.stats.incr("hygiene", "recycles", reason)
+        rt.stats.incr("hygiene", "recycled_for", suspect_task or "unknown")
         rt.stats.flush(force=True)
     return True
 
@@ -272,7 +307,8 @@ class HygieneGuard(Guard):
         if rt is None:
             return
         state: _ProcessState = rt.local("hygiene", _ProcessState)
-        now = self.memory_probe()
+        # net of cached models: a model unloaded during the task must not hide the task's own garbage
+        now = self.memory_probe() - int(self.model_bytes())
         ctx.state[self.name] = now
         if state.idle_bytes is None or now < state.idle_bytes:
             state.idle_bytes = now
@@ -284,12 +320,12 @@ class HygieneGuard(Guard):
             return
         state: _ProcessState = rt.local("hygiene", _ProcessState)
         start = ctx.state[self.name]
-        before = self.memory_probe()
+        before = self.memory_probe() - int(self.model_bytes())
         after = before
         idle = state.idle_bytes if state.idle_bytes is not None else start
         if before - idle > ctx.config.hygiene_margin:
             self.trim()
-            after = self.memory_probe()
+            after = self.memory_probe() - int(self.model_bytes())
             returned = max(0, before - after)
             state.returned_bytes += returned
             rt.stats.incr("hygiene", "runs")
@@ -297,11 +333,11 @@ class HygieneGuard(Guard):
             state.idle_bytes = after
         elif after < idle:
             state.idle_bytes = after
-        baseline = max(0, after - int(self.model_bytes()))
+        baseline = max(0, after)
         if state.first_baseline is None:
             state.first_baseline = baseline
         detector = state.detector = state.detector or _detector_for(ctx.config)
-        detector.observe(ctx.task_name, baseline)
+        detector.observe(ctx.task_name, baseline, peak_bytes=max(0, before))
         suspect = detector.suspect()
         recycle, reason = (False, "") if state.recycling or state.cannot_recycle else detector.should_recycle()
         gauges = {

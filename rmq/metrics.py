@@ -33,6 +33,9 @@ LABELLED: dict[tuple[str, ...], str] = {
     ("rate_limits",): "limit",
     ("concurrency",): "limit",
     ("hygiene", "recycles"): "reason",
+    ("hygiene", "recycled_for"): "task",
+    ("rejected",): "resource",
+    ("cpu", "by_task"): "task",
 }
 GAUGE_SECTIONS = ("memory", "cpu", "disk", "network")
 ZONES = ("ok", "unload", "pause", "kill")

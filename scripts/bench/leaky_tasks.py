@@ -8,8 +8,9 @@ fragmented, so that glibc only gives it back on ``malloc_trim``.
 
 ``LEAKY_MODE=plain`` builds a plain Celery app (no rmq imported; the bench passes
 ``worker_max_memory_per_child``); ``LEAKY_MODE=rmq`` builds the same app with ``rmq.install``
-and adds the governed variant. ``LEAKY_BROKER`` (default redis://127.0.0.1:6379/14) is broker
-and result backend; ``LEAKY_QUEUE`` the queue. ``LEAKY_CONF`` is JSON merged into the conf.
+and adds the governed variant. ``LEAKY_BROKER`` is broker and result backend (scripts/bench/leaky.py
+passes its private redis-server; the default, db 0 of the local Redis, is one tests never flush);
+``LEAKY_QUEUE`` the queue. ``LEAKY_CONF`` is JSON merged into the conf.
 
 ``python leaky_tasks.py --frag-check {none,gc,trim} [--runs 20]`` runs the fragmenting body
 in this process and prints RSS figures as JSON (no broker needed).
@@ -21,12 +22,13 @@ import gc
 import json
 import os
 import sys
+import time
 
 from celery import Celery
 
 MiB = 1 << 20
 MODE = os.environ.get("LEAKY_MODE", "plain")
-BROKER = os.environ.get("LEAKY_BROKER", "redis://127.0.0.1:6379/14")
+BROKER = os.environ.get("LEAKY_BROKER", "redis://127.0.0.1:6379/0")
 QUEUE = os.environ.get("LEAKY_QUEUE", "bench.leaky")
 
 LEAKED: list[bytearray] = []
@@ -63,12 +65,13 @@ def fragment(total_bytes: int, keep_every: int = 256) -> int:
     return i
 
 
-def work(leak_mib: int, frag_mib: int) -> dict[str, int]:
-    """The task body: leak, fragment, report this process's pid and RSS."""
+def work(leak_mib: int, frag_mib: int) -> dict[str, float]:
+    """The task body: leak, fragment, report this process's pid, RSS and start/end times."""
+    started = time.time()
     if leak_mib:
         LEAKED.append(bytearray(b"\x01") * (leak_mib * MiB))
     fragment(frag_mib * MiB)
-    return {"pid": os.getpid(), "rss": rss_bytes()}
+    return {"pid": os.getpid(), "rss": rss_bytes(), "started": started, "ended": time.time()}
 
 
 app = Celery("leaky_tasks", broker=BROKER, backend=BROKER, set_as_current=True)
@@ -84,7 +87,7 @@ app.conf.update(json.loads(os.environ.get("LEAKY_CONF", "{}")))
 
 
 @app.task(name="bench.leaky.plain")
-def leaky_plain(leak_mib: int, frag_mib: int) -> dict[str, int]:
+def leaky_plain(leak_mib: int, frag_mib: int) -> dict[str, float]:
     """Plain Celery task."""
     return work(leak_mib, frag_mib)
 
@@ -96,7 +99,7 @@ if MODE == "rmq":
     rmq.install(app)
 
     @governed_task(name="bench.leaky.governed", memory="160MiB", hygiene=True)
-    def leaky_governed(leak_mib: int, frag_mib: int) -> dict[str, int]:
+    def leaky_governed(leak_mib: int, frag_mib: int) -> dict[str, float]:
         """The same body, governed (hygiene and leak detection after each run)."""
         return work(leak_mib, frag_mib)
 

@@ -297,3 +297,24 @@ def test_rss_probe_sees_an_allocation() -> None:
     block = bytearray(b"\x01") * (40 * MiB)
     assert rss_bytes() - before >= 35 * MiB
     del block
+
+
+def test_ceiling_counts_the_garbage_a_task_leaves_until_hygiene() -> None:
+    det = LeakDetector(slope_bytes_per_task=1 << 40, window=50, ceiling_bytes=400 * MiB)
+    peaks = []
+    for i in range(20):
+        baseline = 60 * MiB + i * 30 * MiB
+        peaks.append(baseline + 50 * MiB)
+        det.observe("leaky", baseline, peak_bytes=peaks[-1])
+        if det.should_recycle()[0]:
+            break
+    assert det.should_recycle() == (True, "ceiling")
+    assert max(peaks) < 400 * MiB and det.baselines[-1] + 80 * MiB >= 400 * MiB
+    assert "peaking 80.0MiB above it" in det.explain("ceiling")
+
+
+def test_a_big_transient_without_growth_never_recycles() -> None:
+    det = LeakDetector(slope_bytes_per_task=8 * MiB, window=8, ceiling_bytes=150 * MiB)
+    for _ in range(30):
+        det.observe("t", 100 * MiB, peak_bytes=160 * MiB)
+        assert det.should_recycle() == (False, "")
