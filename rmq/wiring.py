@@ -92,6 +92,9 @@ def install(app: Any) -> Any:
     if getattr(app, "_rmq_installed", False):
         return app
     app._rmq_installed = True
+    from .autoscale import check_command_line
+
+    check_command_line()  # a bad --autoscale on a `celery worker` command line: exit 2, one line
     from . import beat, control  # noqa: F401  (registers the beat tasks and remote-control commands)
     from .bootstep import GovernorStep
 
