@@ -126,7 +126,7 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "default_task_memory": ("32MiB", _size0),
     "learn_percentile": (0.95, parse_ratio),
     "learn_window": (50, _int(1)),
-    "uss_interval": ("2s", _dur),
+    "uss_interval": ("10s", _dur),
     "heavy_memory_threshold": ("1GiB", _size),
     "heavy_queue": ("rmq.heavy", _str),
     "default_priority": ("normal", parse_priority),

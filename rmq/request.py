@@ -58,6 +58,8 @@ class GovernedRequest(Request):
                 record.task_name, record.observed_bytes, record.declared_bytes, record.budget_bytes, kills
             )
             return super().on_failure(_exc_info(failure), send_failed_event, return_ok)
+        if self._success_was_stored():  # it had succeeded: Celery acks it and reports the success
+            return super().on_failure(exc_info, send_failed_event, return_ok)
         lost = self._count_lost()
         if lost is not None and lost > rt.config.worker_lost_retries:
             failure = TaskProcessLost(self.task_name, lost, str(exc))

@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from celery import Task, shared_task
-from celery.exceptions import Retry
+from celery import Task, shared_task, states
+from celery.exceptions import Ignore, Retry
 
 from .config import RmqConfig, load_config
 from .declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
@@ -93,6 +93,9 @@ class GovernedTask(Task):
         request = self.request
         if rt is None or request is None or request.called_directly or request.is_eager:
             return super().__call__(*args, **kwargs)
+        if self._already_succeeded(request):
+            log.warning("rmq: %s[%s] already succeeded; this copy does not run", self.name, request.id)
+            raise Ignore()
         if self._rmq_argnames is None:
             try:
                 params = inspect.signature(self.run).parameters
@@ -137,6 +140,21 @@ class GovernedTask(Task):
                 self._exit_guards(entered, ctx, failed=True)
             self._rmq_local.ctx = None
             rt.stats.flush()
+
+    def _already_succeeded(self, request: Any) -> bool:
+        """A redelivered message, a deferred copy or a re-run after a kill may belong to a task that
+        already succeeded (killed between its ack and ours). One backend read, only for such messages."""
+        if request.ignore_result:
+            return False
+        headers = rmq_headers(request)
+        if not ((request.delivery_info or {}).get("redelivered") or headers.get(_DEFERRALS)
+                or headers.get("rmq_kills")):
+            return False
+        try:
+            return self.backend.get_task_meta(request.id, cache=False).get("status") == states.SUCCESS
+        except Exception as exc:  # no backend, or it is down: run it
+            log.debug("rmq could not read the state of %s[%s]: %r", self.name, request.id, exc)
+            return False
 
     @staticmethod
     def _exit_guards(entered: list[Guard], ctx: TaskContext, failed: bool) -> None:

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""SPEC P1 and P6: what rmq costs. Plain Celery and rmq side by side in one run, interleaved.
+
+P1 (throughput): two real ``celery worker`` subprocesses on the same Redis, with the same settings
+(``tests/integration/soakapp.py`` ``bench_conf``: prefork, ``--concurrency``, prefetch multiplier,
+``acks_late`` + reject on worker lost, the broker transport options rmq sets, no events) run the same
+tasks: ``bench-plain`` as plain ``app.task``s, ``bench-rmq`` with ``rmq.install(app)`` and
+``@governed_task(memory="16MiB")`` (declared, so no learning read). Each round fills a fresh queue
+with ``--tasks`` messages while no worker consumes it, then tells one worker to consume it
+(``add_consumer``) and waits for every result. Throughput per round = (N - 1) / (last - first
+``date_done`` the worker stored): worker-side time, no client polling in it. Rounds alternate
+plain, rmq, rmq, plain, ... so drift on this shared machine hits both. Printed: every round, the
+medians, the ratio of medians rmq/plain and the median of per-round paired ratios (goal >= 0.95),
+and the CPU time per task of the worker's main process and its pool (psutil), which load from
+other processes disturbs far less than throughput.
+
+P6 (governor cost): both workers idle for ``--idle`` s; CPU time of each worker's main process (user
++ system, psutil) over that window as a percent of one core (goal: rmq minus plain <= 2 %), the pool
+processes' total, and the governor's own accounting (``governor.ticks``, ``tick_seconds`` from
+``inspect stats``): ms per tick at the default interval.
+
+Usage: scripts/bench/overhead.py [--tasks 2000] [--rounds 5] [--concurrency 8] [--prefetch 1]
+                                 [--kinds noop,cpu5,sleep5] [--idle 30]
+Redis: RMQ_BENCH_REDIS_URL, else a private ``redis-server`` on a free port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from datetime import datetime
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TESTS_DIR = os.path.join(ROOT, "tests", "integration")
+for _p in (ROOT, TESTS_DIR, os.path.dirname(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import psutil  # noqa: E402
+import redis as redis_lib  # noqa: E402
+
+from rmq.testing.worker import WorkerProcess, wait_until  # noqa: E402
+
+MODES = ("plain", "rmq")
+KINDS = {"noop": ("ovh.noop", ()), "cpu5": ("ovh.cpu", (5.0,)), "sleep5": ("ovh.sleep", (5.0,))}
+META = "celery-task-meta-"
+
+
+def start_worker(url: str, mode: str, concurrency: int, prefetch: int, transport: dict[str, Any],
+                 client: Any) -> WorkerProcess:
+    """A ``-A soakapp`` worker in ``bench-<mode>``, consuming only its idle queue, ready."""
+    env = {"RMQ_BROKER_URL": url, "RMQ_RESULT_BACKEND": url, "SOAK_MODE": f"bench-{mode}",
+           "SOAK_PREFETCH": str(prefetch), "SOAK_TRANSPORT": json.dumps(transport),
+           "PYTHONPATH": os.pathsep.join([TESTS_DIR, ROOT])}
+    w = WorkerProcess(app="soakapp", env=env, queues=[f"ovh.idle.{mode}.{uuid.uuid4().hex[:6]}"],
+                      concurrency=concurrency, cwd=ROOT, loglevel="WARNING",
+                      hostname=f"ovh-{mode}-{uuid.uuid4().hex[:6]}@%h")
+    w.start()
+    w.wait_ready(client, timeout=90)
+    wait_until(lambda: len(w.pool_pids()) >= concurrency, 60, what="the whole pool")
+    return w
+
+
+def _date(raw: bytes) -> float:
+    return datetime.fromisoformat(json.loads(raw)["date_done"]).timestamp()
+
+
+def run_round(client: Any, rc: redis_lib.Redis, w: WorkerProcess, kind: str, n: int,
+              timeout_s: float = 300.0) -> dict[str, float]:
+    """Fill a fresh queue with ``n`` tasks, let ``w`` consume it, return its throughput figures."""
+    name, args = KINDS[kind]
+    queue = f"ovh.q.{uuid.uuid4().hex[:8]}"
+    with client.producer_or_acquire() as producer:
+        ids = [client.send_task(name, args, queue=queue, producer=producer).id for _ in range(n)]
+    keys = [META + i for i in ids]
+    cpu0 = cpu_seconds(w.pid)
+    t0 = time.time()
+    client.control.add_consumer(queue, destination=[w.node_name], reply=True, timeout=5)
+    deadline = time.monotonic() + timeout_s
+    while rc.exists(*keys) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{kind} round on {w.node_name}: {rc.exists(*keys)}/{n} done")
+        time.sleep(0.05)
+    wall = time.time() - t0
+    cpu1 = cpu_seconds(w.pid)
+    client.control.cancel_consumer(queue, destination=[w.node_name], reply=True, timeout=5)
+    dates = sorted(_date(raw) for raw in rc.mget(keys))
+    statuses = {json.loads(raw)["status"] for raw in rc.mget(keys[:50])}
+    rc.delete(*keys)
+    if statuses != {"SUCCESS"}:
+        raise RuntimeError(f"{kind} round on {w.node_name} ended with {statuses}")
+    span = dates[-1] - dates[0]
+    return {"worker": (n - 1) / span if span > 0 else float("nan"), "wall": n / wall,
+            "main_ms": 1000 * (cpu1[0] - cpu0[0]) / n, "pool_ms": 1000 * (cpu1[1] - cpu0[1]) / n}
+
+
+def rmq_governor(client: Any, w: WorkerProcess) -> dict[str, Any]:
+    """``inspect stats`` ``rmq.governor`` of ``w``."""
+    replies = client.control.inspect(destination=[w.node_name], timeout=5).stats() or {}
+    return replies.get(w.node_name, {}).get("rmq", {}).get("governor", {})
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(main process, its children) CPU seconds, user + system."""
+    main = psutil.Process(pid)
+    t = main.cpu_times()
+    kids = 0.0
+    for c in main.children():
+        with contextlib.suppress(psutil.Error):
+            ct = c.cpu_times()
+            kids += ct.user + ct.system
+    return t.user + t.system, kids
+
+
+def idle_cost(client: Any, workers: dict[str, WorkerProcess], idle_s: float) -> dict[str, Any]:
+    """CPU of each idle worker over ``idle_s`` seconds, and the governor's own tick accounting."""
+    time.sleep(3)  # let the last round's pool work settle
+    g0 = rmq_governor(client, workers["rmq"])
+    c0 = {m: cpu_seconds(w.pid) for m, w in workers.items()}
+    t0 = time.monotonic()
+    time.sleep(idle_s)
+    c1 = {m: cpu_seconds(w.pid) for m, w in workers.items()}
+    dt = time.monotonic() - t0
+    g1 = rmq_governor(client, workers["rmq"])
+    out: dict[str, Any] = {"window_s": dt}
+    for m in workers:
+        out[m] = {"main_pct": 100 * (c1[m][0] - c0[m][0]) / dt, "pool_pct": 100 * (c1[m][1] - c0[m][1]) / dt}
+    ticks = (g1.get("ticks", 0) - g0.get("ticks", 0))
+    spent = g1.get("tick_seconds", 0.0) - g0.get("tick_seconds", 0.0)
+    out["ticks"] = ticks
+    out["ms_per_tick"] = 1000 * spent / ticks if ticks else float("nan")
+    out["tick_pct"] = 100 * spent / dt
+    out["interval_s"] = g1.get("interval_s")
+    return out
+
+
+def main() -> int:
+    from soak import private_redis  # scripts/soak.py
+
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=2000, help="tasks per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per mode and kind")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--prefetch", type=int, default=1, help="worker_prefetch_multiplier (both)")
+    parser.add_argument("--kinds", default="noop,cpu5")
+    parser.add_argument("--idle", type=float, default=30.0, help="seconds of the idle CPU window (P6); 0 skips")
+    args = parser.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    import soakapp
+
+    url = os.environ.get("RMQ_BENCH_REDIS_URL")
+    with contextlib.nullcontext(url) if url else private_redis() as url:
+        transport = soakapp.rmq_transport_conf(url)
+        clients = {m: soakapp.bench_app(m == "rmq", url, prefetch=args.prefetch, transport=transport)
+                   for m in MODES}
+        rc = redis_lib.Redis.from_url(url)
+        workers: dict[str, WorkerProcess] = {}
+        print(f"P1/P6 overhead: plain Celery vs rmq, prefork -c {args.concurrency}, prefetch multiplier "
+              f"{args.prefetch}, acks_late, same transport options, Redis {url}; {args.tasks} tasks per round, "
+              f"{args.rounds} rounds per mode, interleaved", flush=True)
+        try:
+            for m in MODES:
+                workers[m] = start_worker(url, m, args.concurrency, args.prefetch, transport, clients[m])
+            for m in MODES:  # warm up: first imports, pool processes' first tasks
+                run_round(clients[m], rc, workers[m], kinds[0], min(200, args.tasks))
+            results: dict[str, dict[str, list[dict[str, float]]]] = {k: {m: [] for m in MODES} for k in kinds}
+            for kind in kinds:
+                print(f"\n{kind}: tasks/s per round (worker-side: (N-1) / (last - first date_done); wall: "
+                      f"N / (consume start -> all results))", flush=True)
+                print(f"  {'round':>5}  {'plain':>8}  {'rmq':>8}  {'rmq/plain':>9}  {'wall plain/rmq':>14}  "
+                      f"{'CPU ms/task main+pool: plain':>28}  {'rmq':>11}")
+                for r in range(args.rounds):
+                    order = MODES if r % 2 == 0 else MODES[::-1]
+                    got = {m: run_round(clients[m], rc, workers[m], kind, args.tasks) for m in order}
+                    for m in MODES:
+                        results[kind][m].append(got[m])
+                    p, g = got["plain"], got["rmq"]
+                    print(f"  {r + 1:>5}  {p['worker']:>8.0f}  {g['worker']:>8.0f}  {g['worker'] / p['worker']:>9.3f}  "
+                          f"{p['wall']:>6.0f} / {g['wall']:<5.0f}  {p['main_ms']:>20.2f} + {p['pool_ms']:<5.2f}  "
+                          f"{g['main_ms']:>5.2f} + {g['pool_ms']:<5.2f}", flush=True)
+            print("\nP1 summary (goal: rmq/plain >= 0.95)")
+            print(f"  {'kind':>6}  {'plain median':>12}  {'rmq median':>10}  {'ratio of medians':>16}  "
+                  f"{'median paired ratio':>19}  {'wall ratio':>10}  {'CPU ms/task plain':>17}  {'rmq':>5}")
+            ok = True
+            for kind in kinds:
+                p = [x["worker"] for x in results[kind]["plain"]]
+                g = [x["worker"] for x in results[kind]["rmq"]]
+                pw = statistics.median(x["wall"] for x in results[kind]["plain"])
+                gw = statistics.median(x["wall"] for x in results[kind]["rmq"])
+                ratio = statistics.median(g) / statistics.median(p)
+                paired = statistics.median(a / b for a, b in zip(g, p, strict=True))
+                ok = ok and ratio >= 0.95
+                pc = statistics.median(x["main_ms"] + x["pool_ms"] for x in results[kind]["plain"])
+                gc = statistics.median(x["main_ms"] + x["pool_ms"] for x in results[kind]["rmq"])
+                print(f"  {kind:>6}  {statistics.median(p):>12.0f}  {statistics.median(g):>10.0f}  "
+                      f"{ratio:>16.3f}  {paired:>19.3f}  {gw / pw:>10.3f}  {pc:>17.2f}  {gc:>5.2f}")
+            if args.idle > 0:
+                idle = idle_cost(clients["rmq"], workers, args.idle)
+                print(f"\nP6 idle cost over {idle['window_s']:.0f} s, -c {args.concurrency}, governor interval "
+                      f"{idle['interval_s']} s (goal: governor <= 2 % of one core)")
+                print(f"  {'':28}{'plain':>10}{'rmq':>10}{'rmq - plain':>14}")
+                for part, label in (("main_pct", "main process, % of a core"),
+                                    ("pool_pct", "pool processes, % of a core")):
+                    a, b = idle["plain"][part], idle["rmq"][part]
+                    print(f"  {label:28}{a:>10.2f}{b:>10.2f}{b - a:>14.2f}")
+                print(f"  governor ticks: {idle['ticks']} ({idle['ticks'] / idle['window_s']:.1f}/s), "
+                      f"{idle['ms_per_tick']:.2f} ms per tick = {idle['tick_pct']:.2f} % of a core")
+                ok = ok and idle["rmq"]["main_pct"] - idle["plain"]["main_pct"] <= 2.0
+            print("\nPASS" if ok else "\nMISS: see the figures above")
+            return 0 if ok else 1
+        finally:
+            for w in workers.values():
+                w.stop()
+                if os.environ.get("RMQ_KEEP_WORKER_LOGS") is None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(w.log_path)
+                else:
+                    print(f"  worker log kept: {w.log_path}")
+            for c in clients.values():
+                c.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

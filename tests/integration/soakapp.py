@@ -1,0 +1,408 @@
+"""Task app of the reliability tests, ``scripts/soak.py`` and ``scripts/bench/overhead.py``.
+
+``SOAK_MODE`` picks what a ``-A soakapp`` worker runs:
+
+- ``rmq`` (default): the reference app (``workers.app.make_app``) with governed ``soak.*`` tasks that
+  record every run in Redis (:func:`record_start`, :func:`record_done`), so a test sees re-runs.
+- ``bench-rmq`` / ``bench-plain``: the overhead bench. The same Celery settings for both
+  (:func:`bench_conf`: prefork, acks_late, reject on worker lost, prefetch ``SOAK_PREFETCH``, the
+  broker transport options rmq sets, no events, no started state); ``bench-rmq`` adds
+  ``rmq.install(app)`` and governed ``ovh.*`` tasks that declare their memory, ``bench-plain`` has
+  the same functions as plain ``app.task``s.
+
+Markers (Redis of ``RMQ_BROKER_URL``, or ``SOAK_MARK_URL``): ``soak:starts:<id>`` is a list of
+``"<time>|<pid>|<redelivered 0/1>|<hostname>|<deferrals>"`` per run; ``soak:done:<id>`` lists
+``"<time>|<pid>"`` of each run whose body finished.
+
+Test-only switches (environment of the worker):
+
+- ``SOAK_CPROFILE=<dir>``: each pool process writes a CPU-time cProfile to ``<dir>`` when it exits;
+  the bench-rmq task ``ovh.profile_guards`` profiles the guard chain inside a pool process.
+- ``SOAK_PATCH_TOUCH`` / ``SOAK_PATCH_DEDUPE`` / ``SOAK_PATCH_FAST``: prototypes of fixes proposed for
+  rmq/bootstep.py (touch unacked on its own connection), rmq/task.py (a copy of a task that already
+  succeeded does not run) and rmq/ledger.py + reservation.py + hygiene.py (cheaper guard chain),
+  used to measure them before they land. DELETE each block once its fix is in rmq.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import redis as redis_lib
+
+MiB = 1 << 20
+MODE = os.environ.get("SOAK_MODE", "rmq")
+BROKER = os.environ.get("RMQ_BROKER_URL", "redis://127.0.0.1:6379/0")
+MARK_URL = os.environ.get("SOAK_MARK_URL") or (BROKER if BROKER.startswith("redis") else
+                                               os.environ.get("RMQ_RESULT_BACKEND", BROKER))
+MARK_TTL_S = 3600
+_HOST = socket.gethostname()
+
+
+def bench_conf(prefetch: int = 1) -> dict[str, Any]:
+    """Celery settings shared by both overhead-bench apps (and their clients)."""
+    return {
+        "worker_prefetch_multiplier": prefetch,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "task_track_started": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+    }
+
+
+def rmq_transport_conf(broker: str) -> dict[str, Any]:
+    """The broker settings ``rmq.install`` gives an app on ``broker`` (for the plain app too)."""
+    from celery import Celery
+
+    import rmq
+
+    probe = Celery("probe", broker=broker, set_as_current=False)
+    rmq.install(probe)
+    conf = probe.conf
+    out = {
+        "broker_transport_options": dict(conf.broker_transport_options or {}),
+        "task_queue_max_priority": conf.task_queue_max_priority,
+        "task_default_priority": conf.task_default_priority,
+    }
+    probe.close()
+    return out
+
+
+def bench_app(governed: bool, broker: str, backend: str | None = None, prefetch: int = 1,
+              transport: dict[str, Any] | None = None) -> Any:
+    """A Celery app of the overhead bench: identical settings, with or without rmq.
+
+    The plain app gets ``transport`` (default: :func:`rmq_transport_conf`), the broker settings
+    rmq would give it, so that both apps use the same Redis key layout and restore options.
+    """
+    from celery import Celery
+
+    app = Celery("overhead", broker=broker, backend=backend or broker, set_as_current=False)
+    app.conf.update(bench_conf(prefetch))
+    if governed:
+        import rmq
+
+        rmq.install(app)
+    else:
+        app.conf.update(transport if transport is not None else rmq_transport_conf(broker))
+    return app
+
+
+_redis: redis_lib.Redis | None = None
+_redis_pid = -1
+
+
+def _client() -> redis_lib.Redis:
+    global _redis, _redis_pid
+    if _redis is None or _redis_pid != os.getpid():
+        _redis, _redis_pid = redis_lib.Redis.from_url(MARK_URL), os.getpid()
+    return _redis
+
+
+def record_start(request: Any) -> float:
+    """Append this run to ``soak:starts:<id>``: ``time|pid|redelivered 0/1|hostname|deferrals``."""
+    now = time.time()
+    redelivered = 1 if (getattr(request, "delivery_info", None) or {}).get("redelivered") else 0
+    deferrals = int(getattr(request, "rmq_deferrals", 0) or (getattr(request, "headers", None) or {}).get(
+        "rmq_deferrals", 0) or 0)
+    key = f"soak:starts:{request.id}"
+    pipe = _client().pipeline(transaction=False)
+    pipe.rpush(key, f"{now:.6f}|{os.getpid()}|{redelivered}|{getattr(request, 'hostname', '') or _HOST}|"
+                    f"{deferrals}")
+    pipe.expire(key, MARK_TTL_S)
+    pipe.execute()
+    return now
+
+
+def record_done(request: Any) -> None:
+    """Append a finished body to ``soak:done:<id>``: ``time|pid``."""
+    key = f"soak:done:{request.id}"
+    pipe = _client().pipeline(transaction=False)
+    pipe.rpush(key, f"{time.time():.6f}|{os.getpid()}")
+    pipe.expire(key, MARK_TTL_S)
+    pipe.execute()
+
+
+def _touch(n: int) -> bytearray:
+    block = bytearray(n)
+    for i in range(0, n, 4096):
+        block[i] = 1
+    return block
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+if MODE == "rmq":
+    from rmq import governed_task
+    from rmq.errors import Defer
+    from rmq.task import rmq_headers
+    from workers.app import make_app
+
+    app = make_app()
+    app.set_current()
+
+    @governed_task(memory="32MiB", name="soak.noop", bind=True)
+    def noop(self: Any) -> str:
+        """Does nothing but record its run."""
+        record_start(self.request)
+        record_done(self.request)
+        return "ok"
+
+    @governed_task(memory="32MiB", name="soak.sleep", bind=True)
+    def sleep(self: Any, seconds: float) -> dict:
+        """Sleeps ``seconds``."""
+        started = record_start(self.request)
+        time.sleep(seconds)
+        record_done(self.request)
+        return {"pid": os.getpid(), "started": started, "ended": time.time()}
+
+    @governed_task(memory="64MiB", name="soak.alloc", bind=True)
+    def alloc(self: Any, mib: int) -> int:
+        """Touches ``mib`` MiB, then lets it go."""
+        record_start(self.request)
+        block = _touch(mib * MiB)
+        n = len(block)
+        del block
+        record_done(self.request)
+        return n
+
+    @governed_task(memory="32MiB", name="soak.defer_once", bind=True)
+    def defer_once(self: Any, countdown_s: float = 0.3) -> str:
+        """Defers itself once (a Defer from the body), then succeeds."""
+        record_start(self.request)
+        if int(rmq_headers(self.request).get("rmq_deferrals", 0) or 0) < 1:
+            raise Defer("soak: defer once", countdown_s, kind="soak")
+        record_done(self.request)
+        return "deferred once"
+
+    @governed_task(memory="32MiB", name="soak.defer_then_die", bind=True)
+    def defer_then_die(self: Any, countdown_s: float = 0.3) -> str:
+        """Defers itself once and then dies before its worker acknowledges the message: the worst
+        moment for a deferral (the deferred copy is already sent, the original is redelivered)."""
+        from celery.exceptions import Retry
+
+        record_start(self.request)
+        if int(rmq_headers(self.request).get("rmq_deferrals", 0) or 0) < 1 and not self.request.delivery_info.get(
+                "redelivered"):
+            try:
+                self._defer(Defer("soak: defer then die", countdown_s, kind="soak"))
+            except Retry:
+                os.kill(os.getpid(), 9)
+        record_done(self.request)
+        return "done"
+
+elif MODE in ("bench-rmq", "bench-plain"):
+    import json
+
+    prefetch = int(os.environ.get("SOAK_PREFETCH", "1"))
+    transport = json.loads(os.environ["SOAK_TRANSPORT"]) if os.environ.get("SOAK_TRANSPORT") else None
+    app = bench_app(MODE == "bench-rmq", BROKER, os.environ.get("RMQ_RESULT_BACKEND", BROKER), prefetch,
+                    transport)
+    app.set_current()
+    if MODE == "bench-rmq":
+        from rmq import governed_task
+
+        def task(**options: Any) -> Any:
+            return governed_task(memory="16MiB", **options)
+    else:
+        task = app.task
+
+    @task(name="ovh.noop")
+    def ovh_noop() -> None:
+        """No work at all."""
+        return None
+
+    @task(name="ovh.cpu")
+    def ovh_cpu(ms: float = 5.0) -> None:
+        """``ms`` milliseconds of CPU work (a busy loop)."""
+        _spin(ms / 1000.0)
+
+    if MODE == "bench-rmq":
+
+        @governed_task(memory="16MiB", name="ovh.profile_guards")
+        def ovh_profile_guards(n: int = 2000) -> str:
+            """Profiling aid: run this worker's guard chain ``n`` times for a no-op, in this pool
+            process, under cProfile (CPU time); returns the top of the profile."""
+            import cProfile
+            import io
+            import pstats
+
+            from rmq.declarations import parse_declaration
+            from rmq.guards import TaskContext
+            from rmq.registry_guards import default_guards
+            from rmq.runtime import current
+
+            rt = current()
+            decl = parse_declaration(memory="16MiB")
+            guards = [g for g in default_guards() if g.applies(decl)]
+            t0 = time.thread_time()
+            for i in range(n):
+                ctx = TaskContext(task_name="ovh.noop", task_id=f"p-{i}", declaration=decl, config=rt.config)
+                for g in guards:
+                    g.enter(ctx)
+                for g in reversed(guards):
+                    g.exit(ctx, False)
+            plain_us = (time.thread_time() - t0) / n * 1e6
+            prof = cProfile.Profile(time.thread_time)
+            prof.enable()
+            for i in range(n):
+                ctx = TaskContext(task_name="ovh.noop", task_id=f"q-{i}", declaration=decl, config=rt.config)
+                for g in guards:
+                    g.enter(ctx)
+                for g in reversed(guards):
+                    g.exit(ctx, False)
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+            return f"guard chain: {plain_us:.1f} us CPU per task without the profiler\n" + out.getvalue()
+
+    @task(name="ovh.sleep")
+    def ovh_sleep(ms: float = 5.0) -> None:
+        """``ms`` milliseconds of waiting (I/O-like)."""
+        time.sleep(ms / 1000.0)
+
+else:  # pragma: no cover
+    raise RuntimeError(f"unknown SOAK_MODE {MODE!r}")
+
+
+if os.environ.get("SOAK_PATCH_TOUCH"):  # fix prototype for rmq/bootstep.py (delete once applied)
+    from rmq import bootstep as _bs
+
+    def _touch_unacked(self: Any) -> None:
+        consumer = getattr(self.worker, "consumer", None)
+        channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
+        qos = getattr(channel, "qos", None)
+        key = getattr(channel, "unacked_index_key", None)
+        delivered = getattr(qos, "_delivered", None)
+        if not delivered or key is None:
+            return
+        now = time.time()
+        try:
+            with channel.conn_or_acquire() as client:
+                client.zadd(key, {tag: now for tag in list(delivered)}, xx=True)
+        except Exception as exc:
+            _bs.log.debug("rmq could not touch unacked messages: %r", exc)
+
+    _bs.CeleryActuator.touch_unacked = _touch_unacked
+
+
+if os.environ.get("SOAK_PATCH_DEDUPE"):  # fix prototype for rmq/task.py (delete once applied)
+    from celery import states as _states
+    from celery.exceptions import Ignore as _Ignore
+
+    from rmq import task as _task
+
+    _orig_call = _task.GovernedTask.__call__
+
+    def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if _task.current() is not None and request is not None and not request.called_directly \
+                and not request.is_eager and not request.ignore_result:
+            h = _task.rmq_headers(request)
+            again = (request.delivery_info or {}).get("redelivered") or h.get("rmq_deferrals") or h.get("rmq_kills")
+            if again and self.backend.get_task_meta(request.id, cache=False).get("status") == _states.SUCCESS:
+                _task.log.warning("rmq: %s[%s] already succeeded; this copy does not run", self.name, request.id)
+                raise _Ignore()
+        return _orig_call(self, *args, **kwargs)
+
+    _task.GovernedTask.__call__ = _call
+
+
+if os.environ.get("SOAK_CPROFILE"):  # profiling aid: CPU-time cProfile of each pool process
+    import cProfile
+
+    from celery import signals as _signals
+
+    _prof: dict[str, Any] = {}
+
+    @_signals.worker_process_init.connect(weak=False)
+    def _prof_start(**_: Any) -> None:
+        _prof["p"] = cProfile.Profile(time.process_time)
+        _prof["p"].enable()
+
+    @_signals.worker_process_shutdown.connect(weak=False)
+    def _prof_stop(**_: Any) -> None:
+        p = _prof.get("p")
+        if p is not None:
+            p.disable()
+            p.dump_stats(os.path.join(os.environ["SOAK_CPROFILE"], f"pool-{os.getpid()}.prof"))
+
+
+if os.environ.get("SOAK_PATCH_FAST"):  # fix prototypes: ledger/reservation/hygiene (delete once applied)
+    from rmq import hygiene as _hyg
+    from rmq import ledger as _led
+    from rmq import reservation as _res
+
+    _FLAGS = slice(_led._HEADER_SIZE, _led._HEADER_SIZE + _led._SLOTS * _led._SLOT.size, _led._SLOT.size)
+
+    def _entries_unlocked(self: Any) -> list:
+        flags = self._map[_FLAGS]
+        out = []
+        i = flags.find(1)
+        while i >= 0:
+            e = self._read_slot(i)
+            if e is not None:
+                out.append(e)
+            i = flags.find(1, i + 1)
+        return out
+
+    def _add_unlocked(self: Any, e: Any) -> Any:
+        i = self._map[_FLAGS].find(0)
+        if i < 0:
+            raise _led.LedgerFull("the ledger has no free slot (128 reservations)")
+        e.slot = i
+        e.task_id, e.name = _led._fit(e.task_id, 48), _led._fit(e.name, 96)
+        if not e.started:
+            e.started = time.time()
+        self._write_slot(i, e)
+        return e
+
+    def _remove(self: Any, e: Any) -> Any:
+        with self.locked():
+            current = self._read_slot(e.slot)
+            if current is not None and current.pid == e.pid and current.task_id == _led._fit(e.task_id, 48):
+                self._write_slot(e.slot, None)
+                return current
+        return None
+
+    _led.Ledger.entries_unlocked = _entries_unlocked
+    _led.Ledger.add_unlocked = _add_unlocked
+    _led.Ledger.remove = _remove
+
+    _statm = {"pid": -1, "fd": -1}
+    _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss() -> int:
+        pid = os.getpid()
+        if _statm["pid"] != pid:
+            _statm["fd"], _statm["pid"] = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC), pid
+        return int(os.pread(_statm["fd"], 128, 0).split()[1]) * _PAGE
+
+    _res.own_rss_bytes = _rss
+    _hyg.rss_bytes = _rss
+
+    def _exit(self: Any, ctx: Any, failed: bool) -> None:
+        rt = _res.current()
+        entry = ctx.state.pop("admission", None)
+        if rt is None or entry is None:
+            return
+        stored = rt.ledger.remove(entry)
+        peak = max(_rss() - entry.start_rss, stored.peak_used_bytes if stored is not None else 0, 0)
+        peak = max(0, peak - (_res.models.loaded_bytes() - ctx.state.pop("models_loaded", 0)))
+        if not failed:
+            rt.learner.observe(ctx.task_name, peak)
+
+    _res.AdmissionGuard.exit = _exit
+    for _g in __import__("rmq.registry_guards", fromlist=["x"]).default_guards():
+        if isinstance(_g, _hyg.HygieneGuard):
+            _g.memory_probe = _rss
