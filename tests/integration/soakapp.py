@@ -18,10 +18,8 @@ Test-only switches (environment of the worker):
 
 - ``SOAK_CPROFILE=<dir>``: each pool process writes a CPU-time cProfile to ``<dir>`` when it exits;
   the bench-rmq task ``ovh.profile_guards`` profiles the guard chain inside a pool process.
-- ``SOAK_PATCH_TOUCH`` / ``SOAK_PATCH_DEDUPE`` / ``SOAK_PATCH_FAST``: prototypes of fixes proposed for
-  rmq/bootstep.py (touch unacked on its own connection), rmq/task.py (a copy of a task that already
-  succeeded does not run) and rmq/ledger.py + reservation.py + hygiene.py (cheaper guard chain),
-  used to measure them before they land. DELETE each block once its fix is in rmq.
+- ``SOAK_PATCH_FAST``: a prototype of a cheaper guard chain (rmq/ledger.py + reservation.py +
+  hygiene.py), used to measure it before it lands. DELETE the block once the fix is in rmq.
 """
 
 from __future__ import annotations
@@ -273,49 +271,6 @@ elif MODE in ("bench-rmq", "bench-plain"):
 
 else:  # pragma: no cover
     raise RuntimeError(f"unknown SOAK_MODE {MODE!r}")
-
-
-if os.environ.get("SOAK_PATCH_TOUCH"):  # fix prototype for rmq/bootstep.py (delete once applied)
-    from rmq import bootstep as _bs
-
-    def _touch_unacked(self: Any) -> None:
-        consumer = getattr(self.worker, "consumer", None)
-        channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
-        qos = getattr(channel, "qos", None)
-        key = getattr(channel, "unacked_index_key", None)
-        delivered = getattr(qos, "_delivered", None)
-        if not delivered or key is None:
-            return
-        now = time.time()
-        try:
-            with channel.conn_or_acquire() as client:
-                client.zadd(key, {tag: now for tag in list(delivered)}, xx=True)
-        except Exception as exc:
-            _bs.log.debug("rmq could not touch unacked messages: %r", exc)
-
-    _bs.CeleryActuator.touch_unacked = _touch_unacked
-
-
-if os.environ.get("SOAK_PATCH_DEDUPE"):  # fix prototype for rmq/task.py (delete once applied)
-    from celery import states as _states
-    from celery.exceptions import Ignore as _Ignore
-
-    from rmq import task as _task
-
-    _orig_call = _task.GovernedTask.__call__
-
-    def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        request = self.request
-        if _task.current() is not None and request is not None and not request.called_directly \
-                and not request.is_eager and not request.ignore_result:
-            h = _task.rmq_headers(request)
-            again = (request.delivery_info or {}).get("redelivered") or h.get("rmq_deferrals") or h.get("rmq_kills")
-            if again and self.backend.get_task_meta(request.id, cache=False).get("status") == _states.SUCCESS:
-                _task.log.warning("rmq: %s[%s] already succeeded; this copy does not run", self.name, request.id)
-                raise _Ignore()
-        return _orig_call(self, *args, **kwargs)
-
-    _task.GovernedTask.__call__ = _call
 
 
 if os.environ.get("SOAK_CPROFILE"):  # profiling aid: CPU-time cProfile of each pool process
