@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .ledger import Entry
+from .units import format_bytes as fb
 
 __all__ = ["Need", "Verdict", "judge", "percentile"]
 
@@ -57,7 +58,6 @@ def judge(
     disk_free_bytes: int | None = None,
 ) -> Verdict:
     """Decide whether ``need`` fits beside the ``running`` reservations."""
-    from .units import format_bytes as fb
 
     room_idle = admit_line_bytes - idle_bytes
     if need.memory_bytes > room_idle:

@@ -14,11 +14,14 @@ log = logging.getLogger("rmq.child")
 
 class ChildWatcher:
     """A daemon thread in a pool process: relays the governor's unload signal to this
-    process's unload hooks (idle processes included) and flushes counters and learned peaks."""
+    process's unload hooks (idle processes included), keeps its run claims alive and flushes
+    counters and learned peaks."""
 
-    def __init__(self, rt: Runtime, interval_s: float = 0.1) -> None:
+    def __init__(self, rt: Runtime, interval_s: float | None = None) -> None:
         self.rt = rt
-        self.interval_s = interval_s
+        # the governor's interval (250 ms by default): an unload signal waits at most one of them
+        self.interval_s = interval_s if interval_s is not None else rt.config.monitor_interval
+        self._flush_every = max(1, round(1.0 / self.interval_s))  # about once a second
         self._seen = rt.ledger.read_control().unload_generation
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rmq-child-watcher", daemon=True)
@@ -35,7 +38,8 @@ class ChildWatcher:
             ticks += 1
             try:
                 self.check_pressure()
-                if ticks % 10 == 0:
+                if ticks % self._flush_every == 0:
+                    self.rt.claims.refresh_held()
                     self.rt.learner.flush()
                     self.rt.stats.flush()
             except Exception:

@@ -6,10 +6,9 @@ came back. Its baseline after hygiene (cached models excluded) feeds a :class:`L
 when the baseline keeps growing, or is about to pass ``rmq_leak_ceiling``, the process is
 recycled after its current task with :func:`request_recycle`.
 
-Memory is read as RSS from ``/proc/self/statm`` (about 20 us, fork-safe because ``/proc/self``
-is resolved at each open). USS costs about 1 ms (it walks ``smaps_rollup``) and only deltas
-matter here: pages a forked child shares with its parent sit in its RSS from the first task
-on, so they cancel out of every growth figure.
+Memory is read as RSS from ``/proc/self/statm`` (:mod:`rmq.selfmem`, about 2 us). USS costs
+about 1 ms (it walks ``smaps_rollup``) and only deltas matter here: pages a forked child shares
+with its parent sit in its RSS from the first task on, so they cancel out of every growth figure.
 """
 
 from __future__ import annotations
@@ -28,27 +27,12 @@ from .config import RmqConfig
 from .declarations import TaskDeclaration
 from .guards import Guard, TaskContext
 from .memtrim import collect_and_trim
+from .selfmem import own_rss_bytes as rss_bytes
 from .units import format_bytes
 
 __all__ = ["HygieneGuard", "LeakDetector", "request_recycle", "rss_bytes"]
 
 log = logging.getLogger("rmq.hygiene")
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def rss_bytes() -> int:
-    """This process's resident set size in bytes (``/proc/self/statm``, else psutil)."""
-    try:
-        fd = os.open("/proc/self/statm", os.O_RDONLY)
-    except OSError:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    try:
-        return int(os.read(fd, 128).split()[1]) * _PAGE
-    finally:
-        os.close(fd)
 
 
 class LeakDetector:
@@ -143,11 +127,13 @@ class LeakDetector:
             grew = self.first_baseline is not None and last > self.first_baseline
             if grew and last + self.expected_rise() >= self.ceiling_bytes:
                 return True, "ceiling"
-        slope = self.slope()
-        if len(self.baselines) < self.window or slope is None or slope < self.slope_bytes_per_task:
+        if len(self.baselines) < self.window:
             return False, ""
         span = len(self.baselines) - 1
-        if last - self.baselines[0] < self.slope_bytes_per_task * span / 2:
+        if last - self.baselines[0] < self.slope_bytes_per_task * span / 2:  # cheap test first: runs every task
+            return False, ""
+        slope = self.slope()
+        if slope is None or slope < self.slope_bytes_per_task:
             return False, ""
         rising = sum(1 for a, b in itertools.pairwise(self.baselines) if b - a >= self.slope_bytes_per_task / 2)
         return (True, "slope") if rising * 2 >= span else (False, "")

@@ -33,6 +33,7 @@ _SLOTS = 128
 _REQUEST = struct.Struct("<Qq")  # unload requests from pool processes: generation, bytes
 _REQUEST_OFFSET = 96
 _HEADER_SIZE = 128
+_FLAGS = slice(_HEADER_SIZE, _HEADER_SIZE + _SLOTS * _SLOT.size, _SLOT.size)  # in-use byte of each slot
 _SIZE = _HEADER_SIZE + _SLOT.size * _SLOTS
 
 ZONES = ("ok", "unload", "pause", "kill")
@@ -235,14 +236,20 @@ class Ledger:
             e.name.encode()[:96],
         )
 
+    def _in_use_flags(self) -> bytes:
+        """The first byte of every slot, one byte per slot (1 = in use): a C-speed slice, not a loop."""
+        return self._map[_FLAGS]
+
     def entries_unlocked(self) -> list[Entry]:
         """All reservations; call under :meth:`locked` for a consistent view."""
+        flags = self._in_use_flags()
         out = []
-        for i in range(_SLOTS):
-            if self._map[_HEADER_SIZE + i * _SLOT.size]:
-                e = self._read_slot(i)
-                if e is not None:
-                    out.append(e)
+        i = flags.find(1)
+        while i >= 0:
+            e = self._read_slot(i)
+            if e is not None:
+                out.append(e)
+            i = flags.find(1, i + 1)
         return out
 
     def entries(self) -> list[Entry]:
@@ -252,15 +259,15 @@ class Ledger:
 
     def add_unlocked(self, e: Entry) -> Entry:
         """Store a reservation (caller holds the lock); returns it with its slot."""
-        for i in range(_SLOTS):
-            if not self._map[_HEADER_SIZE + i * _SLOT.size]:
-                e.slot = i
-                e.task_id, e.name = _fit(e.task_id, 48), _fit(e.name, 96)
-                if not e.started:
-                    e.started = time.time()
-                self._write_slot(i, e)
-                return e
-        raise LedgerFull("the ledger has no free slot (128 reservations)")
+        i = self._in_use_flags().find(0)
+        if i < 0:
+            raise LedgerFull("the ledger has no free slot (128 reservations)")
+        e.slot = i
+        e.task_id, e.name = _fit(e.task_id, 48), _fit(e.name, 96)
+        if not e.started:
+            e.started = time.time()
+        self._write_slot(i, e)
+        return e
 
     def try_add(self, e: Entry, fits: Callable[[list[Entry]], bool]) -> bool:
         """Atomically add ``e`` if ``fits(current entries)`` says so."""
@@ -277,12 +284,15 @@ class Ledger:
             if current is not None and current.pid == e.pid and current.task_id == _fit(e.task_id, 48):
                 self._write_slot(e.slot, e)
 
-    def remove(self, e: Entry) -> None:
-        """Release one reservation (a no-op if it is already gone)."""
+    def remove(self, e: Entry) -> Entry | None:
+        """Release one reservation; returns it as stored (with the governor's readings), or None if
+        it was already gone."""
         with self.locked():
             current = self._read_slot(e.slot)
             if current is not None and current.pid == e.pid and current.task_id == _fit(e.task_id, 48):
                 self._write_slot(e.slot, None)
+                return current
+        return None
 
     def release_dead(self, alive: Callable[[int], bool]) -> list[Entry]:
         """Drop reservations whose process is gone; returns what was dropped."""

@@ -20,6 +20,7 @@ from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
 from . import keys
+from .claims import claim_token
 from .errors import MemoryBudgetExceeded, TaskProcessLost
 from .runtime import current
 from .task import rmq_headers
@@ -46,6 +47,7 @@ class GovernedRequest(Request):
         rt = current()
         if rt is None or not isinstance(exc, WorkerLostError):
             return super().on_failure(exc_info, send_failed_event, return_ok)
+        self._release_run_claim()
         governor = rt.governor
         record = governor.pop_kill(self.id) if governor is not None else None
         headers = rmq_headers(self._request_dict)
@@ -65,6 +67,16 @@ class GovernedRequest(Request):
             failure = TaskProcessLost(self.task_name, lost, str(exc))
             return super().on_failure(_exc_info(failure), send_failed_event, return_ok)
         return super().on_failure(exc_info, send_failed_event, return_ok)  # requeued (reject_on_worker_lost)
+
+    def _release_run_claim(self) -> None:
+        """The dead process may have held this task's run claim: free it for the next copy."""
+        rt = current()
+        if rt is None or self.worker_pid is None:
+            return
+        try:
+            rt.claims.release(self.id, claim_token(self.hostname, self.worker_pid))
+        except Exception as exc:  # it expires on its own
+            log.debug("rmq could not release the run claim of %s[%s]: %r", self.task_name, self.id, exc)
 
     def _rerun(self, headers: dict[str, Any], kills: int, name: str) -> bool:
         rt = current()

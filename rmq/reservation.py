@@ -18,22 +18,11 @@ from .errors import BudgetExceeded, Defer
 from .guards import Guard, TaskContext
 from .ledger import KIND_TASK, Entry, Ledger
 from .runtime import Runtime, current
+from .selfmem import own_rss_bytes
 
 __all__ = ["AdmissionGuard", "own_rss_bytes"]
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 _POLL_S = 0.02
-
-
-def own_rss_bytes() -> int:
-    """This process's RSS from ``/proc/self/statm`` (a few microseconds)."""
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
 
 
 def _admit(
@@ -86,12 +75,14 @@ class AdmissionGuard(Guard):
             memory = max(rt.config.default_task_memory, rt.learner.learned(ctx.task_name))
         ctx.memory_bytes = memory
         need = Need(memory, decl.cpu_slots, decl.disk_bytes)
-        os.makedirs(rt.config.session_root_path, exist_ok=True) if decl.disk_bytes else None
+        disk_root = rt.config.session_root_path if decl.disk_bytes else None
+        if disk_root:
+            os.makedirs(disk_root, exist_ok=True)
         entry = Entry(
             KIND_TASK, os.getpid(), memory, decl.cpu_slots, decl.disk_bytes,
             task_id=ctx.task_id, name=ctx.task_name, start_rss=own_rss_bytes(),
         )
-        v = _admit(rt, entry, need, rt.config.admission_wait, rt.config.session_root_path)
+        v = _admit(rt, entry, need, rt.config.admission_wait, disk_root)
         if v.admitted:
             ctx.state["admission"] = entry
             ctx.state["models_loaded"] = models.loaded_bytes()
@@ -107,10 +98,9 @@ class AdmissionGuard(Guard):
         entry: Entry | None = ctx.state.pop("admission", None)
         if rt is None or entry is None:
             return
-        seen = [e for e in rt.ledger.entries() if e.slot == entry.slot and e.task_id == entry.task_id]
-        peak = max(own_rss_bytes() - entry.start_rss, seen[0].peak_used_bytes if seen else 0, 0)
+        stored = rt.ledger.remove(entry)  # the governor's copy carries the peak it measured
+        peak = max(own_rss_bytes() - entry.start_rss, stored.peak_used_bytes if stored is not None else 0, 0)
         # models the task loaded hold their own reservations: not part of the task's peak
         peak = max(0, peak - (models.loaded_bytes() - ctx.state.pop("models_loaded", 0)))
-        rt.ledger.remove(entry)
         if not failed:
             rt.learner.observe(ctx.task_name, peak)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Runtime", "current", "set_current", "redis_url_for_app"]
 
 _current: Runtime | None = None
+_MISSING = object()
 
 
 class Runtime:
@@ -126,6 +127,9 @@ class Runtime:
     @property
     def learner(self) -> Any:
         """This process's :class:`~rmq.learning.PeakLearner`."""
+        found = self._local.get("learner") if self._pid == os.getpid() else None
+        if found is not None:
+            return found
         from .learning import PeakLearner
 
         return self.local(
@@ -133,9 +137,19 @@ class Runtime:
             lambda: PeakLearner(self.redis, window=self.config.learn_window, q=self.config.learn_percentile),
         )
 
+    @property
+    def claims(self) -> Any:
+        """This process's :class:`~rmq.claims.RunClaims` (run claims of overlapping task copies)."""
+        from .claims import RunClaims
+
+        return self.local("claims", lambda: RunClaims(self.redis))
+
     def local(self, key: str, factory: Callable[[], Any]) -> Any:
         """A per-process singleton made by ``factory`` on first use (after any fork)."""
         self._check_fork()
+        found = self._local.get(key, _MISSING)  # the hot path: no lock once made
+        if found is not _MISSING:
+            return found
         with self._lock:
             if key not in self._local:
                 self._local[key] = factory()

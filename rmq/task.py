@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
 
 from celery import Task, shared_task, states
-from celery.exceptions import Ignore, Retry
+from celery.exceptions import Ignore, Reject, Retry
 
+from .claims import claim_token
 from .config import RmqConfig, load_config
 from .declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
 from .errors import Defer, ResourceUnavailable
@@ -29,7 +31,7 @@ __all__ = ["governed_task", "GovernedTask", "config_for", "guard_chain", "rmq_he
 
 log = logging.getLogger("rmq.task")
 _DEFERRALS = "rmq_deferrals"
-_UNCOUNTED = frozenset({"rate_limit"})
+_UNCOUNTED = frozenset({"rate_limit", "duplicate"})  # deferrals that hold nothing back
 
 
 def config_for(app: Any) -> RmqConfig:
@@ -93,9 +95,39 @@ class GovernedTask(Task):
         request = self.request
         if rt is None or request is None or request.called_directly or request.is_eager:
             return super().__call__(*args, **kwargs)
-        if self._already_succeeded(request):
-            log.warning("rmq: %s[%s] already succeeded; this copy does not run", self.name, request.id)
-            raise Ignore()
+        leftover = getattr(self._rmq_local, "claim", None)
+        if leftover is not None:  # after_return did not run for the previous task (overridden without super)
+            self._rmq_local.claim = None
+            self._release_claim(rt, leftover)
+        if not self._is_copy(request):
+            return self._run_governed(rt, request, args, kwargs)
+        claimed = self._admit_copy(rt, request)  # raises Ignore, or defers while another copy runs
+        if not claimed:
+            return self._run_governed(rt, request, args, kwargs)
+        try:
+            result = self._run_governed(rt, request, args, kwargs)
+        except (Retry, Ignore, Reject):  # nothing is stored that a waiting copy could miss
+            self._release_claim(rt, request.id)
+            raise
+        except Exception:
+            self._rmq_local.claim = request.id  # released by after_return, once the failure is stored
+            raise
+        except BaseException:  # the tracer re-raises these without storing or calling after_return
+            self._release_claim(rt, request.id)
+            raise
+        self._rmq_local.claim = request.id  # released by after_return, once the result is stored
+        return result
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if getattr(self._rmq_local, "claim", None) == task_id:
+            self._rmq_local.claim = None
+            rt = current()
+            if rt is not None:
+                self._release_claim(rt, task_id)
+        super().after_return(status, retval, task_id, args, kwargs, einfo)
+
+    def _run_governed(self, rt: Any, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the body inside every applicable guard (Defer from a guard or the body defers it)."""
         if self._rmq_argnames is None:
             try:
                 params = inspect.signature(self.run).parameters
@@ -115,10 +147,9 @@ class GovernedTask(Task):
         self._rmq_local.ctx = ctx
         try:
             try:
-                for guard in guard_chain():
-                    if guard.applies(self.rmq):
-                        guard.enter(ctx)
-                        entered.append(guard)
+                for guard in self._applicable_guards():
+                    guard.enter(ctx)
+                    entered.append(guard)
             except Defer as defer:
                 self._exit_guards(entered, ctx, failed=True)
                 entered = []
@@ -141,17 +172,59 @@ class GovernedTask(Task):
             self._rmq_local.ctx = None
             rt.stats.flush()
 
-    def _already_succeeded(self, request: Any) -> bool:
-        """A redelivered message, a deferred copy or a re-run after a kill may belong to a task that
-        already succeeded (killed between its ack and ours). One backend read, only for such messages."""
+    def _applicable_guards(self) -> tuple[Guard, ...]:
+        """The guards this task's declaration needs, in chain order (worked out once per task)."""
+        cached = type(self).__dict__.get("_rmq_guards")
+        if cached is None or cached[0] is not self.rmq:
+            cached = (self.rmq, tuple(g for g in guard_chain() if g.applies(self.rmq)))
+            type(self)._rmq_guards = cached
+        return cached[1]
+
+    @staticmethod
+    def _is_copy(request: Any) -> bool:
+        """A redelivered message, a deferred copy or a re-run after a kill: a copy of a task id that
+        may already have ended, or may be running elsewhere."""
+        headers = rmq_headers(request)
+        return bool((request.delivery_info or {}).get("redelivered") or headers.get(_DEFERRALS)
+                    or headers.get("rmq_kills"))
+
+    def _admit_copy(self, rt: Any, request: Any) -> bool:
+        """Let a copy run at most once and never beside another copy: Ignore it when the task already
+        ended (killed between its ack and ours), defer it while another copy holds the run claim.
+        Returns True when this copy now holds the claim, False when claims are unavailable."""
+        if self._already_ended(request):
+            log.warning("rmq: %s[%s] already ended; this copy does not run", self.name, request.id)
+            raise Ignore()
+        token = claim_token(request.hostname or "?", os.getpid())
+        try:
+            if rt.claims.acquire(request.id, token):
+                return True
+        except Exception as exc:  # no Redis for rmq, or it is down: run it (the backend check was done)
+            log.debug("rmq could not take the run claim of %s[%s]: %r", self.name, request.id, exc)
+            return False
+        # the holder may just have stored its outcome and released the claim: look again
+        if self._already_ended(request):
+            raise Ignore()
+        try:
+            holder = rt.claims.holder(request.id)
+        except Exception:
+            holder = None
+        return self._defer(Defer(f"another copy of this task is running ({holder or 'just ended'})",
+                                 rt.config.defer_countdown, kind="duplicate"))
+
+    @staticmethod
+    def _release_claim(rt: Any, task_id: str) -> None:
+        try:
+            rt.claims.release(task_id)
+        except Exception as exc:  # it expires on its own
+            log.debug("rmq could not release the run claim of %s: %r", task_id, exc)
+
+    def _already_ended(self, request: Any) -> bool:
+        """One backend read: did this task id already reach a terminal state?"""
         if request.ignore_result:
             return False
-        headers = rmq_headers(request)
-        if not ((request.delivery_info or {}).get("redelivered") or headers.get(_DEFERRALS)
-                or headers.get("rmq_kills")):
-            return False
         try:
-            return self.backend.get_task_meta(request.id, cache=False).get("status") == states.SUCCESS
+            return self.backend.get_task_meta(request.id, cache=False).get("status") in states.READY_STATES
         except Exception as exc:  # no backend, or it is down: run it
             log.debug("rmq could not read the state of %s[%s]: %r", self.name, request.id, exc)
             return False

@@ -26,7 +26,7 @@ from typing import Any
 from ..admission import Need, Verdict, judge
 from ..errors import ModelLoadError
 from ..ledger import KIND_MODEL, Control, Entry
-from ..reservation import own_rss_bytes
+from ..selfmem import own_rss_bytes
 from ..units import format_bytes
 
 __all__ = ["LedgerModelReserver"]

@@ -18,8 +18,6 @@ Test-only switches (environment of the worker):
 
 - ``SOAK_CPROFILE=<dir>``: each pool process writes a CPU-time cProfile to ``<dir>`` when it exits;
   the bench-rmq task ``ovh.profile_guards`` profiles the guard chain inside a pool process.
-- ``SOAK_PATCH_FAST``: a prototype of a cheaper guard chain (rmq/ledger.py + reservation.py +
-  hygiene.py), used to measure it before it lands. DELETE the block once the fix is in rmq.
 """
 
 from __future__ import annotations
@@ -291,73 +289,3 @@ if os.environ.get("SOAK_CPROFILE"):  # profiling aid: CPU-time cProfile of each 
         if p is not None:
             p.disable()
             p.dump_stats(os.path.join(os.environ["SOAK_CPROFILE"], f"pool-{os.getpid()}.prof"))
-
-
-if os.environ.get("SOAK_PATCH_FAST"):  # fix prototypes: ledger/reservation/hygiene (delete once applied)
-    from rmq import hygiene as _hyg
-    from rmq import ledger as _led
-    from rmq import reservation as _res
-
-    _FLAGS = slice(_led._HEADER_SIZE, _led._HEADER_SIZE + _led._SLOTS * _led._SLOT.size, _led._SLOT.size)
-
-    def _entries_unlocked(self: Any) -> list:
-        flags = self._map[_FLAGS]
-        out = []
-        i = flags.find(1)
-        while i >= 0:
-            e = self._read_slot(i)
-            if e is not None:
-                out.append(e)
-            i = flags.find(1, i + 1)
-        return out
-
-    def _add_unlocked(self: Any, e: Any) -> Any:
-        i = self._map[_FLAGS].find(0)
-        if i < 0:
-            raise _led.LedgerFull("the ledger has no free slot (128 reservations)")
-        e.slot = i
-        e.task_id, e.name = _led._fit(e.task_id, 48), _led._fit(e.name, 96)
-        if not e.started:
-            e.started = time.time()
-        self._write_slot(i, e)
-        return e
-
-    def _remove(self: Any, e: Any) -> Any:
-        with self.locked():
-            current = self._read_slot(e.slot)
-            if current is not None and current.pid == e.pid and current.task_id == _led._fit(e.task_id, 48):
-                self._write_slot(e.slot, None)
-                return current
-        return None
-
-    _led.Ledger.entries_unlocked = _entries_unlocked
-    _led.Ledger.add_unlocked = _add_unlocked
-    _led.Ledger.remove = _remove
-
-    _statm = {"pid": -1, "fd": -1}
-    _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss() -> int:
-        pid = os.getpid()
-        if _statm["pid"] != pid:
-            _statm["fd"], _statm["pid"] = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC), pid
-        return int(os.pread(_statm["fd"], 128, 0).split()[1]) * _PAGE
-
-    _res.own_rss_bytes = _rss
-    _hyg.rss_bytes = _rss
-
-    def _exit(self: Any, ctx: Any, failed: bool) -> None:
-        rt = _res.current()
-        entry = ctx.state.pop("admission", None)
-        if rt is None or entry is None:
-            return
-        stored = rt.ledger.remove(entry)
-        peak = max(_rss() - entry.start_rss, stored.peak_used_bytes if stored is not None else 0, 0)
-        peak = max(0, peak - (_res.models.loaded_bytes() - ctx.state.pop("models_loaded", 0)))
-        if not failed:
-            rt.learner.observe(ctx.task_name, peak)
-
-    _res.AdmissionGuard.exit = _exit
-    for _g in __import__("rmq.registry_guards", fromlist=["x"]).default_guards():
-        if isinstance(_g, _hyg.HygieneGuard):
-            _g.memory_probe = _rss

@@ -16,6 +16,7 @@ def test_two_workers_share_one_rate_reuse_connections_and_count_bytes(redis_url,
     if TESTS_DIR not in sys.path:
         sys.path.insert(0, TESTS_DIR)
     import httpapp  # noqa: F401  (registers h.call)
+
     from workers.app import make_app
 
     api = start_in_thread()  # no server-side limit: it only counts

@@ -110,9 +110,9 @@ def test_remove_only_the_matching_reservation(ledger: Ledger) -> None:
     a = entry(task_id="a")
     b = entry(task_id="b")
     assert ledger.try_add(a, lambda _: True) and ledger.try_add(b, lambda _: True)
-    ledger.remove(a)
+    assert ledger.remove(a).task_id == "a"
     assert [e.task_id for e in ledger.entries()] == ["b"]
-    ledger.remove(a)  # already gone: a no-op
+    assert ledger.remove(a) is None  # already gone: a no-op
     # a stale handle for a slot now reused by someone else does not remove the newcomer
     c = entry(task_id="c")
     assert ledger.try_add(c, lambda _: True)
@@ -187,6 +187,27 @@ def test_set_usage_records_usage_and_peak(ledger: Ledger) -> None:
     [got] = ledger.entries()
     assert (got.used_bytes, got.peak_used_bytes) == (20 * MiB, 70 * MiB)
     assert got.unused_bytes == 80 * MiB
+
+
+def test_remove_returns_the_governors_readings(ledger: Ledger) -> None:
+    e = entry()
+    ledger.try_add(e, lambda _: True)
+    ledger.set_usage([(e, 70 * MiB)])
+    ledger.set_usage([(e, 20 * MiB)])
+    stored = ledger.remove(e)
+    assert stored is not None and stored.peak_used_bytes == 70 * MiB and not ledger.entries()
+
+
+def test_entries_and_free_slots_across_a_sparse_table(ledger: Ledger) -> None:
+    added = [entry(task_id=f"t{i}") for i in range(10)]
+    for e in added:
+        ledger.try_add(e, lambda _: True)
+    for e in added[::3]:  # free slots 0, 3, 6, 9
+        ledger.remove(e)
+    assert [e.slot for e in ledger.entries()] == [1, 2, 4, 5, 7, 8]
+    newcomer = entry(task_id="new")
+    ledger.try_add(newcomer, lambda _: True)
+    assert newcomer.slot == 0  # the lowest free slot
 
 
 def test_set_usage_ignores_gone_reservations(ledger: Ledger) -> None:
