@@ -194,6 +194,7 @@ class GovernedTask(Task):
         Returns True when this copy now holds the claim, False when claims are unavailable."""
         if self._already_ended(request):
             log.warning("rmq: %s[%s] already ended; this copy does not run", self.name, request.id)
+            rt.stats.incr("copies", "dropped")
             raise Ignore()
         token = claim_token(request.hostname or "?", os.getpid())
         try:
@@ -204,6 +205,7 @@ class GovernedTask(Task):
             return False
         # the holder may just have stored its outcome and released the claim: look again
         if self._already_ended(request):
+            rt.stats.incr("copies", "dropped")
             raise Ignore()
         try:
             holder = rt.claims.holder(request.id)
