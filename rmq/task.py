@@ -185,7 +185,8 @@ class GovernedTask(Task):
         """A redelivered message, a deferred copy or a re-run after a kill: a copy of a task id that
         may already have ended, or may be running elsewhere."""
         headers = rmq_headers(request)
-        return bool((request.delivery_info or {}).get("redelivered") or headers.get(_DEFERRALS)
+        # every deferral sets the header, 0 for the uncounted ones (rate limits, waiting copies)
+        return bool((request.delivery_info or {}).get("redelivered") or _DEFERRALS in headers
                     or headers.get("rmq_kills"))
 
     def _admit_copy(self, rt: Any, request: Any) -> bool:

@@ -113,7 +113,12 @@ class WorkerProcess:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            replies = client_app.control.ping(destination=[self.node_name], timeout=0.5) or []
+            try:
+                replies = client_app.control.ping(destination=[self.node_name], timeout=0.5) or []
+            except (OSError, *client_app.connection_for_write().connection_errors):
+                # kombu shares one connection pool per broker URL across the apps of a process: a pooled
+                # connection the broker dropped fails once, then reconnects on the next use
+                return False
             return bool(replies) and len(self.pool_pids()) >= min(1, self.concurrency)
 
         wait_until(ready, timeout, interval=0.2, what=f"worker {self.node_name} to answer")

@@ -212,59 +212,18 @@ else:
 
 
 def _experimental_fixes() -> None:
-    """Opt-in patches of rmq that the bench reports measure (``BENCH_FIX=touch,...``); never on by default.
+    """Opt-in patches of rmq that the bench reports measure (``BENCH_FIX=credit,...``); never on by default.
 
-    ``touch``: rmq.bootstep.CeleryActuator.touch_unacked refreshes ``unacked_index`` through a pooled
-    client (kombu's ``conn_or_acquire``) instead of ``channel.client``, whose connection carries the
-    consumer's outstanding BRPOP.
     ``credit``: rmq.reservation.AdmissionGuard.exit, when it releases a reservation, takes the memory
     its process gave back since the governor's last sample off the published worker memory (under
     the ledger lock), so waiting admissions see the room at once instead of at the next sample.
-    ``poll``: admission re-checks every 10 ms instead of 50 ms.
-    ``reap``: on the event loop, every 0.1 s (the pause timer), if a pool process has died, call the
-    pool's ``maintain_pool`` at once instead of waiting for Celery's 5 s timer when its exit sentinel
-    raced ``waitpid``.
+    ``poll``: admission re-checks every 10 ms instead of 20 ms.
     ``trace``: no change of behaviour; records when each guard's enter/exit starts and ends
     (``bench:trace:<task id>``, JSON ``[event, time.time()]``), for pressure.py's breakdown.
     """
     fixes = set(filter(None, os.environ.get("BENCH_FIX", "").split(",")))
     if MODE != "rmq" or not fixes:
         return
-    if "touch" in fixes:
-        from rmq import bootstep
-
-        def touch_unacked(self) -> None:  # type: ignore[no-untyped-def]
-            consumer = getattr(self.worker, "consumer", None)
-            channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
-            qos = getattr(channel, "qos", None)
-            key = getattr(channel, "unacked_index_key", None)
-            delivered = getattr(qos, "_delivered", None)
-            if not delivered or key is None:
-                return
-            now = time.time()
-            try:
-                with channel.conn_or_acquire() as client:
-                    client.zadd(key, {tag: now for tag in list(delivered)}, xx=True)
-            except Exception as exc:  # noqa: BLE001
-                bootstep.log.debug("rmq could not touch unacked messages: %r", exc)
-
-        bootstep.CeleryActuator.touch_unacked = touch_unacked
-    if "reap" in fixes:
-        from rmq import bootstep
-
-        apply_pause_state = bootstep.CeleryActuator.apply_pause_state
-
-        def apply_and_reap(self) -> None:  # type: ignore[no-untyped-def]
-            apply_pause_state(self)
-            pool = getattr(getattr(self.worker, "pool", None), "_pool", None)
-            procs = getattr(pool, "_pool", None) or []
-            for proc in procs:
-                popen = getattr(proc, "_popen", None)
-                if popen is not None and popen.poll() is not None:  # exited (reaped now by waitpid)
-                    pool.maintain_pool()
-                    break
-
-        bootstep.CeleryActuator.apply_pause_state = apply_and_reap
     if "credit" in fixes:
         import struct
 

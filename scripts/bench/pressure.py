@@ -327,7 +327,7 @@ def mib(n: float | None) -> str:
 
 
 def label(mode: str) -> str:
-    """Column title of a mode; ``rmq+touch+credit`` is rmq with the bench app's opt-in patches."""
+    """Column title of a mode; ``rmq+credit`` is rmq with the bench app's opt-in patches."""
     base, *fixes = mode.split("+")
     return LABELS[base] + (f" +fix {','.join(fixes)}" if fixes else "")
 
@@ -490,7 +490,7 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=300, help="MiB each task touches")
     parser.add_argument("--hold", type=float, default=1.0, help="seconds each task holds its memory")
     parser.add_argument("--modes", default="plain,careful,rmq",
-                        help="comma-separated: plain, careful, rmq, rmq+touch+credit+poll (bench-only patches)")
+                        help="comma-separated: plain, careful, rmq, rmq+credit+poll (bench-only patches)")
     parser.add_argument("--deadline", type=float, default=180.0, help="seconds per run before a task counts as lost")
     args = parser.parse_args()
     args.limit = parse_size(args.limit, "--limit")

@@ -244,7 +244,7 @@ def main() -> int:
     parser.add_argument("--kill-backoff", default="1s", help="rmq_kill_backoff (the default is 1s)")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--poll-ms", type=float, default=5.0)
-    parser.add_argument("--fixes", default="", help="benchapp's opt-in patches of rmq, e.g. reap,touch (bench only)")
+    parser.add_argument("--fixes", default="", help="benchapp's opt-in patches of rmq, e.g. credit,poll (bench only)")
     args = parser.parse_args()
     with bench_redis() as url:
         print(f"Redis: {url}")

@@ -1,0 +1,28 @@
+"""Which messages of a governed task are copies that must check the backend and take a run claim."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from rmq.task import GovernedTask
+
+
+def request(redelivered: bool = False, **headers) -> SimpleNamespace:
+    return SimpleNamespace(delivery_info={"redelivered": redelivered}, headers=headers,
+                           rmq_deferrals=headers.get("rmq_deferrals"), rmq_kills=headers.get("rmq_kills"))
+
+
+@pytest.mark.parametrize(
+    ("req", "is_copy"),
+    [
+        (request(), False),  # a first delivery
+        (request(redelivered=True), True),  # back after its process or worker died
+        (request(rmq_deferrals=2), True),  # sent by a counted deferral
+        (request(rmq_deferrals=0), True),  # sent by an uncounted one (rate limit, a copy waiting its turn)
+        (request(rmq_kills=1), True),  # a re-run after a memory kill
+    ],
+)
+def test_copies_are_recognised(req: SimpleNamespace, is_copy: bool) -> None:
+    assert GovernedTask._is_copy(req) is is_copy
