@@ -15,11 +15,11 @@ and the CPU time per task of the worker's main process and its pool (psutil), wh
 other processes disturbs far less than throughput.
 
 P6 (governor cost): both workers idle for ``--idle`` s; CPU time of each worker's main process (user
-+ system, psutil) over that window as a percent of one core (goal: rmq minus plain <= 2 %), the pool
-processes' total, and the governor's own accounting (``governor.ticks``, ``tick_seconds`` from
-``inspect stats``): ms per tick at the default interval.
++ system, psutil) over that window as a percent of one core, and of its pool processes (goal: rmq
+minus plain, main and pool together, <= 2 %); also the governor's own accounting (``governor.ticks``,
+``tick_seconds`` from ``inspect stats``): ms per tick at the default interval.
 
-Usage: scripts/bench/overhead.py [--tasks 2000] [--rounds 5] [--concurrency 8] [--prefetch 1]
+Usage: scripts/bench/overhead.py [--tasks 4000] [--rounds 7] [--concurrency 8] [--prefetch 1]
                                  [--kinds noop,cpu5,sleep5] [--idle 30]
 Redis: RMQ_BENCH_REDIS_URL, else a private ``redis-server`` on a free port.
 """
@@ -146,8 +146,8 @@ def main() -> int:
     from soak import private_redis  # scripts/soak.py
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=2000, help="tasks per round")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per mode and kind")
+    parser.add_argument("--tasks", type=int, default=4000, help="tasks per round")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds per mode and kind")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--prefetch", type=int, default=1, help="worker_prefetch_multiplier (both)")
     parser.add_argument("--kinds", default="noop,cpu5")
@@ -213,7 +213,10 @@ def main() -> int:
                     print(f"  {label:28}{a:>10.2f}{b:>10.2f}{b - a:>14.2f}")
                 print(f"  governor ticks: {idle['ticks']} ({idle['ticks'] / idle['window_s']:.1f}/s), "
                       f"{idle['ms_per_tick']:.2f} ms per tick = {idle['tick_pct']:.2f} % of a core")
-                ok = ok and idle["rmq"]["main_pct"] - idle["plain"]["main_pct"] <= 2.0
+                # rmq's whole idle cost: the governor (main process) and the pool processes' watchers
+                extra = sum(idle["rmq"][k] - idle["plain"][k] for k in ("main_pct", "pool_pct"))
+                print(f"  rmq's idle cost, main + pool: {extra:.2f} % of a core")
+                ok = ok and extra <= 2.0
             print("\nPASS" if ok else "\nMISS: see the figures above")
             return 0 if ok else 1
         finally:
