@@ -8,24 +8,21 @@ child must not reuse its parent's descriptor: the descriptor is re-opened whenev
 from __future__ import annotations
 
 import os
-import threading
 
 __all__ = ["own_rss_bytes"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_lock = threading.Lock()
 _statm_pid = -1
 _statm_fd = -1
 
 
 def _reopen(pid: int) -> int:
+    # No lock (a lock held at fork time would deadlock the child): two threads racing here at most
+    # open one descriptor too many. An inherited descriptor belongs to the parent's /proc entry.
     global _statm_pid, _statm_fd
-    with _lock:
-        if _statm_pid != pid:
-            # an inherited descriptor belongs to the parent's /proc entry: leave it to the parent
-            _statm_fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-            _statm_pid = pid
-        return _statm_fd
+    _statm_fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+    _statm_pid = pid
+    return _statm_fd
 
 
 def own_rss_bytes() -> int:
