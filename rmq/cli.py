@@ -202,7 +202,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(broker=args.broker, sessions=args.sessions, plain=args.plain, timeout=args.timeout)
+    try:
+        return run_demo(broker=args.broker, sessions=args.sessions, plain=args.plain, timeout=args.timeout)
+    except KeyboardInterrupt:  # before the demo started anything, or after it cleaned up
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

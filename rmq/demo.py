@@ -111,10 +111,15 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
     redis_server = api = beat = worker = None
     interrupted = False
 
-    def on_term(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
+        # the first Ctrl-C (or SIGTERM) stops the demo; later ones must not cut its cleanup short
+        # and orphan what it started (every cleanup step has its own timeout)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    old_term = signal.signal(signal.SIGTERM, on_term)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.signal(signal.SIGINT, on_signal)
     plain = plain or not sys.stdout.isatty()
     result = DemoResult()
     t0 = time.monotonic()
@@ -234,7 +239,8 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
         interrupted = True
         print("\nrmq demo: interrupted, stopping everything it started")
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the cleanup of a finished run is not cut short either
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if beat is not None and beat.poll() is None:
             beat.terminate()
             try:
@@ -252,6 +258,8 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
         if redis_server is not None:
             redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
     if interrupted:
         return 130
     return 0 if result.ok() else 1

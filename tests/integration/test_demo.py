@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import psutil
 import pytest
@@ -53,7 +54,8 @@ def test_demo_accounts_for_every_task_and_leaves_nothing_behind(real_redis, redi
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_demo_stops_everything_on_ctrl_c():
+@pytest.mark.parametrize("presses", [1, 2], ids=["ctrl_c", "ctrl_c_twice"])
+def test_demo_stops_everything_on_ctrl_c(presses: int):
     tmp = tempfile.mkdtemp(prefix="rmq-demo-test-")
     env = {**os.environ, "TMPDIR": tmp}
     proc = subprocess.Popen([sys.executable, "-m", "rmq.cli", "demo", "--plain"], cwd=ROOT, env=env,
@@ -65,6 +67,9 @@ def test_demo_stops_everything_on_ctrl_c():
             if "are up" in line:
                 break
         proc.send_signal(subprocess.signal.SIGINT)
+        if presses == 2:  # an impatient user: the second press lands while it stops what it started
+            time.sleep(0.2)
+            proc.send_signal(subprocess.signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130, "".join(lines) + rest
         assert "interrupted" in rest
