@@ -248,11 +248,7 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
             except subprocess.TimeoutExpired:
                 beat.kill()
         for w in started:
-            w.stop()
-            try:
-                os.unlink(w.log_path)
-            except OSError:
-                pass
+            w.finish()
         if api is not None:
             api.stop()
         if redis_server is not None:

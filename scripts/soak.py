@@ -310,12 +310,9 @@ def run_soak(url: str, tasks: int = 10_000, workers: int = 2, concurrency: int =
         if killer is not None:
             killer.stop()
         for w in procs:
-            w.stop()
-            if os.environ.get("RMQ_KEEP_WORKER_LOGS") is None:
-                with contextlib.suppress(OSError):
-                    os.unlink(w.log_path)
-            else:
-                print(f"  worker log kept: {w.log_path}")
+            kept = w.finish()
+            if kept:
+                print(f"  worker log kept: {kept}")
         app.close()
         client.close()
     return result

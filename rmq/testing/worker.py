@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,12 +176,26 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait(5)
 
-    def __enter__(self) -> WorkerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
+    def finish(self) -> str | None:
+        """Stop (as :meth:`stop`) and delete the log. With ``RMQ_KEEP_WORKER_LOGS`` set to a directory
+        (or ``1``: ``<tmp>/rmq-worker-logs``) a copy is kept there first; returns its path."""
         self.stop()
+        kept = None
+        keep = os.environ.get("RMQ_KEEP_WORKER_LOGS")
+        if keep and self.log_path and os.path.exists(self.log_path):
+            directory = keep if keep not in ("1", "true", "yes") else os.path.join(tempfile.gettempdir(),
+                                                                                 "rmq-worker-logs")
+            os.makedirs(directory, exist_ok=True)
+            kept = os.path.join(directory, f"{self.node_name.split('@')[0]}.log")
+            shutil.copyfile(self.log_path, kept)
         try:
             os.unlink(self.log_path)
         except OSError:
             pass
+        return kept
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.finish()

@@ -227,12 +227,9 @@ def main() -> int:
             return 0 if ok else 1
         finally:
             for w in workers.values():
-                w.stop()
-                if os.environ.get("RMQ_KEEP_WORKER_LOGS") is None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(w.log_path)
-                else:
-                    print(f"  worker log kept: {w.log_path}")
+                kept = w.finish()
+                if kept:
+                    print(f"  worker log kept: {kept}")
             for c in clients.values():
                 c.close()
 

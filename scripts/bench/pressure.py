@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -108,19 +107,10 @@ def start_worker(app: Any, mode: str, url: str, queue: str, concurrency: int, pr
 
 
 def stop_worker(w: WorkerProcess) -> None:
-    """Stop by PID; with RMQ_KEEP_WORKER_LOGS=DIR (or 1: /tmp/rmq-bench-logs) keep a copy of the log."""
-    w.stop()
-    keep = os.environ.get("RMQ_KEEP_WORKER_LOGS")
-    if keep:
-        directory = keep if keep not in ("1", "true", "yes") else "/tmp/rmq-bench-logs"
-        os.makedirs(directory, exist_ok=True)
-        kept = os.path.join(directory, f"{w.node_name.split('@')[0]}.log")
-        shutil.copyfile(w.log_path, kept)
+    """Stop by PID; with RMQ_KEEP_WORKER_LOGS=DIR (or 1) keep a copy of the log (``WorkerProcess.finish``)."""
+    kept = w.finish()
+    if kept:
         print(f"  worker log kept: {kept}")
-    try:
-        os.unlink(w.log_path)
-    except OSError:
-        pass
 
 
 def rmq_stats(app: Any, w: WorkerProcess) -> dict:

@@ -29,12 +29,9 @@ def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
 
     yield start
     for w in started:
-        w.stop()
-        if os.environ.get("RMQ_KEEP_WORKER_LOGS") is None:
-            try:
-                os.unlink(w.log_path)
-            except OSError:
-                pass
+        kept = w.finish()
+        if kept:
+            print(f"  worker log kept: {kept}")
 
 
 TESTS_DIR = os.path.join(ROOT, "tests", "integration")

@@ -123,6 +123,5 @@ def test_a_governed_worker_refuses_pickle_and_confines_cleanup_to_its_root(redis
         assert replies[0][w.node_name].get("removed") == 1, replies
         assert not inside_old.exists() and outside_old.exists()
     finally:
-        w.stop()
-        os.unlink(w.log_path)
+        w.finish()
         client.close()
