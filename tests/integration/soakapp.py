@@ -243,13 +243,17 @@ elif MODE in ("bench-rmq", "bench-plain"):
             rt = current()
             decl = parse_declaration(memory="16MiB")
             guards = [g for g in default_guards() if g.applies(decl)]
+            def chain(prefix: str) -> None:
+                for i in range(n):
+                    ctx = TaskContext(task_name="ovh.noop", task_id=f"{prefix}-{i}", declaration=decl,
+                                      config=rt.config)
+                    for g in guards:
+                        g.enter(ctx)
+                    for g in reversed(guards):
+                        g.exit(ctx, False)
+
             t0 = time.thread_time()
-            for i in range(n):
-                ctx = TaskContext(task_name="ovh.noop", task_id=f"p-{i}", declaration=decl, config=rt.config)
-                for g in guards:
-                    g.enter(ctx)
-                for g in reversed(guards):
-                    g.exit(ctx, False)
+            chain("p")
             plain_us = (time.thread_time() - t0) / n * 1e6
             call_us = {}
             noop = app.tasks["ovh.noop"]
@@ -265,12 +269,7 @@ elif MODE in ("bench-rmq", "bench-plain"):
                 call_us[label] = (time.thread_time() - t0) / n * 1e6
             prof = cProfile.Profile(time.thread_time)
             prof.enable()
-            for i in range(n):
-                ctx = TaskContext(task_name="ovh.noop", task_id=f"q-{i}", declaration=decl, config=rt.config)
-                for g in guards:
-                    g.enter(ctx)
-                for g in reversed(guards):
-                    g.exit(ctx, False)
+            chain("q")
             prof.disable()
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
