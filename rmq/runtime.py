@@ -127,22 +127,22 @@ class Runtime:
     @property
     def learner(self) -> Any:
         """This process's :class:`~rmq.learning.PeakLearner`."""
-        found = self._local.get("learner") if self._pid == os.getpid() else None
-        if found is not None:
-            return found
-        from .learning import PeakLearner
-
-        return self.local(
-            "learner",
-            lambda: PeakLearner(self.redis, window=self.config.learn_window, q=self.config.learn_percentile),
-        )
+        return self.local("learner", self._new_learner)
 
     @property
     def claims(self) -> Any:
         """This process's :class:`~rmq.claims.RunClaims` (run claims of overlapping task copies)."""
+        return self.local("claims", self._new_claims)
+
+    def _new_learner(self) -> Any:
+        from .learning import PeakLearner
+
+        return PeakLearner(self.redis, window=self.config.learn_window, q=self.config.learn_percentile)
+
+    def _new_claims(self) -> Any:
         from .claims import RunClaims
 
-        return self.local("claims", lambda: RunClaims(self.redis))
+        return RunClaims(self.redis)
 
     def local(self, key: str, factory: Callable[[], Any]) -> Any:
         """A per-process singleton made by ``factory`` on first use (after any fork)."""
