@@ -156,7 +156,8 @@ class GovernedTask(Task):
                 return self._defer(defer)
             failed = True
             try:
-                result = super().__call__(*args, **kwargs)
+                # Celery's tracer already pushed this task and its request; Task.__call__ would push both again
+                result = self.run(*args, **kwargs)
                 failed = False
                 return result
             except Defer as defer:  # raised by the body, e.g. a model load that does not fit
