@@ -9,16 +9,15 @@ free space minus other reservations must cover the declaration.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from .ledger import Entry
+from .ledger import Reserved
 from .units import format_bytes as fb
 
 __all__ = ["Need", "Verdict", "judge", "percentile"]
 
 
-@dataclass(frozen=True)
-class Need:
+class Need(NamedTuple):
     """What a task asks for. Sizes in bytes."""
 
     memory_bytes: int
@@ -26,8 +25,7 @@ class Need:
     disk_bytes: int = 0
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """The outcome of one admission check.
 
     Attributes:
@@ -49,7 +47,7 @@ class Verdict:
 
 def judge(
     need: Need,
-    running: Sequence[Entry],
+    reserved: Reserved,
     worker_bytes: int,
     idle_bytes: int,
     admit_line_bytes: int,
@@ -57,7 +55,7 @@ def judge(
     cpu_slots: int,
     disk_free_bytes: int | None = None,
 ) -> Verdict:
-    """Decide whether ``need`` fits beside the ``running`` reservations."""
+    """Decide whether ``need`` fits beside what the ``reserved`` reservations hold."""
 
     room_idle = admit_line_bytes - idle_bytes
     if need.memory_bytes > room_idle:
@@ -71,7 +69,7 @@ def judge(
             False, True, "cpu", f"declares cpu={need.cpu_slots} but the worker has {cpu_slots} slots",
             need.cpu_slots, cpu_slots, cpu_slots,
         )
-    unused = sum(e.unused_bytes for e in running)
+    unused = reserved.unused_bytes
     projected = worker_bytes + unused + need.memory_bytes
     if projected > admit_line_bytes:
         return Verdict(
@@ -81,15 +79,14 @@ def judge(
             need.memory_bytes, max(0, admit_line_bytes - worker_bytes - unused), budget_bytes,
         )
     if need.cpu_slots:
-        used_slots = sum(e.cpu_slots for e in running)
+        used_slots = reserved.cpu_slots
         if used_slots + need.cpu_slots > cpu_slots:
             return Verdict(
                 False, False, "cpu", f"needs {need.cpu_slots} CPU slots, {cpu_slots - used_slots} free",
                 need.cpu_slots, cpu_slots - used_slots, cpu_slots,
             )
     if need.disk_bytes and disk_free_bytes is not None:
-        reserved = sum(e.disk_bytes for e in running)
-        available = disk_free_bytes - reserved
+        available = disk_free_bytes - reserved.disk_bytes
         if need.disk_bytes > available:
             return Verdict(
                 False, False, "disk",

@@ -8,9 +8,12 @@ reverse order, and only for guards whose ``enter`` returned. ``enter`` may raise
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .selfmem import own_rss_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RmqConfig
@@ -32,6 +35,8 @@ class TaskContext:
         memory_bytes: the memory admitted for this run (declared or learned), set by admission.
         session_dir: set by the session guard.
         state: scratch space, one key per guard.
+        rss_before / rss_after: this process's RSS before and after the body, read once for all
+            guards (see :meth:`rss_before_body`), ``None`` until a guard asks.
     """
 
     task_name: str
@@ -43,6 +48,20 @@ class TaskContext:
     memory_bytes: int = 0
     session_dir: Path | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    rss_before: int | None = None
+    rss_after: int | None = None
+
+    def rss_before_body(self, probe: Callable[[], int] = own_rss_bytes) -> int:
+        """This process's RSS before the body: read by the first guard that asks (on enter)."""
+        if self.rss_before is None:
+            self.rss_before = probe()
+        return self.rss_before
+
+    def rss_after_body(self, probe: Callable[[], int] = own_rss_bytes) -> int:
+        """This process's RSS after the body, before any guard released anything (on exit)."""
+        if self.rss_after is None:
+            self.rss_after = probe()
+        return self.rss_after
 
 
 class Guard:

@@ -294,7 +294,7 @@ class HygieneGuard(Guard):
             return
         state: _ProcessState = rt.local("hygiene", _ProcessState)
         # net of cached models: a model unloaded during the task must not hide the task's own garbage
-        now = self.memory_probe() - int(self.model_bytes())
+        now = ctx.rss_before_body(self.memory_probe) - int(self.model_bytes())
         ctx.state[self.name] = now
         if state.idle_bytes is None or now < state.idle_bytes:
             state.idle_bytes = now
@@ -306,7 +306,7 @@ class HygieneGuard(Guard):
             return
         state: _ProcessState = rt.local("hygiene", _ProcessState)
         start = ctx.state[self.name]
-        before = self.memory_probe() - int(self.model_bytes())
+        before = ctx.rss_after_body(self.memory_probe) - int(self.model_bytes())
         after = before
         idle = state.idle_bytes if state.idle_bytes is not None else start
         if before - idle > ctx.config.hygiene_margin:

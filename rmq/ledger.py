@@ -15,11 +15,13 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
-__all__ = ["Ledger", "Entry", "Control", "LedgerFull", "KIND_TASK", "KIND_MODEL"]
+from . import forks
+
+__all__ = ["Ledger", "Entry", "Control", "Reserved", "LedgerFull", "KIND_TASK", "KIND_MODEL"]
 
 KIND_TASK = 1
 KIND_MODEL = 2
@@ -28,7 +30,9 @@ _MAGIC = b"RMQLEDG1"
 # sample time, zone, cpu slots, paused, disk reserved (unused, kept for layout)
 _HEADER = struct.Struct("<8sQqqqqqdiiiq")
 # in use, kind, pid, memory, cpu slots, disk, started, used, start rss, peak used, task id, name
-_SLOT = struct.Struct("<BBxxiqiqxxxxdqqq48s96s")
+_SLOT_NUMBERS = "<BBxxiqiqxxxxdqqq"
+_SLOT = struct.Struct(_SLOT_NUMBERS + "48s96s")
+_NUMBERS = struct.Struct(_SLOT_NUMBERS)  # a slot without its two strings: what admission sums
 _SLOTS = 128
 _REQUEST = struct.Struct("<Qq")  # unload requests from pool processes: generation, bytes
 _REQUEST_OFFSET = 96
@@ -41,7 +45,14 @@ ZONES = ("ok", "unload", "pause", "kill")
 
 def _fit(text: str, n: int) -> str:
     """``text`` cut to the ``n`` bytes a slot stores (on a character boundary)."""
+    if len(text) <= n and text.isascii():  # the common case, without encoding
+        return text
     return text.encode()[:n].decode("utf-8", "ignore")
+
+
+def _unused(kind: int, memory_bytes: int, used_bytes: int, peak_used_bytes: int) -> int:
+    # A model's memory stays once loaded, so its peak counts; a task may free and grow again.
+    return max(0, memory_bytes - (peak_used_bytes if kind == KIND_MODEL else used_bytes))
 
 
 class LedgerFull(RuntimeError):
@@ -67,12 +78,8 @@ class Entry:
 
     @property
     def unused_bytes(self) -> int:
-        """The part of the declaration not yet in use (what may still come).
-
-        A model's memory stays once loaded, so its peak counts; a task may free and grow again.
-        """
-        used = self.peak_used_bytes if self.kind == KIND_MODEL else self.used_bytes
-        return max(0, self.memory_bytes - used)
+        """The part of the declaration not yet in use (what may still come)."""
+        return _unused(self.kind, self.memory_bytes, self.used_bytes, self.peak_used_bytes)
 
     def as_dict(self) -> dict[str, object]:
         """JSON-friendly form, for the snapshot."""
@@ -86,6 +93,37 @@ class Entry:
             "disk_bytes": self.disk_bytes,
             "used_bytes": self.used_bytes,
         }
+
+
+class Reserved(NamedTuple):
+    """What all reservations hold together: the sums admission weighs. Sizes in bytes."""
+
+    count: int = 0
+    unused_bytes: int = 0
+    cpu_slots: int = 0
+    disk_bytes: int = 0
+
+    @classmethod
+    def of(cls, entries: Iterable[Entry]) -> Reserved:
+        """The sums over ``entries``."""
+        entries = list(entries)
+        return cls(len(entries), sum(e.unused_bytes for e in entries), sum(e.cpu_slots for e in entries),
+                   sum(e.disk_bytes for e in entries))
+
+
+class _Flock:
+    """``with``-able exclusive ``flock`` on one descriptor (cheaper than a generator context manager)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -131,21 +169,15 @@ class Ledger:
 
     # locking -------------------------------------------------------------
     def _fd(self) -> int:
-        pid = os.getpid()
+        pid = forks.pid()
         if self._lock_pid != pid:  # a forked child must open its own descriptor
             self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
             self._lock_pid = pid
         return self._lock_fd
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the ledger's lock (released by the kernel if this process dies)."""
-        fd = self._fd()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+    def locked(self) -> _Flock:
+        """``with ledger.locked():`` holds the ledger's lock (released by the kernel if this process dies)."""
+        return _Flock(self._fd())
 
     # control block -------------------------------------------------------
     def read_control(self) -> Control:
@@ -252,6 +284,20 @@ class Ledger:
             i = flags.find(1, i + 1)
         return out
 
+    def reserved_unlocked(self) -> Reserved:
+        """The sums over all reservations, read without decoding them; call under :meth:`locked`."""
+        flags = self._in_use_flags()
+        count = unused = cpu = disk = 0
+        i = flags.find(1)
+        while i >= 0:
+            v = _NUMBERS.unpack_from(self._map, _HEADER_SIZE + i * _SLOT.size)
+            count += 1
+            unused += _unused(v[1], v[3], v[7], v[9])
+            cpu += v[4]
+            disk += v[5]
+            i = flags.find(1, i + 1)
+        return Reserved(count, unused, cpu, disk)
+
     def entries(self) -> list[Entry]:
         """All reservations, read under the lock."""
         with self.locked():
@@ -269,10 +315,10 @@ class Ledger:
         self._write_slot(i, e)
         return e
 
-    def try_add(self, e: Entry, fits: Callable[[list[Entry]], bool]) -> bool:
-        """Atomically add ``e`` if ``fits(current entries)`` says so."""
+    def try_add(self, e: Entry, fits: Callable[[Reserved], bool]) -> bool:
+        """Atomically add ``e`` if ``fits(what the current reservations hold)`` says so."""
         with self.locked():
-            if not fits(self.entries_unlocked()):
+            if not fits(self.reserved_unlocked()):
                 return False
             self.add_unlocked(e)
             return True
@@ -331,6 +377,6 @@ class Ledger:
             self._map.close()
         except (BufferError, ValueError):
             pass
-        if self._lock_pid == os.getpid() and self._lock_fd >= 0:
+        if self._lock_pid == forks.pid() and self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1

@@ -12,15 +12,14 @@ import os
 import shutil
 import time
 
-from . import models
+from . import forks, models
 from .admission import Need, Verdict, judge
 from .errors import BudgetExceeded, Defer
 from .guards import Guard, TaskContext
-from .ledger import KIND_TASK, Entry, Ledger
+from .ledger import KIND_TASK, Entry, Ledger, Reserved
 from .runtime import Runtime, current
-from .selfmem import own_rss_bytes
 
-__all__ = ["AdmissionGuard", "own_rss_bytes"]
+__all__ = ["AdmissionGuard"]
 
 _POLL_S = 0.02
 
@@ -47,10 +46,10 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None) -
     disk_free = shutil.disk_usage(disk_root).free if (need.disk_bytes and disk_root) else None
     verdicts: list[Verdict] = []
 
-    def fits(entries: list[Entry]) -> bool:
-        control = ledger.read_control()  # under the lock: consistent with the entries' usage
+    def fits(reserved: Reserved) -> bool:
+        control = ledger.read_control()  # under the lock: consistent with the reservations' usage
         v = judge(
-            need, entries, control.worker_bytes, control.idle_bytes, control.admit_line_bytes,
+            need, reserved, control.worker_bytes, control.idle_bytes, control.admit_line_bytes,
             control.budget_bytes, control.cpu_slots, disk_free,
         )
         verdicts.append(v)
@@ -79,8 +78,8 @@ class AdmissionGuard(Guard):
         if disk_root:
             os.makedirs(disk_root, exist_ok=True)
         entry = Entry(
-            KIND_TASK, os.getpid(), memory, decl.cpu_slots, decl.disk_bytes,
-            task_id=ctx.task_id, name=ctx.task_name, start_rss=own_rss_bytes(),
+            KIND_TASK, forks.pid(), memory, decl.cpu_slots, decl.disk_bytes,
+            task_id=ctx.task_id, name=ctx.task_name, start_rss=ctx.rss_before_body(),
         )
         v = _admit(rt, entry, need, rt.config.admission_wait, disk_root)
         if v.admitted:
@@ -99,7 +98,8 @@ class AdmissionGuard(Guard):
         if rt is None or entry is None:
             return
         stored = rt.ledger.remove(entry)  # the governor's copy carries the peak it measured
-        peak = max(own_rss_bytes() - entry.start_rss, stored.peak_used_bytes if stored is not None else 0, 0)
+        # measured before hygiene trimmed: garbage the task left behind was part of its peak
+        peak = max(ctx.rss_after_body() - entry.start_rss, stored.peak_used_bytes if stored is not None else 0, 0)
         # models the task loaded hold their own reservations: not part of the task's peak
         peak = max(0, peak - (models.loaded_bytes() - ctx.state.pop("models_loaded", 0)))
         if not failed:

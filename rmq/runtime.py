@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import forks
 from .config import RmqConfig
 from .errors import RateLimiterUnavailable
 from .procstats import ProcessStats
@@ -81,7 +82,7 @@ class Runtime:
         self.governor: Any = None
 
     def _check_fork(self) -> None:
-        pid = os.getpid()
+        pid = forks.pid()
         if pid != self._pid:
             self._pid = pid
             self._redis = None
@@ -91,7 +92,7 @@ class Runtime:
     @property
     def in_pool_process(self) -> bool:
         """True in a pool child, False in the worker's main process."""
-        return os.getpid() != self.main_pid
+        return forks.pid() != self.main_pid
 
     @property
     def stats(self) -> ProcessStats:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from . import forks
+
 __all__ = ["own_rss_bytes"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -28,7 +30,7 @@ def _reopen(pid: int) -> int:
 def own_rss_bytes() -> int:
     """This process's RSS in bytes (``/proc/self/statm``; psutil where there is no ``/proc``)."""
     try:
-        pid = os.getpid()
+        pid = forks.pid()
         fd = _statm_fd if _statm_pid == pid else _reopen(pid)
         return int(os.pread(fd, 128, 0).split()[1]) * _PAGE
     except (OSError, IndexError, ValueError, AttributeError):

@@ -17,12 +17,12 @@ this process's one, made on first use with the worker's ``rmq_models_*`` setting
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .. import forks
 from .. import runtime as rt_mod
 from .admission import NullReserver, Reserver
 from .cache import ModelCache, rss_probe
@@ -112,13 +112,17 @@ def _new_cache(rt: rt_mod.Runtime | None) -> ModelCache:
     )
 
 
+def _new_runtime_cache() -> ModelCache:
+    return _new_cache(rt_mod.current())
+
+
 def cache() -> ModelCache:
     """This process's model cache (a new one after a fork; the runtime's in a worker)."""
     global _cache, _cache_pid, _cache_lock
     rt = rt_mod.current()
     if rt is not None:
-        return rt.local(_RUNTIME_KEY, lambda: _new_cache(rt))  # type: ignore[no-any-return]
-    pid = os.getpid()
+        return rt.local(_RUNTIME_KEY, _new_runtime_cache)  # type: ignore[no-any-return]
+    pid = forks.pid()
     if _cache_pid != pid:
         _cache_lock = threading.Lock()  # the parent's lock may have been held when it forked
     with _cache_lock:

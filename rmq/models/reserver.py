@@ -25,7 +25,7 @@ from typing import Any
 
 from ..admission import Need, Verdict, judge
 from ..errors import ModelLoadError
-from ..ledger import KIND_MODEL, Control, Entry
+from ..ledger import KIND_MODEL, Control, Entry, Reserved
 from ..selfmem import own_rss_bytes
 from ..units import format_bytes
 
@@ -66,10 +66,10 @@ class LedgerModelReserver:
         entry = Entry(KIND_MODEL, os.getpid(), size_bytes, task_id=key, name=key, start_rss=own_rss_bytes())
         verdicts: list[Verdict] = []
 
-        def fits(entries: list[Entry]) -> bool:
+        def fits(reserved: Reserved) -> bool:
             c = ledger.read_control()
             line = self.line_bytes(c)
-            v = judge(Need(size_bytes), entries, c.worker_bytes, c.idle_bytes, line, c.budget_bytes, c.cpu_slots)
+            v = judge(Need(size_bytes), reserved, c.worker_bytes, c.idle_bytes, line, c.budget_bytes, c.cpu_slots)
             verdicts.append(v)
             return v.admitted
 

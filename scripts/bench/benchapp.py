@@ -128,7 +128,7 @@ class KillLineWatch:
     def after_step(self, t_step: float) -> None:
         if self.done:
             return
-        from rmq.reservation import own_rss_bytes
+        from rmq.selfmem import own_rss_bytes
 
         assert self.rt is not None
         rss, ledger = own_rss_bytes(), self.rt.ledger
@@ -230,6 +230,7 @@ def _experimental_fixes() -> None:
         from rmq import reservation
         from rmq.ledger import _fit
         from rmq.runtime import current
+        from rmq.selfmem import own_rss_bytes
 
         worker_bytes_at = 24  # offset of worker_bytes in the ledger header (magic, generation, unload bytes)
 
@@ -239,7 +240,7 @@ def _experimental_fixes() -> None:
             if rt is None or entry is None:
                 return
             ledger = rt.ledger
-            rss_now = reservation.own_rss_bytes()
+            rss_now = own_rss_bytes()
             peak = max(rss_now - entry.start_rss, 0)
             with ledger.locked():
                 cur = ledger._read_slot(entry.slot)

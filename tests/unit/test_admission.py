@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rmq.admission import Need, Verdict, judge, percentile
-from rmq.ledger import KIND_MODEL, KIND_TASK, Entry
+from rmq.ledger import KIND_MODEL, KIND_TASK, Entry, Reserved
 
 MiB = 1024**2
 GiB = 1024**3
@@ -20,7 +20,7 @@ def task(memory: int, used: int = 0, cpu: int = 0, disk: int = 0) -> Entry:
 
 def run(need: Need, running: list[Entry] = (), worker: int = GiB, idle: int = GiB, cpu_slots: int = 4,
         disk_free: int | None = None) -> Verdict:
-    return judge(need, list(running), worker, idle, ADMIT, BUDGET, cpu_slots, disk_free)
+    return judge(need, Reserved.of(running), worker, idle, ADMIT, BUDGET, cpu_slots, disk_free)
 
 
 def test_fits_on_an_idle_worker() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rmq.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger, LedgerFull
+from rmq.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger, LedgerFull, Reserved
 
 MiB = 1024**2
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -130,18 +130,33 @@ def test_slots_are_reused(ledger: Ledger) -> None:
     assert second.slot == first.slot == 0
 
 
-def test_try_add_consults_fits_with_current_entries(ledger: Ledger) -> None:
+def test_try_add_consults_fits_with_what_the_current_entries_hold(ledger: Ledger) -> None:
     limit = 250 * MiB
 
-    def fits(entries: list[Entry]) -> bool:
-        return sum(e.memory_bytes for e in entries) + 100 * MiB <= limit
+    def fits(reserved: Reserved) -> bool:
+        return reserved.unused_bytes + 100 * MiB <= limit
 
     seen: list[int] = []
-    assert ledger.try_add(entry(task_id="1"), lambda es: seen.append(len(es)) is None and fits(es))
+    assert ledger.try_add(entry(task_id="1"), lambda r: seen.append(r.count) is None and fits(r))
     assert ledger.try_add(entry(task_id="2"), fits)
     assert not ledger.try_add(entry(task_id="3"), fits)
     assert seen == [0]
     assert [e.task_id for e in ledger.entries()] == ["1", "2"]
+
+
+def test_reserved_sums_read_from_the_table_match_the_entries(ledger: Ledger) -> None:
+    ledger.try_add(Entry(KIND_TASK, 11, 300 * MiB, 2, 5 * MiB, task_id="t1", name="a"), lambda _: True)
+    ledger.try_add(Entry(KIND_TASK, 12, 100 * MiB, 0, 0, task_id="t2", name="b"), lambda _: True)
+    ledger.try_add(Entry(KIND_MODEL, 13, 120 * MiB, task_id="m", name="m"), lambda _: True)
+    stored = ledger.entries()
+    # the governor's readings: a task using part of its declaration, a model whose use fell from its peak
+    ledger.set_usage([(stored[0], 200 * MiB), (stored[2], 100 * MiB)])
+    ledger.set_usage([(stored[2], 40 * MiB)])
+    with ledger.locked():
+        reserved = ledger.reserved_unlocked()
+    assert reserved == Reserved.of(ledger.entries())
+    assert reserved == Reserved(count=3, unused_bytes=100 * MiB + 100 * MiB + 20 * MiB, cpu_slots=2,
+                                disk_bytes=5 * MiB)
 
 
 def test_full_ledger_raises(ledger: Ledger) -> None:
@@ -313,9 +328,9 @@ ADDER = """
     from rmq.ledger import Entry, KIND_TASK, Ledger
     led = Ledger(sys.argv[1])
     limit, attempts, tag = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    def fits(entries):
+    def fits(reserved):
         time.sleep(0.0005)  # widen the window between the check and the write
-        return sum(e.memory_bytes for e in entries) + 1 <= limit
+        return reserved.unused_bytes + 1 <= limit
     print("ready", flush=True)
     sys.stdin.readline()  # start together
     ok = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 import types
@@ -594,11 +595,15 @@ def test_models_cache_uses_runtime_config_in_a_worker(fake_runtime):
         models.set_reserver_factory(None)
 
 
-def test_models_cache_is_per_process(monkeypatch):
+def test_models_cache_is_per_process():
     cache = models.cache()
     assert models.cache() is cache
-    monkeypatch.setattr(models.os, "getpid", lambda: -12345)  # as seen from a forked child
-    assert models.cache() is not cache
+    child = os.fork()
+    if child == 0:  # a forked child inherits the parent's cache object but must make its own
+        os._exit(0 if models.cache() is not cache and models.cache() is models.cache() else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert models.cache() is cache
 
 
 def test_module_level_register_get_use(unique):
