@@ -98,7 +98,7 @@ class Entry:
 class Reserved(NamedTuple):
     """What all reservations hold together: the sums admission weighs. Sizes in bytes."""
 
-    count: int = 0
+    reservations: int = 0
     unused_bytes: int = 0
     cpu_slots: int = 0
     disk_bytes: int = 0
@@ -165,14 +165,22 @@ class Ledger:
         finally:
             os.close(fd)
         self._lock_fd = -1
-        self._lock_pid = -1
+        forks.forget_in_children(self)
 
     # locking -------------------------------------------------------------
+    def _forget_inherited(self) -> None:
+        # An inherited descriptor shares the parent's open file, and with it the parent's flock:
+        # each process locks through a descriptor of its own.
+        if self._lock_fd >= 0:
+            try:
+                os.close(self._lock_fd)
+            except OSError:
+                pass
+            self._lock_fd = -1
+
     def _fd(self) -> int:
-        pid = forks.pid()
-        if self._lock_pid != pid:  # a forked child must open its own descriptor
+        if self._lock_fd < 0:
             self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            self._lock_pid = pid
         return self._lock_fd
 
     def locked(self) -> _Flock:
@@ -287,16 +295,16 @@ class Ledger:
     def reserved_unlocked(self) -> Reserved:
         """The sums over all reservations, read without decoding them; call under :meth:`locked`."""
         flags = self._in_use_flags()
-        count = unused = cpu = disk = 0
+        n = unused = cpu = disk = 0
         i = flags.find(1)
         while i >= 0:
             v = _NUMBERS.unpack_from(self._map, _HEADER_SIZE + i * _SLOT.size)
-            count += 1
+            n += 1
             unused += _unused(v[1], v[3], v[7], v[9])
             cpu += v[4]
             disk += v[5]
             i = flags.find(1, i + 1)
-        return Reserved(count, unused, cpu, disk)
+        return Reserved(n, unused, cpu, disk)
 
     def entries(self) -> list[Entry]:
         """All reservations, read under the lock."""
@@ -377,6 +385,6 @@ class Ledger:
             self._map.close()
         except (BufferError, ValueError):
             pass
-        if self._lock_pid == forks.pid() and self._lock_fd >= 0:
+        if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1

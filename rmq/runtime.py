@@ -2,8 +2,8 @@
 
 The worker bootstep creates one :class:`Runtime` in the main process before the pool
 forks; every pool process (replacements included) inherits it. Handles that must not
-cross a fork (Redis clients, lock descriptors, counters) are re-made lazily when the
-current pid differs from the one that made them.
+cross a fork (Redis clients, lock descriptors, counters) are dropped in the child right
+after the fork (:mod:`rmq.forks`) and re-made there on first use.
 
 Outside a worker (a client process, a unit test) there is no runtime: ``current()``
 returns ``None`` and governed tasks run ungoverned.
@@ -58,7 +58,6 @@ class Runtime:
         self.ledger = ledger
         self.redis_url = redis_url
         self.main_pid = os.getpid()
-        self._pid = -1
         self._redis: redis_lib.Redis | None = None
         self._stats: ProcessStats | None = None
         self._local: dict[str, Any] = {}
@@ -80,14 +79,14 @@ class Runtime:
         self.snapshots: Any = None
         #: the governor, in the main process only (set by the bootstep)
         self.governor: Any = None
+        forks.forget_in_children(self)
 
-    def _check_fork(self) -> None:
-        pid = forks.pid()
-        if pid != self._pid:
-            self._pid = pid
-            self._redis = None
-            self._stats = None
-            self._local = {}
+    def _forget_inherited(self) -> None:
+        """In a forked child: drop the parent's handles (made again on first use) and its lock."""
+        self._redis = None
+        self._stats = None
+        self._local = {}
+        self._lock = threading.Lock()  # another thread of the parent may have held it at the fork
 
     @property
     def in_pool_process(self) -> bool:
@@ -97,7 +96,6 @@ class Runtime:
     @property
     def stats(self) -> ProcessStats:
         """This process's counters (flushed to the runtime dir for the governor)."""
-        self._check_fork()
         if self._stats is None:
             self._stats = ProcessStats(self.runtime_dir)
         return self._stats
@@ -108,7 +106,6 @@ class Runtime:
         Raises:
             RateLimiterUnavailable: when no Redis URL is configured or derivable.
         """
-        self._check_fork()
         if self._redis is None:
             if not self.redis_url:
                 raise RateLimiterUnavailable(
@@ -147,7 +144,6 @@ class Runtime:
 
     def local(self, key: str, factory: Callable[[], Any]) -> Any:
         """A per-process singleton made by ``factory`` on first use (after any fork)."""
-        self._check_fork()
         found = self._local.get(key, _MISSING)  # the hot path: no lock once made
         if found is not _MISSING:
             return found

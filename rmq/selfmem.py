@@ -2,36 +2,45 @@
 
 Opening ``/proc/self/statm`` costs about 40 us; re-reading a descriptor kept open with
 ``os.pread`` costs about 2 us. ``/proc/self`` is resolved when the file is opened, so a forked
-child must not reuse its parent's descriptor: the descriptor is re-opened whenever the pid changes.
+child must not reuse its parent's descriptor: the child closes it right after the fork and opens
+its own on first use.
 """
 
 from __future__ import annotations
 
 import os
 
-from . import forks
-
 __all__ = ["own_rss_bytes"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_statm_pid = -1
 _statm_fd = -1
 
 
-def _reopen(pid: int) -> int:
+def _open() -> int:
     # No lock (a lock held at fork time would deadlock the child): two threads racing here at most
-    # open one descriptor too many. An inherited descriptor belongs to the parent's /proc entry.
-    global _statm_pid, _statm_fd
+    # open one descriptor too many.
+    global _statm_fd
     _statm_fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-    _statm_pid = pid
     return _statm_fd
+
+
+def _forget_inherited() -> None:
+    global _statm_fd
+    if _statm_fd >= 0:
+        try:
+            os.close(_statm_fd)  # the parent's /proc entry
+        except OSError:
+            pass
+        _statm_fd = -1
+
+
+os.register_at_fork(after_in_child=_forget_inherited)
 
 
 def own_rss_bytes() -> int:
     """This process's RSS in bytes (``/proc/self/statm``; psutil where there is no ``/proc``)."""
     try:
-        pid = forks.pid()
-        fd = _statm_fd if _statm_pid == pid else _reopen(pid)
+        fd = _statm_fd if _statm_fd >= 0 else _open()
         return int(os.pread(fd, 128, 0).split()[1]) * _PAGE
     except (OSError, IndexError, ValueError, AttributeError):
         import psutil

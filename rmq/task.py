@@ -32,6 +32,7 @@ __all__ = ["governed_task", "GovernedTask", "config_for", "guard_chain", "rmq_he
 log = logging.getLogger("rmq.task")
 _DEFERRALS = "rmq_deferrals"
 _UNCOUNTED = frozenset({"rate_limit", "duplicate"})  # deferrals that hold nothing back
+_REQUEST_HEADERS = (_DEFERRALS, "rmq_kills")
 
 
 def config_for(app: Any) -> RmqConfig:
@@ -56,12 +57,13 @@ def guard_chain() -> list[Guard]:
 def rmq_headers(source: Any) -> dict[str, Any]:
     """The ``rmq_*`` message headers of a request, a request dict or a headers dict."""
     if isinstance(source, dict):
-        items = source.items()
-    else:
-        items = [(k, getattr(source, k, None)) for k in ("rmq_deferrals", "rmq_kills")]
-        headers = getattr(source, "headers", None) or {}
-        items = list(items) + list(headers.items())
-    return {k: v for k, v in items if isinstance(k, str) and k.startswith("rmq_") and v is not None}
+        return {k: v for k, v in source.items() if isinstance(k, str) and k.startswith("rmq_") and v is not None}
+    # a request: Celery puts custom headers on it as attributes (and keeps some in .headers)
+    found = {k: v for k in _REQUEST_HEADERS if (v := getattr(source, k, None)) is not None}
+    headers = getattr(source, "headers", None)
+    if headers:
+        found.update(rmq_headers(headers))
+    return found
 
 
 class GovernedTask(Task):

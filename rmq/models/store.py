@@ -137,6 +137,8 @@ class ModelStore:
     @property
     def held_bytes(self) -> int:
         """Total size of the loaded models."""
+        if not self._entries:  # the common case, read once per task: no lock needed to see it empty
+            return 0
         with self._lock:
             return sum(e.size_bytes for e in self._entries.values())
 

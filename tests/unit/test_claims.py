@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import fakeredis
@@ -10,7 +9,6 @@ import pytest
 
 from rmq import keys
 from rmq.claims import RunClaims, claim_token
-from rmq.selfmem import own_rss_bytes
 
 
 @pytest.fixture
@@ -75,21 +73,3 @@ def test_refresh_drops_a_claim_someone_else_took(client) -> None:
     client.set(keys.run_claim("t1"), "w2@h:20")
     a.refresh_held()
     assert a.held() == {} and a.holder("t1") == "w2@h:20"
-
-
-def test_own_rss_follows_the_process_across_a_fork() -> None:
-    before = own_rss_bytes()
-    block = bytearray(64 * 1024 * 1024)  # zero-filled by Python: every page touched
-    assert own_rss_bytes() - before > 48 * 1024 * 1024
-    del block
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child must read its own statm, not the parent's through an inherited descriptor
-        start = own_rss_bytes()
-        grown = bytearray(64 * 1024 * 1024)
-        os.write(write, str(own_rss_bytes() - start > 48 * 1024 * 1024).encode())
-        del grown
-        os._exit(0)
-    os.close(write)
-    os.waitpid(pid, 0)
-    assert os.read(read, 16) == b"True"

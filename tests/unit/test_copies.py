@@ -22,6 +22,10 @@ def request(redelivered: bool = False, **headers) -> SimpleNamespace:
         (request(rmq_deferrals=2), True),  # sent by a counted deferral
         (request(rmq_deferrals=0), True),  # sent by an uncounted one (rate limit, a copy waiting its turn)
         (request(rmq_kills=1), True),  # a re-run after a memory kill
+        # Celery puts custom headers on the request as attributes, and may keep them in .headers only
+        (SimpleNamespace(delivery_info=None, headers=None, rmq_deferrals=0), True),
+        (SimpleNamespace(delivery_info={}, headers={"rmq_kills": 1}), True),
+        (SimpleNamespace(delivery_info={}, headers={"other": 1}), False),
     ],
 )
 def test_copies_are_recognised(req: SimpleNamespace, is_copy: bool) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 
 from rmq import forks
 from rmq.config import load_config
+from rmq.ledger import Ledger
 from rmq.runtime import Runtime
+from rmq.selfmem import own_rss_bytes
 
 
 def in_forked_child(check) -> int:
@@ -56,3 +59,37 @@ def test_runtime_handles_are_made_again_in_a_forked_child(tmp_path) -> None:
 
     assert in_forked_child(child_sees_its_own) == 0
     assert rt.local("thing", object) is parent_handle and rt.stats is parent_stats
+
+
+def test_a_forked_child_locks_the_ledger_through_its_own_descriptor(tmp_path) -> None:
+    ledger = Ledger(str(tmp_path), create=True)
+    with ledger.locked():  # the parent opened its descriptor and holds the lock across the fork
+
+        def child_is_shut_out() -> bool:
+            try:
+                fcntl.flock(ledger._fd(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False  # it shared the parent's lock: no exclusion between the two
+
+        assert in_forked_child(child_is_shut_out) == 0
+    with ledger.locked():  # and the parent's lock still works after the child closed its copy
+        pass
+
+
+def test_own_rss_follows_the_process_across_a_fork() -> None:
+    before = own_rss_bytes()
+    block = bytearray(64 * 1024 * 1024)  # zero-filled by Python: every page touched
+    assert own_rss_bytes() - before > 48 * 1024 * 1024
+    del block
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child must read its own statm, not the parent's through an inherited descriptor
+        start = own_rss_bytes()
+        grown = bytearray(64 * 1024 * 1024)
+        os.write(write, str(own_rss_bytes() - start > 48 * 1024 * 1024).encode())
+        del grown
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"True"

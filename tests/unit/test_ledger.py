@@ -137,7 +137,7 @@ def test_try_add_consults_fits_with_what_the_current_entries_hold(ledger: Ledger
         return reserved.unused_bytes + 100 * MiB <= limit
 
     seen: list[int] = []
-    assert ledger.try_add(entry(task_id="1"), lambda r: seen.append(r.count) is None and fits(r))
+    assert ledger.try_add(entry(task_id="1"), lambda r: seen.append(r.reservations) is None and fits(r))
     assert ledger.try_add(entry(task_id="2"), fits)
     assert not ledger.try_add(entry(task_id="3"), fits)
     assert seen == [0]
@@ -155,7 +155,7 @@ def test_reserved_sums_read_from_the_table_match_the_entries(ledger: Ledger) -> 
     with ledger.locked():
         reserved = ledger.reserved_unlocked()
     assert reserved == Reserved.of(ledger.entries())
-    assert reserved == Reserved(count=3, unused_bytes=100 * MiB + 100 * MiB + 20 * MiB, cpu_slots=2,
+    assert reserved == Reserved(reservations=3, unused_bytes=100 * MiB + 100 * MiB + 20 * MiB, cpu_slots=2,
                                 disk_bytes=5 * MiB)
 
 
