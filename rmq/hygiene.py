@@ -295,17 +295,16 @@ class HygieneGuard(Guard):
         state: _ProcessState = rt.local("hygiene", _ProcessState)
         # net of cached models: a model unloaded during the task must not hide the task's own garbage
         now = ctx.rss_before_body(self.memory_probe) - int(self.model_bytes())
-        ctx.state[self.name] = now
+        ctx.state[self.name] = (rt, state, now)
         if state.idle_bytes is None or now < state.idle_bytes:
             state.idle_bytes = now
 
     def exit(self, ctx: TaskContext, failed: bool) -> None:
         """Trim if the process grew past ``rmq_hygiene_margin``, feed the leak detector, publish."""
-        rt = runtime.current()
-        if rt is None or self.name not in ctx.state:
+        entered = ctx.state.pop(self.name, None)
+        if entered is None:
             return
-        state: _ProcessState = rt.local("hygiene", _ProcessState)
-        start = ctx.state[self.name]
+        rt, state, start = entered
         before = ctx.rss_after_body(self.memory_probe) - int(self.model_bytes())
         after = before
         idle = state.idle_bytes if state.idle_bytes is not None else start

@@ -164,28 +164,28 @@ class Ledger:
             self._map = mmap.mmap(fd, _SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        self._lock_fd = -1
+        self._flock: _Flock | None = None  # this process's lock, on a descriptor of its own
         forks.forget_in_children(self)
 
     # locking -------------------------------------------------------------
     def _forget_inherited(self) -> None:
         # An inherited descriptor shares the parent's open file, and with it the parent's flock:
         # each process locks through a descriptor of its own.
-        if self._lock_fd >= 0:
+        self._close_lock()
+
+    def _close_lock(self) -> None:
+        if self._flock is not None:
             try:
-                os.close(self._lock_fd)
+                os.close(self._flock.fd)
             except OSError:
                 pass
-            self._lock_fd = -1
-
-    def _fd(self) -> int:
-        if self._lock_fd < 0:
-            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        return self._lock_fd
+            self._flock = None
 
     def locked(self) -> _Flock:
         """``with ledger.locked():`` holds the ledger's lock (released by the kernel if this process dies)."""
-        return _Flock(self._fd())
+        if self._flock is None:
+            self._flock = _Flock(os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600))
+        return self._flock
 
     # control block -------------------------------------------------------
     def read_control(self) -> Control:
@@ -276,13 +276,9 @@ class Ledger:
             e.name.encode()[:96],
         )
 
-    def _in_use_flags(self) -> bytes:
-        """The first byte of every slot, one byte per slot (1 = in use): a C-speed slice, not a loop."""
-        return self._map[_FLAGS]
-
     def entries_unlocked(self) -> list[Entry]:
         """All reservations; call under :meth:`locked` for a consistent view."""
-        flags = self._in_use_flags()
+        flags = self._map[_FLAGS]  # the in-use byte of every slot: a C-speed slice, not a loop
         out = []
         i = flags.find(1)
         while i >= 0:
@@ -294,7 +290,7 @@ class Ledger:
 
     def reserved_unlocked(self) -> Reserved:
         """The sums over all reservations, read without decoding them; call under :meth:`locked`."""
-        flags = self._in_use_flags()
+        flags = self._map[_FLAGS]
         n = unused = cpu = disk = 0
         i = flags.find(1)
         while i >= 0:
@@ -313,7 +309,7 @@ class Ledger:
 
     def add_unlocked(self, e: Entry) -> Entry:
         """Store a reservation (caller holds the lock); returns it with its slot."""
-        i = self._in_use_flags().find(0)
+        i = self._map[_FLAGS].find(0)
         if i < 0:
             raise LedgerFull("the ledger has no free slot (128 reservations)")
         e.slot = i
@@ -385,6 +381,4 @@ class Ledger:
             self._map.close()
         except (BufferError, ValueError):
             pass
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._close_lock()

@@ -66,6 +66,15 @@ def rmq_headers(source: Any) -> dict[str, Any]:
     return found
 
 
+def _request_header(request: Any, name: str) -> Any:
+    """One header of a task's request: Celery puts custom headers on the request as attributes,
+    and keeps some in ``request.headers`` only."""
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
 class GovernedTask(Task):
     """Base class of governed tasks. Users get it through :func:`governed_task`."""
 
@@ -187,10 +196,10 @@ class GovernedTask(Task):
     def _is_copy(request: Any) -> bool:
         """A redelivered message, a deferred copy or a re-run after a kill: a copy of a task id that
         may already have ended, or may be running elsewhere."""
-        headers = rmq_headers(request)
+        if (request.delivery_info or {}).get("redelivered"):
+            return True
         # every deferral sets the header, 0 for the uncounted ones (rate limits, waiting copies)
-        return bool((request.delivery_info or {}).get("redelivered") or _DEFERRALS in headers
-                    or headers.get("rmq_kills"))
+        return _request_header(request, _DEFERRALS) is not None or bool(_request_header(request, "rmq_kills"))
 
     def _admit_copy(self, rt: Any, request: Any) -> bool:
         """Let a copy run at most once and never beside another copy: Ignore it when the task already

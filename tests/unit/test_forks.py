@@ -67,7 +67,7 @@ def test_a_forked_child_locks_the_ledger_through_its_own_descriptor(tmp_path) ->
 
         def child_is_shut_out() -> bool:
             try:
-                fcntl.flock(ledger._fd(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(ledger.locked().fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return True
             return False  # it shared the parent's lock: no exclusion between the two
