@@ -3,7 +3,8 @@
 A task that does not fit first asks every pool process to unload models, then waits up
 to ``rmq_admission_wait`` (re-checking as the governor's readings change), then is
 deferred. A task that could never fit on an idle worker fails at once with
-:class:`~rmq.errors.BudgetExceeded`.
+:class:`~rmq.errors.BudgetExceeded`. A task without ``memory=`` is admitted with its learned peak
+(:mod:`rmq.learning`), and only such tasks record their peaks: nothing reads the others'.
 """
 
 from __future__ import annotations
@@ -102,5 +103,5 @@ class AdmissionGuard(Guard):
         peak = max(ctx.rss_after_body() - entry.start_rss, stored.peak_used_bytes if stored is not None else 0, 0)
         # models the task loaded hold their own reservations: not part of the task's peak
         peak = max(0, peak - (models.loaded_bytes() - ctx.state.pop("models_loaded", 0)))
-        if not failed:
+        if not failed and ctx.declaration.memory_bytes is None:  # only undeclared tasks are admitted by it
             rt.learner.observe(ctx.task_name, peak)

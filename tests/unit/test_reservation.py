@@ -1,0 +1,67 @@
+"""The admission guard in a pool process: reservations in a real ledger, peaks for the learner."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rmq.config import load_config
+from rmq.declarations import parse_declaration
+from rmq.guards import TaskContext
+from rmq.ledger import Control, Ledger
+from rmq.reservation import AdmissionGuard
+from rmq.runtime import Runtime, set_current
+
+MiB = 1 << 20
+
+
+class RecordingLearner:
+    def __init__(self) -> None:
+        self.observed: list[tuple[str, int]] = []
+
+    def learned(self, name: str) -> int:
+        return 0
+
+    def observe(self, name: str, peak: int) -> None:
+        self.observed.append((name, peak))
+
+
+@pytest.fixture
+def rt(tmp_path):
+    ledger = Ledger(str(tmp_path / "rt"), create=True)
+    ledger.write_control(Control(0, 0, 100 * MiB, 4096 * MiB, 3500 * MiB, 100 * MiB, time.time(), "ok", 2, False))
+    runtime = Runtime(load_config({}, environ={}), app=None, runtime_dir=str(tmp_path / "rt"), ledger=ledger,
+                      redis_url=None)
+    runtime._local["learner"] = RecordingLearner()
+    set_current(runtime)
+    yield runtime
+    set_current(None)
+
+
+def run(rt: Runtime, name: str, failed: bool = False, **declared) -> TaskContext:
+    ctx = TaskContext(name, f"{name}-1", parse_declaration(**declared), rt.config)
+    guard = AdmissionGuard()
+    guard.enter(ctx)
+    assert [e.task_id for e in rt.ledger.entries()] == [ctx.task_id]  # reserved while it runs
+    ctx.rss_after = ctx.rss_before + 5 * MiB  # the body grew the process by 5 MiB
+    guard.exit(ctx, failed)
+    assert rt.ledger.entries() == []  # released after
+    return ctx
+
+
+def test_an_undeclared_task_is_admitted_with_the_default_and_records_its_peak(rt) -> None:
+    ctx = run(rt, "app.undeclared")
+    assert ctx.memory_bytes == rt.config.default_task_memory
+    assert rt.learner.observed == [("app.undeclared", 5 * MiB)]
+
+
+def test_a_declared_task_records_no_peak(rt) -> None:
+    ctx = run(rt, "app.declared", memory="64MiB")
+    assert ctx.memory_bytes == 64 * MiB
+    assert rt.learner.observed == []
+
+
+def test_a_failed_run_records_no_peak(rt) -> None:
+    run(rt, "app.undeclared", failed=True)
+    assert rt.learner.observed == []
