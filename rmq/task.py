@@ -167,8 +167,7 @@ class GovernedTask(Task):
                 return self._defer(defer)
             failed = True
             try:
-                # Celery's tracer already pushed this task and its request; Task.__call__ would push both again
-                result = self.run(*args, **kwargs)
+                result = self.run(*args, **kwargs) if self._runs_directly() else super().__call__(*args, **kwargs)
                 failed = False
                 return result
             except Defer as defer:  # raised by the body, e.g. a model load that does not fit
@@ -183,6 +182,21 @@ class GovernedTask(Task):
                 self._exit_guards(entered, ctx, failed=True)
             self._rmq_local.ctx = None
             rt.stats.flush()
+
+    def _runs_directly(self) -> bool:
+        """Whether the body can be called without ``Task.__call__`` (worked out once per task class).
+
+        Celery's tracer has already pushed this task and its request, which ``Task.__call__`` would
+        push again (~15 us per task). A base class between ``GovernedTask`` and ``Task`` that overrides
+        ``__call__`` (a database session, say) is still called.
+        """
+        direct = type(self).__dict__.get("_rmq_direct")
+        if direct is None:
+            mro = type(self).__mro__
+            after = mro[mro.index(GovernedTask) + 1:]
+            direct = next((k for k in after if "__call__" in k.__dict__), Task) is Task
+            type(self)._rmq_direct = direct
+        return direct
 
     def _applicable_guards(self) -> tuple[Guard, ...]:
         """The guards this task's declaration needs, in chain order (worked out once per task)."""
