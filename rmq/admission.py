@@ -93,7 +93,10 @@ def judge(
                 f"needs {fb(need.disk_bytes)} of disk, {fb(max(0, available))} free after reservations",
                 need.disk_bytes, max(0, available), disk_free_bytes,
             )
-    return Verdict(True)
+    return _ADMITTED
+
+
+_ADMITTED = Verdict(True)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

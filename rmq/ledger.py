@@ -33,6 +33,7 @@ _HEADER = struct.Struct("<8sQqqqqqdiiiq")
 _SLOT_NUMBERS = "<BBxxiqiqxxxxdqqq"
 _SLOT = struct.Struct(_SLOT_NUMBERS + "48s96s")
 _NUMBERS = struct.Struct(_SLOT_NUMBERS)  # a slot without its two strings: what admission sums
+_EMPTY_SLOT = bytes(_SLOT.size)
 _SLOTS = 128
 _REQUEST = struct.Struct("<Qq")  # unload requests from pool processes: generation, bytes
 _REQUEST_OFFSET = 96
@@ -126,9 +127,8 @@ class _Flock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
-@dataclass
-class Control:
-    """The governor's latest readings, as pool processes see them."""
+class Control(NamedTuple):
+    """The governor's latest readings, as pool processes see them (read several times per task)."""
 
     unload_generation: int
     unload_bytes: int
@@ -191,18 +191,8 @@ class Ledger:
     def read_control(self) -> Control:
         """The governor's latest readings (no lock: a single writer)."""
         v = _HEADER.unpack_from(self._map, 0)
-        return Control(
-            unload_generation=v[1],
-            unload_bytes=v[2],
-            worker_bytes=v[3],
-            budget_bytes=v[4],
-            admit_line_bytes=v[5],
-            idle_bytes=v[6],
-            sample_time=v[7],
-            zone=ZONES[v[8]] if 0 <= v[8] < len(ZONES) else "ok",
-            cpu_slots=v[9],
-            paused=bool(v[10]),
-        )
+        # unload generation, unload bytes, worker bytes, budget, admit line, idle bytes, sample time
+        return Control(*v[1:8], ZONES[v[8]] if 0 <= v[8] < len(ZONES) else "ok", v[9], bool(v[10]))
 
     def write_control(self, c: Control) -> None:
         """Publish readings (governor only)."""
@@ -257,7 +247,7 @@ class Ledger:
     def _write_slot(self, i: int, e: Entry | None) -> None:
         offset = _HEADER_SIZE + i * _SLOT.size
         if e is None:
-            self._map[offset : offset + _SLOT.size] = b"\0" * _SLOT.size
+            self._map[offset : offset + _SLOT.size] = _EMPTY_SLOT
             return
         _SLOT.pack_into(
             self._map,
