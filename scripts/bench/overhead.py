@@ -17,7 +17,9 @@ other processes disturbs far less than throughput.
 The prefetch multiplier defaults to 4: Celery's default, and what ``rmq worker --profile light`` (the
 profile for short tasks like these) sets. With ``--prefetch 1`` (the heavy profile) each pool process
 waits for its ack round trip before the next message, so every microsecond rmq adds in the pool is on
-the critical path of a no-op (measured here: 0.90-0.92 at 1 against 0.97-1.04 at 4).
+the critical path of a no-op. On this 2-core machine plain Celery's own rounds vary by +-10 %, and a
+worker's main process is the bottleneck for no-ops (about 1 ms of CPU per task against 0.6 ms in the
+pool): read the medians and the paired ratio together, and the CPU per task beside them.
 
 P6 (governor cost): both workers idle for ``--idle`` s; CPU time of each worker's main process (user
 + system, psutil) over that window as a percent of one core, and of its pool processes (goal: rmq
