@@ -297,6 +297,11 @@ class Ledger:
         with self.locked():
             return self.entries_unlocked()
 
+    def running(self, task_id: str, other_than: int = -1) -> bool:
+        """Whether a process other than ``other_than`` holds a task reservation for ``task_id``."""
+        key = _fit(task_id, 48)
+        return any(e.kind == KIND_TASK and e.task_id == key and e.pid != other_than for e in self.entries())
+
     def add_unlocked(self, e: Entry) -> Entry:
         """Store a reservation (caller holds the lock); returns it with its slot."""
         i = self._map[_FLAGS].find(0)

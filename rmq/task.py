@@ -18,6 +18,7 @@ from typing import Any
 from celery import Task, shared_task, states
 from celery.exceptions import Ignore, Reject, Retry
 
+from . import forks
 from .claims import claim_token
 from .config import RmqConfig, load_config
 from .declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
@@ -216,30 +217,46 @@ class GovernedTask(Task):
         return _request_header(request, _DEFERRALS) is not None or bool(_request_header(request, "rmq_kills"))
 
     def _admit_copy(self, rt: Any, request: Any) -> bool:
-        """Let a copy run at most once and never beside another copy: Ignore it when the task already
-        ended (killed between its ack and ours), defer it while another copy holds the run claim.
-        Returns True when this copy now holds the claim, False when claims are unavailable."""
+        """Let a copy run at most once and never beside another run: defer it while another copy holds
+        the run claim or the original still runs in this worker, Ignore it when the task already ended.
+        Returns True when this copy now holds the claim, False when claims are unavailable.
+
+        The claim comes first and the backend last: a run that stores its outcome and releases the
+        claim while this copy looks is then seen ended. An original delivery takes no claim (a Redis
+        round trip per task); while it runs, its reservation in this worker's ledger stands for it.
+        """
+        token = claim_token(request.hostname or "?", os.getpid())
+        unavailable = False
+        try:
+            claimed = bool(rt.claims.acquire(request.id, token))
+        except Exception as exc:  # no Redis for rmq, or it is down: the other checks still hold
+            log.debug("rmq could not take the run claim of %s[%s]: %r", self.name, request.id, exc)
+            claimed, unavailable = False, True
+        if not claimed and not unavailable:
+            running: str | None = self._claim_holder(rt, request.id)
+        elif rt.ledger.running(request.id, other_than=forks.pid()):
+            running = "the original, in this worker"
+        else:
+            running = None
         if self._already_ended(request):
+            if claimed:
+                self._release_claim(rt, request.id)
             log.warning("rmq: %s[%s] already ended; this copy does not run", self.name, request.id)
             rt.stats.incr("copies", "dropped")
             raise Ignore()
-        token = claim_token(request.hostname or "?", os.getpid())
+        if running is not None:
+            if claimed:
+                self._release_claim(rt, request.id)
+            return self._defer(Defer(f"another run of this task is going on ({running})",
+                                     rt.config.defer_countdown, kind="duplicate"))
+        return claimed
+
+    @staticmethod
+    def _claim_holder(rt: Any, task_id: str) -> str:
         try:
-            if rt.claims.acquire(request.id, token):
-                return True
-        except Exception as exc:  # no Redis for rmq, or it is down: run it (the backend check was done)
-            log.debug("rmq could not take the run claim of %s[%s]: %r", self.name, request.id, exc)
-            return False
-        # the holder may just have stored its outcome and released the claim: look again
-        if self._already_ended(request):
-            rt.stats.incr("copies", "dropped")
-            raise Ignore()
-        try:
-            holder = rt.claims.holder(request.id)
+            return rt.claims.holder(task_id) or "just ended"
         except Exception:
-            holder = None
-        return self._defer(Defer(f"another copy of this task is running ({holder or 'just ended'})",
-                                 rt.config.defer_countdown, kind="duplicate"))
+            return "unknown"
 
     @staticmethod
     def _release_claim(rt: Any, task_id: str) -> None:

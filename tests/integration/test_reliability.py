@@ -121,14 +121,32 @@ def test_two_copies_of_a_task_arriving_together_run_the_body_once(own_redis, sta
     for _ in range(2):
         app.tasks["soak.sleep"].apply_async((1.5,), task_id=tid, headers={"rmq_deferrals": 1})
     # When both are delivered, one runs and the other waits for its run claim
+    assert_ran_once_and_the_copy_was_dropped(app, w, client, tid)
+
+
+def test_a_copy_arriving_while_the_original_runs_in_the_same_worker_waits_for_it(own_redis, start_worker):
+    # Given an original delivery running (it takes no run claim) and a copy of it arriving at a free
+    # pool process of the same worker (what a broker connection drop does to an unacknowledged task)
+    app = soak.client_app(own_redis, "celery")
+    w = start_worker(app, app="soakapp", env=soak_env(own_redis), concurrency=2)
+    client = redis_lib.Redis.from_url(own_redis)
+    tid = f"orig-{uuid.uuid4().hex[:8]}"
+    app.tasks["soak.sleep"].apply_async((2.0,), task_id=tid)
+    wait_until(lambda: runs(client, tid), 20, what="the original to start")
+    app.tasks["soak.sleep"].apply_async((2.0,), task_id=tid, headers={"rmq_deferrals": 0})
+    # Then the copy sees the original's reservation in the worker's ledger and waits
+    assert_ran_once_and_the_copy_was_dropped(app, w, client, tid)
+
+
+def assert_ran_once_and_the_copy_was_dropped(app, w, client: redis_lib.Redis, tid: str) -> None:
     wait_terminal(client, [tid], 30)
 
-    def copies() -> dict:
+    def counters() -> dict:
         stats = app.control.inspect(destination=[w.node_name], timeout=3).stats() or {}
         return stats.get(w.node_name, {}).get("rmq", {}).get("counters", {})
 
     # (the waiting copy comes back after the deferral countdown, finds the task ended and is dropped)
-    seen = wait_until(lambda: (c := copies()).get("copies", {}).get("dropped") and c, 30,
+    seen = wait_until(lambda: (c := counters()).get("copies", {}).get("dropped") and c, 30,
                       what="the second copy to be dropped")
     assert seen["deferred"].get("duplicate", 0) >= 1, seen
     # Then the body ran once and the task succeeded once

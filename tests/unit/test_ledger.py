@@ -366,3 +366,12 @@ def test_concurrent_adders_never_exceed_the_limit(ledger: Ledger) -> None:
     assert sum(e.memory_bytes for e in entries) == limit
     # and neither could take more than its attempts, so both got a share
     assert all(n > 0 for n in admitted), admitted
+
+
+def test_running_tells_whether_another_process_holds_a_task_s_reservation(ledger: Ledger) -> None:
+    ledger.try_add(entry(pid=11, task_id="t1"), lambda _: True)
+    ledger.try_add(Entry(KIND_MODEL, 12, MiB, task_id="t2", name="model:t2"), lambda _: True)
+    assert ledger.running("t1") and ledger.running("t1", other_than=12)
+    assert not ledger.running("t1", other_than=11)  # only the asking process holds it
+    assert not ledger.running("t2")  # a model's reservation is not a running task
+    assert not ledger.running("t3")
