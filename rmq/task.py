@@ -59,10 +59,9 @@ def rmq_headers(source: Any) -> dict[str, Any]:
     """The ``rmq_*`` message headers of a request, a request dict or a headers dict."""
     if isinstance(source, dict):
         return {k: v for k, v in source.items() if isinstance(k, str) and k.startswith("rmq_") and v is not None}
-    # a request: Celery puts custom headers on it as attributes (and keeps some in .headers)
-    found = {k: v for k in _REQUEST_HEADERS if (v := getattr(source, k, None)) is not None}
+    found = {k: v for k in _REQUEST_HEADERS if (v := _request_header(source, k)) is not None}
     headers = getattr(source, "headers", None)
-    if headers:
+    if headers:  # any other rmq_* header kept there
         found.update(rmq_headers(headers))
     return found
 
