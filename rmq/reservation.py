@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 
-from . import models
+from . import forks, models
 from .admission import Need, Verdict, judge
 from .errors import BudgetExceeded, Defer
 from .guards import Guard, TaskContext
@@ -79,7 +79,7 @@ class AdmissionGuard(Guard):
         if disk_root:
             os.makedirs(disk_root, exist_ok=True)
         entry = Entry(
-            KIND_TASK, os.getpid(), memory, decl.cpu_slots, decl.disk_bytes,
+            KIND_TASK, forks.pid(), memory, decl.cpu_slots, decl.disk_bytes,
             task_id=ctx.task_id, name=ctx.task_name, start_rss=ctx.rss_before_body(),
         )
         v = _admit(rt, entry, need, rt.config.admission_wait, disk_root)

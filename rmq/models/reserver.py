@@ -18,11 +18,11 @@ that cannot fit even beside an idle worker raises :class:`~rmq.errors.ModelLoadE
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+from .. import forks
 from ..admission import Need, Verdict, judge
 from ..errors import ModelLoadError
 from ..ledger import KIND_MODEL, Control, Entry, Reserved
@@ -63,7 +63,7 @@ class LedgerModelReserver:
         ledger = self.rt.ledger
         # measured right before the load, after any unloading here: the governor counts the
         # growth from this figure as the model's memory in use
-        entry = Entry(KIND_MODEL, os.getpid(), size_bytes, task_id=key, name=key, start_rss=own_rss_bytes())
+        entry = Entry(KIND_MODEL, forks.pid(), size_bytes, task_id=key, name=key, start_rss=own_rss_bytes())
         verdicts: list[Verdict] = []
 
         def fits(reserved: Reserved) -> bool:
