@@ -157,9 +157,11 @@ def test_heavy_declarations_cap_growth_while_light_work_still_gets_processes(sca
 def test_the_pause_zone_ends_idle_model_holders_first_and_their_memory_leaves(scale):
     client, start = scale
     # Unload and pause at 80 %; the unload target just below, so the unload rung frees one model
-    # per process and the holder still holds the other when the pause begins.
+    # per process and the holder still holds the other when the pause begins. Resume well below:
+    # the one model unloaded (120 MiB, 12 % of the budget) must not end the pause before the
+    # autoscaler's next look.
     w = start("4,2", autoscale_keepalive="60s", unload_ratio=0.80, unload_target_ratio=0.79,
-              pause_ratio=0.80, resume_ratio=0.70)
+              pause_ratio=0.80, resume_ratio=0.55)
     burst = [client.tasks["scale.light"].delay(1.0) for _ in range(8)]
     wait_until(lambda: len(_procs(w)) == 4, 20, what="the pool at 4")
     [r.get(timeout=30) for r in burst]
