@@ -18,6 +18,7 @@ from .selfmem import own_rss_bytes
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RmqConfig
     from .declarations import TaskDeclaration
+    from .runtime import Runtime
 
 __all__ = ["Guard", "TaskContext"]
 
@@ -37,6 +38,8 @@ class TaskContext:
         state: scratch space, one key per guard.
         rss_before / rss_after: this process's RSS before and after the body, read once for all
             guards (see :meth:`rss_before_body`), ``None`` until a guard asks.
+        runtime: the worker's :class:`~rmq.runtime.Runtime` the task runs under (``None``: guards
+            look up the current one).
     """
 
     task_name: str
@@ -50,6 +53,7 @@ class TaskContext:
     state: dict[str, Any] = field(default_factory=dict)
     rss_before: int | None = None
     rss_after: int | None = None
+    runtime: Runtime | None = None
 
     def rss_before_body(self, probe: Callable[[], int] = own_rss_bytes) -> int:
         """This process's RSS before the body: read by the first guard that asks (on enter)."""

@@ -140,9 +140,10 @@ class LeakDetector:
 
     def suspect(self) -> str | None:
         """The task name with the largest net baseline growth attributed to it, if any grew."""
-        if not self.attributed:
+        items = list(self.attributed.items())  # one step: the gauges may be built on another thread
+        if not items:
             return None
-        name, total = max(self.attributed.items(), key=lambda kv: kv[1])
+        name, total = max(items, key=lambda kv: kv[1])
         return name if total > 0 else None
 
     def explain(self, reason: str) -> str:
@@ -257,6 +258,22 @@ class _ProcessState:
     detector: LeakDetector | None = None
     recycling: str = ""
     cannot_recycle: bool = False
+    baseline: int = 0
+    last_task_growth: int = 0
+    published: bool = False
+
+    def gauges(self) -> dict[str, Any]:
+        """The ``hygiene`` gauges of this process (built when the counters file is written)."""
+        detector = self.detector
+        return {
+            "baseline_bytes": self.baseline,
+            "growth_bytes": self.baseline - (self.first_baseline or 0),
+            "returned_bytes": self.returned_bytes,
+            "suspect_task": detector.suspect() if detector is not None else None,
+            "last_task_growth_bytes": self.last_task_growth,
+            "tasks": detector.observed if detector is not None else 0,
+            "recycling": self.recycling or None,
+        }
 
 
 class HygieneGuard(Guard):
@@ -289,7 +306,7 @@ class HygieneGuard(Guard):
 
     def enter(self, ctx: TaskContext) -> None:
         """Record the process's memory before the task."""
-        rt = runtime.current()
+        rt = ctx.runtime or runtime.current()
         if rt is None:
             return
         state: _ProcessState = rt.local("hygiene", _ProcessState)
@@ -323,25 +340,21 @@ class HygieneGuard(Guard):
             state.first_baseline = baseline
         detector = state.detector = state.detector or _detector_for(ctx.config)
         detector.observe(ctx.task_name, baseline, peak_bytes=max(0, before))
-        suspect = detector.suspect()
-        recycle, reason = (False, "") if state.recycling or state.cannot_recycle else detector.should_recycle()
-        gauges = {
-            "baseline_bytes": baseline,
-            "growth_bytes": baseline - state.first_baseline,
-            "returned_bytes": state.returned_bytes,
-            "suspect_task": suspect,
-            "last_task_growth_bytes": before - start,
-            "tasks": detector.observed,
-            "recycling": state.recycling or reason or None,
-        }
-        rt.stats.set_gauge("hygiene", gauges)
+        state.baseline, state.last_task_growth = baseline, before - start
+        if state.published:
+            rt.stats.touch()
+        else:
+            rt.stats.set_gauge_source(self.name, state.gauges)
+            state.published = True
+        if state.recycling or state.cannot_recycle:
+            return
+        recycle, reason = detector.should_recycle()
         if not recycle:
             return
-        if self.recycle(reason, detail=detector.explain(reason), suspect_task=suspect):
+        if self.recycle(reason, detail=detector.explain(reason), suspect_task=detector.suspect()):
             state.recycling = reason
         else:
             state.cannot_recycle = True  # a solo or threads pool: say it once, keep serving
-            rt.stats.set_gauge("hygiene", {**gauges, "recycling": None})
 
 
 def _detector_for(config: RmqConfig) -> LeakDetector:

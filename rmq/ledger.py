@@ -34,6 +34,11 @@ _SLOT_NUMBERS = "<BBxxiqiqxxxxdqqq"
 _SLOT = struct.Struct(_SLOT_NUMBERS + "48s96s")
 _NUMBERS = struct.Struct(_SLOT_NUMBERS)  # a slot without its two strings: what admission sums
 _EMPTY_SLOT = bytes(_SLOT.size)
+_OWNER = struct.Struct("<BBxxi")  # in use, kind, pid: the head of a slot
+_INT64 = struct.Struct("<q")
+_USED_AT = struct.calcsize("<BBxxiqiqxxxxd")  # offsets in a slot of the fields the governor writes
+_PEAK_AT = struct.calcsize("<BBxxiqiqxxxxdqq")
+_TASK_ID_AT = _NUMBERS.size
 _SLOTS = 128
 _REQUEST = struct.Struct("<Qq")  # unload requests from pool processes: generation, bytes
 _REQUEST_OFFSET = 96
@@ -286,7 +291,7 @@ class Ledger:
         while i >= 0:
             v = _NUMBERS.unpack_from(self._map, _HEADER_SIZE + i * _SLOT.size)
             n += 1
-            unused += _unused(v[1], v[3], v[7], v[9])
+            unused += max(0, v[3] - (v[9] if v[1] == KIND_MODEL else v[7]))  # _unused, inlined: per slot
             cpu += v[4]
             disk += v[5]
             i = flags.find(1, i + 1)
@@ -339,6 +344,23 @@ class Ledger:
                 return current
         return None
 
+    def release(self, e: Entry) -> int | None:
+        """Release a reservation this process added, without the lock; returns the peak use the
+        governor recorded for it, or None if it was already gone.
+
+        Only its owner releases a live reservation (the governor drops those of dead processes),
+        and the governor's usage writes leave a slot's in-use byte alone, so clearing that one byte
+        races with no other writer: a reader under the lock sees the reservation whole or gone.
+        """
+        offset = _HEADER_SIZE + e.slot * _SLOT.size
+        in_use, _, pid = _OWNER.unpack_from(self._map, offset)
+        start = offset + _TASK_ID_AT
+        if not in_use or pid != e.pid or self._map[start : start + 48].rstrip(b"\0") != e.task_id.encode():
+            return None
+        peak: int = _INT64.unpack_from(self._map, offset + _PEAK_AT)[0]
+        self._map[offset] = 0
+        return peak
+
     def release_dead(self, alive: Callable[[int], bool]) -> list[Entry]:
         """Drop reservations whose process is gone; returns what was dropped."""
         dropped = []
@@ -362,13 +384,15 @@ class Ledger:
             self._set_usage_unlocked(usage)
 
     def _set_usage_unlocked(self, usage: Iterable[tuple[Entry, int]]) -> None:
+        # Only the two usage fields are written: the owner may clear the in-use byte meanwhile
+        # (:meth:`release`), and a whole-slot write would bring its reservation back.
         for e, used in usage:
             current = self._read_slot(e.slot)
             if current is None or current.pid != e.pid or current.task_id != _fit(e.task_id, 48):
                 continue
-            current.used_bytes = used
-            current.peak_used_bytes = max(current.peak_used_bytes, used)
-            self._write_slot(e.slot, current)
+            offset = _HEADER_SIZE + e.slot * _SLOT.size
+            _INT64.pack_into(self._map, offset + _USED_AT, used)
+            _INT64.pack_into(self._map, offset + _PEAK_AT, max(current.peak_used_bytes, used))
 
     def close(self) -> None:
         """Unmap and close this process's handles."""

@@ -14,7 +14,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["ProcessStats", "read_all", "merge_counters"]
@@ -27,7 +27,8 @@ class ProcessStats:
         self.directory = directory
         self.min_interval_s = min_interval_s
         self.counters: dict[str, Any] = {}
-        self.gauges: dict[str, Any] = {}
+        self._gauges: dict[str, Any] = {}
+        self._gauge_sources: dict[str, Callable[[], Any]] = {}
         self._lock = threading.Lock()
         self._last_flush = float("-inf")
         self._dirty = False
@@ -44,8 +45,32 @@ class ProcessStats:
     def set_gauge(self, key: str, value: Any) -> None:
         """Set a per-process value (not summed), for example the models this process holds."""
         with self._lock:
-            self.gauges[key] = value
+            self._gauge_sources.pop(key, None)
+            self._gauges[key] = value
             self._dirty = True
+
+    def set_gauge_source(self, key: str, source: Callable[[], Any]) -> None:
+        """Make ``source()`` the value of gauge ``key``, built only when the gauges are read or
+        written: for a gauge that changes with every task, call :meth:`touch` instead of building it."""
+        with self._lock:
+            self._gauges.pop(key, None)
+            self._gauge_sources[key] = source
+            self._dirty = True
+
+    def touch(self) -> None:
+        """Something a gauge source reports changed: write the file at the next flush."""
+        self._dirty = True
+
+    @property
+    def gauges(self) -> dict[str, Any]:
+        """Every gauge as it stands now (sources built on this read)."""
+        with self._lock:
+            return self._gauges_unlocked()
+
+    def _gauges_unlocked(self) -> dict[str, Any]:
+        if not self._gauge_sources:
+            return self._gauges
+        return {**self._gauges, **{k: source() for k, source in self._gauge_sources.items()}}
 
     def flush(self, force: bool = False) -> None:
         """Write the counters file if something changed and the interval passed."""
@@ -55,7 +80,7 @@ class ProcessStats:
         if not force and now - self._last_flush < self.min_interval_s:
             return
         with self._lock:
-            payload = json.dumps({"pid": os.getpid(), "counters": self.counters, "gauges": self.gauges})
+            payload = json.dumps({"pid": os.getpid(), "counters": self.counters, "gauges": self._gauges_unlocked()})
             self._dirty = False
             self._last_flush = now
         path = os.path.join(self.directory, f"proc-{os.getpid()}.json")

@@ -4,7 +4,9 @@ A task that does not fit first asks every pool process to unload models, then wa
 to ``rmq_admission_wait`` (re-checking as the governor's readings change), then is
 deferred. A task that could never fit on an idle worker fails at once with
 :class:`~rmq.errors.BudgetExceeded`. A task without ``memory=`` is admitted with its learned peak
-(:mod:`rmq.learning`), and only such tasks record their peaks: nothing reads the others'.
+(:mod:`rmq.learning`), and only such tasks record their peaks (nothing reads the others'): the
+kernel's high-water mark of the process since admission, so a spike between two governor
+readings counts too.
 """
 
 from __future__ import annotations
@@ -17,47 +19,41 @@ from . import forks, models
 from .admission import Need, Verdict, judge
 from .errors import BudgetExceeded, Defer
 from .guards import Guard, TaskContext
-from .ledger import KIND_TASK, Entry, Ledger, Reserved
-from .runtime import Runtime, current
+from .ledger import KIND_TASK, Entry, Ledger
+from .runtime import current
+from .selfmem import peak_rss_bytes, reset_peak_rss
 
 __all__ = ["AdmissionGuard"]
 
 _POLL_S = 0.02
 
 
-def _admit(
-    rt: Runtime, entry: Entry, need: Need, wait_s: float, disk_root: str | None = None
-) -> Verdict:
-    """Try to add ``entry`` to the ledger, waiting up to ``wait_s``; returns the last verdict."""
-    ledger: Ledger = rt.ledger
+def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None) -> Verdict:
+    """One atomic step: judge ``need`` against the reservations and the governor's latest readings,
+    and add ``entry`` when it fits."""
+    disk_free = shutil.disk_usage(disk_root).free if (need.disk_bytes and disk_root) else None
+    with ledger.locked():  # the readings are published under the same lock as the reservations' usage
+        c = ledger.read_control()
+        v = judge(need, ledger.reserved_unlocked(), c.worker_bytes, c.idle_bytes, c.admit_line_bytes,
+                  c.budget_bytes, c.cpu_slots, disk_free)
+        if v.admitted:
+            ledger.add_unlocked(entry)
+    return v
+
+
+def _wait_for_room(ledger: Ledger, entry: Entry, need: Need, wait_s: float, disk_root: str | None,
+                   verdict: Verdict) -> Verdict:
+    """After a first ``verdict`` that did not fit: ask for unloads, then re-try until ``wait_s`` ends."""
     deadline = time.monotonic() + wait_s
     asked_unload = False
-    while True:
-        verdict = _try_once(ledger, entry, need, disk_root)
-        if verdict.admitted or verdict.never or time.monotonic() >= deadline:
-            return verdict
+    while not (verdict.admitted or verdict.never or time.monotonic() >= deadline):
         if verdict.resource == "memory" and not asked_unload:
             asked_unload = True
             # every pool process (this one too, through its watcher) unloads its share of one plan
             ledger.request_unload(need.memory_bytes - verdict.available)
         time.sleep(_POLL_S)
-
-
-def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None) -> Verdict:
-    disk_free = shutil.disk_usage(disk_root).free if (need.disk_bytes and disk_root) else None
-    verdicts: list[Verdict] = []
-
-    def fits(reserved: Reserved) -> bool:
-        control = ledger.read_control()  # under the lock: consistent with the reservations' usage
-        v = judge(
-            need, reserved, control.worker_bytes, control.idle_bytes, control.admit_line_bytes,
-            control.budget_bytes, control.cpu_slots, disk_free,
-        )
-        verdicts.append(v)
-        return v.admitted
-
-    ledger.try_add(entry, fits)
-    return verdicts[-1]
+        verdict = _try_once(ledger, entry, need, disk_root)
+    return verdict
 
 
 class AdmissionGuard(Guard):
@@ -66,12 +62,13 @@ class AdmissionGuard(Guard):
     name = "admission"
 
     def enter(self, ctx: TaskContext) -> None:
-        rt = current()
+        rt = ctx.runtime or current()
         if rt is None:
             return
         decl = ctx.declaration
         memory = decl.memory_bytes
-        if memory is None:
+        learning = memory is None
+        if learning:
             memory = max(rt.config.default_task_memory, rt.learner.learned(ctx.task_name))
         ctx.memory_bytes = memory
         need = Need(memory, decl.cpu_slots, decl.disk_bytes)
@@ -82,10 +79,14 @@ class AdmissionGuard(Guard):
             KIND_TASK, forks.pid(), memory, decl.cpu_slots, decl.disk_bytes,
             task_id=ctx.task_id, name=ctx.task_name, start_rss=ctx.rss_before_body(),
         )
-        v = _admit(rt, entry, need, rt.config.admission_wait, disk_root)
+        v = _try_once(rt.ledger, entry, need, disk_root)
+        if not v.admitted and not v.never:
+            v = _wait_for_room(rt.ledger, entry, need, rt.config.admission_wait, disk_root, v)
         if v.admitted:
             ctx.state["admission"] = entry
-            ctx.state["models_loaded"] = models.loaded_bytes()
+            if learning:  # the models it loads are not part of its peak; the kernel keeps the peak
+                ctx.state["models_loaded"] = models.loaded_bytes()
+                ctx.state["peak_reset"] = reset_peak_rss()
             rt.stats.incr("admitted")
             return
         if v.never:
@@ -94,14 +95,18 @@ class AdmissionGuard(Guard):
         raise Defer(v.reason, rt.config.defer_countdown, kind=v.resource)
 
     def exit(self, ctx: TaskContext, failed: bool) -> None:
-        rt = current()
         entry: Entry | None = ctx.state.pop("admission", None)
+        rt = ctx.runtime or current()
         if rt is None or entry is None:
             return
-        stored = rt.ledger.remove(entry)  # the governor's copy carries the peak it measured
-        # measured before hygiene trimmed: garbage the task left behind was part of its peak
-        peak = max(ctx.rss_after_body() - entry.start_rss, stored.peak_used_bytes if stored is not None else 0, 0)
+        peak_seen = rt.ledger.release(entry)  # the governor's peak reading of this reservation
+        if failed or ctx.declaration.memory_bytes is not None:  # only undeclared tasks are admitted by it
+            return
+        # The kernel's high-water mark since admission catches a peak shorter than the governor's
+        # interval; the RSS after the body is read before hygiene trims, so garbage the task left
+        # behind counts too.
+        kernel_peak = peak_rss_bytes() if ctx.state.pop("peak_reset", False) else None
+        peak = max(ctx.rss_after_body() - entry.start_rss, (kernel_peak or 0) - entry.start_rss, peak_seen or 0, 0)
         # models the task loaded hold their own reservations: not part of the task's peak
         peak = max(0, peak - (models.loaded_bytes() - ctx.state.pop("models_loaded", 0)))
-        if not failed and ctx.declaration.memory_bytes is None:  # only undeclared tasks are admitted by it
-            rt.learner.observe(ctx.task_name, peak)
+        rt.learner.observe(ctx.task_name, peak)

@@ -59,7 +59,8 @@ class Runtime:
         self.redis_url = redis_url
         self.main_pid = os.getpid()
         self._redis: redis_lib.Redis | None = None
-        self._stats: ProcessStats | None = None
+        #: this process's counters (flushed to the runtime dir for the governor; new in a forked child)
+        self.stats = ProcessStats(runtime_dir)
         self._local: dict[str, Any] = {}
         self._lock = threading.Lock()
         #: called once in each pool process when it starts (worker_process_init)
@@ -84,7 +85,7 @@ class Runtime:
     def _forget_inherited(self) -> None:
         """In a forked child: drop the parent's handles (made again on first use) and its lock."""
         self._redis = None
-        self._stats = None
+        self.stats = ProcessStats(self.runtime_dir)
         self._local = {}
         self._lock = threading.Lock()  # another thread of the parent may have held it at the fork
 
@@ -92,13 +93,6 @@ class Runtime:
     def in_pool_process(self) -> bool:
         """True in a pool child, False in the worker's main process."""
         return forks.pid() != self.main_pid
-
-    @property
-    def stats(self) -> ProcessStats:
-        """This process's counters (flushed to the runtime dir for the governor)."""
-        if self._stats is None:
-            self._stats = ProcessStats(self.runtime_dir)
-        return self._stats
 
     def redis(self) -> redis_lib.Redis:
         """This process's Redis client for rate limits, semaphores and learning.
@@ -141,6 +135,10 @@ class Runtime:
         from .claims import RunClaims
 
         return RunClaims(self.redis)
+
+    def made(self, key: str) -> Any | None:
+        """The per-process singleton ``key`` if :meth:`local` made it in this process, else None."""
+        return self._local.get(key)
 
     def local(self, key: str, factory: Callable[[], Any]) -> Any:
         """A per-process singleton made by ``factory`` on first use (after any fork)."""

@@ -150,8 +150,9 @@ class GovernedTask(Task):
             task_id=request.id,
             declaration=self.rmq,
             config=rt.config,
-            args=tuple(args),
-            kwargs=dict(kwargs),
+            args=args,  # this call's own tuple and dict: nothing else holds them
+            kwargs=kwargs,
+            runtime=rt,
         )
         ctx.state["argnames"] = self._rmq_argnames
         entered: list[Guard] = []

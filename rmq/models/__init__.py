@@ -131,6 +131,14 @@ def cache() -> ModelCache:
         return _cache
 
 
+def _made_cache() -> ModelCache | None:
+    """This process's cache if one was made, without making one (most tasks use no model)."""
+    rt = rt_mod.current()
+    if rt is not None:
+        return rt.made(_RUNTIME_KEY)  # type: ignore[no-any-return]
+    return _cache if _cache_pid == forks.pid() else None
+
+
 def get(name: str) -> Any:
     """The model ``name`` from this process's cache, loaded on first use (not leased).
 
@@ -144,7 +152,8 @@ def get(name: str) -> Any:
 
 def held_bytes() -> int:
     """Bytes of the models this process holds (declared or measured sizes)."""
-    return cache().held_bytes
+    made = _made_cache()
+    return made.held_bytes if made is not None else 0
 
 
 def loaded_bytes() -> int:
@@ -153,7 +162,8 @@ def loaded_bytes() -> int:
     The difference across a task is the memory it spent on model loads, which stays in the
     cache (and in the ledger) after the task: not part of the task's own peak.
     """
-    return int(cache().counters.get("bytes_loaded", 0))
+    made = _made_cache()
+    return int(made.counters.get("bytes_loaded", 0)) if made is not None else 0
 
 
 @contextmanager

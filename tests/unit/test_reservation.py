@@ -65,3 +65,19 @@ def test_a_declared_task_records_no_peak(rt) -> None:
 def test_a_failed_run_records_no_peak(rt) -> None:
     run(rt, "app.undeclared", failed=True)
     assert rt.learner.observed == []
+
+
+def test_a_peak_between_two_governor_readings_is_still_learned(rt) -> None:
+    # Given an undeclared task whose body takes 64 MiB and gives it back before it returns, with no
+    # governor reading in between (nothing writes the reservation's usage here)
+    ctx = TaskContext("app.spike", "spike-1", parse_declaration(), rt.config)
+    guard = AdmissionGuard()
+    guard.enter(ctx)
+    block = b"x" * (64 * MiB)  # written, so resident
+    del block
+    # When it ends
+    guard.exit(ctx, failed=False)
+    # Then the learner gets the spike, from the kernel's high-water mark since admission
+    [(name, peak)] = rt.learner.observed
+    assert name == "app.spike" and peak >= 60 * MiB, peak / MiB
+    assert ctx.rss_after is not None and ctx.rss_after - ctx.rss_before < 32 * MiB  # the RSS alone missed it
