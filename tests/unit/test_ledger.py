@@ -375,3 +375,39 @@ def test_running_tells_whether_another_process_holds_a_task_s_reservation(ledger
     assert not ledger.running("t1", other_than=11)  # only the asking process holds it
     assert not ledger.running("t2")  # a model's reservation is not a running task
     assert not ledger.running("t3")
+
+
+def test_release_frees_only_its_own_reservation_and_returns_the_governor_s_peak(ledger: Ledger) -> None:
+    a = entry(task_id="a")
+    assert ledger.try_add(a, lambda _: True)
+    [seen] = ledger.entries()  # the governor's read, then its usage write
+    ledger.set_usage([(seen, 30 * MiB)])
+    ledger.set_usage([(seen, 10 * MiB)])
+    assert ledger.release(a) == 30 * MiB
+    assert ledger.entries() == []
+    assert ledger.release(a) is None  # already gone
+    b = entry(task_id="b")
+    assert ledger.try_add(b, lambda _: True) and b.slot == a.slot
+    assert ledger.release(a) is None  # a stale handle for a reused slot frees nothing
+    assert [e.task_id for e in ledger.entries()] == ["b"]
+
+
+def test_a_release_between_the_governor_s_check_and_its_usage_write_stays_released(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owner releases without the lock: it can clear its slot right after the governor, under
+    # the lock, found the reservation there and before it writes the usage.
+    a = entry(task_id="a")
+    assert ledger.try_add(a, lambda _: True)
+    [seen] = ledger.entries()
+    read = ledger._read_slot
+
+    def read_then_the_owner_releases(i: int) -> Entry | None:
+        found = read(i)
+        assert ledger.release(a) is not None
+        return found
+
+    monkeypatch.setattr(ledger, "_read_slot", read_then_the_owner_releases)
+    ledger.set_usage([(seen, 7 * MiB)])
+    monkeypatch.undo()
+    assert ledger.entries() == []  # a whole-slot write would have brought it back
