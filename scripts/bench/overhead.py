@@ -9,10 +9,12 @@ tasks: ``bench-plain`` as plain ``app.task``s, ``bench-rmq`` with ``rmq.install(
 with ``--tasks`` messages while no worker consumes it, then tells one worker to consume it
 (``add_consumer``) and waits for every result. Throughput per round = (N - 1) / (last - first
 ``date_done`` the worker stored): worker-side time, no client polling in it. Rounds alternate
-plain, rmq, rmq, plain, ... so drift on this shared machine hits both. Printed: every round, the
-medians, the ratio of medians rmq/plain and the median of per-round paired ratios (goal >= 0.95),
-and the CPU time per task of the worker's main process and its pool (psutil), which load from
-other processes disturbs far less than throughput.
+plain, rmq, rmq, plain, ... so drift on this shared machine hits both, and every round runs on
+freshly started (and warmed up) workers: one worker instance can be 10 % faster or slower than the
+next for its whole life here (hash seeds, memory layout, core placement), which must not decide a
+run. Printed: every round, the medians, the ratio of medians rmq/plain and the median of per-round
+paired ratios (goal >= 0.95), and the CPU time per task of the worker's main process and its pool
+(psutil), which load from other processes disturbs far less than throughput.
 
 The prefetch multiplier defaults to 4: Celery's default, and what ``rmq worker --profile light`` (the
 profile for short tasks like these) sets. With ``--prefetch 1`` (the heavy profile) each pool process
@@ -178,10 +180,16 @@ def main() -> int:
               f"{args.prefetch}, acks_late, same transport options, Redis {url}; {args.tasks} tasks per round, "
               f"{args.rounds} rounds per mode, interleaved", flush=True)
         try:
-            for m in MODES:
+
+            def fresh(m: str, kind: str) -> WorkerProcess:
+                """A new worker for ``m``, warmed up (first imports, pool processes' first tasks)."""
+                old = workers.pop(m, None)
+                if old is not None:
+                    old.finish()
                 workers[m] = start_worker(url, m, args.concurrency, args.prefetch, transport, clients[m])
-            for m in MODES:  # warm up: first imports, pool processes' first tasks
-                run_round(clients[m], rc, workers[m], kinds[0], min(200, args.tasks))
+                run_round(clients[m], rc, workers[m], kind, min(200, args.tasks))
+                return workers[m]
+
             results: dict[str, dict[str, list[dict[str, float]]]] = {k: {m: [] for m in MODES} for k in kinds}
             for kind in kinds:
                 print(f"\n{kind}: tasks/s per round (worker-side: (N-1) / (last - first date_done); wall: "
@@ -190,7 +198,9 @@ def main() -> int:
                       f"{'CPU ms/task main+pool: plain':>28}  {'rmq':>11}")
                 for r in range(args.rounds):
                     order = MODES if r % 2 == 0 else MODES[::-1]
-                    got = {m: run_round(clients[m], rc, workers[m], kind, args.tasks) for m in order}
+                    # every round on new workers: one instance's luck (hash seeds, memory layout,
+                    # core placement), worth +-10 % here, must not bias a whole run
+                    got = {m: run_round(clients[m], rc, fresh(m, kind), kind, args.tasks) for m in order}
                     for m in MODES:
                         results[kind][m].append(got[m])
                     p, g = got["plain"], got["rmq"]
@@ -214,6 +224,9 @@ def main() -> int:
                 print(f"  {kind:>6}  {statistics.median(p):>12.0f}  {statistics.median(g):>10.0f}  "
                       f"{ratio:>16.3f}  {paired:>19.3f}  {gw / pw:>10.3f}  {pc:>17.2f}  {gc:>5.2f}")
             if args.idle > 0:
+                for m in MODES:
+                    if m not in workers:
+                        fresh(m, kinds[0])
                 idle = idle_cost(clients["rmq"], workers, args.idle)
                 print(f"\nP6 idle cost over {idle['window_s']:.0f} s, -c {args.concurrency}, governor interval "
                       f"{idle['interval_s']} s (goal: governor <= 2 % of one core)")
