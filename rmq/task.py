@@ -103,7 +103,7 @@ class GovernedTask(Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rt = current()
-        request = self.request
+        request = self.request_stack.top  # what Celery's tracer pushed (self.request, less two calls)
         if rt is None or request is None or request.called_directly or request.is_eager:
             return super().__call__(*args, **kwargs)
         leftover = getattr(self._rmq_local, "claim", None)
