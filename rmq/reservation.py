@@ -68,7 +68,7 @@ class AdmissionGuard(Guard):
         decl = ctx.declaration
         memory = decl.memory_bytes
         learning = memory is None
-        if learning:
+        if memory is None:
             memory = max(rt.config.default_task_memory, rt.learner.learned(ctx.task_name))
         ctx.memory_bytes = memory
         need = Need(memory, decl.cpu_slots, decl.disk_bytes)
