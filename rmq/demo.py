@@ -105,7 +105,11 @@ def _view(snapshot: dict[str, Any], states: Counter, depths: dict[str, int], pla
 
 
 def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, timeout: float = 240.0) -> int:
-    """Run the demo; returns the process exit status (non-zero when a task is unaccounted for)."""
+    """Run the demo; returns the process exit status (non-zero when a task is unaccounted for).
+
+    After a Ctrl-C or SIGTERM it returns 130 with both signals still ignored: a second press that lands
+    after the cleanup must not turn the exit status into death by signal.
+    """
     workdir = tempfile.mkdtemp(prefix="rmq-demo-")
     started: list[Any] = []
     redis_server = api = beat = worker = None
@@ -254,8 +258,9 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
         if redis_server is not None:
             redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
+        if not interrupted:  # a stopped demo keeps ignoring further presses until its process exits with 130
+            signal.signal(signal.SIGTERM, old_term)
+            signal.signal(signal.SIGINT, old_int)
     if interrupted:
         return 130
     return 0 if result.ok() else 1
