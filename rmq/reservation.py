@@ -33,9 +33,8 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None) -
     and add ``entry`` when it fits."""
     disk_free = shutil.disk_usage(disk_root).free if (need.disk_bytes and disk_root) else None
     with ledger.locked():  # the readings are published under the same lock as the reservations' usage
-        c = ledger.read_control()
-        v = judge(need, ledger.reserved_unlocked(), c.worker_bytes, c.idle_bytes, c.admit_line_bytes,
-                  c.budget_bytes, c.cpu_slots, disk_free)
+        worker, idle, admit_line, budget, cpu_slots = ledger.admission_readings()
+        v = judge(need, ledger.reserved_unlocked(), worker, idle, admit_line, budget, cpu_slots, disk_free)
         if v.admitted:
             ledger.add_unlocked(entry)
     return v
