@@ -12,7 +12,9 @@ with ``--tasks`` messages while no worker consumes it, then tells one worker to 
 plain, rmq, rmq, plain, ... so drift on this shared machine hits both, and every round runs on
 freshly started (and warmed up) workers: one worker instance can be 10 % faster or slower than the
 next for its whole life here (hash seeds, memory layout, core placement), which must not decide a
-run. Printed: every round, the medians, the ratio of medians rmq/plain and the median of per-round
+run. Eleven rounds of 3000 tasks rather than fewer, longer ones: a round's ratio varies by about
++-7 % here with 3000 or 4000 tasks alike (the worker instances' luck), so the medians need rounds, not tasks.
+Printed: every round, the medians, the ratio of medians rmq/plain and the median of per-round
 paired ratios (goal >= 0.95), and the CPU time per task of the worker's main process and its pool
 (psutil), which load from other processes disturbs far less than throughput.
 
@@ -28,7 +30,7 @@ P6 (governor cost): both workers idle for ``--idle`` s; CPU time of each worker'
 minus plain, main and pool together, <= 2 %); also the governor's own accounting (``governor.ticks``,
 ``tick_seconds`` from ``inspect stats``): ms per tick at the default interval.
 
-Usage: scripts/bench/overhead.py [--tasks 4000] [--rounds 7] [--concurrency 8] [--prefetch 4]
+Usage: scripts/bench/overhead.py [--tasks 3000] [--rounds 11] [--concurrency 8] [--prefetch 4]
                                  [--kinds noop,cpu5,sleep5] [--idle 30]
 Redis: RMQ_BENCH_REDIS_URL, else a private ``redis-server`` on a free port.
 """
@@ -158,8 +160,8 @@ def main() -> int:
     from soak import private_redis  # scripts/soak.py
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=4000, help="tasks per round")
-    parser.add_argument("--rounds", type=int, default=7, help="rounds per mode and kind")
+    parser.add_argument("--tasks", type=int, default=3000, help="tasks per round")
+    parser.add_argument("--rounds", type=int, default=11, help="rounds per mode and kind")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--prefetch", type=int, default=4,
                         help="worker_prefetch_multiplier of both (4: Celery's default and rmq's light profile)")
