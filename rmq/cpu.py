@@ -296,7 +296,7 @@ class ThreadCapGuard(Guard):
         used = max(0.0, self.clock() - cpu_start)
         ctx.state["cpu_seconds"] = used
         ctx.state["wall_seconds"] = time.monotonic() - wall_start
-        rt = runtime.current()
+        rt = ctx.runtime or runtime.current()
         if rt is not None:
             rt.stats.incr("cpu", "task_seconds", n=used)
             rt.stats.incr("cpu", "by_task", ctx.task_name, n=used)

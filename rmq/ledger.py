@@ -32,7 +32,8 @@ _HEADER = struct.Struct("<8sQqqqqqdiiiq")
 # in use, kind, pid, memory, cpu slots, disk, started, used, start rss, peak used, task id, name
 _SLOT_NUMBERS = "<BBxxiqiqxxxxdqqq"
 _SLOT = struct.Struct(_SLOT_NUMBERS + "48s96s")
-_NUMBERS = struct.Struct(_SLOT_NUMBERS)  # a slot without its two strings: what admission sums
+_NUMBERS = struct.Struct(_SLOT_NUMBERS)  # a slot without its two strings
+_SUMMED = struct.Struct("<xBxxxxxxqiqxxxx8xq8xq")  # of those: kind, memory, cpu, disk, used, peak (what admission sums)
 _EMPTY_SLOT = bytes(_SLOT.size)
 _OWNER = struct.Struct("<BBxxi")  # in use, kind, pid: the head of a slot
 _INT64 = struct.Struct("<q")
@@ -293,11 +294,11 @@ class Ledger:
         """The sums over all reservations, read without decoding them; call under :meth:`locked`."""
         m = self._map
         flags = m[_FLAGS]
-        unpack, size, find = _NUMBERS.unpack_from, _SLOT.size, flags.find  # locals: this runs per task, per slot
+        unpack, size, find = _SUMMED.unpack_from, _SLOT.size, flags.find  # locals: this runs per task, per slot
         n = unused = cpu = disk = 0
         i = find(1)
         while i >= 0:
-            _, kind, _, memory, slots, disk_bytes, _, used, _, peak = unpack(m, _HEADER_SIZE + i * size)
+            kind, memory, slots, disk_bytes, used, peak = unpack(m, _HEADER_SIZE + i * size)
             n += 1
             unused += max(0, memory - (peak if kind == KIND_MODEL else used))  # _unused, inlined
             cpu += slots

@@ -431,7 +431,7 @@ class RateLimitGuard(Guard):
         return bool(declaration.rate_limits)
 
     def enter(self, ctx: TaskContext) -> None:
-        rt = runtime.current()
+        rt = ctx.runtime or runtime.current()
         if rt is None:
             return
         limits = ctx.declaration.rate_limits
@@ -480,7 +480,7 @@ class ConcurrencyGuard(Guard):
         return sem, rt.local(_KEEPER, lambda: LeaseKeeper(sem))
 
     def enter(self, ctx: TaskContext) -> None:
-        rt = runtime.current()
+        rt = ctx.runtime or runtime.current()
         if rt is None:
             return
         limits = ctx.declaration.concurrency
@@ -505,7 +505,7 @@ class ConcurrencyGuard(Guard):
 
     def exit(self, ctx: TaskContext, failed: bool) -> None:
         holder = ctx.state.pop(self.name, None)
-        rt = runtime.current()
+        rt = ctx.runtime or runtime.current()
         if holder is None or rt is None:
             return
         sem, keeper = self._parts(rt)
