@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -150,8 +151,19 @@ class WorkerProcess:
         except psutil.Error:
             return 0
 
+    def runtime_dirs(self) -> list[str]:
+        """The worker's runtime directories (``rmq-<pid>-*`` under ``RMQ_RUNTIME_DIR``, /dev/shm or the
+        temporary directory) that exist now: a warm shutdown removes its own, a killed worker cannot."""
+        if self.proc is None:
+            return []
+        configured = self.env.get("RMQ_RUNTIME_DIR") or os.environ.get("RMQ_RUNTIME_DIR")
+        bases = [configured] if configured else ["/dev/shm", tempfile.gettempdir()]
+        pattern = f"rmq-{self.proc.pid}-*"
+        return [path for base in dict.fromkeys(bases) for path in glob.glob(os.path.join(base, pattern))]
+
     def stop(self, timeout: float = 15.0) -> int | None:
-        """Warm shutdown (SIGTERM), then SIGKILL; also ends pool processes left behind, by PID."""
+        """Warm shutdown (SIGTERM), then SIGKILL; also ends pool processes left behind, by PID, and
+        removes the runtime directory of a worker that was killed."""
         if self.proc is None:
             return None
         self.pool_pids()
@@ -167,6 +179,8 @@ class WorkerProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for path in self.runtime_dirs():  # the worker is gone: nothing of its own uses it any more
+            shutil.rmtree(path, ignore_errors=True)
         return self.proc.returncode
 
     def kill(self) -> None:

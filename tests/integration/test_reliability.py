@@ -173,7 +173,9 @@ def test_unacknowledged_tasks_of_a_killed_worker_run_again_within_seconds_of_a_r
     # When the whole worker is SIGKILLed (and its orphaned pool processes are ended by PID)
     w.kill()
     killed_at = time.time()
+    assert w.runtime_dirs(), "a SIGKILLed worker leaves its runtime directory"
     w.stop()
+    assert not w.runtime_dirs(), "stop() ends what the killed worker left: its runtime directory too"
     # Then, after a restart, both run again within seconds
     restarted_at = time.time()
     start_worker(app, app="soakapp", env=env, concurrency=2)
