@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .governor import Governor, kill_pid
 from .hooks import install_hooks
 from .ledger import Ledger
-from .runtime import Runtime, redis_url_for_app, set_current
+from .runtime import Runtime, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
 from .snapshot import SnapshotBuilder
 from .task import config_for
 
@@ -36,9 +36,9 @@ def config_error_exit(exc: ConfigError) -> None:
 
 
 def _runtime_dir(configured: str | None) -> str:
-    base = configured or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir())
+    base = runtime_base(configured)
     os.makedirs(base, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f"rmq-{os.getpid()}-", dir=base)
+    return tempfile.mkdtemp(prefix=runtime_dir_prefix(os.getpid()), dir=base)
 
 
 def _cpu_slots(configured: int | None) -> tuple[int, str]:

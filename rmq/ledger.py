@@ -32,14 +32,13 @@ _HEADER = struct.Struct("<8sQqqqqqdiiiq")
 # in use, kind, pid, memory, cpu slots, disk, started, used, start rss, peak used, task id, name
 _SLOT_NUMBERS = "<BBxxiqiqxxxxdqqq"
 _SLOT = struct.Struct(_SLOT_NUMBERS + "48s96s")
-_NUMBERS = struct.Struct(_SLOT_NUMBERS)  # a slot without its two strings
-_SUMMED = struct.Struct("<xBxxxxxxqiqxxxx8xq8xq")  # of those: kind, memory, cpu, disk, used, peak (what admission sums)
+_SUMMED = struct.Struct("<xBxxxxxxqiqxxxx8xq8xq")  # of those numbers: kind, memory, cpu, disk, used, peak
 _EMPTY_SLOT = bytes(_SLOT.size)
 _OWNER = struct.Struct("<BBxxi")  # in use, kind, pid: the head of a slot
 _INT64 = struct.Struct("<q")
 _USED_AT = struct.calcsize("<BBxxiqiqxxxxd")  # offsets in a slot of the fields the governor writes
 _PEAK_AT = struct.calcsize("<BBxxiqiqxxxxdqq")
-_TASK_ID_AT = _NUMBERS.size
+_TASK_ID_AT = struct.calcsize(_SLOT_NUMBERS)
 _SLOTS = 128
 _REQUEST = struct.Struct("<Qq")  # unload requests from pool processes: generation, bytes
 _REQUEST_OFFSET = 96
@@ -322,10 +321,7 @@ class Ledger:
         if i < 0:
             raise LedgerFull("the ledger has no free slot (128 reservations)")
         e.slot = i
-        if len(e.task_id) > 48 or not e.task_id.isascii():  # a Celery uuid is stored as it is
-            e.task_id = _fit(e.task_id, 48)
-        if len(e.name) > 96 or not e.name.isascii():
-            e.name = _fit(e.name, 96)
+        e.task_id, e.name = _fit(e.task_id, 48), _fit(e.name, 96)
         if not e.started:
             e.started = time.time()
         self._write_slot(i, e)

@@ -36,10 +36,6 @@ class ProcessStats:
     def incr(self, *path: str, n: float = 1) -> None:
         """Add ``n`` to the counter at ``path`` (for example ``("models", "hits")``)."""
         with self._lock:
-            if len(path) == 1:  # most counters: one level
-                self.counters[path[0]] = self.counters.get(path[0], 0) + n
-                self._dirty = True
-                return
             node = self.counters
             for part in path[:-1]:
                 node = node.setdefault(part, {})

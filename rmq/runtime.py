@@ -12,6 +12,7 @@ returns ``None`` and governed tasks run ungoverned.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .ledger import Ledger
 
-__all__ = ["Runtime", "current", "set_current", "redis_url_for_app"]
+__all__ = ["Runtime", "current", "set_current", "redis_url_for_app", "runtime_base", "runtime_dir_prefix"]
 
 _current: Runtime | None = None
 _MISSING = object()
@@ -170,3 +171,14 @@ def redis_url_for_app(config: RmqConfig, app: Any) -> str | None:
         if isinstance(url, str) and url.split("://", 1)[0] in ("redis", "rediss", "redis+socket"):
             return url
     return None
+
+
+def runtime_base(configured: str | None = None) -> str:
+    """Where a worker makes its runtime directory: ``rmq_runtime_dir``, else /dev/shm (tmpfs) when
+    writable, else the temporary directory."""
+    return configured or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir())
+
+
+def runtime_dir_prefix(pid: int) -> str:
+    """The name prefix of the runtime directory of the worker whose main process is ``pid``."""
+    return f"rmq-{pid}-"

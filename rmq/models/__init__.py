@@ -152,8 +152,7 @@ def get(name: str) -> Any:
 
 def held_bytes() -> int:
     """Bytes of the models this process holds (declared or measured sizes)."""
-    rt = rt_mod.current()  # _made_cache(), inlined: hygiene asks twice per task
-    made = rt.made(_RUNTIME_KEY) if rt is not None else _made_cache()
+    made = _made_cache()
     return made.held_bytes if made is not None else 0
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import psutil
 
+from ..runtime import runtime_base, runtime_dir_prefix
+
 __all__ = ["WorkerProcess", "wait_until"]
 
 
@@ -152,14 +154,12 @@ class WorkerProcess:
             return 0
 
     def runtime_dirs(self) -> list[str]:
-        """The worker's runtime directories (``rmq-<pid>-*`` under ``RMQ_RUNTIME_DIR``, /dev/shm or the
-        temporary directory) that exist now: a warm shutdown removes its own, a killed worker cannot."""
+        """The worker's runtime directories that exist now (:func:`rmq.runtime.runtime_base`, named
+        by its pid): a warm shutdown removes its own, a killed worker cannot."""
         if self.proc is None:
             return []
-        configured = self.env.get("RMQ_RUNTIME_DIR") or os.environ.get("RMQ_RUNTIME_DIR")
-        bases = [configured] if configured else ["/dev/shm", tempfile.gettempdir()]
-        pattern = f"rmq-{self.proc.pid}-*"
-        return [path for base in dict.fromkeys(bases) for path in glob.glob(os.path.join(base, pattern))]
+        base = runtime_base(self.env.get("RMQ_RUNTIME_DIR") or os.environ.get("RMQ_RUNTIME_DIR"))
+        return glob.glob(os.path.join(base, runtime_dir_prefix(self.proc.pid) + "*"))
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """Warm shutdown (SIGTERM), then SIGKILL; also ends pool processes left behind, by PID, and
