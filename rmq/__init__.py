@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import (
+from rmq.errors import (
     BudgetExceeded,
     ConfigError,
     Defer,
@@ -45,15 +45,15 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # Lazy: importing rmq must not import Celery's worker machinery.
     if name == "install":
-        from .wiring import install
+        from rmq.wiring import install
 
         return install
     if name in ("governed_task", "GovernedTask"):
-        from . import task
+        from rmq import task
 
         return getattr(task, name)
     if name == "throttle":
-        from .ratelimit import throttle
+        from rmq.ratelimit import throttle
 
         return throttle
     if name in ("models", "http", "signals"):

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .ledger import Reserved
-from .units import format_bytes as fb
+from rmq.ledger import Reserved
+from rmq.units import format_bytes as fb
 
 __all__ = ["Need", "Verdict", "judge", "percentile"]
 

@@ -216,7 +216,7 @@ def log_sink(alert: Alert) -> None:
 
 def signal_sink(alert: Alert) -> None:
     """Send :data:`rmq.signals.alert` with ``sender=hostname, alert=alert.as_dict()``."""
-    from . import signals  # the only Celery import, kept out of this module's import time
+    from rmq import signals  # the only Celery import, kept out of this module's import time
 
     signals.alert.send(sender=alert.hostname, alert=alert.as_dict())
 

@@ -31,9 +31,9 @@ from typing import Any
 from celery.worker import state as worker_state
 from celery.worker.autoscale import AUTOSCALE_KEEPALIVE, Autoscaler
 
-from .admission import Need
-from .errors import ConfigError
-from .units import format_bytes as fb
+from rmq.admission import Need
+from rmq.errors import ConfigError
+from rmq.units import format_bytes as fb
 
 __all__ = [
     "Decision",
@@ -209,7 +209,7 @@ def check_command_line(argv: Sequence[str] | None = None, environ: Mapping[str, 
     argv = list(sys.argv if argv is None else argv)
     if "worker" not in argv[1:]:
         return
-    from .cli import parse_autoscale
+    from rmq.cli import parse_autoscale
 
     for raw in _raw_values(argv, os.environ if environ is None else environ):
         try:
@@ -243,7 +243,7 @@ class ResourceAutoscaler(Autoscaler):
             check_bounds(max_concurrency, min_concurrency)
         except ConfigError as exc:
             _exit_bad_value(exc)
-        from .runtime import current
+        from rmq.runtime import current
 
         self.rt = current()
         self.idle_keepalive_s = self.rt.config.autoscale_keepalive if self.rt is not None else keepalive
@@ -321,8 +321,8 @@ class ResourceAutoscaler(Autoscaler):
 
     def readings(self, now: float) -> Readings:
         """Build :class:`Readings` from the ledger, the governor and the pool (main process)."""
-        from . import procstats
-        from .ledger import KIND_MODEL, KIND_TASK
+        from rmq import procstats
+        from rmq.ledger import KIND_MODEL, KIND_TASK
 
         rt = self.rt
         assert rt is not None

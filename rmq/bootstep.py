@@ -14,14 +14,14 @@ from typing import Any
 
 from celery import bootsteps
 
-from .budget import detect_budget
-from .errors import ConfigError
-from .governor import Governor, kill_pid
-from .hooks import install_hooks
-from .ledger import Ledger
-from .runtime import Runtime, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
-from .snapshot import SnapshotBuilder
-from .task import config_for
+from rmq.budget import detect_budget
+from rmq.errors import ConfigError
+from rmq.governor import Governor, kill_pid
+from rmq.hooks import install_hooks
+from rmq.ledger import Ledger
+from rmq.runtime import Runtime, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
+from rmq.snapshot import SnapshotBuilder
+from rmq.task import config_for
 
 __all__ = ["GovernorStep", "CeleryActuator", "config_error_exit"]
 
@@ -45,7 +45,7 @@ def _cpu_slots(configured: int | None) -> tuple[int, str]:
     if configured:
         return configured, "configured"
     try:
-        from .cpu import detect_cpu_slots
+        from rmq.cpu import detect_cpu_slots
 
         return detect_cpu_slots()
     except ImportError:  # pragma: no cover - during development only

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import RmqConfig
-from .probes import CgroupMemory, HostProbe
+from rmq.config import RmqConfig
+from rmq.probes import CgroupMemory, HostProbe
 
 __all__ = ["Budget", "detect_budget"]
 

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from . import keys
+from rmq import keys
 
 __all__ = ["RunClaims", "claim_token"]
 

@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .sessions import SESSION_PREFIX, SessionRoot
-from .units import format_bytes
+from rmq.sessions import SESSION_PREFIX, SessionRoot
+from rmq.units import format_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import RmqConfig
+    from rmq.config import RmqConfig
 
 __all__ = [
     "Candidate",

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from .errors import ConfigError
+from rmq.errors import ConfigError
 
 __all__ = ["main", "profile_argv", "parse_autoscale"]
 
@@ -74,7 +74,7 @@ def profile_argv(profile: str, app: Any, extra: list[str], cpu_slots: int) -> li
 
 
 def _config(app: Any) -> Any:
-    from .task import config_for
+    from rmq.task import config_for
 
     try:
         return config_for(app)
@@ -93,7 +93,7 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
                 parse_autoscale(value)
             except ConfigError as exc:
                 _fail(str(exc))
-    from .cpu import detect_cpu_slots
+    from rmq.cpu import detect_cpu_slots
 
     cfg = _config(app)
     slots = cfg.cpu_slots or detect_cpu_slots()[0]
@@ -107,10 +107,10 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .budget import detect_budget
-    from .cpu import detect_cpu_slots
-    from .runtime import redis_url_for_app
-    from .units import format_bytes
+    from rmq.budget import detect_budget
+    from rmq.cpu import detect_cpu_slots
+    from rmq.runtime import redis_url_for_app
+    from rmq.units import format_bytes
 
     app = _load_app(args.app)
     cfg = _config(app)
@@ -147,8 +147,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from .cleanup import cleanup_from_config, format_report
-    from .units import parse_duration
+    from rmq.cleanup import cleanup_from_config, format_report
+    from rmq.units import parse_duration
 
     app = _load_app(args.app)
     cfg = _config(app)
@@ -162,7 +162,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .cluster import load_or_collect
+    from rmq.cluster import load_or_collect
 
     app = _load_app(args.app)
     _config(app)
@@ -171,14 +171,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return load_or_collect(app, live=args.live or args.watch)
 
     if args.json:
-        from .status import render_json
+        from rmq.status import render_json
 
         print(render_json(view()))
         return 0
     from rich.console import Console
 
     console = Console()
-    from .status import render_plain, render_table
+    from rmq.status import render_plain, render_table
 
     if args.watch:
         import time
@@ -200,7 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from rmq.demo import run_demo
 
     try:
         return run_demo(broker=args.broker, sessions=args.sessions, plain=args.plain, timeout=args.timeout)

@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import keys
-from .alerts import (
+from rmq import keys
+from rmq.alerts import (
     AlertEngine,
     WebhookSender,
     active_cluster_alerts,
@@ -29,10 +29,10 @@ from .alerts import (
     default_sinks,
     event_sink,
 )
-from .queues import redis_queue_depth
-from .routing import transport_kind
-from .runtime import redis_url_for_app
-from .task import config_for
+from rmq.queues import redis_queue_depth
+from rmq.routing import transport_kind
+from rmq.runtime import redis_url_for_app
+from rmq.task import config_for
 
 __all__ = ["collect_cluster_view", "load_or_collect", "load_view", "queue_depths", "tracked_queues"]
 
@@ -168,7 +168,7 @@ def _configured_queues(app: Any) -> list[str]:
 
 def _raise(app: Any, alerts: list[Any], hostname: str) -> None:
     """Deliver cluster alerts to the log, the signal, the ``rmq-alert`` event and the webhook."""
-    from .monitoring import EventSender
+    from rmq.monitoring import EventSender
 
     config = config_for(app)
     webhook = WebhookSender(config.alert_webhook) if config.alert_webhook else None

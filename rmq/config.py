@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import ConfigError
-from .units import (
+from rmq.errors import ConfigError
+from rmq.units import (
     parse_duration,
     parse_priority,
     parse_ratio,

@@ -24,8 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from . import runtime
-from .guards import Guard, TaskContext
+from rmq import runtime
+from rmq.guards import Guard, TaskContext
 
 __all__ = ["THREAD_ENV_VARS", "CpuProbe", "ThreadCapGuard", "ThreadCaps", "default_threads", "detect_cpu_slots"]
 

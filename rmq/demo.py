@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .testing.worker import WorkerProcess
-from .units import format_bytes
+from rmq.testing.worker import WorkerProcess
+from rmq.units import format_bytes
 
 __all__ = ["run_demo", "DemoResult"]
 
@@ -85,7 +85,7 @@ def _view(snapshot: dict[str, Any], states: Counter, depths: dict[str, int], pla
         return line
     from rich.table import Table
 
-    from .status import memory_bar
+    from rmq.status import memory_bar
 
     table = Table(title="rmq demo (synthetic workloads: real memory, no real models)", expand=True)
     table.add_column("what", style="bold")
@@ -181,7 +181,7 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
         result.runaway = runaway.id
         print(f"rmq demo: {sessions} sessions x 5 steps and 1 runaway task sent ({len(tracked)} tasks)")
 
-        from .queues import redis_queue_depth
+        from rmq.queues import redis_queue_depth
 
         client = app.connection_for_write().channel().client if broker.startswith("redis") else None
 

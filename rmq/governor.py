@@ -19,11 +19,11 @@ from typing import Any, Protocol
 
 import psutil
 
-from .budget import Budget
-from .config import RmqConfig
-from .ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
-from .meter import ProcessTreeMeter, TreeReading
-from .pressure import Ladder
+from rmq.budget import Budget
+from rmq.config import RmqConfig
+from rmq.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
+from rmq.meter import ProcessTreeMeter, TreeReading
+from rmq.pressure import Ladder
 
 __all__ = ["Governor", "Actuator", "KillRecord"]
 

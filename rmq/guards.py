@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .selfmem import own_rss_bytes
+from rmq.selfmem import own_rss_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import RmqConfig
-    from .declarations import TaskDeclaration
-    from .runtime import Runtime
+    from rmq.config import RmqConfig
+    from rmq.declarations import TaskDeclaration
+    from rmq.runtime import Runtime
 
 __all__ = ["Guard", "TaskContext"]
 

@@ -34,10 +34,10 @@ from typing import Any
 
 import httpx
 
-from . import runtime as _runtime
-from .errors import ConfigError, Defer, RateLimiterUnavailable
-from .ratelimit import ClusterLimiter, ClusterSemaphore, LeaseKeeper
-from .units import Rate, parse_duration, parse_rate
+from rmq import runtime as _runtime
+from rmq.errors import ConfigError, Defer, RateLimiterUnavailable
+from rmq.ratelimit import ClusterLimiter, ClusterSemaphore, LeaseKeeper
+from rmq.units import Rate, parse_duration, parse_rate
 
 __all__ = [
     "RmqHttpClient",

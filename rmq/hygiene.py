@@ -22,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import runtime
-from .config import RmqConfig
-from .declarations import TaskDeclaration
-from .guards import Guard, TaskContext
-from .memtrim import collect_and_trim
-from .selfmem import own_rss_bytes as rss_bytes
-from .units import format_bytes
+from rmq import runtime
+from rmq.config import RmqConfig
+from rmq.declarations import TaskDeclaration
+from rmq.guards import Guard, TaskContext
+from rmq.memtrim import collect_and_trim
+from rmq.selfmem import own_rss_bytes as rss_bytes
+from rmq.units import format_bytes
 
 __all__ = ["HygieneGuard", "LeakDetector", "request_recycle", "rss_bytes"]
 

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import keys
-from .admission import percentile
+from rmq import keys
+from rmq.admission import percentile
 
 __all__ = ["PeakLearner"]
 

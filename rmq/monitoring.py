@@ -20,8 +20,8 @@ from typing import Any
 
 import psutil
 
-from .alerts import Alert, AlertEngine, WebhookSender, default_sinks, event_sink, rules_from_config
-from .runtime import Runtime
+from rmq.alerts import Alert, AlertEngine, WebhookSender, default_sinks, event_sink, rules_from_config
+from rmq.runtime import Runtime
 
 __all__ = ["AlertLoop", "CpuProbe", "EventSender", "WorkerMonitor", "disk_ratio", "worker_hooks"]
 
@@ -223,7 +223,7 @@ class WorkerMonitor:
         if self.events is not None:
             self.events.close()
         if self._server is not None:
-            from .metrics import stop_metrics_server
+            from rmq.metrics import stop_metrics_server
 
             stop_metrics_server(self._server)
             self._server = None
@@ -232,7 +232,7 @@ class WorkerMonitor:
         self.rt.stats.incr("alerts")
 
     def _start_metrics(self, rt: Runtime) -> None:
-        from .metrics import start_metrics_server
+        from rmq.metrics import start_metrics_server
 
         addr = getattr(rt.config, "metrics_addr", None) or DEFAULT_METRICS_ADDR
         port = rt.config.metrics_port
@@ -270,8 +270,8 @@ def worker_hooks(rt: Runtime, worker: Any) -> None:
     try:
         monitor = WorkerMonitor(rt, hostname)
     except ValueError as exc:  # a bad rmq_alert_webhook: refuse to start, like any bad setting
-        from .bootstep import config_error_exit
-        from .errors import ConfigError
+        from rmq.bootstep import config_error_exit
+        from rmq.errors import ConfigError
 
         config_error_exit(ConfigError(f"rmq_alert_webhook: {exc}"))
     rt.main_start_hooks.append(monitor.start)

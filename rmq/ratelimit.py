@@ -30,10 +30,10 @@ from typing import Any
 
 import redis.exceptions as rexc
 
-from . import keys, runtime
-from .errors import Defer, RateLimiterUnavailable
-from .guards import Guard, TaskContext
-from .units import Rate, parse_rate
+from rmq import keys, runtime
+from rmq.errors import Defer, RateLimiterUnavailable
+from rmq.guards import Guard, TaskContext
+from rmq.units import Rate, parse_rate
 
 __all__ = [
     "GRANTED_US",

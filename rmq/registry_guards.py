@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .guards import Guard
+from rmq.guards import Guard
 
 __all__ = ["default_guards"]
 
 
 @lru_cache(maxsize=1)
 def _chain() -> tuple[Guard, ...]:
-    from . import models
-    from .cpu import ThreadCapGuard
-    from .hygiene import HygieneGuard
-    from .ratelimit import ConcurrencyGuard, RateLimitGuard
-    from .reservation import AdmissionGuard
-    from .sessions import SessionGuard
+    from rmq import models
+    from rmq.cpu import ThreadCapGuard
+    from rmq.hygiene import HygieneGuard
+    from rmq.ratelimit import ConcurrencyGuard, RateLimitGuard
+    from rmq.reservation import AdmissionGuard
+    from rmq.sessions import SessionGuard
 
     # Cluster-wide permits and tokens first: a task without one is deferred at once, before it
     # waits for memory while holding a pool process. Hygiene last, so it measures what the

@@ -19,11 +19,11 @@ from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
-from . import keys
-from .claims import claim_token
-from .errors import MemoryBudgetExceeded, TaskProcessLost
-from .runtime import current
-from .task import rmq_headers
+from rmq import keys
+from rmq.claims import claim_token
+from rmq.errors import MemoryBudgetExceeded, TaskProcessLost
+from rmq.runtime import current
+from rmq.task import rmq_headers
 
 __all__ = ["GovernedRequest"]
 

@@ -15,13 +15,13 @@ import os
 import shutil
 import time
 
-from . import forks, models
-from .admission import Need, Verdict, judge
-from .errors import BudgetExceeded, Defer
-from .guards import Guard, TaskContext
-from .ledger import KIND_TASK, Entry, Ledger
-from .runtime import current
-from .selfmem import peak_rss_bytes, reset_peak_rss
+from rmq import forks, models
+from rmq.admission import Need, Verdict, judge
+from rmq.errors import BudgetExceeded, Defer
+from rmq.guards import Guard, TaskContext
+from rmq.ledger import KIND_TASK, Entry, Ledger
+from rmq.runtime import current
+from rmq.selfmem import peak_rss_bytes, reset_peak_rss
 
 __all__ = ["AdmissionGuard"]
 

@@ -17,15 +17,15 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import forks
-from .config import RmqConfig
-from .errors import RateLimiterUnavailable
-from .procstats import ProcessStats
+from rmq import forks
+from rmq.config import RmqConfig
+from rmq.errors import RateLimiterUnavailable
+from rmq.procstats import ProcessStats
 
 if TYPE_CHECKING:  # pragma: no cover
     import redis as redis_lib
 
-    from .ledger import Ledger
+    from rmq.ledger import Ledger
 
 __all__ = ["Runtime", "current", "set_current", "redis_url_for_app", "runtime_base", "runtime_dir_prefix"]
 
@@ -128,12 +128,12 @@ class Runtime:
         return self.local("claims", self._new_claims)
 
     def _new_learner(self) -> Any:
-        from .learning import PeakLearner
+        from rmq.learning import PeakLearner
 
         return PeakLearner(self.redis, window=self.config.learn_window, q=self.config.learn_percentile)
 
     def _new_claims(self) -> Any:
-        from .claims import RunClaims
+        from rmq.claims import RunClaims
 
         return RunClaims(self.redis)
 

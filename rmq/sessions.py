@@ -36,14 +36,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from . import runtime
-from .declarations import CLEANUP_POLICIES
-from .errors import ConfigError, RmqError
-from .guards import Guard, TaskContext
+from rmq import runtime
+from rmq.declarations import CLEANUP_POLICIES
+from rmq.errors import ConfigError, RmqError
+from rmq.guards import Guard, TaskContext
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cleanup import Removed
-    from .declarations import TaskDeclaration
+    from rmq.cleanup import Removed
+    from rmq.declarations import TaskDeclaration
 
 __all__ = [
     "SESSION_PREFIX",
@@ -327,7 +327,7 @@ class SessionRoot:
 
     def purge(self, trash_name: str) -> Removed:
         """Delete a trash entry without following links."""
-        from .cleanup import remove_tree  # cleanup builds on this module
+        from rmq.cleanup import remove_tree  # cleanup builds on this module
 
         assert self.trash_fd is not None
         return remove_tree(self.trash_fd, trash_name)

@@ -14,9 +14,9 @@ from typing import Any
 
 import psutil
 
-from . import procstats
-from .governor import Governor
-from .runtime import Runtime
+from rmq import procstats
+from rmq.governor import Governor
+from rmq.runtime import Runtime
 
 __all__ = ["SnapshotBuilder"]
 

@@ -18,15 +18,15 @@ from typing import Any
 from celery import Task, shared_task, states
 from celery.exceptions import Ignore, Reject, Retry
 
-from . import forks
-from .claims import claim_token
-from .config import RmqConfig, load_config
-from .declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
-from .errors import Defer, ResourceUnavailable
-from .guards import Guard, TaskContext
-from .routing import from_wire_priority, to_wire_priority, transport_kind
-from .runtime import current
-from .units import parse_priority
+from rmq import forks
+from rmq.claims import claim_token
+from rmq.config import RmqConfig, load_config
+from rmq.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
+from rmq.errors import Defer, ResourceUnavailable
+from rmq.guards import Guard, TaskContext
+from rmq.routing import from_wire_priority, to_wire_priority, transport_kind
+from rmq.runtime import current
+from rmq.units import parse_priority
 
 __all__ = ["governed_task", "GovernedTask", "config_for", "guard_chain", "rmq_headers"]
 
@@ -50,7 +50,7 @@ def config_for(app: Any) -> RmqConfig:
 
 def guard_chain() -> list[Guard]:
     """The guards every governed task passes, in order (the concern modules provide them)."""
-    from .registry_guards import default_guards
+    from rmq.registry_guards import default_guards
 
     return default_guards()
 
@@ -337,7 +337,7 @@ def governed_task(*args: Any, **options: Any) -> Any:
     rmq_opts = {k: options.pop(k) for k in list(options) if k in RMQ_OPTIONS}
     declaration = parse_declaration(**rmq_opts)
     if declaration.network:
-        from .network_defaults import apply_network_defaults
+        from rmq.network_defaults import apply_network_defaults
 
         apply_network_defaults(options)
     base = options.pop("base", GovernedTask)

@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from rmq.errors import ConfigError
 
 __all__ = [
     "Rate",

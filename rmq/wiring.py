@@ -6,8 +6,8 @@ from typing import Any
 
 from celery import signals
 
-from .routing import to_wire_priority, transport_kind
-from .task import GovernedTask, config_for
+from rmq.routing import to_wire_priority, transport_kind
+from rmq.task import GovernedTask, config_for
 
 __all__ = ["install", "router"]
 
@@ -18,7 +18,7 @@ def router(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **
     """Celery router: heavy governed tasks go to the heavy queue (an explicit ``queue=`` wins)."""
     if task is None or not isinstance(task, GovernedTask):
         return None
-    from .routing import choose_queue
+    from rmq.routing import choose_queue
 
     cfg = config_for(task.app)
     queue = choose_queue(task.rmq.heavy, task.rmq.memory_bytes, cfg.heavy_memory_threshold, cfg.heavy_queue)
@@ -66,8 +66,8 @@ def _connect_signals() -> None:
     if _signals_connected:
         return
     _signals_connected = True
-    from .child import on_process_exit, on_process_start
-    from .runtime import current
+    from rmq.child import on_process_exit, on_process_start
+    from rmq.runtime import current
 
     @signals.worker_process_init.connect(weak=False)
     def _child_start(**_: Any) -> None:
@@ -92,11 +92,11 @@ def install(app: Any) -> Any:
     if getattr(app, "_rmq_installed", False):
         return app
     app._rmq_installed = True
-    from .autoscale import check_command_line
+    from rmq.autoscale import check_command_line
 
     check_command_line()  # a bad --autoscale on a `celery worker` command line: exit 2, one line
-    from . import beat, control  # noqa: F401  (registers the beat tasks and remote-control commands)
-    from .bootstep import GovernorStep
+    from rmq import beat, control  # noqa: F401  (registers the beat tasks and remote-control commands)
+    from rmq.bootstep import GovernorStep
 
     app.steps["worker"].add(GovernorStep)
     _connect_signals()

@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .. import forks
-from .. import runtime as rt_mod
-from .admission import NullReserver, Reserver
-from .cache import ModelCache, rss_probe
-from .registry import REGISTRY, ModelSpec, Registry
-from .synthetic import SyntheticModel, synthetic_loader
+from rmq import forks
+from rmq import runtime as rt_mod
+from rmq.models.admission import NullReserver, Reserver
+from rmq.models.cache import ModelCache, rss_probe
+from rmq.models.registry import REGISTRY, ModelSpec, Registry
+from rmq.models.synthetic import SyntheticModel, synthetic_loader
 
 __all__ = [
     "REGISTRY",

@@ -32,12 +32,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .. import runtime as rt_mod
-from ..errors import Defer, ModelLoadError
-from ..units import format_bytes
-from .admission import Reserver
-from .registry import REGISTRY, ModelSpec, Registry
-from .store import ModelStore, _Entry
+from rmq import runtime as rt_mod
+from rmq.errors import Defer, ModelLoadError
+from rmq.units import format_bytes
+from rmq.models.admission import Reserver
+from rmq.models.registry import REGISTRY, ModelSpec, Registry
+from rmq.models.store import ModelStore, _Entry
 
 __all__ = ["ModelCache", "rss_probe"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..runtime import Runtime
+from rmq.runtime import Runtime
 
 __all__ = ["in_governed_task", "pressure_bytes", "relieve_worker", "worker_hooks"]
 
@@ -39,10 +39,10 @@ def relieve_worker(rt: Runtime, bytes_wanted: int) -> int:
     signal's generation: a process that plans later for the same signal, when these models have
     already left the ledger, counts them as freed instead of taking more.
     """
-    from .. import procstats
-    from ..ledger import KIND_MODEL
-    from . import REGISTRY, cache
-    from .relief import plan_relief, resident_models
+    from rmq import procstats
+    from rmq.ledger import KIND_MODEL
+    from rmq.models import REGISTRY, cache
+    from rmq.models.relief import plan_relief, resident_models
 
     pid = os.getpid()
     generation = rt.ledger.read_control().unload_generation
@@ -74,8 +74,8 @@ def relieve_worker(rt: Runtime, bytes_wanted: int) -> int:
 def worker_hooks(rt: Runtime, worker: Any) -> None:
     """Main process, before the fork: every pool process's cache reserves loads in the ledger,
     unloads its share when the governor (or a waiting load) asks, and closes on exit."""
-    from . import cache, set_reserver_factory, set_task_probe
-    from .reserver import LedgerModelReserver
+    from rmq.models import cache, set_reserver_factory, set_task_probe
+    from rmq.models.reserver import LedgerModelReserver
 
     set_reserver_factory(lambda: LedgerModelReserver(rt))
     set_task_probe(in_governed_task)

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .registry import Registry
+from rmq.models.registry import Registry
 
 __all__ = ["Resident", "plan_relief", "resident_models"]
 

@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import forks
-from ..admission import Need, Verdict, judge
-from ..errors import ModelLoadError
-from ..ledger import KIND_MODEL, Control, Entry, Reserved
-from ..selfmem import own_rss_bytes
-from ..units import format_bytes
+from rmq import forks
+from rmq.admission import Need, Verdict, judge
+from rmq.errors import ModelLoadError
+from rmq.ledger import KIND_MODEL, Control, Entry, Reserved
+from rmq.selfmem import own_rss_bytes
+from rmq.units import format_bytes
 
 __all__ = ["LedgerModelReserver"]
 

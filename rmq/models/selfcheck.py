@@ -19,10 +19,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..units import parse_size
-from .cache import ModelCache, rss_probe
-from .registry import Registry
-from .synthetic import SyntheticModel
+from rmq.units import parse_size
+from rmq.models.cache import ModelCache, rss_probe
+from rmq.models.registry import Registry
+from rmq.models.synthetic import SyntheticModel
 
 __all__ = ["measure_unload"]
 

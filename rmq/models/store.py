@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import memtrim
-from .. import runtime as rt_mod
-from ..units import format_bytes
-from .admission import NullReserver, Reserver
-from .registry import ModelSpec
+from rmq import memtrim
+from rmq import runtime as rt_mod
+from rmq.units import format_bytes
+from rmq.models.admission import NullReserver, Reserver
+from rmq.models.registry import ModelSpec
 
 __all__ = ["ModelStore"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from ..runtime import runtime_base, runtime_dir_prefix
+from rmq.runtime import runtime_base, runtime_dir_prefix
 
 __all__ = ["WorkerProcess", "wait_until"]
 
