@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmq.errors import (
+from rmq.core.errors import (
     BudgetExceeded,
     ConfigError,
     Defer,

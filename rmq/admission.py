@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from rmq.ledger import Reserved
-from rmq.units import format_bytes as fb
+from rmq.core.ledger import Reserved
+from rmq.core.units import format_bytes as fb
 
 __all__ = ["Need", "Verdict", "judge", "percentile"]
 

@@ -32,8 +32,8 @@ from celery.worker import state as worker_state
 from celery.worker.autoscale import AUTOSCALE_KEEPALIVE, Autoscaler
 
 from rmq.admission import Need
-from rmq.errors import ConfigError
-from rmq.units import format_bytes as fb
+from rmq.core.errors import ConfigError
+from rmq.core.units import format_bytes as fb
 
 __all__ = [
     "Decision",
@@ -243,7 +243,7 @@ class ResourceAutoscaler(Autoscaler):
             check_bounds(max_concurrency, min_concurrency)
         except ConfigError as exc:
             _exit_bad_value(exc)
-        from rmq.runtime import current
+        from rmq.core.runtime import current
 
         self.rt = current()
         self.idle_keepalive_s = self.rt.config.autoscale_keepalive if self.rt is not None else keepalive
@@ -321,8 +321,8 @@ class ResourceAutoscaler(Autoscaler):
 
     def readings(self, now: float) -> Readings:
         """Build :class:`Readings` from the ledger, the governor and the pool (main process)."""
-        from rmq import procstats
-        from rmq.ledger import KIND_MODEL, KIND_TASK
+        from rmq.core import procstats
+        from rmq.core.ledger import KIND_MODEL, KIND_TASK
 
         rt = self.rt
         assert rt is not None

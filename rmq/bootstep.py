@@ -15,11 +15,11 @@ from typing import Any
 from celery import bootsteps
 
 from rmq.budget import detect_budget
-from rmq.errors import ConfigError
+from rmq.core.errors import ConfigError
 from rmq.governor import Governor, kill_pid
 from rmq.hooks import install_hooks
-from rmq.ledger import Ledger
-from rmq.runtime import Runtime, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
+from rmq.core.ledger import Ledger
+from rmq.core.runtime import Runtime, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
 from rmq.snapshot import SnapshotBuilder
 from rmq.task import config_for
 

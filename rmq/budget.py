@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rmq.config import RmqConfig
+from rmq.core.config import RmqConfig
 from rmq.probes import CgroupMemory, HostProbe
 
 __all__ = ["Budget", "detect_budget"]

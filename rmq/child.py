@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from rmq.runtime import Runtime
+from rmq.core.runtime import Runtime
 
 __all__ = ["ChildWatcher", "on_process_start", "on_process_exit"]
 

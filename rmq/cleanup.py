@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rmq.sessions import SESSION_PREFIX, SessionRoot
-from rmq.units import format_bytes
+from rmq.core.units import format_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rmq.config import RmqConfig
+    from rmq.core.config import RmqConfig
 
 __all__ = [
     "Candidate",

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from rmq.errors import ConfigError
+from rmq.core.errors import ConfigError
 
 __all__ = ["main", "profile_argv", "parse_autoscale"]
 
@@ -109,8 +109,8 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from rmq.budget import detect_budget
     from rmq.cpu import detect_cpu_slots
-    from rmq.runtime import redis_url_for_app
-    from rmq.units import format_bytes
+    from rmq.core.runtime import redis_url_for_app
+    from rmq.core.units import format_bytes
 
     app = _load_app(args.app)
     cfg = _config(app)
@@ -148,7 +148,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from rmq.cleanup import cleanup_from_config, format_report
-    from rmq.units import parse_duration
+    from rmq.core.units import parse_duration
 
     app = _load_app(args.app)
     cfg = _config(app)

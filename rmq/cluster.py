@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from rmq import keys
+from rmq.core import keys
 from rmq.alerts import (
     AlertEngine,
     WebhookSender,
@@ -30,8 +30,8 @@ from rmq.alerts import (
     event_sink,
 )
 from rmq.queues import redis_queue_depth
-from rmq.routing import transport_kind
-from rmq.runtime import redis_url_for_app
+from rmq.core.routing import transport_kind
+from rmq.core.runtime import redis_url_for_app
 from rmq.task import config_for
 
 __all__ = ["collect_cluster_view", "load_or_collect", "load_view", "queue_depths", "tracked_queues"]

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from rmq import runtime
+from rmq.core import runtime
 from rmq.guards import Guard, TaskContext
 
 __all__ = ["THREAD_ENV_VARS", "CpuProbe", "ThreadCapGuard", "ThreadCaps", "default_threads", "detect_cpu_slots"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rmq.testing.worker import WorkerProcess
-from rmq.units import format_bytes
+from rmq.core.units import format_bytes
 
 __all__ = ["run_demo", "DemoResult"]
 

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 import psutil
 
 from rmq.budget import Budget
-from rmq.config import RmqConfig
-from rmq.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
+from rmq.core.config import RmqConfig
+from rmq.core.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
 from rmq.meter import ProcessTreeMeter, TreeReading
 from rmq.pressure import Ladder
 

@@ -2,8 +2,8 @@
 
 A guard's ``enter`` runs before the task body, in order; ``exit`` runs after it, in
 reverse order, and only for guards whose ``enter`` returned. ``enter`` may raise
-:class:`rmq.errors.Defer` (re-queue the task later, not a failure) or an
-:class:`rmq.errors.RmqError` (the task fails with it).
+:class:`rmq.core.errors.Defer` (re-queue the task later, not a failure) or an
+:class:`rmq.core.errors.RmqError` (the task fails with it).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rmq.selfmem import own_rss_bytes
+from rmq.core.selfmem import own_rss_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rmq.config import RmqConfig
-    from rmq.declarations import TaskDeclaration
-    from rmq.runtime import Runtime
+    from rmq.core.config import RmqConfig
+    from rmq.core.declarations import TaskDeclaration
+    from rmq.core.runtime import Runtime
 
 __all__ = ["Guard", "TaskContext"]
 
@@ -38,7 +38,7 @@ class TaskContext:
         state: scratch space, one key per guard.
         rss_before / rss_after: this process's RSS before and after the body, read once for all
             guards (see :meth:`rss_before_body`), ``None`` until a guard asks.
-        runtime: the worker's :class:`~rmq.runtime.Runtime` the task runs under (``None``: guards
+        runtime: the worker's :class:`~rmq.core.runtime.Runtime` the task runs under (``None``: guards
             look up the current one).
     """
 

@@ -13,7 +13,7 @@ import importlib
 import logging
 from typing import Any
 
-from rmq.runtime import Runtime
+from rmq.core.runtime import Runtime
 
 __all__ = ["install_hooks", "CONCERNS"]
 

@@ -5,7 +5,7 @@ pooled :class:`RmqHttpClient` of that name (an ``httpx.Client`` with keep-alive)
 takes a permit of the cluster-wide semaphore ``http:<name>``, then, as its headers start going
 out (after any connect), a token of the cluster-wide limit ``http:<name>`` (both in Redis, see
 ``rmq.ratelimit``): a token is used the moment it is granted, so the rate holds on the wire.
-No token or permit within ``max_wait`` raises :class:`rmq.errors.Defer`.
+No token or permit within ``max_wait`` raises :class:`rmq.core.errors.Defer`.
 
 Retries (``retries`` of them, full-jitter exponential backoff) cover connection errors,
 timeouts, 429 and 5xx; a ``Retry-After`` header sets the least wait. A final 429/5xx raises
@@ -34,10 +34,10 @@ from typing import Any
 
 import httpx
 
-from rmq import runtime as _runtime
-from rmq.errors import ConfigError, Defer, RateLimiterUnavailable
+from rmq.core import runtime as _runtime
+from rmq.core.errors import ConfigError, Defer, RateLimiterUnavailable
 from rmq.ratelimit import ClusterLimiter, ClusterSemaphore, LeaseKeeper
-from rmq.units import Rate, parse_duration, parse_rate
+from rmq.core.units import Rate, parse_duration, parse_rate
 
 __all__ = [
     "RmqHttpClient",

@@ -6,7 +6,7 @@ came back. Its baseline after hygiene (cached models excluded) feeds a :class:`L
 when the baseline keeps growing, or is about to pass ``rmq_leak_ceiling``, the process is
 recycled after its current task with :func:`request_recycle`.
 
-Memory is read as RSS from ``/proc/self/statm`` (:mod:`rmq.selfmem`, about 2 us). USS costs
+Memory is read as RSS from ``/proc/self/statm`` (:mod:`rmq.core.selfmem`, about 2 us). USS costs
 about 1 ms (it walks ``smaps_rollup``) and only deltas matter here: pages a forked child shares
 with its parent sit in its RSS from the first task on, so they cancel out of every growth figure.
 """
@@ -22,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rmq import runtime
-from rmq.config import RmqConfig
-from rmq.declarations import TaskDeclaration
+from rmq.core import runtime
+from rmq.core.config import RmqConfig
+from rmq.core.declarations import TaskDeclaration
 from rmq.guards import Guard, TaskContext
 from rmq.memtrim import collect_and_trim
-from rmq.selfmem import own_rss_bytes as rss_bytes
-from rmq.units import format_bytes
+from rmq.core.selfmem import own_rss_bytes as rss_bytes
+from rmq.core.units import format_bytes
 
 __all__ = ["HygieneGuard", "LeakDetector", "request_recycle", "rss_bytes"]
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rmq import keys
+from rmq.core import keys
 from rmq.admission import percentile
 
 __all__ = ["PeakLearner"]

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from rmq.alerts import Alert, AlertEngine, WebhookSender, default_sinks, event_sink, rules_from_config
-from rmq.runtime import Runtime
+from rmq.core.runtime import Runtime
 
 __all__ = ["AlertLoop", "CpuProbe", "EventSender", "WorkerMonitor", "disk_ratio", "worker_hooks"]
 
@@ -271,7 +271,7 @@ def worker_hooks(rt: Runtime, worker: Any) -> None:
         monitor = WorkerMonitor(rt, hostname)
     except ValueError as exc:  # a bad rmq_alert_webhook: refuse to start, like any bad setting
         from rmq.bootstep import config_error_exit
-        from rmq.errors import ConfigError
+        from rmq.core.errors import ConfigError
 
         config_error_exit(ConfigError(f"rmq_alert_webhook: {exc}"))
     rt.main_start_hooks.append(monitor.start)

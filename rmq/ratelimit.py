@@ -30,10 +30,11 @@ from typing import Any
 
 import redis.exceptions as rexc
 
-from rmq import keys, runtime
-from rmq.errors import Defer, RateLimiterUnavailable
+from rmq.core import keys
+from rmq.core import runtime
+from rmq.core.errors import Defer, RateLimiterUnavailable
 from rmq.guards import Guard, TaskContext
-from rmq.units import Rate, parse_rate
+from rmq.core.units import Rate, parse_rate
 
 __all__ = [
     "GRANTED_US",

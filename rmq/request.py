@@ -3,9 +3,9 @@
 When a pool process dies under a governed task, Celery calls ``on_failure`` with
 ``WorkerLostError``. If the governor killed it for memory, the task runs again with
 backoff up to ``rmq_memory_kill_retries`` times, then ends as ``FAILURE`` with
-:class:`~rmq.errors.MemoryBudgetExceeded`. Any other loss (a SIGKILL from outside, the
+:class:`~rmq.core.errors.MemoryBudgetExceeded`. Any other loss (a SIGKILL from outside, the
 kernel OOM killer) redelivers the message at once, at most ``rmq_worker_lost_retries``
-times, then ends as ``FAILURE`` with :class:`~rmq.errors.TaskProcessLost`: never lost,
+times, then ends as ``FAILURE`` with :class:`~rmq.core.errors.TaskProcessLost`: never lost,
 never an endless loop.
 """
 
@@ -19,10 +19,10 @@ from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
-from rmq import keys
-from rmq.claims import claim_token
-from rmq.errors import MemoryBudgetExceeded, TaskProcessLost
-from rmq.runtime import current
+from rmq.core import keys
+from rmq.core.claims import claim_token
+from rmq.core.errors import MemoryBudgetExceeded, TaskProcessLost
+from rmq.core.runtime import current
 from rmq.task import rmq_headers
 
 __all__ = ["GovernedRequest"]

@@ -3,7 +3,7 @@
 A task that does not fit first asks every pool process to unload models, then waits up
 to ``rmq_admission_wait`` (re-checking as the governor's readings change), then is
 deferred. A task that could never fit on an idle worker fails at once with
-:class:`~rmq.errors.BudgetExceeded`. A task without ``memory=`` is admitted with its learned peak
+:class:`~rmq.core.errors.BudgetExceeded`. A task without ``memory=`` is admitted with its learned peak
 (:mod:`rmq.learning`), and only such tasks record their peaks (nothing reads the others'): the
 kernel's high-water mark of the process since admission, so a spike between two governor
 readings counts too.
@@ -15,13 +15,14 @@ import os
 import shutil
 import time
 
-from rmq import forks, models
+from rmq import models
+from rmq.core import forks
 from rmq.admission import Need, Verdict, judge
-from rmq.errors import BudgetExceeded, Defer
+from rmq.core.errors import BudgetExceeded, Defer
 from rmq.guards import Guard, TaskContext
-from rmq.ledger import KIND_TASK, Entry, Ledger
-from rmq.runtime import current
-from rmq.selfmem import peak_rss_bytes, reset_peak_rss
+from rmq.core.ledger import KIND_TASK, Entry, Ledger
+from rmq.core.runtime import current
+from rmq.core.selfmem import peak_rss_bytes, reset_peak_rss
 
 __all__ = ["AdmissionGuard"]
 

@@ -36,14 +36,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from rmq import runtime
-from rmq.declarations import CLEANUP_POLICIES
-from rmq.errors import ConfigError, RmqError
+from rmq.core import runtime
+from rmq.core.declarations import CLEANUP_POLICIES
+from rmq.core.errors import ConfigError, RmqError
 from rmq.guards import Guard, TaskContext
 
 if TYPE_CHECKING:  # pragma: no cover
     from rmq.cleanup import Removed
-    from rmq.declarations import TaskDeclaration
+    from rmq.core.declarations import TaskDeclaration
 
 __all__ = [
     "SESSION_PREFIX",

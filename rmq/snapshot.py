@@ -14,9 +14,9 @@ from typing import Any
 
 import psutil
 
-from rmq import procstats
+from rmq.core import procstats
 from rmq.governor import Governor
-from rmq.runtime import Runtime
+from rmq.core.runtime import Runtime
 
 __all__ = ["SnapshotBuilder"]
 

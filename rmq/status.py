@@ -22,7 +22,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from rmq.units import format_bytes
+from rmq.core.units import format_bytes
 
 __all__ = ["memory_bar", "render_json", "render_plain", "render_table"]
 

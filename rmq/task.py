@@ -1,7 +1,7 @@
 """``@governed_task`` and the task base class that runs the guards. Celery glue, thin.
 
 The base class runs each concern's guard around the task body in the pool process,
-turns :class:`~rmq.errors.Defer` into a deferral (re-queued with a countdown, same task id,
+turns :class:`~rmq.core.errors.Defer` into a deferral (re-queued with a countdown, same task id,
 ``max_retries`` untouched, at most ``rmq_max_deferrals`` times), and gives priorities the
 AMQP meaning on every broker.
 """
@@ -18,15 +18,15 @@ from typing import Any
 from celery import Task, shared_task, states
 from celery.exceptions import Ignore, Reject, Retry
 
-from rmq import forks
-from rmq.claims import claim_token
-from rmq.config import RmqConfig, load_config
-from rmq.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
-from rmq.errors import Defer, ResourceUnavailable
+from rmq.core import forks
+from rmq.core.claims import claim_token
+from rmq.core.config import RmqConfig, load_config
+from rmq.core.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
+from rmq.core.errors import Defer, ResourceUnavailable
 from rmq.guards import Guard, TaskContext
-from rmq.routing import from_wire_priority, to_wire_priority, transport_kind
-from rmq.runtime import current
-from rmq.units import parse_priority
+from rmq.core.routing import from_wire_priority, to_wire_priority, transport_kind
+from rmq.core.runtime import current
+from rmq.core.units import parse_priority
 
 __all__ = ["governed_task", "GovernedTask", "config_for", "guard_chain", "rmq_headers"]
 
@@ -327,7 +327,7 @@ def governed_task(*args: Any, **options: Any) -> Any:
 
     rmq options (``memory``, ``cpu``, ``disk``, ``heavy``, ``priority``, ``session``,
     ``cleanup``, ``rate_limits``, ``concurrency``, ``network``, ``hygiene``) are validated
-    now and raise :class:`~rmq.errors.ConfigError` naming the argument and value; every
+    now and raise :class:`~rmq.core.errors.ConfigError` naming the argument and value; every
     other option goes to Celery (``shared_task`` semantics: no app needed here).
     """
     if len(args) == 1 and callable(args[0]) and not options:

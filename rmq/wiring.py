@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import signals
 
-from rmq.routing import to_wire_priority, transport_kind
+from rmq.core.routing import to_wire_priority, transport_kind
 from rmq.task import GovernedTask, config_for
 
 __all__ = ["install", "router"]
@@ -18,7 +18,7 @@ def router(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **
     """Celery router: heavy governed tasks go to the heavy queue (an explicit ``queue=`` wins)."""
     if task is None or not isinstance(task, GovernedTask):
         return None
-    from rmq.routing import choose_queue
+    from rmq.core.routing import choose_queue
 
     cfg = config_for(task.app)
     queue = choose_queue(task.rmq.heavy, task.rmq.memory_bytes, cfg.heavy_memory_threshold, cfg.heavy_queue)
@@ -67,7 +67,7 @@ def _connect_signals() -> None:
         return
     _signals_connected = True
     from rmq.child import on_process_exit, on_process_start
-    from rmq.runtime import current
+    from rmq.core.runtime import current
 
     @signals.worker_process_init.connect(weak=False)
     def _child_start(**_: Any) -> None:
@@ -87,7 +87,7 @@ def install(app: Any) -> Any:
     remote-control commands, beat entries and signals. Calling it again does nothing.
 
     Configuration is read when the app is configured (``rmq_*`` keys and ``RMQ_*``
-    variables); a bad value raises :class:`~rmq.errors.ConfigError` (a worker exits 2).
+    variables); a bad value raises :class:`~rmq.core.errors.ConfigError` (a worker exits 2).
     """
     if getattr(app, "_rmq_installed", False):
         return app

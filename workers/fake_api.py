@@ -33,7 +33,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
-from rmq.units import Rate, parse_rate
+from rmq.core.units import Rate, parse_rate
 
 __all__ = ["FakeApi", "main", "start_in_thread"]
 

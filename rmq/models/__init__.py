@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rmq import forks
-from rmq import runtime as rt_mod
+from rmq.core import forks
+from rmq.core import runtime as rt_mod
 from rmq.models.admission import NullReserver, Reserver
 from rmq.models.cache import ModelCache, rss_probe
 from rmq.models.registry import REGISTRY, ModelSpec, Registry
@@ -91,8 +91,8 @@ def set_reserver_factory(factory: Callable[[], Reserver] | None) -> None:
 
 def set_task_probe(probe: Callable[[], bool] | None) -> None:
     """Make caches created from now on ask ``probe()`` whether a governed task runs in the
-    calling thread: a load refused for memory then defers that task (:class:`rmq.errors.Defer`);
-    anywhere else it raises :class:`rmq.errors.ModelLoadError`. None: "a runtime exists"."""
+    calling thread: a load refused for memory then defers that task (:class:`rmq.core.errors.Defer`);
+    anywhere else it raises :class:`rmq.core.errors.ModelLoadError`. None: "a runtime exists"."""
     global _task_probe
     _task_probe = probe
 

@@ -16,8 +16,8 @@ Policy, in one place (eviction itself is in :mod:`rmq.models.store`):
   process, else 0) is reserved through a :class:`~rmq.models.admission.Reserver` (in a worker,
   :class:`~rmq.models.reserver.LedgerModelReserver`). Refused: this process evicts its own LRU
   models, then the other pool processes are asked, waiting up to ``load_wait_s``. Refused again:
-  the load raises :class:`rmq.errors.Defer` inside a governed task (the task is re-queued), else
-  :class:`rmq.errors.ModelLoadError`. A resident model holds its reservation until unloaded.
+  the load raises :class:`rmq.core.errors.Defer` inside a governed task (the task is re-queued), else
+  :class:`rmq.core.errors.ModelLoadError`. A resident model holds its reservation until unloaded.
 - Undeclared sizes are the growth of ``memory_probe()`` during the load; a concurrent load in
   another thread of the same process inflates it, so declare sizes where that matters.
 """
@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rmq import runtime as rt_mod
-from rmq.errors import Defer, ModelLoadError
-from rmq.units import format_bytes
+from rmq.core import runtime as rt_mod
+from rmq.core.errors import Defer, ModelLoadError
+from rmq.core.units import format_bytes
 from rmq.models.admission import Reserver
 from rmq.models.registry import REGISTRY, ModelSpec, Registry
 from rmq.models.store import ModelStore, _Entry

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from rmq.runtime import Runtime
+from rmq.core.runtime import Runtime
 
 __all__ = ["in_governed_task", "pressure_bytes", "relieve_worker", "worker_hooks"]
 
@@ -39,8 +39,8 @@ def relieve_worker(rt: Runtime, bytes_wanted: int) -> int:
     signal's generation: a process that plans later for the same signal, when these models have
     already left the ledger, counts them as freed instead of taking more.
     """
-    from rmq import procstats
-    from rmq.ledger import KIND_MODEL
+    from rmq.core import procstats
+    from rmq.core.ledger import KIND_MODEL
     from rmq.models import REGISTRY, cache
     from rmq.models.relief import plan_relief, resident_models
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rmq.errors import ConfigError, ModelNotRegistered
-from rmq.units import parse_size
+from rmq.core.errors import ConfigError, ModelNotRegistered
+from rmq.core.units import parse_size
 
 __all__ = ["REGISTRY", "ModelSpec", "Registry"]
 

@@ -13,7 +13,7 @@ model is resident. The order, when the load does not fit:
 Resident models are admitted against the *unload line* (``rmq_unload_ratio`` x budget), not
 the task admit line above it: a model is not transient memory, and one admitted above the unload
 line would be unloaded by the governor's pressure ladder as soon as it became unleased. A model
-that cannot fit even beside an idle worker raises :class:`~rmq.errors.ModelLoadError` at once.
+that cannot fit even beside an idle worker raises :class:`~rmq.core.errors.ModelLoadError` at once.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rmq import forks
+from rmq.core import forks
 from rmq.admission import Need, Verdict, judge
-from rmq.errors import ModelLoadError
-from rmq.ledger import KIND_MODEL, Control, Entry, Reserved
-from rmq.selfmem import own_rss_bytes
-from rmq.units import format_bytes
+from rmq.core.errors import ModelLoadError
+from rmq.core.ledger import KIND_MODEL, Control, Entry, Reserved
+from rmq.core.selfmem import own_rss_bytes
+from rmq.core.units import format_bytes
 
 __all__ = ["LedgerModelReserver"]
 
@@ -36,7 +36,7 @@ class LedgerModelReserver:
     """The model cache's :class:`~rmq.models.admission.Reserver` in a governed worker.
 
     Args:
-        rt: the worker's :class:`~rmq.runtime.Runtime` (its ``ledger`` and ``config``).
+        rt: the worker's :class:`~rmq.core.runtime.Runtime` (its ``ledger`` and ``config``).
         poll_s: how often a waiting load re-checks the ledger (default 0.05 s).
         ask_every_s: how often a waiting load asks the other processes again (default 1 s).
         clock: monotonic clock (tests).

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from rmq.units import parse_size
+from rmq.core.units import parse_size
 from rmq.models.cache import ModelCache, rss_probe
 from rmq.models.registry import Registry
 from rmq.models.synthetic import SyntheticModel

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rmq import memtrim
-from rmq import runtime as rt_mod
-from rmq.units import format_bytes
+from rmq.core import runtime as rt_mod
+from rmq.core.units import format_bytes
 from rmq.models.admission import NullReserver, Reserver
 from rmq.models.registry import ModelSpec
 

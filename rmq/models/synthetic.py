@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from rmq.units import format_bytes, parse_size
+from rmq.core.units import format_bytes, parse_size
 
 __all__ = ["SyntheticModel", "synthetic_loader"]
 

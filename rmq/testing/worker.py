@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from rmq.runtime import runtime_base, runtime_dir_prefix
+from rmq.core.runtime import runtime_base, runtime_dir_prefix
 
 __all__ = ["WorkerProcess", "wait_until"]
 
@@ -154,7 +154,7 @@ class WorkerProcess:
             return 0
 
     def runtime_dirs(self) -> list[str]:
-        """The worker's runtime directories that exist now (:func:`rmq.runtime.runtime_base`, named
+        """The worker's runtime directories that exist now (:func:`rmq.core.runtime.runtime_base`, named
         by its pid): a warm shutdown removes its own, a killed worker cannot."""
         if self.proc is None:
             return []

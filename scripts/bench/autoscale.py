@@ -214,7 +214,7 @@ def send_workload(client: Any, args: argparse.Namespace) -> list[Any]:
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> Result:
-    from rmq.units import parse_size
+    from rmq.core.units import parse_size
     from workers.app import make_app
 
     queue = f"bench.as.{uuid.uuid4().hex[:8]}"

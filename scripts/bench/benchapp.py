@@ -114,7 +114,7 @@ class KillLineWatch:
     """
 
     def __init__(self, task_id: str | None, slot: int, step_bytes: int) -> None:
-        from rmq.runtime import current
+        from rmq.core.runtime import current
 
         self.rt = current()
         self.task_id, self.slot, self.step_bytes = task_id, slot, step_bytes
@@ -128,7 +128,7 @@ class KillLineWatch:
     def after_step(self, t_step: float) -> None:
         if self.done:
             return
-        from rmq.selfmem import own_rss_bytes
+        from rmq.core.selfmem import own_rss_bytes
 
         assert self.rt is not None
         rss, ledger = own_rss_bytes(), self.rt.ledger
@@ -228,9 +228,9 @@ def _experimental_fixes() -> None:
         import struct
 
         from rmq import reservation
-        from rmq.ledger import _fit
-        from rmq.runtime import current
-        from rmq.selfmem import own_rss_bytes
+        from rmq.core.ledger import _fit
+        from rmq.core.runtime import current
+        from rmq.core.selfmem import own_rss_bytes
 
         worker_bytes_at = 24  # offset of worker_bytes in the ledger header (magic, generation, unload bytes)
 

@@ -62,7 +62,7 @@ TASK = {"plain": "bench.leaky.plain", "rmq": "bench.leaky.governed"}
 
 
 def parse_size(text: str) -> int:
-    from rmq.units import parse_size as parse
+    from rmq.core.units import parse_size as parse
 
     return parse(text, "--limit")
 

@@ -438,7 +438,7 @@ def report(runs: list[Run], args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    from rmq.units import parse_size
+    from rmq.core.units import parse_size
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--limit", default="1.5GiB", help="the cgroup's memory limit")

@@ -37,9 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import redis
 
-from rmq import keys
+from rmq.core import keys
 from rmq.ratelimit import ClusterLimiter
-from rmq.units import Rate, parse_rate
+from rmq.core.units import Rate, parse_rate
 
 LATENCY_GOAL_MS = 1.0
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -175,7 +175,7 @@ def _build_worker_app() -> Any:
 
     from rmq import governed_task
     from rmq.ratelimit import GRANTED_US
-    from rmq.runtime import current
+    from rmq.core.runtime import current
     from rmq.task import rmq_headers
     from workers.app import make_app
 

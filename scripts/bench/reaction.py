@@ -49,7 +49,7 @@ from pressure import (
 )
 
 from rmq.testing.worker import wait_until
-from rmq.units import parse_duration
+from rmq.core.units import parse_duration
 
 MiB = 1 << 20
 P3_GOAL_S = 0.300

@@ -14,7 +14,7 @@ from typing import Any
 
 from rmq import governed_task
 from rmq.hygiene import rss_bytes
-from rmq.runtime import current
+from rmq.core.runtime import current
 from workers.app import make_app
 
 app = make_app()

@@ -17,7 +17,7 @@ import redis as redis_lib
 from rmq import governed_task, models
 from rmq.memtrim import collect_and_trim
 from rmq.models.synthetic import synthetic_loader
-from rmq.runtime import current
+from rmq.core.runtime import current
 from workers.app import make_app
 
 app = make_app()

@@ -11,7 +11,7 @@ import os
 import time
 
 from rmq import governed_task
-from rmq.runtime import current
+from rmq.core.runtime import current
 from rmq.signals import alert
 from workers.app import make_app
 

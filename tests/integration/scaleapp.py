@@ -13,7 +13,7 @@ from celery.worker.autoscale import Autoscaler
 
 from rmq import governed_task, models
 from rmq.models import synthetic_loader
-from rmq.runtime import current
+from rmq.core.runtime import current
 from workers.app import make_app
 
 app = make_app()

@@ -140,7 +140,7 @@ def _spin(seconds: float) -> None:
 
 if MODE == "rmq":
     from rmq import governed_task
-    from rmq.errors import Defer
+    from rmq.core.errors import Defer
     from rmq.task import rmq_headers
     from workers.app import make_app
 
@@ -235,10 +235,10 @@ elif MODE in ("bench-rmq", "bench-plain"):
 
             from celery import Task
 
-            from rmq.declarations import parse_declaration
+            from rmq.core.declarations import parse_declaration
             from rmq.guards import TaskContext
             from rmq.registry_guards import default_guards
-            from rmq.runtime import current
+            from rmq.core.runtime import current
 
             rt = current()
             decl = parse_declaration(memory="16MiB")

@@ -7,7 +7,7 @@ import time
 
 import workers.tasks  # noqa: F401  (the reference tasks)
 from rmq import governed_task
-from rmq.runtime import current
+from rmq.core.runtime import current
 from workers.app import make_app
 
 app = make_app()

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import pytest
 import redis as redis_lib
 
-from rmq import keys
-from rmq.errors import ResourceUnavailable
+from rmq.core import keys
+from rmq.core.errors import ResourceUnavailable
 from rmq.ratelimit import ClusterLimiter
 from rmq.testing.worker import wait_until
-from rmq.units import parse_rate
+from rmq.core.units import parse_rate
 
 from .conftest import TESTS_DIR, taskapp_env
 

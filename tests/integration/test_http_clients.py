@@ -16,7 +16,7 @@ import pytest
 import redis as redis_lib
 
 import rmq.http as rhttp
-from rmq.errors import Defer
+from rmq.core.errors import Defer
 from workers.fake_api import start_in_thread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -181,8 +181,8 @@ def test_a_process_that_ends_closes_its_clients(api_factory):
 def test_runtime_exit_hooks_close_clients(api_factory):
     import types
 
-    from rmq import runtime
-    from rmq.procstats import ProcessStats
+    from rmq.core import runtime
+    from rmq.core.procstats import ProcessStats
 
     api = api_factory()
     cfg = types.SimpleNamespace(throttle_max_wait=2.0, concurrency_lease=30.0, defer_countdown=1.0)
@@ -274,9 +274,9 @@ def test_fake_api_command_line():
 def test_limiter_redis_down_in_a_worker_defers_and_sends_nothing(api_factory):
     import types
 
-    from rmq import runtime
-    from rmq.errors import RateLimiterUnavailable
-    from rmq.procstats import ProcessStats
+    from rmq.core import runtime
+    from rmq.core.errors import RateLimiterUnavailable
+    from rmq.core.procstats import ProcessStats
 
     api = api_factory()
     cfg = types.SimpleNamespace(throttle_max_wait=2.0, concurrency_lease=30.0, defer_countdown=4.0)

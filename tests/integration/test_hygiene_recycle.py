@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from billiard.pool import Pool
 
-from rmq import runtime
-from rmq.config import load_config
-from rmq.declarations import TaskDeclaration
+from rmq.core import runtime
+from rmq.core.config import load_config
+from rmq.core.declarations import TaskDeclaration
 from rmq.guards import TaskContext
 from rmq.hygiene import HygieneGuard, request_recycle, rss_bytes
-from rmq.runtime import Runtime
+from rmq.core.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 

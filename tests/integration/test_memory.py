@@ -9,7 +9,7 @@ import time
 
 import redis as redis_lib
 
-from rmq import keys
+from rmq.core import keys
 from rmq.queues import redis_queue_depth
 from rmq.testing.worker import wait_until
 

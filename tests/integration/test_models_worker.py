@@ -24,7 +24,7 @@ import psutil
 import pytest
 import redis as redis_lib
 
-from rmq.errors import ModelLoadError, ModelNotRegistered
+from rmq.core.errors import ModelLoadError, ModelNotRegistered
 from rmq.testing.worker import WorkerProcess, wait_until
 
 from .conftest import TESTS_DIR, taskapp_env

@@ -23,7 +23,7 @@ HAMMER = """
 import json, sys, time
 import redis
 from rmq.ratelimit import ClusterLimiter
-from rmq.units import parse_rate
+from rmq.core.units import parse_rate
 url, start_at, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 limiter, rate, grants = ClusterLimiter(redis.Redis.from_url(url)), parse_rate("10/s"), []
 time.sleep(max(0.0, start_at - time.time()))

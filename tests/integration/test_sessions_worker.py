@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rmq.errors import ResourceUnavailable
+from rmq.core.errors import ResourceUnavailable
 from rmq.testing.worker import wait_until
 
 from .conftest import ROOT, TESTS_DIR, taskapp_env, worker_env

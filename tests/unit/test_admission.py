@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rmq.admission import Need, Verdict, judge, percentile
-from rmq.ledger import KIND_MODEL, KIND_TASK, Entry, Reserved
+from rmq.core.ledger import KIND_MODEL, KIND_TASK, Entry, Reserved
 
 MiB = 1024**2
 GiB = 1024**3

@@ -25,7 +25,7 @@ from rmq.alerts import (
     readings_from_snapshot,
     rules_from_config,
 )
-from rmq.config import load_config
+from rmq.core.config import load_config
 
 
 def feed(rule: AlertRule, values: list[float], start: float = 1000.0, step: float = 1.0) -> list[Alert]:

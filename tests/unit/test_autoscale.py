@@ -10,10 +10,10 @@ import pytest
 from rmq import autoscale
 from rmq.admission import Need
 from rmq.autoscale import Decision, ProcessReading, Readings, ResourceAutoscaler, ScalePolicy
-from rmq.config import load_config
-from rmq.errors import ConfigError
-from rmq.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
-from rmq.runtime import set_current
+from rmq.core.config import load_config
+from rmq.core.errors import ConfigError
+from rmq.core.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
+from rmq.core.runtime import set_current
 
 MiB = 1024**2
 LIGHT = Need(16 * MiB)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rmq.budget import Budget, detect_budget
-from rmq.config import load_config
+from rmq.core.config import load_config
 from rmq.probes import CgroupMemory, HostProbe
 
 MiB = 1024**2

@@ -7,8 +7,8 @@ import time
 import fakeredis
 import pytest
 
-from rmq import keys
-from rmq.claims import RunClaims, claim_token
+from rmq.core import keys
+from rmq.core.claims import RunClaims, claim_token
 
 
 @pytest.fixture

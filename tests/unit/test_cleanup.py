@@ -24,8 +24,8 @@ from rmq.cleanup import (
     remove_tree,
     run_cleanup,
 )
-from rmq.config import load_config
-from rmq.errors import ConfigError
+from rmq.core.config import load_config
+from rmq.core.errors import ConfigError
 from rmq.sessions import SessionRoot, SessionStore, is_live, validate_session_id
 
 ROOT_DIR = Path(__file__).resolve().parents[2]

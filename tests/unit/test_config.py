@@ -8,8 +8,8 @@ import tempfile
 
 import pytest
 
-from rmq.config import KEYS, RmqConfig, load_config
-from rmq.errors import ConfigError
+from rmq.core.config import KEYS, RmqConfig, load_config
+from rmq.core.errors import ConfigError
 
 GiB = 1024**3
 MiB = 1024**2

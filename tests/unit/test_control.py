@@ -13,8 +13,8 @@ from celery.worker.control import Panel
 
 import rmq.cleanup as cleanup_mod
 from rmq import beat, control
-from rmq.config import load_config
-from rmq.procstats import ProcessStats
+from rmq.core.config import load_config
+from rmq.core.procstats import ProcessStats
 
 
 class FakeRuntime:

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from rmq.declarations import CLEANUP_POLICIES, RMQ_OPTIONS, TaskDeclaration, parse_declaration
-from rmq.errors import ConfigError
-from rmq.units import Rate
+from rmq.core.declarations import CLEANUP_POLICIES, RMQ_OPTIONS, TaskDeclaration, parse_declaration
+from rmq.core.errors import ConfigError
+from rmq.core.units import Rate
 
 GiB = 1024**3
 MiB = 1024**2

@@ -1,4 +1,4 @@
-"""Per-process handles notice a fork without a system call per read (rmq.forks)."""
+"""Per-process handles notice a fork without a system call per read (rmq.core.forks)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import fcntl
 import multiprocessing
 import os
 
-from rmq import forks
-from rmq.config import load_config
-from rmq.ledger import Ledger
-from rmq.runtime import Runtime
-from rmq.selfmem import own_rss_bytes
+from rmq.core import forks
+from rmq.core.config import load_config
+from rmq.core.ledger import Ledger
+from rmq.core.runtime import Runtime
+from rmq.core.selfmem import own_rss_bytes
 
 
 def in_forked_child(check) -> int:

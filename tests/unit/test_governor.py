@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from rmq.budget import Budget
-from rmq.config import load_config
+from rmq.core.config import load_config
 from rmq.governor import Governor, KillRecord
-from rmq.ledger import KIND_MODEL, KIND_TASK, Entry, Ledger
+from rmq.core.ledger import KIND_MODEL, KIND_TASK, Entry, Ledger
 from rmq.meter import TreeReading
 from rmq.probes import CgroupMemory
 

@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 import rmq.http as rhttp
-from rmq import runtime
-from rmq.errors import ConfigError, Defer, RateLimiterUnavailable
-from rmq.procstats import ProcessStats
-from rmq.units import Rate
+from rmq.core import runtime
+from rmq.core.errors import ConfigError, Defer, RateLimiterUnavailable
+from rmq.core.procstats import ProcessStats
+from rmq.core.units import Rate
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rmq import runtime
-from rmq.config import load_config
-from rmq.declarations import TaskDeclaration
+from rmq.core import runtime
+from rmq.core.config import load_config
+from rmq.core.declarations import TaskDeclaration
 from rmq.guards import TaskContext
 from rmq.hygiene import HygieneGuard, LeakDetector, request_recycle, rss_bytes
-from rmq.runtime import Runtime
+from rmq.core.runtime import Runtime
 
 MiB = 1 << 20
 

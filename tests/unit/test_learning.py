@@ -7,7 +7,7 @@ import logging
 import fakeredis
 import pytest
 
-from rmq import keys
+from rmq.core import keys
 from rmq.learning import PeakLearner
 
 MiB = 1024**2

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rmq.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger, LedgerFull, Reserved
+from rmq.core.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger, LedgerFull, Reserved
 
 MiB = 1024**2
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -289,7 +289,7 @@ def test_request_unload_bumps_a_generation(ledger: Ledger) -> None:
 # --- across real processes ---------------------------------------------------------------------------
 HOLD_LOCK = """
     import sys, time
-    from rmq.ledger import Entry, KIND_TASK, Ledger
+    from rmq.core.ledger import Entry, KIND_TASK, Ledger
     led = Ledger(sys.argv[1])
     with led.locked():
         led.add_unlocked(Entry(KIND_TASK, __import__("os").getpid(), 1 << 30, task_id="doomed", name="big"))
@@ -325,7 +325,7 @@ def test_sigkilled_holder_releases_the_lock_and_its_reservation(ledger: Ledger) 
 
 ADDER = """
     import sys, time
-    from rmq.ledger import Entry, KIND_TASK, Ledger
+    from rmq.core.ledger import Entry, KIND_TASK, Ledger
     led = Ledger(sys.argv[1])
     limit, attempts, tag = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     def fits(reserved):

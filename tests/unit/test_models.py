@@ -13,10 +13,10 @@ import weakref
 import pytest
 
 from rmq import memtrim, models
-from rmq import runtime as rt_mod
-from rmq.errors import ConfigError, Defer, ModelLoadError, ModelNotRegistered
+from rmq.core import runtime as rt_mod
+from rmq.core.errors import ConfigError, Defer, ModelLoadError, ModelNotRegistered
 from rmq.models import ModelCache, Registry, SyntheticModel, synthetic_loader
-from rmq.procstats import ProcessStats
+from rmq.core.procstats import ProcessStats
 
 MiB = 2**20
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rmq.procstats import ProcessStats, merge_counters, read_all
+from rmq.core.procstats import ProcessStats, merge_counters, read_all
 
 
 def proc_file(directory: Path) -> Path:
@@ -78,7 +78,7 @@ def test_read_all_collects_every_process(tmp_path: Path) -> None:
     mine.incr("models", "hits")
     mine.flush()
     code = (
-        "import sys; from rmq.procstats import ProcessStats; "
+        "import sys; from rmq.core.procstats import ProcessStats; "
         "s = ProcessStats(sys.argv[1]); s.incr('models', 'hits', n=4); s.set_gauge('g', 1); s.flush()"
     )
     root = str(Path(__file__).resolve().parents[2])

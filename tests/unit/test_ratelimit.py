@@ -16,12 +16,13 @@ import pytest
 import redis as redis_lib
 import redis.exceptions as rexc
 
-from rmq import keys, runtime
-from rmq.config import load_config
-from rmq.declarations import parse_declaration
-from rmq.errors import ConfigError, Defer, RateLimiterUnavailable
+from rmq.core import keys
+from rmq.core import runtime
+from rmq.core.config import load_config
+from rmq.core.declarations import parse_declaration
+from rmq.core.errors import ConfigError, Defer, RateLimiterUnavailable
 from rmq.guards import TaskContext
-from rmq.procstats import ProcessStats
+from rmq.core.procstats import ProcessStats
 from rmq.ratelimit import (
     ClusterLimiter,
     ClusterSemaphore,
@@ -30,7 +31,7 @@ from rmq.ratelimit import (
     RateLimitGuard,
     throttle,
 )
-from rmq.units import parse_rate
+from rmq.core.units import parse_rate
 
 
 def _poll(predicate, timeout_s: float = 5.0, step_s: float = 0.02) -> bool:
@@ -64,7 +65,7 @@ def dead_client():
 
 
 class FakeRuntime:
-    """What the guards use of rmq.runtime.Runtime: config, redis(), stats, local()."""
+    """What the guards use of rmq.core.runtime.Runtime: config, redis(), stats, local()."""
 
     def __init__(self, client: Any, **conf: Any) -> None:
         self.config = load_config({f"rmq_{k}": v for k, v in conf.items()}, environ={})

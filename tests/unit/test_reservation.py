@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from rmq.config import load_config
-from rmq.declarations import parse_declaration
+from rmq.core.config import load_config
+from rmq.core.declarations import parse_declaration
 from rmq.guards import TaskContext
-from rmq.ledger import Control, Ledger
+from rmq.core.ledger import Control, Ledger
 from rmq.reservation import AdmissionGuard
-from rmq.runtime import Runtime, set_current
+from rmq.core.runtime import Runtime, set_current
 
 MiB = 1 << 20
 

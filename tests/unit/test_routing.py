@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rmq.routing import choose_queue, from_wire_priority, to_wire_priority, transport_kind
+from rmq.core.routing import choose_queue, from_wire_priority, to_wire_priority, transport_kind
 
 GiB = 1024**3
 

@@ -70,7 +70,7 @@ def _old_session(root: Path, name: str = "session_old") -> Path:
 
 
 def fake_state(session_root: Path):
-    from rmq.config import load_config
+    from rmq.core.config import load_config
 
     cfg = load_config({"rmq_session_root": str(session_root), "rmq_session_max_age": "1h"}, environ={})
     step = SimpleNamespace(label="rmq governor", runtime=SimpleNamespace(config=cfg))

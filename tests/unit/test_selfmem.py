@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rmq.selfmem import own_rss_bytes, peak_rss_bytes, reset_peak_rss
+from rmq.core.selfmem import own_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 MiB = 1 << 20
 

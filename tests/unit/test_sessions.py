@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from rmq import runtime
-from rmq.config import load_config
-from rmq.declarations import parse_declaration
-from rmq.errors import ConfigError
+from rmq.core import runtime
+from rmq.core.config import load_config
+from rmq.core.declarations import parse_declaration
+from rmq.core.errors import ConfigError
 from rmq.guards import TaskContext
-from rmq.procstats import ProcessStats
+from rmq.core.procstats import ProcessStats
 from rmq.sessions import SessionError, SessionGuard, SessionRoot, SessionStore, is_live, validate_session_id
 
 ROOT_DIR = Path(__file__).resolve().parents[2]

@@ -9,10 +9,10 @@ import pytest
 from celery import Celery, Task
 
 import rmq
-from rmq.config import load_config
-from rmq.declarations import parse_declaration
-from rmq.ledger import Control, Ledger
-from rmq.runtime import Runtime, set_current
+from rmq.core.config import load_config
+from rmq.core.declarations import parse_declaration
+from rmq.core.ledger import Control, Ledger
+from rmq.core.runtime import Runtime, set_current
 from rmq.task import GovernedTask
 
 MiB = 1 << 20

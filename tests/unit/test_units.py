@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rmq.errors import ConfigError
-from rmq.units import (
+from rmq.core.errors import ConfigError
+from rmq.core.units import (
     Rate,
     format_bytes,
     parse_duration,

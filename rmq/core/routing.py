@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmq.units import MAX_PRIORITY
+from rmq.core.units import MAX_PRIORITY
 
 __all__ = ["to_wire_priority", "from_wire_priority", "transport_kind", "choose_queue", "REDIS_SCHEMES"]
 

@@ -3,7 +3,7 @@
 The worker bootstep creates one :class:`Runtime` in the main process before the pool
 forks; every pool process (replacements included) inherits it. Handles that must not
 cross a fork (Redis clients, lock descriptors, counters) are dropped in the child right
-after the fork (:mod:`rmq.forks`) and re-made there on first use.
+after the fork (:mod:`rmq.core.forks`) and re-made there on first use.
 
 Outside a worker (a client process, a unit test) there is no runtime: ``current()``
 returns ``None`` and governed tasks run ungoverned.
@@ -17,15 +17,15 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from rmq import forks
-from rmq.config import RmqConfig
-from rmq.errors import RateLimiterUnavailable
-from rmq.procstats import ProcessStats
+from rmq.core import forks
+from rmq.core.config import RmqConfig
+from rmq.core.errors import RateLimiterUnavailable
+from rmq.core.procstats import ProcessStats
 
 if TYPE_CHECKING:  # pragma: no cover
     import redis as redis_lib
 
-    from rmq.ledger import Ledger
+    from rmq.core.ledger import Ledger
 
 __all__ = ["Runtime", "current", "set_current", "redis_url_for_app", "runtime_base", "runtime_dir_prefix"]
 
@@ -124,7 +124,7 @@ class Runtime:
 
     @property
     def claims(self) -> Any:
-        """This process's :class:`~rmq.claims.RunClaims` (run claims of overlapping task copies)."""
+        """This process's :class:`~rmq.core.claims.RunClaims` (run claims of overlapping task copies)."""
         return self.local("claims", self._new_claims)
 
     def _new_learner(self) -> Any:
@@ -133,7 +133,7 @@ class Runtime:
         return PeakLearner(self.redis, window=self.config.learn_window, q=self.config.learn_percentile)
 
     def _new_claims(self) -> Any:
-        from rmq.claims import RunClaims
+        from rmq.core.claims import RunClaims
 
         return RunClaims(self.redis)
 

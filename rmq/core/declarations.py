@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rmq.errors import ConfigError
-from rmq.units import Rate, parse_priority, parse_rate, parse_size
+from rmq.core.errors import ConfigError
+from rmq.core.units import Rate, parse_priority, parse_rate, parse_size
 
 __all__ = ["TaskDeclaration", "parse_declaration", "RMQ_OPTIONS", "CLEANUP_POLICIES"]
 

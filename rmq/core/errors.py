@@ -21,7 +21,7 @@ __all__ = [
 
 
 def _fmt_bytes(n: int | float | None) -> str:
-    from rmq.units import format_bytes  # units imports this module: import late
+    from rmq.core.units import format_bytes  # units imports this module: import late
 
     return format_bytes(n)
 

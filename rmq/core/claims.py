@@ -20,11 +20,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from rmq import keys
+from rmq.core import keys
 
 __all__ = ["RunClaims", "claim_token"]
 
-log = logging.getLogger("rmq.claims")
+log = logging.getLogger("rmq.core.claims")
 
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end

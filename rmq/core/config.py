@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from rmq.errors import ConfigError
-from rmq.units import (
+from rmq.core.errors import ConfigError
+from rmq.core.units import (
     parse_duration,
     parse_priority,
     parse_ratio,
@@ -281,7 +281,7 @@ def load_config(conf: Mapping[str, Any] | Any, environ: Mapping[str, str] | None
     given = _rmq_keys(conf)
     unknown = sorted(k for k in given if k[4:] not in KEYS)
     if unknown:
-        raise ConfigError(f"unknown rmq setting {unknown[0]!r} (known: see rmq.config.KEYS)")
+        raise ConfigError(f"unknown rmq setting {unknown[0]!r} (known: see rmq.core.config.KEYS)")
     values: dict[str, Any] = {}
     for key, (default, parse) in KEYS.items():
         env_name = f"RMQ_{key.upper()}"

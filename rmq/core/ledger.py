@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from rmq import forks
+from rmq.core import forks
 
 __all__ = ["Ledger", "Entry", "Control", "Reserved", "LedgerFull", "KIND_TASK", "KIND_MODEL"]
 

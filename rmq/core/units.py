@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from rmq.errors import ConfigError
+from rmq.core.errors import ConfigError
 
 __all__ = [
     "Rate",
