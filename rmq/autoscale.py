@@ -31,7 +31,7 @@ from typing import Any
 from celery.worker import state as worker_state
 from celery.worker.autoscale import AUTOSCALE_KEEPALIVE, Autoscaler
 
-from rmq.admission import Need
+from rmq.memory.admission import Need
 from rmq.core.errors import ConfigError
 from rmq.core.units import format_bytes as fb
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from celery import bootsteps
 
-from rmq.budget import detect_budget
+from rmq.memory.budget import detect_budget
 from rmq.core.errors import ConfigError
-from rmq.governor import Governor, kill_pid
+from rmq.memory.governor import Governor, kill_pid
 from rmq.hooks import install_hooks
 from rmq.core.ledger import Ledger
 from rmq.core.runtime import Runtime, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current

@@ -107,7 +107,7 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from rmq.budget import detect_budget
+    from rmq.memory.budget import detect_budget
     from rmq.cpu import detect_cpu_slots
     from rmq.core.runtime import redis_url_for_app
     from rmq.core.units import format_bytes

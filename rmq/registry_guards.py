@@ -13,9 +13,9 @@ __all__ = ["default_guards"]
 def _chain() -> tuple[Guard, ...]:
     from rmq import models
     from rmq.cpu import ThreadCapGuard
-    from rmq.hygiene import HygieneGuard
+    from rmq.memory.hygiene import HygieneGuard
     from rmq.ratelimit import ConcurrencyGuard, RateLimitGuard
-    from rmq.reservation import AdmissionGuard
+    from rmq.memory.reservation import AdmissionGuard
     from rmq.sessions import SessionGuard
 
     # Cluster-wide permits and tokens first: a task without one is deferred at once, before it

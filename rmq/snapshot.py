@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 
 from rmq.core import procstats
-from rmq.governor import Governor
+from rmq.memory.governor import Governor
 from rmq.core.runtime import Runtime
 
 __all__ = ["SnapshotBuilder"]

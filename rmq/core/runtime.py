@@ -119,7 +119,7 @@ class Runtime:
 
     @property
     def learner(self) -> Any:
-        """This process's :class:`~rmq.learning.PeakLearner`."""
+        """This process's :class:`~rmq.memory.learning.PeakLearner`."""
         return self.local("learner", self._new_learner)
 
     @property
@@ -128,7 +128,7 @@ class Runtime:
         return self.local("claims", self._new_claims)
 
     def _new_learner(self) -> Any:
-        from rmq.learning import PeakLearner
+        from rmq.memory.learning import PeakLearner
 
         return PeakLearner(self.redis, window=self.config.learn_window, q=self.config.learn_percentile)
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from rmq.probes import HostProbe
+from rmq.memory.probes import HostProbe
 
 __all__ = ["MemoryCgroup", "can_create"]
 

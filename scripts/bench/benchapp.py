@@ -214,7 +214,7 @@ else:
 def _experimental_fixes() -> None:
     """Opt-in patches of rmq that the bench reports measure (``BENCH_FIX=credit,...``); never on by default.
 
-    ``credit``: rmq.reservation.AdmissionGuard.exit, when it releases a reservation, takes the memory
+    ``credit``: rmq.memory.reservation.AdmissionGuard.exit, when it releases a reservation, takes the memory
     its process gave back since the governor's last sample off the published worker memory (under
     the ledger lock), so waiting admissions see the room at once instead of at the next sample.
     ``poll``: admission re-checks every 10 ms instead of 20 ms.
@@ -227,7 +227,7 @@ def _experimental_fixes() -> None:
     if "credit" in fixes:
         import struct
 
-        from rmq import reservation
+        from rmq.memory import reservation
         from rmq.core.ledger import _fit
         from rmq.core.runtime import current
         from rmq.core.selfmem import own_rss_bytes
@@ -274,7 +274,7 @@ def _experimental_fixes() -> None:
             traced(type(guard), "enter")
             traced(type(guard), "exit")
     if "poll" in fixes:
-        from rmq import reservation
+        from rmq.memory import reservation
 
         reservation._POLL_S = 0.01
 

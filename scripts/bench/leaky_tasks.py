@@ -105,7 +105,7 @@ if MODE == "rmq":
 
 
 def _frag_check(mode: str, runs: int, frag_mib: int) -> dict[str, object]:
-    from rmq.memtrim import malloc_trim
+    from rmq.memory.trim import malloc_trim
 
     gc.collect()
     malloc_trim()

@@ -117,7 +117,7 @@ def run_round(client: Any, rc: redis_lib.Redis, w: WorkerProcess, kind: str, n: 
 
 
 def rmq_governor(client: Any, w: WorkerProcess) -> dict[str, Any]:
-    """``inspect stats`` ``rmq.governor`` of ``w``."""
+    """``inspect stats`` ``rmq.memory.governor`` of ``w``."""
     replies = client.control.inspect(destination=[w.node_name], timeout=5).stats() or {}
     return replies.get(w.node_name, {}).get("rmq", {}).get("governor", {})
 

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from rmq import governed_task
-from rmq.hygiene import rss_bytes
+from rmq.memory.hygiene import rss_bytes
 from rmq.core.runtime import current
 from workers.app import make_app
 

@@ -15,7 +15,7 @@ import time
 import redis as redis_lib
 
 from rmq import governed_task, models
-from rmq.memtrim import collect_and_trim
+from rmq.memory.trim import collect_and_trim
 from rmq.models.synthetic import synthetic_loader
 from rmq.core.runtime import current
 from workers.app import make_app

@@ -21,7 +21,7 @@ from rmq.core import runtime
 from rmq.core.config import load_config
 from rmq.core.declarations import TaskDeclaration
 from rmq.guards import TaskContext
-from rmq.hygiene import HygieneGuard, request_recycle, rss_bytes
+from rmq.memory.hygiene import HygieneGuard, request_recycle, rss_bytes
 from rmq.core.runtime import Runtime
 
 pytestmark = pytest.mark.integration

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rmq.admission import Need, Verdict, judge, percentile
+from rmq.memory.admission import Need, Verdict, judge, percentile
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Entry, Reserved
 
 MiB = 1024**2

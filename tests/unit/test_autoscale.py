@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from rmq import autoscale
-from rmq.admission import Need
+from rmq.memory.admission import Need
 from rmq.autoscale import Decision, ProcessReading, Readings, ResourceAutoscaler, ScalePolicy
 from rmq.core.config import load_config
 from rmq.core.errors import ConfigError

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rmq.budget import Budget, detect_budget
+from rmq.memory.budget import Budget, detect_budget
 from rmq.core.config import load_config
-from rmq.probes import CgroupMemory, HostProbe
+from rmq.memory.probes import CgroupMemory, HostProbe
 
 MiB = 1024**2
 GiB = 1024**3

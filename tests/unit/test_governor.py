@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from rmq.budget import Budget
+from rmq.memory.budget import Budget
 from rmq.core.config import load_config
-from rmq.governor import Governor, KillRecord
+from rmq.memory.governor import Governor, KillRecord
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Entry, Ledger
-from rmq.meter import TreeReading
-from rmq.probes import CgroupMemory
+from rmq.memory.meter import TreeReading
+from rmq.memory.probes import CgroupMemory
 
 MiB = 1024**2
 BUDGET = 1000 * MiB
@@ -262,7 +262,7 @@ def test_a_kill_that_did_not_take_effect_is_followed_by_another_after_2s(world: 
 
 
 def test_above_kill_line_without_governed_tasks_logs_and_kills_nothing(world: World, caplog) -> None:
-    with caplog.at_level(logging.ERROR, logger="rmq.governor"):
+    with caplog.at_level(logging.ERROR, logger="rmq.memory.governor"):
         world.at(pct(0.99))
     assert world.actuator.kills() == []
     assert "no governed task to kill" in caplog.text
@@ -273,7 +273,7 @@ def test_release_dead_drops_reservations_of_dead_pids(world: World, caplog) -> N
     world.reserve(11, "alive", 100 * MiB)
     world.reserve(77, "ghost", 300 * MiB)
     world.dead.add(77)
-    with caplog.at_level(logging.WARNING, logger="rmq.governor"):
+    with caplog.at_level(logging.WARNING, logger="rmq.memory.governor"):
         world.at(pct(0.5))
     assert [e.task_id for e in world.ledger.entries()] == ["alive"]
     assert world.gov.counters["dead_released"] == 1
@@ -353,7 +353,7 @@ def test_a_failing_tick_does_not_stop_the_loop(world: World, caplog) -> None:
         raise OSError("reading failed")
 
     world.meter.sample = broken
-    with caplog.at_level(logging.ERROR, logger="rmq.governor"):
+    with caplog.at_level(logging.ERROR, logger="rmq.memory.governor"):
         world.gov.start()
         deadline = time.monotonic() + 5
         while len(calls) < 2:

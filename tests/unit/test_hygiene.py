@@ -16,7 +16,7 @@ from rmq.core import runtime
 from rmq.core.config import load_config
 from rmq.core.declarations import TaskDeclaration
 from rmq.guards import TaskContext
-from rmq.hygiene import HygieneGuard, LeakDetector, request_recycle, rss_bytes
+from rmq.memory.hygiene import HygieneGuard, LeakDetector, request_recycle, rss_bytes
 from rmq.core.runtime import Runtime
 
 MiB = 1 << 20
@@ -264,7 +264,7 @@ def test_models_held_by_the_cache_are_not_a_leak(rt: Runtime) -> None:
 
 
 def test_request_recycle_outside_a_pool_says_so(rt: Runtime, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="rmq.hygiene"):
+    with caplog.at_level(logging.WARNING, logger="rmq.memory.hygiene"):
         assert request_recycle("slope", detail="grew", suspect_task="app.leaky") is False
     assert "app.leaky" in caplog.text and "not a prefork pool process" in caplog.text
     assert rt.stats.counters["hygiene"] == {"recycle_unavailable": 1}

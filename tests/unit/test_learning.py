@@ -8,7 +8,7 @@ import fakeredis
 import pytest
 
 from rmq.core import keys
-from rmq.learning import PeakLearner
+from rmq.memory.learning import PeakLearner
 
 MiB = 1024**2
 
@@ -109,7 +109,7 @@ def test_own_flush_invalidates_the_cache(server) -> None:
 def test_unreachable_redis_learns_zero_and_warns(server, caplog) -> None:
     server.connected = False
     lrn = learner(server)
-    with caplog.at_level(logging.WARNING, logger="rmq.learning"):
+    with caplog.at_level(logging.WARNING, logger="rmq.memory.learning"):
         assert lrn.learned("media.transcribe") == 0
         lrn.observe("media.transcribe", 5)
         lrn.flush(force=True)  # must not raise
@@ -135,7 +135,7 @@ def test_a_client_factory_that_raises_never_escapes(caplog) -> None:
 
     lrn = PeakLearner(broken, clock=Clock())
     lrn.observe("t", 1)
-    with caplog.at_level(logging.WARNING, logger="rmq.learning"):
+    with caplog.at_level(logging.WARNING, logger="rmq.memory.learning"):
         lrn.flush(force=True)
         assert lrn.learned("t") == 0
     assert "no route to host" in caplog.text

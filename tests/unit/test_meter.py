@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from rmq.meter import ProcessTreeMeter, TreeReading
+from rmq.memory.meter import ProcessTreeMeter, TreeReading
 
 MiB = 1024**2
 

@@ -12,7 +12,8 @@ import weakref
 
 import pytest
 
-from rmq import memtrim, models
+from rmq import models
+from rmq.memory import trim as memtrim
 from rmq.core import runtime as rt_mod
 from rmq.core.errors import ConfigError, Defer, ModelLoadError, ModelNotRegistered
 from rmq.models import ModelCache, Registry, SyntheticModel, synthetic_loader

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rmq.pressure import Ladder, Step
+from rmq.memory.pressure import Ladder, Step
 
 BUDGET = 1000
 

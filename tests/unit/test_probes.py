@@ -7,7 +7,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rmq.probes import CgroupMemory, HostProbe
+from rmq.memory.probes import CgroupMemory, HostProbe
 
 MiB = 1024**2
 GiB = 1024**3

@@ -10,7 +10,7 @@ from rmq.core.config import load_config
 from rmq.core.declarations import parse_declaration
 from rmq.guards import TaskContext
 from rmq.core.ledger import Control, Ledger
-from rmq.reservation import AdmissionGuard
+from rmq.memory.reservation import AdmissionGuard
 from rmq.core.runtime import Runtime, set_current
 
 MiB = 1 << 20

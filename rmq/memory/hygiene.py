@@ -26,13 +26,13 @@ from rmq.core import runtime
 from rmq.core.config import RmqConfig
 from rmq.core.declarations import TaskDeclaration
 from rmq.guards import Guard, TaskContext
-from rmq.memtrim import collect_and_trim
+from rmq.memory.trim import collect_and_trim
 from rmq.core.selfmem import own_rss_bytes as rss_bytes
 from rmq.core.units import format_bytes
 
 __all__ = ["HygieneGuard", "LeakDetector", "request_recycle", "rss_bytes"]
 
-log = logging.getLogger("rmq.hygiene")
+log = logging.getLogger("rmq.memory.hygiene")
 
 
 class LeakDetector:

@@ -4,7 +4,7 @@ A task that does not fit first asks every pool process to unload models, then wa
 to ``rmq_admission_wait`` (re-checking as the governor's readings change), then is
 deferred. A task that could never fit on an idle worker fails at once with
 :class:`~rmq.core.errors.BudgetExceeded`. A task without ``memory=`` is admitted with its learned peak
-(:mod:`rmq.learning`), and only such tasks record their peaks (nothing reads the others'): the
+(:mod:`rmq.memory.learning`), and only such tasks record their peaks (nothing reads the others'): the
 kernel's high-water mark of the process since admission, so a spike between two governor
 readings counts too.
 """
@@ -17,7 +17,7 @@ import time
 
 from rmq import models
 from rmq.core import forks
-from rmq.admission import Need, Verdict, judge
+from rmq.memory.admission import Need, Verdict, judge
 from rmq.core.errors import BudgetExceeded, Defer
 from rmq.guards import Guard, TaskContext
 from rmq.core.ledger import KIND_TASK, Entry, Ledger

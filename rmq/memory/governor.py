@@ -19,15 +19,15 @@ from typing import Any, Protocol
 
 import psutil
 
-from rmq.budget import Budget
+from rmq.memory.budget import Budget
 from rmq.core.config import RmqConfig
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
-from rmq.meter import ProcessTreeMeter, TreeReading
-from rmq.pressure import Ladder
+from rmq.memory.meter import ProcessTreeMeter, TreeReading
+from rmq.memory.pressure import Ladder
 
 __all__ = ["Governor", "Actuator", "KillRecord"]
 
-log = logging.getLogger("rmq.governor")
+log = logging.getLogger("rmq.memory.governor")
 
 
 class Actuator(Protocol):

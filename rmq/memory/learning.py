@@ -15,11 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 from rmq.core import keys
-from rmq.admission import percentile
+from rmq.memory.admission import percentile
 
 __all__ = ["PeakLearner"]
 
-log = logging.getLogger("rmq.learning")
+log = logging.getLogger("rmq.memory.learning")
 
 
 class PeakLearner:

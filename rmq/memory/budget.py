@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rmq.core.config import RmqConfig
-from rmq.probes import CgroupMemory, HostProbe
+from rmq.memory.probes import CgroupMemory, HostProbe
 
 __all__ = ["Budget", "detect_budget"]
 
