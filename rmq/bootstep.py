@@ -45,7 +45,7 @@ def _cpu_slots(configured: int | None) -> tuple[int, str]:
     if configured:
         return configured, "configured"
     try:
-        from rmq.cpu import detect_cpu_slots
+        from rmq.cpu.limits import detect_cpu_slots
 
         return detect_cpu_slots()
     except ImportError:  # pragma: no cover - during development only

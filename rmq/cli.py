@@ -93,7 +93,7 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
                 parse_autoscale(value)
             except ConfigError as exc:
                 _fail(str(exc))
-    from rmq.cpu import detect_cpu_slots
+    from rmq.cpu.limits import detect_cpu_slots
 
     cfg = _config(app)
     slots = cfg.cpu_slots or detect_cpu_slots()[0]
@@ -108,7 +108,7 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from rmq.memory.budget import detect_budget
-    from rmq.cpu import detect_cpu_slots
+    from rmq.cpu.limits import detect_cpu_slots
     from rmq.core.runtime import redis_url_for_app
     from rmq.core.units import format_bytes
 

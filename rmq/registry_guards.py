@@ -12,7 +12,7 @@ __all__ = ["default_guards"]
 @lru_cache(maxsize=1)
 def _chain() -> tuple[Guard, ...]:
     from rmq import models
-    from rmq.cpu import ThreadCapGuard
+    from rmq.cpu.limits import ThreadCapGuard
     from rmq.memory.hygiene import HygieneGuard
     from rmq.ratelimit import ConcurrencyGuard, RateLimitGuard
     from rmq.memory.reservation import AdmissionGuard

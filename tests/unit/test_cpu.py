@@ -14,7 +14,7 @@ import pytest
 
 from rmq.core import runtime
 from rmq.core.config import load_config
-from rmq.cpu import THREAD_ENV_VARS, CpuProbe, ThreadCapGuard, ThreadCaps, detect_cpu_slots
+from rmq.cpu.limits import THREAD_ENV_VARS, CpuProbe, ThreadCapGuard, ThreadCaps, detect_cpu_slots
 from rmq.core.declarations import parse_declaration
 from rmq.guards import TaskContext
 from rmq.core.procstats import ProcessStats
