@@ -14,7 +14,7 @@ def _chain() -> tuple[Guard, ...]:
     from rmq import models
     from rmq.cpu.limits import ThreadCapGuard
     from rmq.memory.hygiene import HygieneGuard
-    from rmq.ratelimit import ConcurrencyGuard, RateLimitGuard
+    from rmq.network.ratelimit import ConcurrencyGuard, RateLimitGuard
     from rmq.memory.reservation import AdmissionGuard
     from rmq.sessions import SessionGuard
 

@@ -337,7 +337,7 @@ def governed_task(*args: Any, **options: Any) -> Any:
     rmq_opts = {k: options.pop(k) for k in list(options) if k in RMQ_OPTIONS}
     declaration = parse_declaration(**rmq_opts)
     if declaration.network:
-        from rmq.network_defaults import apply_network_defaults
+        from rmq.network.retries import apply_network_defaults
 
         apply_network_defaults(options)
     base = options.pop("base", GovernedTask)
