@@ -16,7 +16,7 @@ def _chain() -> tuple[Guard, ...]:
     from rmq.memory.hygiene import HygieneGuard
     from rmq.network.ratelimit import ConcurrencyGuard, RateLimitGuard
     from rmq.memory.reservation import AdmissionGuard
-    from rmq.sessions import SessionGuard
+    from rmq.disk.sessions import SessionGuard
 
     # Cluster-wide permits and tokens first: a task without one is deferred at once, before it
     # waits for memory while holding a pool process. Hygiene last, so it measures what the

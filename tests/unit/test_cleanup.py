@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import rmq.cleanup as cleanup_mod
-from rmq.cleanup import (
+import rmq.disk.cleanup as cleanup_mod
+from rmq.disk.cleanup import (
     cleanup_from_config,
     format_report,
     measure_tree,
@@ -26,14 +26,14 @@ from rmq.cleanup import (
 )
 from rmq.core.config import load_config
 from rmq.core.errors import ConfigError
-from rmq.sessions import SessionRoot, SessionStore, is_live, validate_session_id
+from rmq.disk.sessions import SessionRoot, SessionStore, is_live, validate_session_id
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 DAY = 86400.0
 NOW = 2_000_000_000.0  # injected clock, far after any real mtime we set
 HOLDER = """
 import sys
-from rmq.sessions import SessionStore
+from rmq.disk.sessions import SessionStore
 SessionStore(sys.argv[1]).open(sys.argv[2], "holder-task")
 print("ready", flush=True)
 sys.stdin.read()
@@ -186,7 +186,7 @@ def test_unwritable_and_unreadable_dirs_are_emptied():
         sess = make_session(base / "r", "p", {"ro/f": 5, "noread/g": 6, "noexec/h": 7})
         script = (
             "import os, sys\n"
-            "from rmq.cleanup import remove_tree\n"
+            "from rmq.disk.cleanup import remove_tree\n"
             "if os.geteuid() == 0:\n"
             "    os.setgid(65534); os.setuid(65534)\n"
             "print(tuple(remove_tree(sys.argv[1], 'session_p')))\n"

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from celery.worker.control import Panel
 
-import rmq.cleanup as cleanup_mod
+import rmq.disk.cleanup as cleanup_mod
 from rmq import beat, control
 from rmq.core.config import load_config
 from rmq.core.procstats import ProcessStats
