@@ -42,6 +42,6 @@ def cleanup_sessions(self: Any, timeout: float = 8.0, dry_run: bool = False) -> 
 @shared_task(name="rmq.monitor", bind=True, ignore_result=False)
 def monitor(self: Any, timeout: float = 5.0) -> dict[str, Any]:
     """Gather every worker's snapshot and the queue depths; store the cluster view."""
-    from rmq.cluster import collect_cluster_view
+    from rmq.monitoring.cluster import collect_cluster_view
 
     return collect_cluster_view(self.app, timeout=timeout)

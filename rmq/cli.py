@@ -162,7 +162,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from rmq.cluster import load_or_collect
+    from rmq.monitoring.cluster import load_or_collect
 
     app = _load_app(args.app)
     _config(app)
@@ -171,14 +171,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return load_or_collect(app, live=args.live or args.watch)
 
     if args.json:
-        from rmq.status import render_json
+        from rmq.monitoring.status import render_json
 
         print(render_json(view()))
         return 0
     from rich.console import Console
 
     console = Console()
-    from rmq.status import render_plain, render_table
+    from rmq.monitoring.status import render_plain, render_table
 
     if args.watch:
         import time

@@ -85,7 +85,7 @@ def _view(snapshot: dict[str, Any], states: Counter, depths: dict[str, int], pla
         return line
     from rich.table import Table
 
-    from rmq.status import memory_bar
+    from rmq.monitoring.status import memory_bar
 
     table = Table(title="rmq demo (synthetic workloads: real memory, no real models)", expand=True)
     table.add_column("what", style="bold")
@@ -181,7 +181,7 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
         result.runaway = runaway.id
         print(f"rmq demo: {sessions} sessions x 5 steps and 1 runaway task sent ({len(tracked)} tasks)")
 
-        from rmq.queues import redis_queue_depth
+        from rmq.monitoring.queues import redis_queue_depth
 
         client = app.connection_for_write().channel().client if broker.startswith("redis") else None
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import redis as redis_lib
 
-from rmq.queues import redis_queue_depth
+from rmq.monitoring.queues import redis_queue_depth
 from rmq.testing.cgroups import MemoryCgroup, can_create
 
 from .conftest import ROOT, worker_env

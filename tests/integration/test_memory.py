@@ -10,7 +10,7 @@ import time
 import redis as redis_lib
 
 from rmq.core import keys
-from rmq.queues import redis_queue_depth
+from rmq.monitoring.queues import redis_queue_depth
 from rmq.testing.worker import wait_until
 
 from .conftest import taskapp_env

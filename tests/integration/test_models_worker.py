@@ -77,7 +77,7 @@ class Bench:
 
     def diag(self) -> str:
         """The worker's and the governor's view, for failure messages."""
-        from rmq.queues import redis_queue_depth
+        from rmq.monitoring.queues import redis_queue_depth
 
         st = self.stats()
         insp = self.app.control.inspect(destination=[self.w.node_name], timeout=3)

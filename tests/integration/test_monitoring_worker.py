@@ -16,8 +16,8 @@ import redis as redis_lib
 from kombu import Exchange, Queue
 from prometheus_client.parser import text_string_to_metric_families
 
-from rmq.cluster import collect_cluster_view, load_or_collect, tracked_queues
-from rmq.monitoring import CpuProbe
+from rmq.monitoring.cluster import collect_cluster_view, load_or_collect, tracked_queues
+from rmq.monitoring.worker_monitor import CpuProbe
 from rmq.testing.worker import wait_until
 
 from .conftest import ROOT, TESTS_DIR, taskapp_env

@@ -14,7 +14,7 @@ import pytest
 from celery.events import Event
 
 from rmq import signals
-from rmq.alerts import (
+from rmq.monitoring.alerts import (
     Alert,
     AlertEngine,
     AlertRule,
@@ -127,7 +127,7 @@ def test_engine_dispatches_new_alerts_to_every_sink_and_counts_them(caplog):
         raise RuntimeError("sink down")
 
     engine = make_engine([broken, got.append])
-    caplog.set_level(logging.WARNING, logger="rmq.alerts")
+    caplog.set_level(logging.WARNING, logger="rmq.monitoring.alerts")
 
     first = engine.tick({"memory": 0.9, "cpu": 50, "disk": None})
     engine.tick({"memory": 0.95, "cpu": 95})  # memory stays high: only cpu is new
@@ -155,7 +155,7 @@ def test_default_sinks_log_signal_and_event(caplog):
     signals.alert.connect(receiver, weak=False)
     try:
         engine = make_engine(default_sinks(send_event=events.append))
-        caplog.set_level(logging.WARNING, logger="rmq.alerts")
+        caplog.set_level(logging.WARNING, logger="rmq.monitoring.alerts")
         engine.tick({"memory": 0.9})
     finally:
         signals.alert.disconnect(receiver)
@@ -168,7 +168,7 @@ def test_default_sinks_log_signal_and_event(caplog):
     # the fields fit Celery's event constructor, which the dispatcher calls with its own hostname
     event = Event("rmq-alert", hostname="w1@box", pid=1, clock=1, utcoffset=0, **events[0])
     assert event["type"] == "rmq-alert" and event["name"] == "memory"
-    warnings = [r for r in caplog.records if r.name == "rmq.alerts" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "rmq.monitoring.alerts" and r.levelno == logging.WARNING]
     assert (
         len(warnings) == 1 and "memory" in warnings[0].getMessage() and "w1@box" in warnings[0].getMessage()
     )
@@ -245,7 +245,7 @@ def test_webhook_retries_connection_errors_then_counts_a_failure(caplog):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
     sender = WebhookSender(f"http://127.0.0.1:{port}/hook", retries=2, backoff_s=0.01)
-    caplog.set_level(logging.WARNING, logger="rmq.alerts")
+    caplog.set_level(logging.WARNING, logger="rmq.monitoring.alerts")
     try:
         sender.send({"name": "memory"})
         assert sender.wait_idle(10)

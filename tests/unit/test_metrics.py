@@ -12,7 +12,7 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rmq.metrics import start_metrics_server, stop_metrics_server
+from rmq.monitoring.metrics import start_metrics_server, stop_metrics_server
 
 SNAPSHOT: dict[str, Any] = {
     "hostname": "w1@box",

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from rmq.status import memory_bar, render_json, render_plain, render_table
+from rmq.monitoring.status import memory_bar, render_json, render_plain, render_table
 
 NOW = 1_700_000_000.0
 GiB = 1 << 30

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rmq.core import keys
-from rmq.alerts import (
+from rmq.monitoring.alerts import (
     AlertEngine,
     WebhookSender,
     active_cluster_alerts,
@@ -29,14 +29,14 @@ from rmq.alerts import (
     default_sinks,
     event_sink,
 )
-from rmq.queues import redis_queue_depth
+from rmq.monitoring.queues import redis_queue_depth
 from rmq.core.routing import transport_kind
 from rmq.core.runtime import redis_url_for_app
 from rmq.task import config_for
 
 __all__ = ["collect_cluster_view", "load_or_collect", "load_view", "queue_depths", "tracked_queues"]
 
-log = logging.getLogger("rmq.cluster")
+log = logging.getLogger("rmq.monitoring.cluster")
 
 #: a stored view lives this many beat intervals (at least ``MIN_TTL_S``); after that ``rmq status``
 #: asks the workers itself, since the beat is evidently not running
@@ -168,7 +168,7 @@ def _configured_queues(app: Any) -> list[str]:
 
 def _raise(app: Any, alerts: list[Any], hostname: str) -> None:
     """Deliver cluster alerts to the log, the signal, the ``rmq-alert`` event and the webhook."""
-    from rmq.monitoring import EventSender
+    from rmq.monitoring.worker_monitor import EventSender
 
     config = config_for(app)
     webhook = WebhookSender(config.alert_webhook) if config.alert_webhook else None

@@ -22,7 +22,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 __all__ = ["SnapshotCollector", "start_metrics_server", "stop_metrics_server"]
 
-logger = logging.getLogger("rmq.metrics")
+logger = logging.getLogger("rmq.monitoring.metrics")
 
 PREFIX = "rmq"
 #: Counter paths whose keys are label values rather than name parts.

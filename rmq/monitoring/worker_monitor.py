@@ -3,7 +3,7 @@
 Wired by :func:`worker_hooks` (see :mod:`rmq.hooks`). In the worker's main process a daemon
 thread feeds cheap readings (memory ratio from the ledger's control block, host CPU from
 ``psutil.cpu_times`` deltas, disk usage of the session root) to an
-:class:`~rmq.alerts.AlertEngine` whose sinks are the log, :data:`rmq.signals.alert`, the Celery
+:class:`~rmq.monitoring.alerts.AlertEngine` whose sinks are the log, :data:`rmq.signals.alert`, the Celery
 event ``rmq-alert`` and the optional webhook. The thread does not depend on the governor's
 loop, so a slow tick there never delays an alert and an alert sink never delays a kill.
 """
@@ -20,12 +20,12 @@ from typing import Any
 
 import psutil
 
-from rmq.alerts import Alert, AlertEngine, WebhookSender, default_sinks, event_sink, rules_from_config
+from rmq.monitoring.alerts import Alert, AlertEngine, WebhookSender, default_sinks, event_sink, rules_from_config
 from rmq.core.runtime import Runtime
 
 __all__ = ["AlertLoop", "CpuProbe", "EventSender", "WorkerMonitor", "disk_ratio", "worker_hooks"]
 
-log = logging.getLogger("rmq.monitoring")
+log = logging.getLogger("rmq.monitoring.worker_monitor")
 
 #: seconds between two alert evaluations
 ALERT_INTERVAL_S = 1.0
@@ -223,7 +223,7 @@ class WorkerMonitor:
         if self.events is not None:
             self.events.close()
         if self._server is not None:
-            from rmq.metrics import stop_metrics_server
+            from rmq.monitoring.metrics import stop_metrics_server
 
             stop_metrics_server(self._server)
             self._server = None
@@ -232,7 +232,7 @@ class WorkerMonitor:
         self.rt.stats.incr("alerts")
 
     def _start_metrics(self, rt: Runtime) -> None:
-        from rmq.metrics import start_metrics_server
+        from rmq.monitoring.metrics import start_metrics_server
 
         addr = getattr(rt.config, "metrics_addr", None) or DEFAULT_METRICS_ADDR
         port = rt.config.metrics_port

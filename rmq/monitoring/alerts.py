@@ -42,7 +42,7 @@ __all__ = [
     "signal_sink",
 ]
 
-logger = logging.getLogger("rmq.alerts")
+logger = logging.getLogger("rmq.monitoring.alerts")
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ class AlertEngine:
 
 
 def log_sink(alert: Alert) -> None:
-    """Log the alert at WARNING on logger ``rmq.alerts``."""
+    """Log the alert at WARNING on logger ``rmq.monitoring.alerts``."""
     where = f"{alert.hostname}/{alert.subject}" if alert.subject else alert.hostname or "-"
     logger.warning("rmq alert %s on %s: %s", alert.name, where, alert.message)
 
