@@ -45,11 +45,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # Lazy: importing rmq must not import Celery's worker machinery.
     if name == "install":
-        from rmq.wiring import install
+        from rmq.celery.wiring import install
 
         return install
     if name in ("governed_task", "GovernedTask"):
-        from rmq import task
+        from rmq.celery import task
 
         return getattr(task, name)
     if name == "throttle":

@@ -20,7 +20,7 @@ __all__ = ["install_hooks", "CONCERNS"]
 log = logging.getLogger("rmq.hooks")
 
 #: modules whose ``worker_hooks`` run, in this order
-CONCERNS = ("rmq.models.hooks", "rmq.memory.hygiene", "rmq.network.http", "rmq.monitoring.worker_monitor", "rmq.autoscale")
+CONCERNS = ("rmq.models.hooks", "rmq.memory.hygiene", "rmq.network.http", "rmq.monitoring.worker_monitor", "rmq.celery.autoscale")
 
 
 def install_hooks(rt: Runtime, worker: Any) -> None:

@@ -5,7 +5,7 @@ only after the value falls below ``threshold - hysteresis``. A crossing within `
 the last raise stays pending and is raised when the cool-down ends if the value is still at or
 above the threshold, so a flapping reading never floods and a lasting one is never hidden.
 
-Nothing here imports Celery: the signal sink imports :mod:`rmq.signals` when it first runs, and
+Nothing here imports Celery: the signal sink imports :mod:`rmq.celery.signals` when it first runs, and
 the Celery event is sent by a callable the worker glue passes in. Clocks are injected.
 """
 
@@ -215,8 +215,8 @@ def log_sink(alert: Alert) -> None:
 
 
 def signal_sink(alert: Alert) -> None:
-    """Send :data:`rmq.signals.alert` with ``sender=hostname, alert=alert.as_dict()``."""
-    from rmq import signals  # the only Celery import, kept out of this module's import time
+    """Send :data:`rmq.celery.signals.alert` with ``sender=hostname, alert=alert.as_dict()``."""
+    from rmq.celery import signals  # the only Celery import, kept out of this module's import time
 
     signals.alert.send(sender=alert.hostname, alert=alert.as_dict())
 

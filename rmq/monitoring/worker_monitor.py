@@ -3,7 +3,7 @@
 Wired by :func:`worker_hooks` (see :mod:`rmq.hooks`). In the worker's main process a daemon
 thread feeds cheap readings (memory ratio from the ledger's control block, host CPU from
 ``psutil.cpu_times`` deltas, disk usage of the session root) to an
-:class:`~rmq.monitoring.alerts.AlertEngine` whose sinks are the log, :data:`rmq.signals.alert`, the Celery
+:class:`~rmq.monitoring.alerts.AlertEngine` whose sinks are the log, :data:`rmq.celery.signals.alert`, the Celery
 event ``rmq-alert`` and the optional webhook. The thread does not depend on the governor's
 loop, so a slow tick there never delays an alert and an alert sink never delays a kill.
 """
@@ -270,7 +270,7 @@ def worker_hooks(rt: Runtime, worker: Any) -> None:
     try:
         monitor = WorkerMonitor(rt, hostname)
     except ValueError as exc:  # a bad rmq_alert_webhook: refuse to start, like any bad setting
-        from rmq.bootstep import config_error_exit
+        from rmq.celery.bootstep import config_error_exit
         from rmq.core.errors import ConfigError
 
         config_error_exit(ConfigError(f"rmq_alert_webhook: {exc}"))

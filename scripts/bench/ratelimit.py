@@ -176,7 +176,7 @@ def _build_worker_app() -> Any:
     from rmq import governed_task
     from rmq.network.ratelimit import GRANTED_US
     from rmq.core.runtime import current
-    from rmq.task import rmq_headers
+    from rmq.celery.task import rmq_headers
     from workers.app import make_app
 
     app = make_app()

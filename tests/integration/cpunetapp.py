@@ -16,7 +16,7 @@ from typing import Any
 import redis as redis_lib
 
 from rmq import governed_task
-from rmq.task import rmq_headers
+from rmq.celery.task import rmq_headers
 from workers.app import make_app
 
 app = make_app()

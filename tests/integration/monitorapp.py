@@ -1,6 +1,6 @@
 """Test app for monitoring: governed tasks that count, drive memory, and a signal receiver.
 
-The receiver of :data:`rmq.signals.alert` runs in the worker's main process; it appends what it
+The receiver of :data:`rmq.celery.signals.alert` runs in the worker's main process; it appends what it
 got, one JSON line per call, to the file named by ``MONITOR_SIGNAL_FILE`` so that a test can see it.
 """
 
@@ -12,7 +12,7 @@ import time
 
 from rmq import governed_task
 from rmq.core.runtime import current
-from rmq.signals import alert
+from rmq.celery.signals import alert
 from workers.app import make_app
 
 app = make_app()

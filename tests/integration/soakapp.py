@@ -141,7 +141,7 @@ def _spin(seconds: float) -> None:
 if MODE == "rmq":
     from rmq import governed_task
     from rmq.core.errors import Defer
-    from rmq.task import rmq_headers
+    from rmq.celery.task import rmq_headers
     from workers.app import make_app
 
     app = make_app()

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from celery.events import Event
 
-from rmq import signals
+from rmq.celery import signals
 from rmq.monitoring.alerts import (
     Alert,
     AlertEngine,

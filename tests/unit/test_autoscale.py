@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from rmq import autoscale
+from rmq.celery import autoscale
 from rmq.memory.admission import Need
-from rmq.autoscale import Decision, ProcessReading, Readings, ResourceAutoscaler, ScalePolicy
+from rmq.celery.autoscale import Decision, ProcessReading, Readings, ResourceAutoscaler, ScalePolicy
 from rmq.core.config import load_config
 from rmq.core.errors import ConfigError
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger

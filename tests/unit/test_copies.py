@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rmq.task import GovernedTask
+from rmq.celery.task import GovernedTask
 
 
 def request(redelivered: bool = False, **headers) -> SimpleNamespace:

@@ -14,7 +14,7 @@ from celery.utils.serialization import strtobool
 from celery.worker.control import Panel
 
 import rmq
-from rmq import control
+from rmq.celery import control
 from rmq.testing.worker import WorkerProcess, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

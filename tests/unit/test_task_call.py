@@ -13,7 +13,7 @@ from rmq.core.config import load_config
 from rmq.core.declarations import parse_declaration
 from rmq.core.ledger import Control, Ledger
 from rmq.core.runtime import Runtime, set_current
-from rmq.task import GovernedTask
+from rmq.celery.task import GovernedTask
 
 MiB = 1 << 20
 

@@ -23,11 +23,11 @@ from rmq.core import keys
 from rmq.core.claims import claim_token
 from rmq.core.errors import MemoryBudgetExceeded, TaskProcessLost
 from rmq.core.runtime import current
-from rmq.task import rmq_headers
+from rmq.celery.task import rmq_headers
 
 __all__ = ["GovernedRequest"]
 
-log = logging.getLogger("rmq.request")
+log = logging.getLogger("rmq.celery.request")
 
 
 def _exc_info(exc: BaseException) -> ExceptionInfo:

@@ -2,7 +2,7 @@
 
 Example::
 
-    from rmq.signals import alert
+    from rmq.celery.signals import alert
 
     @alert.connect
     def page_someone(sender: str, alert: dict, **kwargs) -> None:

@@ -46,7 +46,7 @@ __all__ = [
     "worker_hooks",
 ]
 
-log = logging.getLogger("rmq.autoscale")
+log = logging.getLogger("rmq.celery.autoscale")
 
 #: how often the autoscaler looks (seconds); Celery's timer runs it at this period
 TICK_S = 0.5

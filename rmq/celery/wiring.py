@@ -7,7 +7,7 @@ from typing import Any
 from celery import signals
 
 from rmq.core.routing import to_wire_priority, transport_kind
-from rmq.task import GovernedTask, config_for
+from rmq.celery.task import GovernedTask, config_for
 
 __all__ = ["install", "router"]
 
@@ -54,7 +54,7 @@ def _configure(app: Any) -> None:
         backend_opts.setdefault("visibility_timeout", int(cfg.visibility_timeout))
         conf.result_backend_transport_options = backend_opts
     if conf.worker_autoscaler in (None, "celery.worker.autoscale:Autoscaler"):
-        conf.worker_autoscaler = "rmq.autoscale:ResourceAutoscaler"
+        conf.worker_autoscaler = "rmq.celery.autoscale:ResourceAutoscaler"
     schedule = dict(conf.beat_schedule or {})
     schedule.setdefault("rmq.cleanup_sessions", {"task": "rmq.cleanup_sessions", "schedule": cfg.cleanup_interval})
     schedule.setdefault("rmq.monitor", {"task": "rmq.monitor", "schedule": cfg.monitor_beat_interval})
@@ -66,7 +66,7 @@ def _connect_signals() -> None:
     if _signals_connected:
         return
     _signals_connected = True
-    from rmq.child import on_process_exit, on_process_start
+    from rmq.celery.child import on_process_exit, on_process_start
     from rmq.core.runtime import current
 
     @signals.worker_process_init.connect(weak=False)
@@ -92,11 +92,12 @@ def install(app: Any) -> Any:
     if getattr(app, "_rmq_installed", False):
         return app
     app._rmq_installed = True
-    from rmq.autoscale import check_command_line
+    from rmq.celery.autoscale import check_command_line
 
     check_command_line()  # a bad --autoscale on a `celery worker` command line: exit 2, one line
-    from rmq import beat, control  # noqa: F401  (registers the beat tasks and remote-control commands)
-    from rmq.bootstep import GovernorStep
+    from rmq.celery import beat
+    from rmq.celery import control  # noqa: F401  (registers the beat tasks and remote-control commands)
+    from rmq.celery.bootstep import GovernorStep
 
     app.steps["worker"].add(GovernorStep)
     _connect_signals()

@@ -9,7 +9,7 @@ from rmq.core.runtime import Runtime
 
 __all__ = ["ChildWatcher", "on_process_start", "on_process_exit"]
 
-log = logging.getLogger("rmq.child")
+log = logging.getLogger("rmq.celery.child")
 
 
 class ChildWatcher:

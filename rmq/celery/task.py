@@ -30,7 +30,7 @@ from rmq.core.units import parse_priority
 
 __all__ = ["governed_task", "GovernedTask", "config_for", "guard_chain", "rmq_headers"]
 
-log = logging.getLogger("rmq.task")
+log = logging.getLogger("rmq.celery.task")
 _DEFERRALS = "rmq_deferrals"
 _UNCOUNTED = frozenset({"rate_limit", "duplicate"})  # deferrals that hold nothing back
 _REQUEST_HEADERS = (_DEFERRALS, "rmq_kills")
@@ -81,7 +81,7 @@ class GovernedTask(Task):
     abstract = True
     #: the task's declaration (set by the decorator)
     rmq: TaskDeclaration = TaskDeclaration()
-    Request = "rmq.request:GovernedRequest"
+    Request = "rmq.celery.request:GovernedRequest"
     acks_late = True
     reject_on_worker_lost = True
     _rmq_local = threading.local()

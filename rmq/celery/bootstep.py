@@ -21,7 +21,7 @@ from rmq.hooks import install_hooks
 from rmq.core.ledger import Ledger
 from rmq.core.runtime import Runtime, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
 from rmq.monitoring.snapshot import SnapshotBuilder
-from rmq.task import config_for
+from rmq.celery.task import config_for
 
 __all__ = ["GovernorStep", "CeleryActuator", "config_error_exit"]
 

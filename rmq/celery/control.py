@@ -16,7 +16,7 @@ from celery.worker.control import control_command, inspect_command
 
 __all__ = ["CleanupRunner", "rmq_cleanup", "rmq_snapshot"]
 
-log = logging.getLogger("rmq.control")
+log = logging.getLogger("rmq.celery.control")
 
 #: longest the worker's event loop waits for a cleanup before replying "running"
 REPLY_WAIT_S = 5.0

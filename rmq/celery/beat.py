@@ -15,7 +15,7 @@ def cleanup_sessions(self: Any, timeout: float = 8.0, dry_run: bool = False) -> 
 
     Celery beat runs this on one worker; the broadcast reaches all of them. Replies are
     collected until none has come for ``timeout`` seconds (a worker replies within
-    ``rmq.control.REPLY_WAIT_S``, with ``status: "running"`` if its cleanup takes longer).
+    ``rmq.celery.control.REPLY_WAIT_S``, with ``status: "running"`` if its cleanup takes longer).
     A ping afterwards names the live workers that did not reply.
 
     Returns:
