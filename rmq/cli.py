@@ -200,7 +200,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rmq.demo import run_demo
+    import importlib
+
+    # the demo belongs to the reference application, not to the library: loaded by name at call time
+    run_demo = importlib.import_module("workers.demo").run_demo
 
     try:
         return run_demo(broker=args.broker, sessions=args.sessions, plain=args.plain, timeout=args.timeout)

@@ -15,7 +15,7 @@ from typing import Any
 
 import workers.app  # noqa: F401  (binds the shared tasks to the reference app)
 from rmq import governed_task, models
-from rmq.models.synthetic import synthetic_loader
+from rmq.testing.synthetic_models import synthetic_loader
 
 MiB = 1024 * 1024
 

@@ -27,7 +27,6 @@ from rmq.core import runtime as rt_mod
 from rmq.models.admission import NullReserver, Reserver
 from rmq.models.cache import ModelCache, rss_probe
 from rmq.models.registry import REGISTRY, ModelSpec, Registry
-from rmq.models.synthetic import SyntheticModel, synthetic_loader
 
 __all__ = [
     "REGISTRY",
@@ -36,7 +35,6 @@ __all__ = [
     "NullReserver",
     "Registry",
     "Reserver",
-    "SyntheticModel",
     "cache",
     "get",
     "held_bytes",
@@ -45,7 +43,6 @@ __all__ = [
     "rss_probe",
     "set_reserver_factory",
     "set_task_probe",
-    "synthetic_loader",
     "use",
 ]
 

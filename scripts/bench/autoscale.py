@@ -50,7 +50,7 @@ _warm: list[bytearray] = []  # per-process state a light task builds once (impor
 
 if MODEL_MIB:
     from rmq import models
-    from rmq.models import synthetic_loader
+    from rmq.testing.synthetic_models import synthetic_loader
 
     models.register("bench.as.vocab", loader=synthetic_loader("bench.as.vocab", f"{MODEL_MIB}MiB"))
 

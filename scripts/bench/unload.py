@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """SPEC P7: how much of an unloaded model's memory goes back to the OS, with and without malloc_trim.
 
-Each measurement runs ``python -m rmq.models.selfcheck`` in a fresh process: a synthetic model
+Each measurement runs ``scripts/bench/model_selfcheck.py`` in a fresh process: a synthetic model
 (80 % large buffers, 20 % small Python objects, real memory) is loaded through the model cache
 (size measured), leased for a toy inference that leaves some task data behind, then unloaded;
 twice, because a pool process reloads models over its life. Goal: >= 90 % returned.
@@ -19,11 +19,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 2**20
+SELFCHECK = os.path.join(ROOT, "scripts", "bench", "model_selfcheck.py")
 GOAL = 0.90
 
 
 def run(size: str, trim: bool, kind: str) -> dict:
-    args = [sys.executable, "-m", "rmq.models.selfcheck", "--size", size, "--kind", kind]
+    args = [sys.executable, SELFCHECK, "--size", size, "--kind", kind]
     if not trim:
         args.append("--no-trim")
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)

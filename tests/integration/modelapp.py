@@ -1,6 +1,6 @@
 """Test app for the model cache in a real worker: three 400 MiB synthetic models and tasks using them.
 
-Every model here is SYNTHETIC (``rmq.models.synthetic``): real, resident memory, no weights.
+Every model here is SYNTHETIC (``rmq.testing.synthetic_models``): real, resident memory, no weights.
 Tasks report the pool process they ran in and what its cache holds, so the test can follow
 which process holds which model. Tasks given a ``hold`` key publish their pid in Redis and wait
 for the test to release them: that is how the test keeps a pool process busy (Celery's fair
@@ -16,7 +16,7 @@ import redis as redis_lib
 
 from rmq import governed_task, models
 from rmq.memory.trim import collect_and_trim
-from rmq.models.synthetic import synthetic_loader
+from rmq.testing.synthetic_models import synthetic_loader
 from rmq.core.runtime import current
 from workers.app import make_app
 

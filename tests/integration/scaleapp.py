@@ -12,7 +12,7 @@ import time
 from celery.worker.autoscale import Autoscaler
 
 from rmq import governed_task, models
-from rmq.models import synthetic_loader
+from rmq.testing.synthetic_models import synthetic_loader
 from rmq.core.runtime import current
 from workers.app import make_app
 

@@ -12,15 +12,17 @@ import sys
 import pytest
 
 from rmq import models
+from rmq.testing.synthetic_models import SyntheticModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 2**20
+SELFCHECK = os.path.join(ROOT, "scripts", "bench", "model_selfcheck.py")
 
 
 def selfcheck(*args: str) -> dict:
-    """Run ``python -m rmq.models.selfcheck`` in a fresh process: clean RSS figures."""
+    """Run ``scripts/bench/model_selfcheck.py`` in a fresh process: clean RSS figures."""
     proc = subprocess.run(
-        [sys.executable, "-m", "rmq.models.selfcheck", *args],
+        [sys.executable, SELFCHECK, *args],
         check=False,
         cwd=ROOT,
         capture_output=True,
@@ -94,7 +96,7 @@ def _child_report(queue, parent_cache_id: int) -> None:
 def test_a_forked_pool_process_gets_its_own_empty_cache(unique):
     # Given a parent process whose cache holds a model
     name = f"fork-{unique}"
-    models.register(name, size="1MiB", loader=lambda: models.SyntheticModel(name, "1MiB"))
+    models.register(name, size="1MiB", loader=lambda: SyntheticModel(name, "1MiB"))
     parent_cache = models.cache()
     parent_cache.get(name)
     try:

@@ -2,7 +2,7 @@
 
 Run it in a fresh process so the figures are clean::
 
-    python -m rmq.models.selfcheck --size 200MiB [--no-trim] [--kind synthetic|torch|cuda]
+    python scripts/bench/model_selfcheck.py --size 200MiB [--no-trim] [--kind synthetic|torch|cuda]
 
 It prints one JSON object. Each cycle loads the model through a :class:`ModelCache` (size
 measured, not declared), leases it for a toy inference that leaves a little task data behind
@@ -22,7 +22,7 @@ from typing import Any
 from rmq.core.units import parse_size
 from rmq.models.cache import ModelCache, rss_probe
 from rmq.models.registry import Registry
-from rmq.models.synthetic import SyntheticModel
+from rmq.testing.synthetic_models import SyntheticModel
 
 __all__ = ["measure_unload"]
 
@@ -92,7 +92,7 @@ def measure_unload(
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: print the figures of :func:`measure_unload` as JSON."""
     parser = argparse.ArgumentParser(
-        prog="python -m rmq.models.selfcheck", description=__doc__.splitlines()[0]
+        prog="python scripts/bench/model_selfcheck.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--size", default="200MiB", help="model size (default 200MiB)")
     parser.add_argument("--no-trim", action="store_true", help="do not call malloc_trim(0) after unloading")
