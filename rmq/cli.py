@@ -8,16 +8,12 @@ import os
 import sys
 from typing import Any
 
-from rmq.core.errors import ConfigError
+from rmq.celery.autoscale import parse_autoscale
+from rmq.core.errors import ConfigError, exit_with_line
 
-__all__ = ["main", "profile_argv", "parse_autoscale"]
+__all__ = ["main", "profile_argv"]
 
 PROFILES = ("heavy", "light", "all")
-
-
-def _fail(message: str, status: int = 2) -> None:
-    sys.stderr.write(f"rmq: {message}\n")
-    raise SystemExit(status)
 
 
 def _load_app(name: str | None) -> Any:
@@ -29,26 +25,7 @@ def _load_app(name: str | None) -> Any:
     try:
         return find_app(name)
     except Exception as exc:  # an import error in the user's module
-        _fail(f"cannot load the Celery app {name!r}: {exc}")
-
-
-def parse_autoscale(value: str) -> tuple[int, int]:
-    """``"MAX,MIN"`` -> (max, min); raises ConfigError for negatives, MAX < MIN or junk."""
-    parts = value.split(",")
-    try:
-        numbers = [int(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"--autoscale must be MAX,MIN with whole numbers, got {value!r}") from None
-    if len(numbers) == 1:
-        numbers.append(0)
-    if len(numbers) != 2:
-        raise ConfigError(f"--autoscale must be MAX,MIN, got {value!r}")
-    high, low = numbers
-    if high < 1 or low < 0:
-        raise ConfigError(f"--autoscale needs MAX >= 1 and MIN >= 0, got {value!r}")
-    if high < low:
-        raise ConfigError(f"--autoscale MAX must not be below MIN, got {value!r}")
-    return high, low
+        exit_with_line(f"cannot load the Celery app {name!r}: {exc}")
 
 
 def _has_flag(args: list[str], *flags: str) -> bool:
@@ -79,7 +56,7 @@ def _config(app: Any) -> Any:
     try:
         return config_for(app)
     except ConfigError as exc:
-        _fail(f"configuration error: {exc}")
+        exit_with_line(f"configuration error: {exc}")
 
 
 def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
@@ -92,7 +69,7 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
             try:
                 parse_autoscale(value)
             except ConfigError as exc:
-                _fail(str(exc))
+                exit_with_line(str(exc))
     from rmq.cpu.limits import detect_cpu_slots
 
     cfg = _config(app)
@@ -155,7 +132,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     try:
         older = parse_duration(args.older_than, "--older-than") if args.older_than else None
     except ConfigError as exc:
-        _fail(str(exc))
+        exit_with_line(str(exc))
     report = cleanup_from_config(cfg, dry_run=args.dry_run, older_than_s=older)
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
     return 1 if report.errors else 0

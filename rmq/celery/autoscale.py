@@ -31,8 +31,9 @@ from typing import Any
 from celery.worker import state as worker_state
 from celery.worker.autoscale import AUTOSCALE_KEEPALIVE, Autoscaler
 
+from rmq.concern import Concern
 from rmq.memory.admission import Need
-from rmq.core.errors import ConfigError
+from rmq.core.errors import ConfigError, exit_with_line
 from rmq.core.units import format_bytes as fb
 
 __all__ = [
@@ -43,7 +44,8 @@ __all__ = [
     "ScalePolicy",
     "check_bounds",
     "check_command_line",
-    "worker_hooks",
+    "AutoscaleConcern",
+    "parse_autoscale",
 ]
 
 log = logging.getLogger("rmq.celery.autoscale")
@@ -199,29 +201,40 @@ def _raw_values(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
     return values
 
 
+def parse_autoscale(value: str) -> tuple[int, int]:
+    """``"MAX,MIN"`` -> (max, min); raises ConfigError for negatives, MAX < MIN or junk."""
+    parts = value.split(",")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--autoscale must be MAX,MIN with whole numbers, got {value!r}") from None
+    if len(numbers) == 1:
+        numbers.append(0)
+    if len(numbers) != 2:
+        raise ConfigError(f"--autoscale must be MAX,MIN, got {value!r}")
+    high, low = numbers
+    if high < 1 or low < 0:
+        raise ConfigError(f"--autoscale needs MAX >= 1 and MIN >= 0, got {value!r}")
+    if high < low:
+        raise ConfigError(f"--autoscale MAX must not be below MIN, got {value!r}")
+    return high, low
+
+
 def check_command_line(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> None:
     """For a ``celery ... worker`` command line, exit 2 with one line on a bad ``--autoscale``.
 
     Celery's own parsing sorts ``1,6`` into ``6,1`` and crashes with a traceback on ``a,b``;
     this reads the value as typed. Call it before Celery parses the worker's options
-    (``rmq.install``) or when the worker is built (:func:`worker_hooks`).
+    (``rmq.install``) or when the worker is built (:class:`AutoscaleConcern`).
     """
     argv = list(sys.argv if argv is None else argv)
     if "worker" not in argv[1:]:
         return
-    from rmq.cli import parse_autoscale
-
     for raw in _raw_values(argv, os.environ if environ is None else environ):
         try:
             parse_autoscale(raw)
         except ConfigError as exc:
-            _exit_bad_value(exc)
-
-
-def _exit_bad_value(exc: ConfigError) -> None:
-    sys.stderr.write(f"rmq: {exc}\n")
-    sys.stderr.flush()
-    os._exit(2)
+            exit_with_line(str(exc), now=True)
 
 
 # -- Celery glue -----------------------------------------------------------------------
@@ -242,7 +255,7 @@ class ResourceAutoscaler(Autoscaler):
         try:
             check_bounds(max_concurrency, min_concurrency)
         except ConfigError as exc:
-            _exit_bad_value(exc)
+            exit_with_line(str(exc), now=True)
         from rmq.core.runtime import current
 
         self.rt = current()
@@ -421,19 +434,23 @@ class ResourceAutoscaler(Autoscaler):
         return out
 
 
-def worker_hooks(rt: Any, worker: Any) -> None:
-    """Main process, before the pool forks: refuse bad ``--autoscale`` values (exit 2, one line)
-    and show the autoscaler's state in the snapshot under ``autoscaler``."""
-    if not getattr(worker, "autoscale", None):
-        return
-    check_command_line()
-    try:
-        check_bounds(worker.max_concurrency, worker.min_concurrency)
-    except ConfigError as exc:
-        _exit_bad_value(exc)
+class AutoscaleConcern(Concern):
+    """Refuses bad ``--autoscale`` values before the pool forks (exit 2, one line) and shows the
+    autoscaler's state in the snapshot under ``autoscaler``."""
 
-    def part() -> Any:
-        scaler = getattr(worker, "autoscaler", None)
-        return scaler.info() if scaler is not None else None
+    name = "autoscaler"
 
-    rt.snapshot_parts["autoscaler"] = part
+    def worker_boot(self, rt: Any, worker: Any) -> None:
+        if not getattr(worker, "autoscale", None):
+            return
+        check_command_line()
+        try:
+            check_bounds(worker.max_concurrency, worker.min_concurrency)
+        except ConfigError as exc:
+            exit_with_line(str(exc), now=True)
+
+        def part() -> Any:
+            scaler = getattr(worker, "autoscaler", None)
+            return scaler.info() if scaler is not None else None
+
+        rt.snapshot_parts["autoscaler"] = part

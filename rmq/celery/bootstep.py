@@ -6,8 +6,6 @@ import atexit
 import logging
 import os
 import shutil
-import socket
-import sys
 import tempfile
 import time
 from typing import Any
@@ -15,24 +13,17 @@ from typing import Any
 from celery import bootsteps
 
 from rmq.memory.budget import detect_budget
-from rmq.core.errors import ConfigError
+from rmq.core.errors import ConfigError, exit_config_error
 from rmq.memory.governor import Governor, kill_pid
-from rmq.hooks import install_hooks
+from rmq.celery.concerns import default_concerns
 from rmq.core.ledger import Ledger
 from rmq.core.runtime import Runtime, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
 from rmq.monitoring.snapshot import SnapshotBuilder
 from rmq.celery.task import config_for
 
-__all__ = ["GovernorStep", "CeleryActuator", "config_error_exit"]
+__all__ = ["GovernorStep", "CeleryActuator"]
 
 log = logging.getLogger("rmq.worker")
-
-
-def config_error_exit(exc: ConfigError) -> None:
-    """One line on stderr and exit status 2, no traceback (SPEC section 7)."""
-    sys.stderr.write(f"rmq: configuration error: {exc}\n")
-    sys.stderr.flush()
-    os._exit(2)
 
 
 def _runtime_dir(configured: str | None) -> str:
@@ -145,14 +136,15 @@ class GovernorStep(bootsteps.StartStopStep):
         try:
             self.config = config_for(worker.app)
         except ConfigError as exc:
-            config_error_exit(exc)
+            exit_config_error(exc)
         self.runtime_dir = _runtime_dir(self.config.runtime_dir)
         self.ledger = Ledger(self.runtime_dir, create=True)
         self.runtime = Runtime(
             self.config, worker.app, self.runtime_dir, self.ledger, redis_url_for_app(self.config, worker.app)
         )
         set_current(self.runtime)
-        install_hooks(self.runtime, worker)
+        for concern in default_concerns():
+            concern.worker_boot(self.runtime, worker)
         atexit.register(self._remove_runtime_dir)
         self.budget = detect_budget(self.config)
         self.cpu_slots, self.cpu_source = _cpu_slots(self.config.cpu_slots)
@@ -180,8 +172,8 @@ class GovernorStep(bootsteps.StartStopStep):
             self._timers.append(timer.call_repeatedly(0.1, actuator.reap_exited))
             touch_every = max(0.5, self.config.visibility_timeout / 5)
             self._timers.append(timer.call_repeatedly(touch_every, actuator.touch_unacked))
-        for hook in self.runtime.main_start_hooks:
-            hook(self.runtime)
+        for concern in default_concerns():
+            concern.worker_start(self.runtime)
         log.info(
             "rmq governor started: budget %d bytes (%s), admit line %d, %d CPU slots (%s), every %.0f ms",
             self.budget.budget_bytes, self.budget.source, self.governor.admit_line, self.cpu_slots,
@@ -198,11 +190,11 @@ class GovernorStep(bootsteps.StartStopStep):
         if self.governor is not None:
             self.governor.stop()
             self.governor = None
-            for hook in self.runtime.main_stop_hooks:
+            for concern in reversed(default_concerns()):
                 try:
-                    hook(self.runtime)
+                    concern.worker_stop(self.runtime)
                 except Exception:
-                    log.exception("rmq stop hook failed")
+                    log.exception("rmq %s failed to stop", concern.name)
 
     terminate = stop
 
@@ -216,7 +208,3 @@ class GovernorStep(bootsteps.StartStopStep):
             return {"rmq": {"starting": True}}
         return {"rmq": self.snapshots.build()}
 
-
-def hostname() -> str:
-    """This host's name (for snapshots outside a worker)."""
-    return socket.gethostname()

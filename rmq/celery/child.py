@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 
+from rmq.celery.concerns import default_concerns
 from rmq.core.runtime import Runtime
+from rmq.memory.learning import flush_learner
 
 __all__ = ["ChildWatcher", "on_process_start", "on_process_exit"]
 
@@ -40,7 +42,7 @@ class ChildWatcher:
                 self.check_pressure()
                 if ticks % self._flush_every == 0:
                     self.rt.claims.refresh_held()
-                    self.rt.learner.flush()
+                    flush_learner(self.rt)
                     self.rt.stats.flush()
             except Exception:
                 log.exception("rmq child watcher failed")
@@ -56,11 +58,11 @@ class ChildWatcher:
 
 def on_process_start(rt: Runtime) -> None:
     """Run in a new pool process (``worker_process_init``)."""
-    for hook in list(rt.process_start_hooks):
+    for concern in default_concerns():
         try:
-            hook(rt)
+            concern.process_start(rt)
         except Exception:
-            log.exception("rmq process start hook %r failed", hook)
+            log.exception("rmq %s failed to start in this process", concern.name)
     watcher = ChildWatcher(rt)
     rt.local("watcher", lambda: watcher)
     watcher.start()
@@ -68,13 +70,18 @@ def on_process_start(rt: Runtime) -> None:
 
 def on_process_exit(rt: Runtime) -> None:
     """Run when a pool process shuts down (``worker_process_shutdown``)."""
+    for concern in reversed(default_concerns()):
+        try:
+            concern.process_exit(rt)
+        except Exception:
+            log.exception("rmq %s failed to close in this process", concern.name)
     for hook in list(rt.process_exit_hooks):
         try:
             hook(rt)
         except Exception:
             log.exception("rmq process exit hook %r failed", hook)
     try:
-        rt.learner.flush(force=True)
+        flush_learner(rt, force=True)
     except Exception:
         pass
     rt.stats.flush(force=True)

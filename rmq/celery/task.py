@@ -1,6 +1,6 @@
-"""``@governed_task`` and the task base class that runs the guards. Celery glue, thin.
+"""``@governed_task`` and the task base class that runs the concerns. Celery glue, thin.
 
-The base class runs each concern's guard around the task body in the pool process,
+The base class runs each applicable concern around the task body in the pool process,
 turns :class:`~rmq.core.errors.Defer` into a deferral (re-queued with a countdown, same task id,
 ``max_retries`` untouched, at most ``rmq_max_deferrals`` times), and gives priorities the
 AMQP meaning on every broker.
@@ -23,12 +23,12 @@ from rmq.core.claims import claim_token
 from rmq.core.config import RmqConfig, load_config
 from rmq.core.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
 from rmq.core.errors import Defer, ResourceUnavailable
-from rmq.guards import Guard, TaskContext
+from rmq.concern import Concern, TaskContext, current_context, set_current_context
 from rmq.core.routing import from_wire_priority, to_wire_priority, transport_kind
 from rmq.core.runtime import current
 from rmq.core.units import parse_priority
 
-__all__ = ["governed_task", "GovernedTask", "config_for", "guard_chain", "rmq_headers"]
+__all__ = ["governed_task", "GovernedTask", "config_for", "rmq_headers"]
 
 log = logging.getLogger("rmq.celery.task")
 _DEFERRALS = "rmq_deferrals"
@@ -46,13 +46,6 @@ def config_for(app: Any) -> RmqConfig:
         cached = load_config(app.conf)
         app._rmq_config = cached
     return cached
-
-
-def guard_chain() -> list[Guard]:
-    """The guards every governed task passes, in order (the concern modules provide them)."""
-    from rmq.registry_guards import default_guards
-
-    return default_guards()
 
 
 def rmq_headers(source: Any) -> dict[str, Any]:
@@ -84,22 +77,22 @@ class GovernedTask(Task):
     Request = "rmq.celery.request:GovernedRequest"
     acks_late = True
     reject_on_worker_lost = True
-    _rmq_local = threading.local()
+    _rmq_local = threading.local()  # the run claim a finished copy still holds
     _rmq_argnames: tuple[str, ...] | None = None
 
     # running ----------------------------------------------------------------
     @property
     def session_dir(self) -> Path:
         """The session directory of the running task (``session=True`` tasks only)."""
-        ctx = getattr(self._rmq_local, "ctx", None)
+        ctx = current_context()
         if ctx is None or ctx.session_dir is None:
             raise AttributeError(f"{self.name} has no session directory (declare session=True)")
         return ctx.session_dir
 
     @property
     def rmq_context(self) -> TaskContext | None:
-        """The running task's :class:`~rmq.guards.TaskContext`, if governed."""
-        return getattr(self._rmq_local, "ctx", None)
+        """The running task's :class:`~rmq.concern.TaskContext`, if governed."""
+        return current_context()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rt = current()
@@ -138,7 +131,7 @@ class GovernedTask(Task):
         super().after_return(status, retval, task_id, args, kwargs, einfo)
 
     def _run_governed(self, rt: Any, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run the body inside every applicable guard (Defer from a guard or the body defers it)."""
+        """Run the body inside every applicable concern (Defer from a concern or the body defers it)."""
         if self._rmq_argnames is None:
             try:
                 params = inspect.signature(self.run).parameters
@@ -155,15 +148,15 @@ class GovernedTask(Task):
             runtime=rt,
         )
         ctx.state["argnames"] = self._rmq_argnames
-        entered: list[Guard] = []
-        self._rmq_local.ctx = ctx
+        entered: list[Concern] = []
+        set_current_context(ctx)
         try:
             try:
-                for guard in self._applicable_guards():
-                    guard.enter(ctx)
-                    entered.append(guard)
+                for concern in self._applicable_concerns():
+                    concern.enter(ctx)
+                    entered.append(concern)
             except Defer as defer:
-                self._exit_guards(entered, ctx, failed=True)
+                self._exit_concerns(entered, ctx, failed=True)
                 entered = []
                 return self._defer(defer)
             failed = True
@@ -172,16 +165,16 @@ class GovernedTask(Task):
                 failed = False
                 return result
             except Defer as defer:  # raised by the body, e.g. a model load that does not fit
-                self._exit_guards(entered, ctx, failed=True)
+                self._exit_concerns(entered, ctx, failed=True)
                 entered = []
                 return self._defer(defer)
             finally:
-                self._exit_guards(entered, ctx, failed)
+                self._exit_concerns(entered, ctx, failed)
                 entered = []
         finally:
             if entered:
-                self._exit_guards(entered, ctx, failed=True)
-            self._rmq_local.ctx = None
+                self._exit_concerns(entered, ctx, failed=True)
+            set_current_context(None)
             rt.stats.flush()
 
     def _runs_directly(self) -> bool:
@@ -199,12 +192,14 @@ class GovernedTask(Task):
             type(self)._rmq_direct = direct
         return direct
 
-    def _applicable_guards(self) -> tuple[Guard, ...]:
-        """The guards this task's declaration needs, in chain order (worked out once per task)."""
-        cached = type(self).__dict__.get("_rmq_guards")
+    def _applicable_concerns(self) -> tuple[Concern, ...]:
+        """The concerns this task's declaration needs, in order (worked out once per task)."""
+        cached = type(self).__dict__.get("_rmq_concerns")
         if cached is None or cached[0] is not self.rmq:
-            cached = (self.rmq, tuple(g for g in guard_chain() if g.applies(self.rmq)))
-            type(self)._rmq_guards = cached
+            from rmq.celery.concerns import default_concerns  # in the worker only: clients never run tasks
+
+            cached = (self.rmq, tuple(c for c in default_concerns() if c.applies(self.rmq)))
+            type(self)._rmq_concerns = cached
         return cached[1]
 
     @staticmethod
@@ -276,12 +271,12 @@ class GovernedTask(Task):
             return False
 
     @staticmethod
-    def _exit_guards(entered: list[Guard], ctx: TaskContext, failed: bool) -> None:
-        for guard in reversed(entered):
+    def _exit_concerns(entered: list[Concern], ctx: TaskContext, failed: bool) -> None:
+        for concern in reversed(entered):
             try:
-                guard.exit(ctx, failed)
+                concern.exit(ctx, failed)
             except Exception:
-                log.exception("rmq guard %s failed to release for %s[%s]", guard.name, ctx.task_name, ctx.task_id)
+                log.exception("rmq %s failed to release for %s[%s]", concern.name, ctx.task_name, ctx.task_id)
 
     def _defer(self, defer: Defer) -> Any:
         rt = current()

@@ -95,7 +95,7 @@ def install(app: Any) -> Any:
     from rmq.celery.autoscale import check_command_line
 
     check_command_line()  # a bad --autoscale on a `celery worker` command line: exit 2, one line
-    from rmq.celery import beat
+    from rmq.celery import beat  # noqa: F401
     from rmq.celery import control  # noqa: F401  (registers the beat tasks and remote-control commands)
     from rmq.celery.bootstep import GovernorStep
 

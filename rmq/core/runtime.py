@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rmq.core import forks
+from rmq.core.claims import RunClaims
 from rmq.core.config import RmqConfig
 from rmq.core.errors import RateLimiterUnavailable
 from rmq.core.procstats import ProcessStats
@@ -64,15 +65,11 @@ class Runtime:
         self.stats = ProcessStats(runtime_dir)
         self._local: dict[str, Any] = {}
         self._lock = threading.Lock()
-        #: called once in each pool process when it starts (worker_process_init)
-        self.process_start_hooks: list[Callable[[Runtime], None]] = []
-        #: called once in each pool process when it exits
+        #: called once in this pool process when it exits, besides the concerns' own hooks (for what
+        #: is made on the fly, such as HTTP clients)
         self.process_exit_hooks: list[Callable[[Runtime], None]] = []
         #: called with a byte count when this process should free model memory
         self.unload_hooks: list[Callable[[int], int]] = []
-        #: called in the worker's main process when the governor starts / the worker stops
-        self.main_start_hooks: list[Callable[[Runtime], None]] = []
-        self.main_stop_hooks: list[Callable[[Runtime], None]] = []
         #: extra snapshot sections: name -> callable returning a JSON-friendly value (main process)
         self.snapshot_parts: dict[str, Callable[[], Any]] = {}
         #: the Celery worker (WorkController), in the main process only
@@ -118,23 +115,11 @@ class Runtime:
         return self._redis
 
     @property
-    def learner(self) -> Any:
-        """This process's :class:`~rmq.memory.learning.PeakLearner`."""
-        return self.local("learner", self._new_learner)
-
-    @property
     def claims(self) -> Any:
         """This process's :class:`~rmq.core.claims.RunClaims` (run claims of overlapping task copies)."""
         return self.local("claims", self._new_claims)
 
-    def _new_learner(self) -> Any:
-        from rmq.memory.learning import PeakLearner
-
-        return PeakLearner(self.redis, window=self.config.learn_window, q=self.config.learn_percentile)
-
     def _new_claims(self) -> Any:
-        from rmq.core.claims import RunClaims
-
         return RunClaims(self.redis)
 
     def made(self, key: str) -> Any | None:

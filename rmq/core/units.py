@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from rmq.core.errors import ConfigError
+from rmq.core.formatting import format_bytes
 
 __all__ = [
     "Rate",
@@ -176,15 +177,3 @@ def parse_size_or_percent(value: object, what: str) -> tuple[str, float]:
         return ("bytes", float(parse_size(value, what)))
     except ConfigError:
         raise _bad(what, "a size like '6GiB' or a percentage like '90%'", value) from None
-
-
-def format_bytes(n: float | int | None) -> str:
-    """``1536 * 2**20`` -> ``'1.5GiB'``, for people."""
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.1f}TiB"  # pragma: no cover

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from rmq.core import runtime
-from rmq.guards import Guard, TaskContext
+from rmq.concern import Concern, TaskContext
 
 __all__ = ["THREAD_ENV_VARS", "CpuProbe", "ThreadCapGuard", "ThreadCaps", "default_threads", "detect_cpu_slots"]
 
@@ -268,7 +268,7 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-class ThreadCapGuard(Guard):
+class ThreadCapGuard(Concern):
     """Caps a task's native threads to its ``cpu=`` slots and records the CPU seconds it used.
 
     Counters: ``cpu.task_seconds`` (all tasks) and ``cpu.by_task.<task name>``.

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Self
 from rmq.core import runtime
 from rmq.core.declarations import CLEANUP_POLICIES
 from rmq.core.errors import ConfigError, RmqError
-from rmq.guards import Guard, TaskContext
+from rmq.concern import Concern, TaskContext
 
 if TYPE_CHECKING:  # pragma: no cover
     from rmq.disk.cleanup import Removed
@@ -463,7 +463,7 @@ def _count(outcome: str) -> None:
         rt.stats.incr("sessions", outcome)
 
 
-class SessionGuard(Guard):
+class SessionGuard(Concern):
     """Opens the task's session directory before it runs and applies its cleanup policy after.
 
     The id comes from the keyword argument named by ``declaration.session``, else from the

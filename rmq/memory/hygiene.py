@@ -4,7 +4,8 @@ After a governed task, a pool process that grew past its idle baseline by more t
 ``rmq_hygiene_margin`` runs ``gc.collect()`` and ``malloc_trim(0)`` and counts the bytes that
 came back. Its baseline after hygiene (cached models excluded) feeds a :class:`LeakDetector`;
 when the baseline keeps growing, or is about to pass ``rmq_leak_ceiling``, the process is
-recycled after its current task with :func:`request_recycle`.
+recycled after its current task by the recycler it is given (in a prefork worker
+:func:`rmq.celery.recycle.request_recycle`).
 
 Memory is read as RSS from ``/proc/self/statm`` (:mod:`rmq.core.selfmem`, about 2 us). USS costs
 about 1 ms (it walks ``smaps_rollup``) and only deltas matter here: pages a forked child shares
@@ -25,12 +26,12 @@ from typing import Any
 from rmq.core import runtime
 from rmq.core.config import RmqConfig
 from rmq.core.declarations import TaskDeclaration
-from rmq.guards import Guard, TaskContext
+from rmq.concern import Concern, TaskContext
 from rmq.memory.trim import collect_and_trim
 from rmq.core.selfmem import own_rss_bytes as rss_bytes
 from rmq.core.units import format_bytes
 
-__all__ = ["HygieneGuard", "LeakDetector", "request_recycle", "rss_bytes"]
+__all__ = ["HygieneGuard", "LeakDetector", "cannot_recycle", "rss_bytes"]
 
 log = logging.getLogger("rmq.memory.hygiene")
 
@@ -163,91 +164,11 @@ class LeakDetector:
         )
 
 
-_recycle_requested_pid = 0
-
-
-def _pool_worker() -> Any | None:
-    """The billiard ``Worker`` whose loop runs this process, or None (solo/threads pool, tests)."""
-    try:
-        from billiard.pool import Worker
-        from billiard.process import current_process
-    except ImportError:  # pragma: no cover - billiard comes with Celery
-        return None
-    worker = getattr(current_process(), "_target", None)
-    return worker if isinstance(worker, Worker) else None
-
-
-def _always() -> bool:
-    return True
-
-
-def request_recycle(reason: str, detail: str = "", suspect_task: str | None = None) -> bool:
-    """Make this pool process exit after the task it is running, never during it.
-
-    Mechanism: billiard's worker loop checks a "should shut down" callable at the top of each
-    iteration, after the previous job's result was put on the result queue and before it
-    reads the next job; when true it leaves the loop, waits until the parent consumed every
-    result it sent (``_ensure_messages_consumed``), exits with status 0, and the pool starts a
-    replacement. This is the path ``Pool.restart()`` (Celery's ``pool_restart``) uses. When the
-    pool created a restart sentinel for this process (``allow_restart``), it is set; otherwise
-    the loop's ``should_shutdown`` closure variable is pointed at a function returning True.
-    Nothing interrupts the running task: the flag is only read when the loop asks for work.
-
-    Counts ``hygiene.recycles.<reason>`` and ``hygiene.recycled_for.<suspect task>`` (counters
-    outlive the process: the snapshot folds those of exited processes into a retired total)
-    and logs a WARNING once per process.
-
-    Args:
-        reason: short counter key, e.g. ``"slope"`` or ``"ceiling"``.
-        detail: figures for the log line.
-        suspect_task: the task name most associated with the growth.
-
-    Returns:
-        True when the process will exit after this task; False outside a billiard pool process.
-    """
-    global _recycle_requested_pid
-    pid = os.getpid()
-    if _recycle_requested_pid == pid:
-        return True
-    worker = _pool_worker()
-    ok = False
-    if worker is not None:
-        sentinel = getattr(worker, "_shutdown", None)
-        receive = getattr(worker, "wait_for_job", None)
-        code = getattr(receive, "__code__", None)
-        closure = getattr(receive, "__closure__", None)
-        if sentinel is not None:
-            sentinel.set()
-            ok = True
-        elif code is not None and closure is not None and "should_shutdown" in code.co_freevars:
-            closure[code.co_freevars.index("should_shutdown")].cell_contents = _always
-            ok = True
-    rt = runtime.current()
-    suffix = f" ({detail})" if detail else ""
-    if not ok:
-        log.warning(
-            "rmq: process %d should be recycled (%s%s; suspect task %s) but is not a prefork pool process",
-            pid,
-            reason,
-            suffix,
-            suspect_task or "unknown",
-        )
-        if rt is not None:
-            rt.stats.incr("hygiene", "recycle_unavailable")
-        return False
-    _recycle_requested_pid = pid
-    log.warning(
-        "rmq: recycling pool process %d after its current task: %s%s; suspect task %s",
-        pid,
-        reason,
-        suffix,
-        suspect_task or "unknown",
-    )
-    if rt is not None:
-        rt.stats.incr("hygiene", "recycles", reason)
-        rt.stats.incr("hygiene", "recycled_for", suspect_task or "unknown")
-        rt.stats.flush(force=True)
-    return True
+def cannot_recycle(reason: str, detail: str = "", suspect_task: str | None = None) -> bool:
+    """The recycler of a process no pool can replace (a unit test, a script): says so, recycles nothing."""
+    log.warning("rmq: process %d should be recycled (%s; suspect task %s) but nothing can replace it",
+                os.getpid(), reason, suspect_task or "unknown")
+    return False
 
 
 @dataclass
@@ -276,7 +197,7 @@ class _ProcessState:
         }
 
 
-class HygieneGuard(Guard):
+class HygieneGuard(Concern):
     """Runs after each task with ``hygiene=True``: trims when the process grew, watches for leaks.
 
     Args:
@@ -293,7 +214,7 @@ class HygieneGuard(Guard):
         memory_probe: Callable[[], int] = rss_bytes,
         model_bytes: Callable[[], int] = lambda: 0,
         trim: Callable[[], object] = collect_and_trim,
-        recycle: Callable[..., bool] = request_recycle,
+        recycle: Callable[..., bool] = cannot_recycle,
     ) -> None:
         self.memory_probe = memory_probe
         self.model_bytes = model_bytes

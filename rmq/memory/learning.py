@@ -12,12 +12,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rmq.core import keys
 from rmq.memory.admission import percentile
 
-__all__ = ["PeakLearner"]
+if TYPE_CHECKING:  # pragma: no cover
+    from rmq.core.runtime import Runtime
+
+__all__ = ["PeakLearner", "flush_learner", "learner"]
 
 log = logging.getLogger("rmq.memory.learning")
 
@@ -84,3 +87,15 @@ class PeakLearner:
             value = hit[0] if hit else 0
         self._cache[task_name] = (value, now)
         return value
+
+
+def learner(rt: Runtime) -> PeakLearner:
+    """This process's learner of the worker ``rt`` (made on first use, again after a fork)."""
+    return rt.local("learner", lambda: PeakLearner(rt.redis, window=rt.config.learn_window, q=rt.config.learn_percentile))
+
+
+def flush_learner(rt: Runtime, force: bool = False) -> None:
+    """Push the peaks this process observed, if it made a learner at all."""
+    made = rt.made("learner")
+    if made is not None:
+        made.flush(force=force)

@@ -14,14 +14,15 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 
-from rmq import models
 from rmq.core import forks
 from rmq.memory.admission import Need, Verdict, judge
 from rmq.core.errors import BudgetExceeded, Defer
-from rmq.guards import Guard, TaskContext
+from rmq.concern import Concern, TaskContext
 from rmq.core.ledger import KIND_TASK, Entry, Ledger
 from rmq.core.runtime import current
+from rmq.memory.learning import learner
 from rmq.core.selfmem import peak_rss_bytes, reset_peak_rss
 
 __all__ = ["AdmissionGuard"]
@@ -56,10 +57,15 @@ def _wait_for_room(ledger: Ledger, entry: Entry, need: Need, wait_s: float, disk
     return verdict
 
 
-class AdmissionGuard(Guard):
+class AdmissionGuard(Concern):
     """Reserves the task's memory, CPU slots and disk in the worker's ledger."""
 
     name = "admission"
+
+    def __init__(self, model_bytes: Callable[[], int] = lambda: 0) -> None:
+        #: bytes of the models this process has loaded: they hold their own reservations, so a
+        #: learned peak leaves out the ones the task loaded
+        self.model_bytes = model_bytes
 
     def enter(self, ctx: TaskContext) -> None:
         rt = ctx.runtime or current()
@@ -69,7 +75,7 @@ class AdmissionGuard(Guard):
         memory = decl.memory_bytes
         learning = memory is None
         if memory is None:
-            memory = max(rt.config.default_task_memory, rt.learner.learned(ctx.task_name))
+            memory = max(rt.config.default_task_memory, learner(rt).learned(ctx.task_name))
         ctx.memory_bytes = memory
         need = Need(memory, decl.cpu_slots, decl.disk_bytes)
         disk_root = rt.config.session_root_path if decl.disk_bytes else None
@@ -85,7 +91,7 @@ class AdmissionGuard(Guard):
         if v.admitted:
             ctx.state["admission"] = entry
             if learning:  # the models it loads are not part of its peak; the kernel keeps the peak
-                ctx.state["models_loaded"] = models.loaded_bytes()
+                ctx.state["models_loaded"] = self.model_bytes()
                 ctx.state["peak_reset"] = reset_peak_rss()
             rt.stats.incr("admitted")
             return
@@ -108,5 +114,5 @@ class AdmissionGuard(Guard):
         kernel_peak = peak_rss_bytes() if ctx.state.pop("peak_reset", False) else None
         peak = max(ctx.rss_after_body() - entry.start_rss, (kernel_peak or 0) - entry.start_rss, peak_seen or 0, 0)
         # models the task loaded hold their own reservations: not part of the task's peak
-        peak = max(0, peak - (models.loaded_bytes() - ctx.state.pop("models_loaded", 0)))
-        rt.learner.observe(ctx.task_name, peak)
+        peak = max(0, peak - (self.model_bytes() - ctx.state.pop("models_loaded", 0)))
+        learner(rt).observe(ctx.task_name, peak)

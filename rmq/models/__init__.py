@@ -79,7 +79,7 @@ def register(
 def set_reserver_factory(factory: Callable[[], Reserver] | None) -> None:
     """Make every cache created from now on (one per process) reserve loads via ``factory()``.
 
-    The worker glue (``rmq.models.hooks``) sets this before the pool forks:
+    The worker glue (:class:`rmq.models.concern.ModelsConcern`) sets this before the pool forks:
     ``models.set_reserver_factory(lambda: LedgerModelReserver(rt))``.
     """
     global _reserver_factory

@@ -1,6 +1,6 @@
 """Worker-side monitoring: resource alerts every second and the opt-in Prometheus endpoint.
 
-Wired by :func:`worker_hooks` (see :mod:`rmq.hooks`). In the worker's main process a daemon
+Wired by :class:`MonitoringConcern`. In the worker's main process a daemon
 thread feeds cheap readings (memory ratio from the ledger's control block, host CPU from
 ``psutil.cpu_times`` deltas, disk usage of the session root) to an
 :class:`~rmq.monitoring.alerts.AlertEngine` whose sinks are the log, :data:`rmq.celery.signals.alert`, the Celery
@@ -21,9 +21,11 @@ from typing import Any
 import psutil
 
 from rmq.monitoring.alerts import Alert, AlertEngine, WebhookSender, default_sinks, event_sink, rules_from_config
+from rmq.concern import Concern
+from rmq.core.errors import ConfigError, exit_config_error
 from rmq.core.runtime import Runtime
 
-__all__ = ["AlertLoop", "CpuProbe", "EventSender", "WorkerMonitor", "disk_ratio", "worker_hooks"]
+__all__ = ["AlertLoop", "CpuProbe", "EventSender", "MonitoringConcern", "WorkerMonitor", "disk_ratio"]
 
 log = logging.getLogger("rmq.monitoring.worker_monitor")
 
@@ -264,18 +266,29 @@ class WorkerMonitor:
         return info
 
 
-def worker_hooks(rt: Runtime, worker: Any) -> None:
-    """Register alerts and metrics on the runtime (main process, before the pool forks)."""
-    hostname = str(getattr(worker, "hostname", "") or "")
-    try:
-        monitor = WorkerMonitor(rt, hostname)
-    except ValueError as exc:  # a bad rmq_alert_webhook: refuse to start, like any bad setting
-        from rmq.celery.bootstep import config_error_exit
-        from rmq.core.errors import ConfigError
+class MonitoringConcern(Concern):
+    """Alerts and metrics of one worker, in its main process."""
 
-        config_error_exit(ConfigError(f"rmq_alert_webhook: {exc}"))
-    rt.main_start_hooks.append(monitor.start)
-    rt.main_stop_hooks.append(monitor.stop)
-    rt.snapshot_parts["alerts"] = monitor.active
-    rt.snapshot_parts["alerting"] = monitor.info
-    rt.snapshot_parts["metrics"] = lambda: dict(monitor.metrics)
+    name = "monitoring"
+
+    def __init__(self) -> None:
+        self.monitor: WorkerMonitor | None = None
+
+    def worker_boot(self, rt: Runtime, worker: Any) -> None:
+        hostname = str(getattr(worker, "hostname", "") or "")
+        try:
+            monitor = WorkerMonitor(rt, hostname)
+        except ValueError as exc:  # a bad rmq_alert_webhook: refuse to start, like any bad setting
+            exit_config_error(ConfigError(f"rmq_alert_webhook: {exc}"))
+        self.monitor = monitor
+        rt.snapshot_parts["alerts"] = monitor.active
+        rt.snapshot_parts["alerting"] = monitor.info
+        rt.snapshot_parts["metrics"] = lambda: dict(monitor.metrics)
+
+    def worker_start(self, rt: Runtime) -> None:
+        if self.monitor is not None:
+            self.monitor.start(rt)
+
+    def worker_stop(self, rt: Runtime) -> None:
+        if self.monitor is not None:
+            self.monitor.stop(rt)

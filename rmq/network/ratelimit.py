@@ -33,7 +33,7 @@ import redis.exceptions as rexc
 from rmq.core import keys
 from rmq.core import runtime
 from rmq.core.errors import Defer, RateLimiterUnavailable
-from rmq.guards import Guard, TaskContext
+from rmq.concern import Concern, TaskContext
 from rmq.core.units import Rate, parse_rate
 
 __all__ = [
@@ -414,7 +414,7 @@ def throttle(
     yield
 
 
-class RateLimitGuard(Guard):
+class RateLimitGuard(Concern):
     """Takes a token of every declared rate limit before the task runs, or defers it.
 
     All limits are checked in one script before any token is recorded, so a task denied by
@@ -461,7 +461,7 @@ class RateLimitGuard(Guard):
                     countdown_s=decision.wait_s, kind="rate_limit")
 
 
-class ConcurrencyGuard(Guard):
+class ConcurrencyGuard(Concern):
     """Holds a permit of every declared concurrency limit while the task runs, or defers it.
 
     Permits are leases renewed by the process's :class:`LeaseKeeper`; a killed process stops

@@ -228,6 +228,7 @@ def _experimental_fixes() -> None:
         import struct
 
         from rmq.memory import reservation
+        from rmq.memory.learning import learner
         from rmq.core.ledger import _fit
         from rmq.core.runtime import current
         from rmq.core.selfmem import own_rss_bytes
@@ -252,11 +253,11 @@ def _experimental_fixes() -> None:
                         (published,) = struct.unpack_from("<q", ledger._map, worker_bytes_at)
                         struct.pack_into("<q", ledger._map, worker_bytes_at, max(0, published - freed))
             if not failed:
-                rt.learner.observe(ctx.task_name, peak)
+                learner(rt).observe(ctx.task_name, peak)
 
         reservation.AdmissionGuard.exit = exit_
     if "trace" in fixes:
-        from rmq import registry_guards
+        from rmq.celery.concerns import default_concerns
 
         def traced(cls: type, method: str) -> None:
             inner = getattr(cls, method)
@@ -270,7 +271,7 @@ def _experimental_fixes() -> None:
 
             setattr(cls, method, wrapper)
 
-        for guard in registry_guards.default_guards():
+        for guard in default_concerns():
             traced(type(guard), "enter")
             traced(type(guard), "exit")
     if "poll" in fixes:

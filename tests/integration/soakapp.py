@@ -236,13 +236,13 @@ elif MODE in ("bench-rmq", "bench-plain"):
             from celery import Task
 
             from rmq.core.declarations import parse_declaration
-            from rmq.guards import TaskContext
-            from rmq.registry_guards import default_guards
+            from rmq.concern import TaskContext
+            from rmq.celery.concerns import default_concerns
             from rmq.core.runtime import current
 
             rt = current()
             decl = parse_declaration(memory="16MiB")
-            guards = [g for g in default_guards() if g.applies(decl)]
+            guards = [g for g in default_concerns() if g.applies(decl)]
             def chain(prefix: str, chosen: list[Any]) -> float:
                 """Run ``chosen`` guards around ``n`` no-ops; CPU microseconds per task."""
                 t0 = time.thread_time()

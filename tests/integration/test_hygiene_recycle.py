@@ -20,15 +20,16 @@ from billiard.pool import Pool
 from rmq.core import runtime
 from rmq.core.config import load_config
 from rmq.core.declarations import TaskDeclaration
-from rmq.guards import TaskContext
-from rmq.memory.hygiene import HygieneGuard, request_recycle, rss_bytes
+from rmq.concern import TaskContext
+from rmq.celery.recycle import request_recycle
+from rmq.memory.hygiene import HygieneGuard, rss_bytes
 from rmq.core.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
 LEAK: list[bytearray] = []  # what the leaky task keeps, per pool process
-GUARD = HygieneGuard()
+GUARD = HygieneGuard(recycle=request_recycle)
 
 
 def _init(runtime_dir: str, conf: dict[str, Any]) -> None:

@@ -186,11 +186,11 @@ class Exited(Exception):
 def exits(monkeypatch):
     said: list[str] = []
 
-    def fake_exit(exc):
-        said.append(str(exc))
-        raise Exited(str(exc))
+    def fake_exit(message, status=2, now=False):
+        said.append(message)
+        raise Exited(message)
 
-    monkeypatch.setattr(autoscale, "_exit_bad_value", fake_exit)
+    monkeypatch.setattr(autoscale, "exit_with_line", fake_exit)
     return said
 
 
@@ -214,14 +214,14 @@ def test_command_line_checks_only_workers_and_accepts_good_values(exits):
     assert len(exits) == 1
 
 
-def test_worker_hooks_refuse_bad_bounds_and_add_the_snapshot_part(exits):
+def test_the_concern_refuses_bad_bounds_and_adds_the_snapshot_part(exits):
     rt = SimpleNamespace(snapshot_parts={})
-    autoscale.worker_hooks(rt, SimpleNamespace(autoscale=None))
+    autoscale.AutoscaleConcern().worker_boot(rt, SimpleNamespace(autoscale=None))
     assert rt.snapshot_parts == {}  # no --autoscale, no autoscaler
     with pytest.raises(Exited):
-        autoscale.worker_hooks(rt, SimpleNamespace(autoscale=[1, 6], max_concurrency=1, min_concurrency=6))
+        autoscale.AutoscaleConcern().worker_boot(rt, SimpleNamespace(autoscale=[1, 6], max_concurrency=1, min_concurrency=6))
     worker = SimpleNamespace(autoscale=(6, 1), max_concurrency=6, min_concurrency=1, autoscaler=None)
-    autoscale.worker_hooks(rt, worker)
+    autoscale.AutoscaleConcern().worker_boot(rt, worker)
     assert rt.snapshot_parts["autoscaler"]() is None
     worker.autoscaler = SimpleNamespace(info=lambda: {"current": 2})
     assert rt.snapshot_parts["autoscaler"]() == {"current": 2}

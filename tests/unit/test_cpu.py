@@ -16,7 +16,7 @@ from rmq.core import runtime
 from rmq.core.config import load_config
 from rmq.cpu.limits import THREAD_ENV_VARS, CpuProbe, ThreadCapGuard, ThreadCaps, detect_cpu_slots
 from rmq.core.declarations import parse_declaration
-from rmq.guards import TaskContext
+from rmq.concern import TaskContext
 from rmq.core.procstats import ProcessStats
 
 V2_MOUNT = "30 23 0:26 {root} /sys/fs/cgroup rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate\n"

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from rmq.core import runtime
 from rmq.core.config import load_config
 from rmq.core.declarations import TaskDeclaration
-from rmq.guards import TaskContext
-from rmq.memory.hygiene import HygieneGuard, LeakDetector, request_recycle, rss_bytes
+from rmq.concern import TaskContext
+from rmq.celery.recycle import request_recycle
+from rmq.memory.hygiene import HygieneGuard, LeakDetector, rss_bytes
 from rmq.core.runtime import Runtime
 
 MiB = 1 << 20
@@ -272,7 +273,7 @@ def test_request_recycle_outside_a_pool_says_so(rt: Runtime, caplog: pytest.LogC
 
 def test_guard_keeps_serving_when_recycling_is_unavailable(rt: Runtime) -> None:
     mem = FakeMemory()
-    guard = HygieneGuard(memory_probe=mem.read, trim=mem.trim)  # the real request_recycle
+    guard = HygieneGuard(memory_probe=mem.read, trim=mem.trim, recycle=request_recycle)
 
     def leak() -> None:
         mem.live += 30 * MiB

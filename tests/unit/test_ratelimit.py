@@ -21,7 +21,7 @@ from rmq.core import runtime
 from rmq.core.config import load_config
 from rmq.core.declarations import parse_declaration
 from rmq.core.errors import ConfigError, Defer, RateLimiterUnavailable
-from rmq.guards import TaskContext
+from rmq.concern import TaskContext
 from rmq.core.procstats import ProcessStats
 from rmq.network.ratelimit import (
     ClusterLimiter,

@@ -8,7 +8,7 @@ import pytest
 
 from rmq.core.config import load_config
 from rmq.core.declarations import parse_declaration
-from rmq.guards import TaskContext
+from rmq.concern import TaskContext
 from rmq.core.ledger import Control, Ledger
 from rmq.memory.reservation import AdmissionGuard
 from rmq.core.runtime import Runtime, set_current
@@ -53,18 +53,18 @@ def run(rt: Runtime, name: str, failed: bool = False, **declared) -> TaskContext
 def test_an_undeclared_task_is_admitted_with_the_default_and_records_its_peak(rt) -> None:
     ctx = run(rt, "app.undeclared")
     assert ctx.memory_bytes == rt.config.default_task_memory
-    assert rt.learner.observed == [("app.undeclared", 5 * MiB)]
+    assert rt.made("learner").observed == [("app.undeclared", 5 * MiB)]
 
 
 def test_a_declared_task_records_no_peak(rt) -> None:
     ctx = run(rt, "app.declared", memory="64MiB")
     assert ctx.memory_bytes == 64 * MiB
-    assert rt.learner.observed == []
+    assert rt.made("learner").observed == []
 
 
 def test_a_failed_run_records_no_peak(rt) -> None:
     run(rt, "app.undeclared", failed=True)
-    assert rt.learner.observed == []
+    assert rt.made("learner").observed == []
 
 
 def test_a_peak_between_two_governor_readings_is_still_learned(rt) -> None:
@@ -78,6 +78,6 @@ def test_a_peak_between_two_governor_readings_is_still_learned(rt) -> None:
     # When it ends
     guard.exit(ctx, failed=False)
     # Then the learner gets the spike, from the kernel's high-water mark since admission
-    [(name, peak)] = rt.learner.observed
+    [(name, peak)] = rt.made("learner").observed
     assert name == "app.spike" and peak >= 60 * MiB, peak / MiB
     assert ctx.rss_after is not None and ctx.rss_after - ctx.rss_before < 32 * MiB  # the RSS alone missed it

@@ -16,7 +16,7 @@ from rmq.core import runtime
 from rmq.core.config import load_config
 from rmq.core.declarations import parse_declaration
 from rmq.core.errors import ConfigError
-from rmq.guards import TaskContext
+from rmq.concern import TaskContext
 from rmq.core.procstats import ProcessStats
 from rmq.disk.sessions import SessionError, SessionGuard, SessionRoot, SessionStore, is_live, validate_session_id
 

@@ -1,21 +1,24 @@
-"""Wires the model cache into a worker: ledger-admitted loads, unloading under pressure."""
+"""The model cache as a worker concern: ledger-admitted loads, unloading under pressure."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from rmq.concern import Concern, current_context
+from rmq.core import procstats
+from rmq.core.ledger import KIND_MODEL
 from rmq.core.runtime import Runtime
+from rmq.models import REGISTRY, cache, set_reserver_factory, set_task_probe
+from rmq.models.relief import plan_relief, resident_models
+from rmq.models.reserver import LedgerModelReserver
 
-__all__ = ["in_governed_task", "pressure_bytes", "relieve_worker", "worker_hooks"]
+__all__ = ["ModelsConcern", "in_governed_task", "pressure_bytes", "relieve_worker"]
 
 
 def in_governed_task() -> bool:
-    """True in a thread that runs a governed task body (its guards entered, not yet exited)."""
-    from celery import current_task
-
-    task = current_task._get_current_object() if current_task else None
-    return getattr(task, "rmq_context", None) is not None
+    """True in a thread that runs a governed task body (its concerns entered, not yet exited)."""
+    return current_context() is not None
 
 
 def pressure_bytes(rt: Runtime, signalled_bytes: int) -> int:
@@ -39,11 +42,6 @@ def relieve_worker(rt: Runtime, bytes_wanted: int) -> int:
     signal's generation: a process that plans later for the same signal, when these models have
     already left the ledger, counts them as freed instead of taking more.
     """
-    from rmq.core import procstats
-    from rmq.core.ledger import KIND_MODEL
-    from rmq.models import REGISTRY, cache
-    from rmq.models.relief import plan_relief, resident_models
-
     pid = os.getpid()
     generation = rt.ledger.read_control().unload_generation
     models = cache()
@@ -71,16 +69,17 @@ def relieve_worker(rt: Runtime, bytes_wanted: int) -> int:
     return sum(r.size_bytes for r in mine if models.evict(r.name, "pressure"))
 
 
-def worker_hooks(rt: Runtime, worker: Any) -> None:
-    """Main process, before the fork: every pool process's cache reserves loads in the ledger,
-    unloads its share when the governor (or a waiting load) asks, and closes on exit."""
-    from rmq.models import cache, set_reserver_factory, set_task_probe
-    from rmq.models.reserver import LedgerModelReserver
+class ModelsConcern(Concern):
+    """Every pool process's cache reserves its loads in the worker's ledger, unloads its share when
+    the governor (or a waiting load) asks, and closes on exit."""
 
-    set_reserver_factory(lambda: LedgerModelReserver(rt))
-    set_task_probe(in_governed_task)
+    name = "models"
 
-    def start(rt: Runtime) -> None:
+    def worker_boot(self, rt: Runtime, worker: Any) -> None:
+        set_reserver_factory(lambda: LedgerModelReserver(rt))
+        set_task_probe(in_governed_task)
+
+    def process_start(self, rt: Runtime) -> None:
         def relieve(bytes_wanted: int) -> int:
             freed = relieve_worker(rt, pressure_bytes(rt, bytes_wanted))
             rt.stats.flush(force=True)  # an idle process has no task end to flush at
@@ -88,8 +87,5 @@ def worker_hooks(rt: Runtime, worker: Any) -> None:
 
         rt.unload_hooks.append(relieve)
 
-    def close(rt: Runtime) -> None:
+    def process_exit(self, rt: Runtime) -> None:
         cache().close()
-
-    rt.process_start_hooks.append(start)
-    rt.process_exit_hooks.append(close)
