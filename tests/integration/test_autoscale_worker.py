@@ -22,6 +22,8 @@ import scaleapp  # noqa: E402,F401  (registers the scale.* tasks)
 
 from workers.app import make_app  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 MiB = 1024 * 1024
 
 

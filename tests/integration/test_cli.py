@@ -7,9 +7,13 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from rmq.testing.worker import wait_until
 
 from .conftest import ROOT, worker_env
+
+pytestmark = pytest.mark.integration
 
 RMQ = [sys.executable, "-m", "rmq.cli"]
 

@@ -22,6 +22,8 @@ from rmq.core.units import parse_rate
 
 from .conftest import TESTS_DIR, taskapp_env
 
+pytestmark = pytest.mark.integration
+
 APP = "cpunetapp"
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from .conftest import ROOT
 
+pytestmark = pytest.mark.integration
+
 
 def _leftovers() -> list[str]:
     found = []

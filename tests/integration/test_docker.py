@@ -11,6 +11,8 @@ import yaml
 
 from .conftest import ROOT
 
+pytestmark = pytest.mark.integration
+
 COMPOSE = os.path.join(ROOT, "docker", "compose.yml")
 
 

@@ -15,6 +15,8 @@ from rmq.testing.cgroups import MemoryCgroup, can_create
 
 from .conftest import ROOT, worker_env
 
+pytestmark = pytest.mark.integration
+
 
 def test_governed_tasks_run_and_heavy_tasks_wait_for_a_heavy_worker(redis_url, redis_app, start_worker):
     # Given a worker that consumes only the default queue

@@ -19,6 +19,8 @@ import rmq.network.http as rhttp
 from rmq.core.errors import Defer
 from workers.fake_api import start_in_thread
 
+pytestmark = pytest.mark.integration
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rmq.testing.worker import wait_until
 from workers.fake_api import start_in_thread
 
 from .conftest import taskapp_env
+
+pytestmark = pytest.mark.integration
 
 
 def test_two_workers_share_one_rate_reuse_connections_and_count_bytes(redis_url, start_worker):

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import pytest
 import redis as redis_lib
 
 from rmq.core import keys
@@ -14,6 +15,8 @@ from rmq.monitoring.queues import redis_queue_depth
 from rmq.testing.worker import wait_until
 
 from .conftest import taskapp_env
+
+pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
 

@@ -14,6 +14,8 @@ import pytest
 from rmq import models
 from rmq.testing.synthetic_models import SyntheticModel
 
+pytestmark = pytest.mark.integration
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 2**20
 SELFCHECK = os.path.join(ROOT, "scripts", "bench", "model_selfcheck.py")

@@ -29,6 +29,8 @@ from rmq.testing.worker import WorkerProcess, wait_until
 
 from .conftest import TESTS_DIR, taskapp_env
 
+pytestmark = pytest.mark.integration
+
 MiB = 1024 * 1024
 MODEL = 400 * MiB
 BUDGET = "1.3GiB"

@@ -12,6 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+import pytest
 import redis as redis_lib
 from kombu import Exchange, Queue
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +22,8 @@ from rmq.monitoring.worker_monitor import CpuProbe
 from rmq.testing.worker import wait_until
 
 from .conftest import ROOT, TESTS_DIR, taskapp_env
+
+pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
 BUDGET = "600MiB"

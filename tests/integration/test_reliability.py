@@ -32,6 +32,8 @@ if SCRIPTS not in sys.path:
 
 import soak  # noqa: E402  (scripts/soak.py)
 
+pytestmark = pytest.mark.integration
+
 
 def soak_env(broker: str, backend: str | None = None, queue: str | None = None, **rmq: object) -> dict[str, str]:
     """Environment of a governed ``-A soakapp`` worker."""

@@ -17,6 +17,8 @@ from rmq.testing.worker import wait_until
 
 from .conftest import ROOT, TESTS_DIR, taskapp_env, worker_env
 
+pytestmark = pytest.mark.integration
+
 HOUR = 3600.0
 # The disk-pressure policy is unit-tested with injected readings; here it stays out of the way
 # unless a test turns it on, so the results do not depend on how full this machine's disk is.

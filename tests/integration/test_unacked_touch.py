@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from .conftest import taskapp_env
+
+pytestmark = pytest.mark.integration
 
 
 def test_quick_tasks_beside_a_long_one_all_arrive_while_unacked_messages_are_refreshed(

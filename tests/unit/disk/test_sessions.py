@@ -20,7 +20,7 @@ from rmq.concern import TaskContext
 from rmq.core.procstats import ProcessStats
 from rmq.disk.sessions import SessionError, SessionGuard, SessionRoot, SessionStore, is_live, validate_session_id
 
-ROOT_DIR = Path(__file__).resolve().parents[2]
+ROOT_DIR = Path(__file__).resolve().parents[3]
 BAD_IDS = ["../etc", "", "a" * 200, "a/b", "/etc", "a\0b", "a b", "é", "a\n", "a" * 129, ".", "..", "a.b"]
 BAD_VALUES = [None, 42, b"abc", ["a"]]
 

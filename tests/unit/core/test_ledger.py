@@ -20,7 +20,7 @@ import pytest
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger, LedgerFull, Reserved
 
 MiB = 1024**2
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ def test_read_all_collects_every_process(tmp_path: Path) -> None:
         "import sys; from rmq.core.procstats import ProcessStats; "
         "s = ProcessStats(sys.argv[1]); s.incr('models', 'hits', n=4); s.set_gauge('g', 1); s.flush()"
     )
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[3])
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60,
                    env=dict(os.environ, PYTHONPATH=root))
     (tmp_path / "proc-999.json.tmp").write_text("{half")  # a write in progress

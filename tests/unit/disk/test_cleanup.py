@@ -28,7 +28,7 @@ from rmq.core.config import load_config
 from rmq.core.errors import ConfigError
 from rmq.disk.sessions import SessionRoot, SessionStore, is_live, validate_session_id
 
-ROOT_DIR = Path(__file__).resolve().parents[2]
+ROOT_DIR = Path(__file__).resolve().parents[3]
 DAY = 86400.0
 NOW = 2_000_000_000.0  # injected clock, far after any real mtime we set
 HOLDER = """

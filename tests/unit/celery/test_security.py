@@ -17,7 +17,7 @@ import rmq
 from rmq.celery import control
 from rmq.testing.worker import WorkerProcess, wait_until
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 PATHLIKE = ("path", "root", "dir", "file", "directory", "folder", "dest", "target", "where")
 
 

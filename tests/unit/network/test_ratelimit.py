@@ -269,10 +269,31 @@ def test_rate_limit_guard_fails_closed_and_logs_why(dead_client, install_runtime
                for r in caplog.records)
 
 
-def test_guards_do_nothing_outside_a_worker(dead_client):
-    rt = FakeRuntime(dead_client)
-    RateLimitGuard().enter(_ctx(rt, rate_limits={"x": "1/s"}))
-    ConcurrencyGuard().enter(_ctx(rt, concurrency={"x": 1}))
+def test_guards_do_nothing_outside_a_worker(dead_client, monkeypatch):
+    # Given no current runtime (outside a governed worker) and contexts that carry none either
+    monkeypatch.setattr(runtime, "_current", None)
+    calls: list[str] = []
+
+    def never(name: str) -> Any:
+        def called(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)  # recorded too, in case a guard swallows the error
+            raise AssertionError(f"{name} called outside a worker")
+        return called
+
+    monkeypatch.setattr(ClusterLimiter, "decide", never("ClusterLimiter.decide"))
+    monkeypatch.setattr(ClusterSemaphore, "acquire_all", never("ClusterSemaphore.acquire_all"))
+    monkeypatch.setattr(ClusterSemaphore, "release", never("ClusterSemaphore.release"))
+    rt = FakeRuntime(dead_client)  # only for its config
+    rated, bounded = _ctx(rt, rate_limits={"x": "1/s"}), _ctx(rt, concurrency={"x": 1})
+    assert rated.runtime is None and bounded.runtime is None
+    # When the guards run around a task
+    RateLimitGuard().enter(rated)
+    ConcurrencyGuard().enter(bounded)
+    ConcurrencyGuard().exit(bounded, failed=False)
+    # Then no limit was consulted, no token granted and no permit held (and nothing raised)
+    assert calls == []
+    assert rated.state == {} and bounded.state == {}
+    assert rt._local == {} and rt.stats.counters == {}
 
 
 # --- ClusterSemaphore, LeaseKeeper, ConcurrencyGuard -------------------------------------------
