@@ -51,7 +51,7 @@ def profile_argv(profile: str, app: Any, extra: list[str], cpu_slots: int) -> li
 
 
 def _config(app: Any) -> Any:
-    from rmq.celery.task import config_for
+    from rmq.core.runtime import config_for
 
     try:
         return config_for(app)

@@ -19,7 +19,7 @@ from rmq.celery.concerns import default_concerns
 from rmq.core.ledger import Ledger
 from rmq.core.runtime import Runtime, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
 from rmq.monitoring.snapshot import SnapshotBuilder
-from rmq.celery.task import config_for
+from rmq.core.runtime import config_for
 
 __all__ = ["GovernorStep", "CeleryActuator"]
 

@@ -20,12 +20,11 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from rmq.core import forks
 from rmq.core.claims import claim_token
-from rmq.core.config import RmqConfig, load_config
 from rmq.core.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
 from rmq.core.errors import Defer, ResourceUnavailable
 from rmq.concern import Concern, TaskContext, current_context, set_current_context
 from rmq.core.routing import from_wire_priority, to_wire_priority, transport_kind
-from rmq.core.runtime import current
+from rmq.core.runtime import config_for, current
 from rmq.core.units import parse_priority
 
 __all__ = ["governed_task", "GovernedTask", "config_for", "rmq_headers"]
@@ -34,18 +33,6 @@ log = logging.getLogger("rmq.celery.task")
 _DEFERRALS = "rmq_deferrals"
 _UNCOUNTED = frozenset({"rate_limit", "duplicate"})  # deferrals that hold nothing back
 _REQUEST_HEADERS = (_DEFERRALS, "rmq_kills")
-
-
-def config_for(app: Any) -> RmqConfig:
-    """The app's rmq config, parsed once (the worker's runtime config when there is one)."""
-    rt = current()
-    if rt is not None and rt.app is app:
-        return rt.config
-    cached = getattr(app, "_rmq_config", None)
-    if cached is None:
-        cached = load_config(app.conf)
-        app._rmq_config = cached
-    return cached
 
 
 def rmq_headers(source: Any) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from typing import Any
 from celery import signals
 
 from rmq.core.routing import to_wire_priority, transport_kind
-from rmq.celery.task import GovernedTask, config_for
+from rmq.celery.task import GovernedTask
+from rmq.core.runtime import config_for
 
 __all__ = ["install", "router"]
 

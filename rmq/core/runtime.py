@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from rmq.core import forks
 from rmq.core.claims import RunClaims
-from rmq.core.config import RmqConfig
+from rmq.core.config import RmqConfig, load_config
 from rmq.core.errors import RateLimiterUnavailable
 from rmq.core.procstats import ProcessStats
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from rmq.core.ledger import Ledger
 
-__all__ = ["Runtime", "current", "set_current", "redis_url_for_app", "runtime_base", "runtime_dir_prefix"]
+__all__ = ["Runtime", "config_for", "current", "set_current", "redis_url_for_app", "runtime_base", "runtime_dir_prefix"]
 
 _current: Runtime | None = None
 _MISSING = object()
@@ -167,3 +167,15 @@ def runtime_base(configured: str | None = None) -> str:
 def runtime_dir_prefix(pid: int) -> str:
     """The name prefix of the runtime directory of the worker whose main process is ``pid``."""
     return f"rmq-{pid}-"
+
+
+def config_for(app: Any) -> RmqConfig:
+    """The app's rmq config, parsed once (the worker's runtime config when there is one)."""
+    rt = current()
+    if rt is not None and rt.app is app:
+        return rt.config
+    cached = getattr(app, "_rmq_config", None)
+    if cached is None:
+        cached = load_config(app.conf)
+        app._rmq_config = cached
+    return cached

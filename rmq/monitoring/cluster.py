@@ -32,7 +32,7 @@ from rmq.monitoring.alerts import (
 from rmq.monitoring.queues import redis_queue_depth
 from rmq.core.routing import transport_kind
 from rmq.core.runtime import redis_url_for_app
-from rmq.celery.task import config_for
+from rmq.core.runtime import config_for
 
 __all__ = ["collect_cluster_view", "load_or_collect", "load_view", "queue_depths", "tracked_queues"]
 
