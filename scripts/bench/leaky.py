@@ -127,11 +127,6 @@ class TreeSampler(threading.Thread):
         self.join(timeout=5)
 
 
-def private_redis() -> contextlib.AbstractContextManager[str]:
-    """A private ``redis-server`` on a free port, no persistence, stopped by PID at the end."""
-    return testing_redis.private_redis()
-
-
 def cleanup_keys(url: str, queue: str, task_ids: list[str]) -> None:
     """Delete what one run left in a shared Redis: its queue, bindings, results, learned peaks."""
     import redis
@@ -419,7 +414,7 @@ def main() -> int:
         return 0
     modes = args.modes.split(",")
     results: list[Result] = []
-    with contextlib.nullcontext(args.broker) if args.broker else private_redis() as broker:
+    with contextlib.nullcontext(args.broker) if args.broker else testing_redis.private_redis() as broker:
         try:
             for i in range(args.rounds):  # interleaved, order alternating, so drift hits both modes alike
                 for m in modes if i % 2 == 0 else modes[::-1]:

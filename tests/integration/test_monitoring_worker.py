@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rmq.monitoring.cluster import collect_cluster_view, load_or_collect, tracked_queues
 from rmq.monitoring.worker_monitor import CpuProbe
+from rmq.testing.redis import free_port
 from rmq.testing.worker import wait_until
 
 from .conftest import ROOT, TESTS_DIR, taskapp_env
@@ -44,12 +44,6 @@ def _rmq(app, w) -> dict:
     return replies[w.node_name]["rmq"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _samples(text: str) -> dict[str, float]:
     """``{sample name: value}`` of unlabelled samples in a Prometheus exposition."""
     out = {}
@@ -64,7 +58,7 @@ class _Flower:
     """``celery flower`` on a free loopback port, stopped by PID."""
 
     def __init__(self, broker: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, "RMQ_BROKER_URL": broker, "RMQ_RESULT_BACKEND": broker,
                "FLOWER_UNAUTHENTICATED_API": "true"}
         fd, self.log_path = tempfile.mkstemp(prefix="rmq-flower-", suffix=".log")
