@@ -42,7 +42,7 @@ from rmq.core.errors import ConfigError, RmqError
 from rmq.concern import Concern, TaskContext
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rmq.disk.cleanup import Removed
+    from rmq.disk.safe_tree import Removed
     from rmq.core.declarations import TaskDeclaration
 
 __all__ = [
@@ -327,7 +327,7 @@ class SessionRoot:
 
     def purge(self, trash_name: str) -> Removed:
         """Delete a trash entry without following links."""
-        from rmq.disk.cleanup import remove_tree  # cleanup builds on this module
+        from rmq.disk.safe_tree import remove_tree  # cleanup builds on this module
 
         assert self.trash_fd is not None
         return remove_tree(self.trash_fd, trash_name)

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import rmq.disk.cleanup as cleanup_mod
-from rmq.disk.cleanup import (
+import rmq.disk.safe_tree as cleanup_mod
+from rmq.disk.safe_tree import (
     cleanup_from_config,
     format_report,
     measure_tree,
@@ -186,7 +186,7 @@ def test_unwritable_and_unreadable_dirs_are_emptied():
         sess = make_session(base / "r", "p", {"ro/f": 5, "noread/g": 6, "noexec/h": 7})
         script = (
             "import os, sys\n"
-            "from rmq.disk.cleanup import remove_tree\n"
+            "from rmq.disk.safe_tree import remove_tree\n"
             "if os.geteuid() == 0:\n"
             "    os.setgid(65534); os.setuid(65534)\n"
             "print(tuple(remove_tree(sys.argv[1], 'session_p')))\n"
