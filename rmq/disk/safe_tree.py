@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from rmq.disk.sessions import SESSION_PREFIX, SessionRoot
+from rmq.disk.session_root import SESSION_PREFIX, SessionRoot
 from rmq.core.units import format_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
