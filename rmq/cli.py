@@ -124,7 +124,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from rmq.disk.safe_tree import cleanup_from_config, format_report
+    from rmq.disk.cleanup import cleanup_from_config, format_report
     from rmq.core.units import parse_duration
 
     app = _load_app(args.app)

@@ -83,7 +83,7 @@ class CleanupRunner:
                 "started": job.started, **extra}
 
     def _run(self, job: _Job) -> None:
-        from rmq.disk.safe_tree import cleanup_from_config, format_report
+        from rmq.disk.cleanup import cleanup_from_config, format_report
 
         try:
             report = cleanup_from_config(self.rt.config, dry_run=job.dry_run)

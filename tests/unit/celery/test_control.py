@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from celery.worker.control import Panel
 
-import rmq.disk.safe_tree as cleanup_mod
+import rmq.disk.cleanup as cleanup_mod
 from rmq.celery import beat
 from rmq.celery import control
 from rmq.core.config import load_config

@@ -15,17 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import rmq.disk.safe_tree as cleanup_mod
-from rmq.disk.safe_tree import (
-    cleanup_from_config,
-    format_report,
-    measure_tree,
-    plan_cleanup,
-    remove_tree,
-    run_cleanup,
-)
+import rmq.disk.cleanup as cleanup_mod
+import rmq.disk.safe_tree as safe_tree_mod
 from rmq.core.config import load_config
 from rmq.core.errors import ConfigError
+from rmq.disk.cleanup import cleanup_from_config, format_report, plan_cleanup, run_cleanup
+from rmq.disk.safe_tree import measure_tree, remove_tree
 from rmq.disk.session_root import SessionRoot, SessionStore, is_live, validate_session_id
 
 ROOT_DIR = Path(__file__).resolve().parents[3]
@@ -158,7 +153,7 @@ def test_directory_swapped_for_a_symlink_during_the_walk_is_not_followed(tmp_pat
     root = tmp_path / "sessions"
     sess = make_session(root, "race", {"sub/a.txt": 1})
     moved = tmp_path / "moved"
-    real_open_dir = cleanup_mod._open_dir
+    real_open_dir = safe_tree_mod._open_dir
     swapped = []
 
     def racing_open_dir(parent_fd, name, fix_perms):
@@ -168,7 +163,7 @@ def test_directory_swapped_for_a_symlink_during_the_walk_is_not_followed(tmp_pat
             swapped.append(name)
         return real_open_dir(parent_fd, name, fix_perms)
 
-    monkeypatch.setattr(cleanup_mod, "_open_dir", racing_open_dir)
+    monkeypatch.setattr(safe_tree_mod, "_open_dir", racing_open_dir)
     before = snapshot(outside)
     # When the session is removed
     remove_tree(root, "session_race")

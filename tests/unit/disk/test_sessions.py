@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from rmq.concern import TaskContext
 from rmq.core import runtime
 from rmq.core.config import load_config
 from rmq.core.declarations import parse_declaration
 from rmq.core.errors import ConfigError
-from rmq.concern import TaskContext
 from rmq.core.procstats import ProcessStats
 from rmq.disk.session_root import SessionError, SessionGuard, SessionRoot, SessionStore, is_live, validate_session_id
 
