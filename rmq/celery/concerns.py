@@ -15,7 +15,7 @@ from rmq.celery.autoscale import AutoscaleConcern
 from rmq.celery.recycle import request_recycle
 from rmq.concern import Concern
 from rmq.cpu.limits import ThreadCapGuard
-from rmq.disk.session_root import SessionGuard
+from rmq.disk.sessions import SessionGuard
 from rmq.memory.hygiene import HygieneGuard
 from rmq.memory.reservation import AdmissionGuard
 from rmq.models.concern import ModelsConcern

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from rmq.core.units import format_bytes
 from rmq.disk.cleanup_policy import Candidate, CleanupPlan, SessionReading, choose_removals
 from rmq.disk.safe_tree import measure_tree
-from rmq.disk.session_root import SESSION_PREFIX, SessionRoot
+from rmq.disk.session_ids import SESSION_PREFIX
+from rmq.disk.session_root import SessionRoot
 
 if TYPE_CHECKING:  # pragma: no cover
     from rmq.core.config import RmqConfig

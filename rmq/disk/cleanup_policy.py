@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from rmq.disk.session_root import SESSION_PREFIX
+from rmq.disk.session_ids import SESSION_PREFIX
 
 __all__ = ["Candidate", "CleanupPlan", "SessionReading", "choose_removals"]
 

@@ -1,4 +1,4 @@
-"""Session directories (SPEC C6): validated ids, per-session leases, cleanup on task end.
+"""A session root on disk: its layout, the removal lock, leases and failure marks.
 
 Layout under the session root (``rmq_session_root``)::
 
@@ -12,11 +12,11 @@ A lease is live iff its file is flock-ed: the kernel drops the lock when the hol
 descriptor closes, so a SIGKILLed holder stops protecting its session at once, without
 pid checks (pids are reused and differ across containers). Checkers probe with
 ``LOCK_SH | LOCK_NB``. Every removal decision (is it live? then rename it into the trash) is
-made under ``.rmq/lock``, and :meth:`SessionStore.open` creates the lease and the directory
-under the same lock, so a session is never removed between being chosen and being used.
-Lease descriptors are close-on-exec; a child the holder forks shares the lock (the lease lives
-until both are gone). The root path itself may be a symlink (the operator's choice); nothing
-below it is ever followed.
+made under ``.rmq/lock``, and :meth:`rmq.disk.sessions.SessionStore.open` creates the lease and
+the directory under the same lock, so a session is never removed between being chosen and being
+used. Lease descriptors are close-on-exec; a child the holder forks shares the lock (the lease
+lives until both are gone). The root path itself may be a symlink (the operator's choice);
+nothing below it is ever followed. See ``docs/design.md#sessions-and-cleanup``.
 """
 
 from __future__ import annotations
@@ -24,102 +24,32 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import logging
 import os
 import re
 import secrets
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import Self
 
-from rmq.core import runtime
-from rmq.core.declarations import CLEANUP_POLICIES
-from rmq.core.errors import ConfigError, RmqError
-from rmq.concern import Concern, TaskContext
+from rmq.core.errors import RmqError
+from rmq.disk.root_lock import hold_root_lock
+from rmq.disk.safe_tree import DIR_FLAGS, Removed, remove_tree
+from rmq.disk.session_ids import SESSION_ID_PATTERN, SESSION_PREFIX
 
-if TYPE_CHECKING:  # pragma: no cover
-    from rmq.disk.safe_tree import Removed
-    from rmq.core.declarations import TaskDeclaration
+__all__ = ["SessionError", "SessionRoot", "is_live"]
 
-__all__ = [
-    "SESSION_PREFIX",
-    "SessionError",
-    "SessionGuard",
-    "SessionRoot",
-    "SessionStore",
-    "is_live",
-    "validate_session_id",
-]
-
-log = logging.getLogger("rmq.disk.sessions")
-
-SESSION_PREFIX = "session_"
 STATE_DIR = ".rmq"
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class SessionError(RmqError):
     """A session directory cannot be used safely (a symlink, not a directory, not ours)."""
 
 
-def validate_session_id(value: object) -> str:
-    """Return ``value`` if it is a valid session id (``[A-Za-z0-9_-]{1,128}``).
-
-    Raises:
-        ConfigError: naming the (truncated) bad value.
-    """
-    if isinstance(value, str) and _ID_RE.fullmatch(value):
-        return value
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = f"{shown[:50]}...' ({len(value) if isinstance(value, str) else '?'} characters)"
-    raise ConfigError(f"invalid session id {shown}: use 1-128 characters from A-Z a-z 0-9 _ -")
-
-
 def _safe_token(text: object) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", str(text))[:64] or "_"
-
-
-# Descriptors holding a root lock in this process; a forked child closes its copies.
-_lock_fds: set[int] = set()
-_lock_fds_guard = threading.Lock()
-_fork_hooked = False
-
-
-def _open_lock_fd(state_fd: int) -> int:
-    global _fork_hooked
-    with _lock_fds_guard:
-        if not _fork_hooked:  # registered on first use: nothing happens on import
-            os.register_at_fork(
-                before=_lock_fds_guard.acquire,
-                after_in_parent=_lock_fds_guard.release,
-                after_in_child=_drop_inherited_locks,
-            )
-            _fork_hooked = True
-        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=state_fd)
-        _lock_fds.add(fd)
-    return fd
-
-
-def _close_lock_fd(fd: int) -> None:
-    with _lock_fds_guard:  # a fork between close and discard would close a reused number
-        _lock_fds.discard(fd)
-        os.close(fd)
-
-
-def _drop_inherited_locks() -> None:
-    for fd in _lock_fds:
-        try:
-            os.close(fd)  # the parent's lock stays: flock is per open file, we drop one reference
-        except OSError:
-            pass
-    _lock_fds.clear()
-    _lock_fds_guard.release()  # acquired by the forking thread in ``before``
 
 
 def _subdir(parent_fd: int, name: str, create: bool) -> int | None:
@@ -129,7 +59,7 @@ def _subdir(parent_fd: int, name: str, create: bool) -> int | None:
         except FileExistsError:
             pass
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     except FileNotFoundError:
         if create:
             raise
@@ -192,12 +122,8 @@ class SessionRoot:
         """
         if self.state_fd is None:
             raise FileNotFoundError(errno.ENOENT, "session root has no state directory", str(self.path))
-        fd = _open_lock_fd(self.state_fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with hold_root_lock(self.state_fd):
             yield
-        finally:
-            _close_lock_fd(fd)
 
     def names(self) -> list[str]:
         """Entries named ``session_*`` directly under the root."""
@@ -287,7 +213,7 @@ class SessionRoot:
 
     def clear_failed(self, session_id: str) -> None:
         """Forget a failure marker (only valid ids have one: ``session_..`` is no session)."""
-        if self.failed_fd is not None and _ID_RE.fullmatch(session_id):
+        if self.failed_fd is not None and SESSION_ID_PATTERN.fullmatch(session_id):
             try:
                 os.unlink(session_id, dir_fd=self.failed_fd)
             except FileNotFoundError:
@@ -299,7 +225,7 @@ class SessionRoot:
         if self.failed_fd is None:
             return out
         for name in os.listdir(self.failed_fd):
-            if not _ID_RE.fullmatch(name):  # "<id>.tmp..." being written, or junk
+            if not SESSION_ID_PATTERN.fullmatch(name):  # "<id>.tmp..." being written, or junk
                 continue
             try:
                 fd = os.open(
@@ -327,8 +253,6 @@ class SessionRoot:
 
     def purge(self, trash_name: str) -> Removed:
         """Delete a trash entry without following links."""
-        from rmq.disk.safe_tree import remove_tree  # cleanup builds on this module
-
         assert self.trash_fd is not None
         return remove_tree(self.trash_fd, trash_name)
 
@@ -354,7 +278,7 @@ class SessionRoot:
         """Set the session directory's mtime to now: its age counts from its last use."""
         assert self.fd is not None
         try:
-            fd = os.open(SESSION_PREFIX + session_id, _DIR_FLAGS, dir_fd=self.fd)
+            fd = os.open(SESSION_PREFIX + session_id, DIR_FLAGS, dir_fd=self.fd)
         except OSError:
             return  # gone, or not a real directory: nothing to touch
         try:
@@ -367,146 +291,3 @@ def is_live(root: str | os.PathLike[str], session_id: str) -> bool:
     """Whether a live process holds a lease on the session."""
     with SessionRoot(root) as sr:
         return session_id in sr.scan_leases()[0]
-
-
-class SessionStore:
-    """Opens and closes session directories under ``root``, holding their leases.
-
-    One store per process and root is enough; it is thread-safe.
-    """
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self._held: dict[tuple[str, str], list[tuple[int, str]]] = {}
-        self._lock = threading.Lock()
-
-    def open(self, session_id: str, task_id: str) -> Path:
-        """Create (if needed) and lease ``<root>/session_<id>/``; returns its path.
-
-        Raises:
-            ConfigError: invalid id (nothing is touched).
-            SessionError: the name exists as a symlink, a non-directory or another user's directory.
-        """
-        sid = validate_session_id(session_id)
-        with SessionRoot(self.root, create=True) as sr, sr.lock():
-            lease = sr.acquire_lease(sid, task_id)
-            try:
-                sr.ensure_session_dir(sid)
-                sr.clear_failed(sid)
-            except BaseException:
-                sr.release_lease(lease)
-                raise
-        with self._lock:
-            self._held.setdefault((sid, str(task_id)), []).append(lease)
-        return self.root / (SESSION_PREFIX + sid)
-
-    def close(
-        self,
-        session_id: str,
-        task_id: str,
-        failed: bool,
-        policy: str = "after_task",
-        now: float | None = None,
-    ) -> str:
-        """Release the lease and apply the cleanup policy.
-
-        ``after_task`` removes the directory unless another lease holds it; ``keep`` keeps it; a
-        failed task's directory is kept and marked so cleanup removes it after
-        ``rmq_failed_session_ttl`` (whatever the policy; a later ``open`` clears the mark).
-
-        Returns:
-            ``"removed"``, ``"kept"``, ``"kept_failed"`` or ``"kept_live"``.
-        """
-        sid = validate_session_id(session_id)
-        if policy not in CLEANUP_POLICIES:
-            raise ConfigError(f"cleanup must be one of {CLEANUP_POLICIES}, got {policy!r}")
-        with self._lock:
-            held = self._held.get((sid, str(task_id)))
-            lease = held.pop() if held else None
-            if held == []:
-                del self._held[(sid, str(task_id))]
-        with SessionRoot(self.root, create=True) as sr:
-            trash = None
-            with sr.lock():
-                if lease is not None:
-                    sr.release_lease(lease)
-                if failed:
-                    sr.mark_failed(sid, time.time() if now is None else now)
-                    outcome = "kept_failed"
-                elif policy == "keep":
-                    outcome = "kept"
-                elif sid in sr.scan_leases()[0]:
-                    outcome = "kept_live"
-                else:
-                    trash = sr.retire(SESSION_PREFIX + sid)
-                    outcome = "removed"
-                if trash is None:
-                    sr.touch(sid)
-            if trash is not None:
-                sr.purge(trash)
-        return outcome
-
-
-_stores: dict[str, SessionStore] = {}
-
-
-def _store_for(root: str) -> SessionStore:
-    store = _stores.get(root)
-    if store is None:
-        store = _stores.setdefault(root, SessionStore(root))
-    return store
-
-
-def _count(outcome: str) -> None:
-    rt = runtime.current()
-    if rt is not None:
-        rt.stats.incr("sessions", outcome)
-
-
-class SessionGuard(Concern):
-    """Opens the task's session directory before it runs and applies its cleanup policy after.
-
-    The id comes from the keyword argument named by ``declaration.session``, else from the
-    positional arguments when ``ctx.state["argnames"]`` (the task function's parameter names,
-    aligned with ``ctx.args``, so without a bound ``self``) is given.
-    """
-
-    name = "session"
-
-    def applies(self, declaration: TaskDeclaration) -> bool:
-        """Only for ``session=...`` tasks."""
-        return bool(declaration.session)
-
-    def enter(self, ctx: TaskContext) -> None:
-        """Validate the id (before touching any file), open the directory, set ``ctx.session_dir``."""
-        arg = ctx.declaration.session
-        assert arg is not None
-        sid = validate_session_id(_session_arg(ctx, arg))
-        store = _store_for(ctx.config.session_root_path)
-        ctx.session_dir = store.open(sid, ctx.task_id)
-        ctx.state["session"] = (store, sid)
-        _count("opened")
-
-    def exit(self, ctx: TaskContext, failed: bool) -> None:
-        """Release the lease; remove or keep the directory per ``declaration.cleanup``."""
-        entry = ctx.state.pop("session", None)
-        if entry is None:
-            return
-        store, sid = entry
-        try:
-            outcome = store.close(sid, ctx.task_id, failed=failed, policy=ctx.declaration.cleanup)
-        except OSError as exc:  # the task's own result stands; cleanup retries later
-            log.warning("rmq: could not clean session %s of %s: %s", sid, ctx.task_name, exc)
-            outcome = "errors"
-        _count(outcome)
-
-
-def _session_arg(ctx: TaskContext, arg: str) -> Any:
-    if arg in ctx.kwargs:
-        return ctx.kwargs[arg]
-    names = ctx.state.get("argnames")
-    if names and arg in names:
-        index = list(names).index(arg)
-        if index < len(ctx.args):
-            return ctx.args[index]
-    raise ConfigError(f"{ctx.task_name} declares session={arg!r} but was called without a {arg!r} argument")

@@ -21,14 +21,16 @@ from rmq.core.config import load_config
 from rmq.core.errors import ConfigError
 from rmq.disk.cleanup import cleanup_from_config, format_report, plan_cleanup, run_cleanup
 from rmq.disk.safe_tree import measure_tree, remove_tree
-from rmq.disk.session_root import SessionRoot, SessionStore, is_live, validate_session_id
+from rmq.disk.session_ids import validate_session_id
+from rmq.disk.session_root import SessionRoot, is_live
+from rmq.disk.sessions import SessionStore
 
 ROOT_DIR = Path(__file__).resolve().parents[3]
 DAY = 86400.0
 NOW = 2_000_000_000.0  # injected clock, far after any real mtime we set
 HOLDER = """
 import sys
-from rmq.disk.session_root import SessionStore
+from rmq.disk.sessions import SessionStore
 SessionStore(sys.argv[1]).open(sys.argv[2], "holder-task")
 print("ready", flush=True)
 sys.stdin.read()

@@ -18,7 +18,9 @@ from rmq.core.config import load_config
 from rmq.core.declarations import parse_declaration
 from rmq.core.errors import ConfigError
 from rmq.core.procstats import ProcessStats
-from rmq.disk.session_root import SessionError, SessionGuard, SessionRoot, SessionStore, is_live, validate_session_id
+from rmq.disk.session_ids import validate_session_id
+from rmq.disk.session_root import SessionError, SessionRoot, is_live
+from rmq.disk.sessions import SessionGuard, SessionStore
 
 ROOT_DIR = Path(__file__).resolve().parents[3]
 BAD_IDS = ["../etc", "", "a" * 200, "a/b", "/etc", "a\0b", "a b", "é", "a\n", "a" * 129, ".", "..", "a.b"]
@@ -26,7 +28,7 @@ BAD_VALUES = [None, 42, b"abc", ["a"]]
 
 HOLDER = """
 import sys
-from rmq.disk.session_root import SessionStore
+from rmq.disk.sessions import SessionStore
 SessionStore(sys.argv[1]).open(sys.argv[2], "holder-task")
 print("ready", flush=True)
 sys.stdin.read()
