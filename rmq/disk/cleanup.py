@@ -93,10 +93,9 @@ def plan_cleanup(
 ) -> list[Candidate]:
     """Which sessions cleanup would remove, touching nothing.
 
-    Policies: age (newest mtime of the tree older than ``older_than_s`` or ``max_age_s``);
-    failed (failure mark older than ``failed_ttl_s``; such sessions ignore max age); disk
-    pressure (``used/total >= high_ratio``: oldest idle sessions until the projected ratio is
-    below ``low_ratio``). A session with a live lease is never a candidate.
+    The reasons (age, failed TTL, disk pressure) and their order:
+    :func:`rmq.disk.cleanup_policy.choose_removals`. A session with a live lease is never a
+    candidate.
 
     Args:
         disk_usage: returns ``(total, used, free)`` bytes of the root's filesystem.
@@ -215,13 +214,11 @@ def cleanup_from_config(
     config: RmqConfig, dry_run: bool = False, older_than_s: float | None = None, now: float | None = None
 ) -> CleanupReport:
     """Run cleanup on ``config.session_root_path`` with the configured ages, TTL and disk ratios."""
-    root = config.session_root_path
     return run_cleanup(
-        root,
+        config.session_root_path,
         now=now,
         max_age_s=config.session_max_age,
         failed_ttl_s=config.failed_session_ttl,
-        disk_usage=lambda: tuple(shutil.disk_usage(root)),  # type: ignore[arg-type,return-value]
         high_ratio=config.disk_high_ratio,
         low_ratio=config.disk_low_ratio,
         older_than_s=older_than_s,
