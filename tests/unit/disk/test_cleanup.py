@@ -1,13 +1,11 @@
-"""Safe removal and cleanup policies (SPEC C6, section 7 row 5)."""
+"""Cleanup of a session root: what goes and why, live leases respected, nothing outside the root
+touched, dry runs, the config entry point and the report."""
 
 from __future__ import annotations
 
 import os
 import re
-import select
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,74 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rmq.disk.cleanup as cleanup_mod
-from rmq.disk.cleanup import (
-    cleanup_from_config,
-    format_report,
-    measure_tree,
-    plan_cleanup,
-    remove_tree,
-    run_cleanup,
-)
 from rmq.core.config import load_config
 from rmq.core.errors import ConfigError
-from rmq.disk.sessions import SessionRoot, SessionStore, is_live, validate_session_id
-
-ROOT_DIR = Path(__file__).resolve().parents[3]
-DAY = 86400.0
-NOW = 2_000_000_000.0  # injected clock, far after any real mtime we set
-HOLDER = """
-import sys
+from rmq.disk.cleanup import cleanup_from_config, format_report, plan_cleanup, run_cleanup
+from rmq.disk.session_ids import validate_session_id
+from rmq.disk.session_root import SessionRoot, is_live
 from rmq.disk.sessions import SessionStore
-SessionStore(sys.argv[1]).open(sys.argv[2], "holder-task")
-print("ready", flush=True)
-sys.stdin.read()
-"""
 
-
-def snapshot(top: Path) -> dict[str, tuple]:
-    """Everything under ``top`` as lstat sees it: type, mode, size, mtime, content or link target."""
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            s = p.lstat()
-            if p.is_symlink():
-                extra: object = os.readlink(p)
-            elif p.is_file():
-                extra = p.read_bytes()
-            else:
-                extra = None
-            out[str(p.relative_to(top))] = (s.st_mode, s.st_size, s.st_mtime_ns, extra)
-    return out
-
-
-def outside_tree(base: Path) -> Path:
-    """A sentinel tree that no cleanup may change."""
-    out = base / "outside"
-    (out / "dir" / "sub").mkdir(parents=True)
-    (out / "file.txt").write_text("precious")
-    (out / "dir" / "inner.txt").write_text("inner")
-    (out / "dir" / "sub" / "deep.txt").write_text("deep")
-    return out
-
-
-def age(path: Path, seconds_ago: float, now: float = NOW) -> None:
-    """Set mtimes of ``path`` and everything below it (links themselves) to ``now - seconds_ago``."""
-    t = now - seconds_ago
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in dirnames + filenames:
-            os.utime(Path(dirpath) / name, (t, t), follow_symlinks=False)
-    os.utime(path, (t, t), follow_symlinks=False)
-
-
-def make_session(root: Path, sid: str, files: dict[str, int] | None = None, seconds_ago: float = 10) -> Path:
-    path = root / f"session_{sid}"
-    path.mkdir(parents=True)
-    for name, size in (files or {"data.bin": 10}).items():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        (path / name).write_bytes(b"x" * size)
-    age(path, seconds_ago)
-    return path
+from .helpers import DAY, NOW, age, make_session, outside_tree, snapshot, start_holder
 
 
 def no_disk_pressure():
@@ -96,25 +34,7 @@ def run(root: Path, **kw):
     return run_cleanup(root, **kw)
 
 
-# --- remove_tree --------------------------------------------------------------------------
-
-
-def test_remove_tree_counts_files_and_bytes(tmp_path):
-    make_session(tmp_path, "a", {"one": 100, "d/two": 50, "d/e/three": 7})
-    removed = remove_tree(tmp_path, "session_a")
-    assert removed.bytes_freed == 157
-    assert removed.entries == 6  # 3 files, d, d/e, the session dir
-    assert os.listdir(tmp_path) == []
-
-
-@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "a\0b"])
-def test_remove_tree_refuses_paths(tmp_path, name):
-    with pytest.raises(ValueError):
-        remove_tree(tmp_path, name)
-
-
-def test_remove_tree_of_missing_name_is_empty(tmp_path):
-    assert remove_tree(tmp_path, "nothing") == (0, 0)
+# --- links inside sessions ------------------------------------------------------------------
 
 
 def test_symlinks_inside_a_session_are_unlinked_never_followed(tmp_path):
@@ -149,80 +69,6 @@ def test_a_session_that_is_itself_a_symlink_is_unlinked(tmp_path):
     assert report.removed_names == ["session_evil"] and report.bytes_freed == 0
     assert not (root / "session_evil").is_symlink()
     assert snapshot(outside) == before
-
-
-def test_directory_swapped_for_a_symlink_during_the_walk_is_not_followed(tmp_path, monkeypatch):
-    # Given a session with a subdirectory, and an attacker who swaps that subdirectory for a
-    # symlink to the outside tree between the walk's lstat and its open
-    outside = outside_tree(tmp_path)
-    root = tmp_path / "sessions"
-    sess = make_session(root, "race", {"sub/a.txt": 1})
-    moved = tmp_path / "moved"
-    real_open_dir = cleanup_mod._open_dir
-    swapped = []
-
-    def racing_open_dir(parent_fd, name, fix_perms):
-        if name == "sub" and not swapped:
-            (sess / "sub").rename(moved)
-            (sess / "sub").symlink_to(outside / "dir")
-            swapped.append(name)
-        return real_open_dir(parent_fd, name, fix_perms)
-
-    monkeypatch.setattr(cleanup_mod, "_open_dir", racing_open_dir)
-    before = snapshot(outside)
-    # When the session is removed
-    remove_tree(root, "session_race")
-    # Then the link was unlinked, the outside is intact
-    assert swapped == ["sub"]
-    assert not sess.exists()
-    assert snapshot(outside) == before
-    assert (moved / "a.txt").exists()
-
-
-def test_unwritable_and_unreadable_dirs_are_emptied():
-    # Real permissions only bind a non-root user: as root, remove as nobody in a child process.
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
-        sess = make_session(base / "r", "p", {"ro/f": 5, "noread/g": 6, "noexec/h": 7})
-        script = (
-            "import os, sys\n"
-            "from rmq.disk.cleanup import remove_tree\n"
-            "if os.geteuid() == 0:\n"
-            "    os.setgid(65534); os.setuid(65534)\n"
-            "print(tuple(remove_tree(sys.argv[1], 'session_p')))\n"
-        )
-        if os.geteuid() == 0:
-            for dirpath, dirnames, filenames in os.walk(base):
-                for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-                    os.chown(name, 65534, 65534)
-        (sess / "ro").chmod(0o500)
-        (sess / "noread").chmod(0o300)
-        (sess / "noexec").chmod(0o600)
-        sess.chmod(0o500)
-        out = subprocess.run(
-            [sys.executable, "-c", script, str(base / "r")],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=ROOT_DIR,
-        )
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == "(18, 7)"
-        assert os.listdir(base / "r") == []
-
-
-def test_measure_tree_does_not_follow_links(tmp_path):
-    outside = outside_tree(tmp_path)
-    sess = make_session(tmp_path, "m", {"f": 10}, seconds_ago=3 * DAY)
-    (sess / "l").symlink_to(outside)
-    os.utime(sess / "l", (NOW - 3 * DAY, NOW - 3 * DAY), follow_symlinks=False)
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        info = measure_tree(fd, "session_m")
-    finally:
-        os.close(fd)
-    assert info.bytes == 10 and info.entries == 3
-    assert info.newest_mtime == pytest.approx(NOW - 3 * DAY)
 
 
 # --- policies ----------------------------------------------------------------------------
@@ -344,23 +190,6 @@ def test_disk_pressure_counts_age_removals_first(tmp_path):
 
 
 # --- leases held by real processes -------------------------------------------------------
-
-
-def start_holder(root: Path, session_id: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(root), session_id],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT_DIR,
-    )
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 20)
-    if not ready or proc.stdout.readline().strip() != "ready":
-        proc.kill()
-        proc.wait()
-        pytest.fail("lease holder did not start")
-    return proc
 
 
 def test_live_lease_protects_an_ancient_session_until_its_holder_is_killed(tmp_path):
