@@ -4,7 +4,7 @@
 pooled :class:`RmqHttpClient` of that name (an ``httpx.Client`` with keep-alive). Every attempt
 takes a permit of the cluster-wide semaphore ``http:<name>``, then, as its headers start going
 out (after any connect), a token of the cluster-wide limit ``http:<name>`` (both in Redis, see
-``rmq.network.ratelimit``): a token is used the moment it is granted, so the rate holds on the wire.
+``rmq.network.rate_limiter``): a token is used the moment it is granted, so the rate holds on the wire.
 No token or permit within ``max_wait`` raises :class:`rmq.core.errors.Defer`.
 
 Retries (``retries`` of them, full-jitter exponential backoff) cover connection errors,
@@ -36,7 +36,7 @@ import httpx
 
 from rmq.core import runtime as _runtime
 from rmq.core.errors import ConfigError, Defer, RateLimiterUnavailable
-from rmq.network.ratelimit import ClusterLimiter, ClusterSemaphore, LeaseKeeper
+from rmq.network.rate_limiter import ClusterLimiter, ClusterSemaphore, LeaseKeeper
 from rmq.core.units import Rate, parse_duration, parse_rate
 
 __all__ = [

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 DEFAULT_THROTTLE_WAIT_S = 2.0
 #: ``TaskContext.state`` key holding the Redis time (us) at which a task's tokens were granted
 GRANTED_US = "rate_limit_granted_us"
-_LIMITER, _SEMAPHORE, _KEEPER = "rmq.network.ratelimit.limiter", "rmq.network.ratelimit.semaphore", "rmq.network.ratelimit.keeper"
+_LIMITER, _SEMAPHORE, _KEEPER = "rmq.network.rate_limiter.limiter", "rmq.network.rate_limiter.semaphore", "rmq.network.rate_limiter.keeper"
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.ReadOnlyError, rexc.MasterDownError)
 
 # Redis < 5 replicates scripts verbatim and refuses writes after TIME unless told otherwise.

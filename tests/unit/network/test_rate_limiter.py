@@ -23,7 +23,7 @@ from rmq.core.declarations import parse_declaration
 from rmq.core.errors import ConfigError, Defer, RateLimiterUnavailable
 from rmq.concern import TaskContext
 from rmq.core.procstats import ProcessStats
-from rmq.network.ratelimit import (
+from rmq.network.rate_limiter import (
     ClusterLimiter,
     ClusterSemaphore,
     ConcurrencyGuard,
@@ -94,7 +94,7 @@ def install_runtime():
 
     yield install
     for rt in made:
-        keeper = rt._local.get("rmq.network.ratelimit.keeper")
+        keeper = rt._local.get("rmq.network.rate_limiter.keeper")
         if keeper is not None:
             keeper.stop()
     runtime.set_current(None)
@@ -261,7 +261,7 @@ def test_rate_limit_guard_admits_then_defers_without_waiting(client, install_run
 def test_rate_limit_guard_fails_closed_and_logs_why(dead_client, install_runtime, caplog):
     rt = install_runtime(dead_client, defer_countdown="3s")
     ctx = _ctx(rt, rate_limits={"tts-api": "10/s"})
-    with caplog.at_level(logging.WARNING, logger="rmq.network.ratelimit"), pytest.raises(Defer) as info:
+    with caplog.at_level(logging.WARNING, logger="rmq.network.rate_limiter"), pytest.raises(Defer) as info:
         RateLimitGuard().enter(ctx)
     assert info.value.kind == "rate_limit_unavailable" and info.value.countdown_s == 3.0
     port = dead_client.connection_pool.connection_kwargs["port"]
@@ -378,7 +378,7 @@ def test_concurrency_guard_holds_renews_and_releases(client, install_runtime):
 
 def test_concurrency_guard_fails_closed(dead_client, install_runtime, caplog):
     rt = install_runtime(dead_client)
-    with caplog.at_level(logging.WARNING, logger="rmq.network.ratelimit"), pytest.raises(Defer) as info:
+    with caplog.at_level(logging.WARNING, logger="rmq.network.rate_limiter"), pytest.raises(Defer) as info:
         ConcurrencyGuard().enter(_ctx(rt, concurrency={"gpu-api": 1}))
     assert info.value.kind == "concurrency_unavailable"
     assert info.value.countdown_s == rt.config.defer_countdown
