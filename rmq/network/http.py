@@ -36,7 +36,9 @@ import httpx
 
 from rmq.core import runtime as _runtime
 from rmq.core.errors import ConfigError, Defer, RateLimiterUnavailable
-from rmq.network.rate_limiter import ClusterLimiter, ClusterSemaphore, LeaseKeeper
+from rmq.network.lease_keeper import LeaseKeeper
+from rmq.network.rate_limiter import ClusterLimiter
+from rmq.network.semaphore import ClusterSemaphore
 from rmq.core.units import Rate, parse_duration, parse_rate
 
 __all__ = [

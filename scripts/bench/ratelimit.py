@@ -174,7 +174,7 @@ def _build_worker_app() -> Any:
     from celery import current_task
 
     from rmq import governed_task
-    from rmq.network.rate_limiter import GRANTED_US
+    from rmq.network.rate_limit_guard import GRANTED_US
     from rmq.core.runtime import current
     from rmq.celery.task import rmq_headers
     from workers.app import make_app
