@@ -1,4 +1,4 @@
-"""rmq.network.http against a real local API server and a real Redis, across real processes."""
+"""rmq.network.http_client against a real local API server and a real Redis, across real processes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis as redis_lib
 
-import rmq.network.http as rhttp
+import rmq.network.http_client as rhttp
 from rmq.core.errors import Defer
 from workers.fake_api import start_in_thread
 
@@ -65,7 +65,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 CALLER = r"""
-import json, sys, redis, rmq.network.http as h
+import json, sys, redis, rmq.network.http_client as h
 url, redis_url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 c = h.client("api", base_url=url, rate="5/s", max_wait="30s", redis=redis.Redis.from_url(redis_url))
 codes = [c.post("/translate", json={"text": f"t{i}", "target": "en"}).status_code for i in range(n)]
@@ -149,8 +149,8 @@ import atexit, sys
 def last():
     print("exiting", flush=True)
     sys.stdin.readline()
-atexit.register(last)  # registered before rmq.network.http's handler, so it runs after it
-import rmq.network.http as h
+atexit.register(last)  # registered before rmq.network.http_client's handler, so it runs after it
+import rmq.network.http_client as h
 c = h.client("closing", base_url=sys.argv[1])
 for i in range(3):
     c.post("/translate", json={"text": "x"})

@@ -1,4 +1,4 @@
-"""Unit tests of rmq.network.http: backoff, Retry-After, settings, Defer, retries, accounting (no network)."""
+"""Unit tests of rmq.network.http_client: backoff, Retry-After, settings, Defer, retries, accounting."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from email.utils import formatdate
 import httpx
 import pytest
 
-import rmq.network.http as rhttp
+import rmq.network.http_client as rhttp
 from rmq.core import runtime
 from rmq.core.errors import ConfigError, Defer, RateLimiterUnavailable
 from rmq.core.procstats import ProcessStats
