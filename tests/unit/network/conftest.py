@@ -1,4 +1,4 @@
-"""Fixtures of the network tests: a real Redis (the limits are Lua scripts), a dead one, a fake runtime.
+"""Fixtures of the network tests: a real Redis (the limits are Lua scripts), a dead one, fake runtimes.
 
 Cross-process behaviour (contention, SIGKILLed holders) is in
 tests/integration/test_ratelimit_processes.py.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -109,3 +110,19 @@ def task_context() -> Callable[..., TaskContext]:
         return TaskContext("app.tasks.call_api", task_id, parse_declaration(**declared), rt.config)
 
     return make
+
+
+@pytest.fixture
+def stub_runtime():
+    """``stub_runtime(**config)``: a runtime with no Redis (what the HTTP clients use), installed as current."""
+
+    def install(**config: Any) -> Any:
+        cfg = types.SimpleNamespace(**{"throttle_max_wait": 2.0, "concurrency_lease": 30.0, "defer_countdown": 3.0,
+                                       **config})
+        rt = types.SimpleNamespace(config=cfg, stats=ProcessStats(None), process_exit_hooks=[],
+                                   redis=lambda: pytest.fail("no Redis expected"))
+        runtime.set_current(rt)
+        return rt
+
+    yield install
+    runtime.set_current(None)
