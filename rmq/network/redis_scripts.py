@@ -1,9 +1,10 @@
 """Running the limits' Lua scripts on Redis: by EVALSHA, on Redis's own clock, failing closed.
 
 Every limit decision is one atomic script that reads Redis's ``TIME``, so any number of workers on
-any number of hosts share a limit and disagree about nothing (their clocks never enter). Redis being
-unreachable raises :class:`RateLimiterUnavailable`, which the callers turn into a deferral: rmq fails
-closed rather than letting work through unchecked. See docs/design.md#rate-limits.
+any number of hosts share a limit and disagree about nothing (their own clocks never enter). Redis
+being unreachable raises :class:`RateLimiterUnavailable`, which inside a worker the guards and the HTTP
+clients turn into a deferral: rmq fails closed rather than let work through unchecked. See
+docs/design.md#rate-limits.
 """
 
 from __future__ import annotations
