@@ -53,7 +53,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(task, name)
     if name == "throttle":
-        from rmq.network.ratelimit import throttle
+        from rmq.network.throttle import throttle
 
         return throttle
     if name in ("models", "http", "signals"):

@@ -20,7 +20,8 @@ from rmq.memory.hygiene import HygieneGuard
 from rmq.memory.reservation import AdmissionGuard
 from rmq.models.concern import ModelsConcern
 from rmq.monitoring.worker_monitor import MonitoringConcern
-from rmq.network.ratelimit import ConcurrencyGuard, RateLimitGuard
+from rmq.network.concurrency_guard import ConcurrencyGuard
+from rmq.network.rate_limit_guard import RateLimitGuard
 
 __all__ = ["default_concerns"]
 

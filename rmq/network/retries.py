@@ -1,25 +1,76 @@
-"""Retry defaults for ``network=True`` tasks: exponential backoff with jitter, bounded."""
+"""Retry policy for calls over the network: what is retried and how long to wait between attempts.
+
+Two users: the HTTP clients (:mod:`rmq.network.http_client`) retry connection errors, timeouts, 429
+and 5xx with full-jitter exponential backoff, a ``Retry-After`` header setting the least wait; and
+``network=True`` tasks get Celery retry options with exponential backoff and jitter, bounded, unless
+the task sets its own. Full jitter (a uniform wait up to the exponential ceiling) keeps clients that
+failed together from retrying together. See docs/design.md#http-clients.
+"""
 
 from __future__ import annotations
 
+import email.utils
+import math
+import random
 import socket
+import time
 from typing import Any
 
-__all__ = ["NETWORK_ERRORS", "apply_network_defaults"]
+import httpx
+
+__all__ = [
+    "BACKOFF_BASE_S",
+    "BACKOFF_CAP_S",
+    "NETWORK_ERRORS",
+    "RETRY_ERRORS",
+    "apply_network_defaults",
+    "backoff_delay",
+    "is_retryable_status",
+    "parse_retry_after",
+]
+
+BACKOFF_BASE_S = 0.25
+#: backoff ceiling; a ``Retry-After`` longer than this defers the task instead of sleeping
+BACKOFF_CAP_S = 10.0
+
+#: errors of an HTTP attempt worth another attempt (the server may never have seen the request)
+RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+#: what a ``network=True`` task retries by default
+NETWORK_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, socket.gaierror,
+                                                   httpx.TransportError)
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.timeout, socket.gaierror]
+def is_retryable_status(code: int) -> bool:
+    """429 (too many requests) and 5xx (the server failed) are worth another attempt."""
+    return code == 429 or 500 <= code <= 599
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date; None if invalid."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
     try:
-        import httpx
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if math.isnan(seconds) or math.isinf(seconds):
+        return None
+    return max(0.0, seconds)
 
-        errors += [httpx.TransportError]
-    except ImportError:  # pragma: no cover - httpx is a dependency
-        pass
-    return tuple(errors)
 
-
-NETWORK_ERRORS = _network_errors()
+def backoff_delay(attempt: int, rng: random.Random | None = None,
+                  base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S) -> float:
+    """Full jitter: uniform in ``[0, min(cap_s, base_s * 2**attempt)]`` (``attempt`` from 0)."""
+    ceiling = min(cap_s, base_s * (2 ** min(attempt, 32)))
+    return (rng or random).uniform(0.0, ceiling)
 
 
 def apply_network_defaults(options: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import redis
 
 from rmq.core import keys
-from rmq.network.ratelimit import ClusterLimiter
+from rmq.network.rate_limiter import ClusterLimiter
 from rmq.core.units import Rate, parse_rate
 
 LATENCY_GOAL_MS = 1.0
@@ -174,7 +174,7 @@ def _build_worker_app() -> Any:
     from celery import current_task
 
     from rmq import governed_task
-    from rmq.network.ratelimit import GRANTED_US
+    from rmq.network.rate_limit_guard import GRANTED_US
     from rmq.core.runtime import current
     from rmq.celery.task import rmq_headers
     from workers.app import make_app

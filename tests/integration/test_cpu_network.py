@@ -16,7 +16,7 @@ import redis as redis_lib
 
 from rmq.core import keys
 from rmq.core.errors import ResourceUnavailable
-from rmq.network.ratelimit import ClusterLimiter
+from rmq.network.rate_limiter import ClusterLimiter
 from rmq.testing.worker import wait_until
 from rmq.core.units import parse_rate
 

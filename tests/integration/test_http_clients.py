@@ -1,4 +1,4 @@
-"""rmq.network.http against a real local API server and a real Redis, across real processes."""
+"""rmq.network.http_registry against a real local API server and a real Redis, across real processes."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import httpx
 import pytest
 import redis as redis_lib
 
-import rmq.network.http as rhttp
+import rmq.network.http_registry as rhttp
 from rmq.core.errors import Defer
+from rmq.network.http_client import RATE_MARGIN_S
 from workers.fake_api import start_in_thread
 
 pytestmark = pytest.mark.integration
@@ -65,7 +66,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 CALLER = r"""
-import json, sys, redis, rmq.network.http as h
+import json, sys, redis, rmq.network.http_registry as h
 url, redis_url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 c = h.client("api", base_url=url, rate="5/s", max_wait="30s", redis=redis.Redis.from_url(redis_url))
 codes = [c.post("/translate", json={"text": f"t{i}", "target": "en"}).status_code for i in range(n)]
@@ -149,8 +150,8 @@ import atexit, sys
 def last():
     print("exiting", flush=True)
     sys.stdin.readline()
-atexit.register(last)  # registered before rmq.network.http's handler, so it runs after it
-import rmq.network.http as h
+atexit.register(last)  # registered before rmq.network.http_registry's handler, so it runs after it
+import rmq.network.http_registry as h
 c = h.client("closing", base_url=sys.argv[1])
 for i in range(3):
     c.post("/translate", json={"text": "x"})
@@ -231,7 +232,7 @@ def test_no_token_within_max_wait_defers_with_time_to_next_token(api_factory, re
     with pytest.raises(Defer) as info:
         c.post("/translate", json={"text": "x"})
     assert time.monotonic() - started < 0.2  # a 60 s wait is not slept on: it defers at once
-    assert info.value.kind == "rate_limit" and 55 < info.value.countdown_s <= 60 + rhttp.RATE_MARGIN_S
+    assert info.value.kind == "rate_limit" and 55 < info.value.countdown_s <= 60 + RATE_MARGIN_S
     assert api.stats()["requests"] == 1 and c.stats()["deferred"] == 1
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import redis as redis_lib
 
-from rmq.network.ratelimit import ClusterSemaphore
+from rmq.network.semaphore import ClusterSemaphore
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 HAMMER = """
 import json, sys, time
 import redis
-from rmq.network.ratelimit import ClusterLimiter
+from rmq.network.rate_limiter import ClusterLimiter
 from rmq.core.units import parse_rate
 url, start_at, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 limiter, rate, grants = ClusterLimiter(redis.Redis.from_url(url)), parse_rate("10/s"), []
@@ -41,7 +41,7 @@ print(json.dumps(grants))
 HOLD = """
 import os, sys, time
 import redis
-from rmq.network.ratelimit import ClusterSemaphore
+from rmq.network.semaphore import ClusterSemaphore
 url, start_at, rounds, name = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 client = redis.Redis.from_url(url)
 sem = ClusterSemaphore(client, lease_s=30)
@@ -61,7 +61,8 @@ for n in range(rounds):
 KEEP = """
 import sys, time
 import redis
-from rmq.network.ratelimit import ClusterSemaphore, LeaseKeeper
+from rmq.network.lease_keeper import LeaseKeeper
+from rmq.network.semaphore import ClusterSemaphore
 sem = ClusterSemaphore(redis.Redis.from_url(sys.argv[1]), lease_s=float(sys.argv[2]))
 assert sem.acquire("gpu", 1, "doomed")
 keeper = LeaseKeeper(sem)

@@ -1,28 +1,21 @@
-"""Pooled HTTP clients that obey cluster-wide rate and concurrency limits (SPEC C11).
+"""An HTTP client that obeys cluster-wide rate and concurrency limits, with retries.
 
-``client("tts-api", base_url=..., rate="10/s", concurrency=4)`` returns this process's one
-pooled :class:`RmqHttpClient` of that name (an ``httpx.Client`` with keep-alive). Every attempt
-takes a permit of the cluster-wide semaphore ``http:<name>``, then, as its headers start going
-out (after any connect), a token of the cluster-wide limit ``http:<name>`` (both in Redis, see
-``rmq.network.ratelimit``): a token is used the moment it is granted, so the rate holds on the wire.
-No token or permit within ``max_wait`` raises :class:`rmq.core.errors.Defer`.
+:class:`RmqHttpClient` is a pooled ``httpx.Client`` (keep-alive) made by
+:func:`rmq.network.http_registry.client`. Every attempt takes a permit of the cluster-wide semaphore
+``http:<name>``, then, as its headers start going out (after any connect), a token of the
+cluster-wide limit ``http:<name>`` (both in Redis: :mod:`rmq.network.semaphore`,
+:mod:`rmq.network.rate_limiter`): a token is used the moment it is granted, so the rate holds on the
+wire. No token or permit within ``max_wait`` raises :class:`rmq.core.errors.Defer`.
 
-Retries (``retries`` of them, full-jitter exponential backoff) cover connection errors,
-timeouts, 429 and 5xx; a ``Retry-After`` header sets the least wait. A final 429/5xx raises
-``httpx.HTTPStatusError``; a final transport error is re-raised; any other status is returned.
-
-Byte accounting (``sent_bytes`` / ``recv_bytes``) counts HTTP/1.1 wire bytes as a server sees
-them: request line + header lines + blank line + body (``Content-Length``), and status line +
-header lines + blank line + body bytes read (before decoding). Chunked framing and TLS are not
-counted; an attempt that never connected sends nothing.
+Retries (``retries`` of them, see :mod:`rmq.network.retries`) cover connection errors, timeouts, 429
+and 5xx. A final 429/5xx raises ``httpx.HTTPStatusError``; a final transport error is re-raised; any
+other status is returned. Counters include the wire bytes (:mod:`rmq.network.wire_bytes`). See
+docs/design.md#http-clients.
 """
 
 from __future__ import annotations
 
-import atexit
-import email.utils
 import logging
-import math
 import os
 import random
 import socket
@@ -35,20 +28,15 @@ from typing import Any
 import httpx
 
 from rmq.core import runtime as _runtime
-from rmq.core.errors import ConfigError, Defer, RateLimiterUnavailable
-from rmq.network.ratelimit import ClusterLimiter, ClusterSemaphore, LeaseKeeper
-from rmq.core.units import Rate, parse_duration, parse_rate
+from rmq.core.errors import Defer, RateLimiterUnavailable
+from rmq.core.units import Rate
+from rmq.network.lease_keeper import LeaseKeeper
+from rmq.network.rate_limiter import ClusterLimiter
+from rmq.network.retries import BACKOFF_CAP_S, RETRY_ERRORS, backoff_delay, is_retryable_status, parse_retry_after
+from rmq.network.semaphore import ClusterSemaphore
+from rmq.network.wire_bytes import request_wire_bytes, response_wire_bytes
 
-__all__ = [
-    "RmqHttpClient",
-    "backoff_delay",
-    "client",
-    "close_all",
-    "parse_retry_after",
-    "request_wire_bytes",
-    "response_wire_bytes",
-    "stats",
-]
+__all__ = ["COUNTERS", "RmqHttpClient"]
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +45,6 @@ DEFAULT_RETRIES = 3
 #: longest wait for a token/permit outside a worker (inside: ``rmq_throttle_max_wait``)
 DEFAULT_MAX_WAIT_S = 2.0
 DEFAULT_LEASE_S = 30.0
-BACKOFF_BASE_S = 0.25
-#: backoff ceiling; a ``Retry-After`` longer than this defers the task instead of sleeping
-BACKOFF_CAP_S = 10.0
 #: tokens are spaced as if each period were this much longer: a request reaches the server a
 #: little after its token, unevenly (a new connection's first request lags by ~5 ms), and without
 #: slack an exact-rate grant sequence can land ``count + 1`` requests in one server-side window
@@ -67,60 +52,12 @@ RATE_MARGIN_S = 0.02
 #: countdown of a deferral for a full semaphore (nobody knows when a permit frees)
 PERMIT_RETRY_S = 1.0
 LIMIT_PREFIX = "http:"
+#: what each client counts (``stats()``), also under ``http`` in the worker's process stats
 COUNTERS = ("requests", "retries", "errors", "deferred", "throttled", "throttled_s", "backoff_s",
             "sent_bytes", "recv_bytes", "responses_429", "responses_5xx")
 
-_RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+# an attempt that failed this way never reached the server: it sent no bytes
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date; None if invalid."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None or when.tzinfo is None:
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if math.isnan(seconds) or math.isinf(seconds):
-        return None
-    return max(0.0, seconds)
-
-
-def backoff_delay(attempt: int, rng: random.Random | None = None,
-                  base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S) -> float:
-    """Full jitter: uniform in ``[0, min(cap_s, base_s * 2**attempt)]`` (``attempt`` from 0)."""
-    ceiling = min(cap_s, base_s * (2 ** min(attempt, 32)))
-    return (rng or random).uniform(0.0, ceiling)
-
-
-def _headers_bytes(raw: list[tuple[bytes, bytes]]) -> int:
-    return sum(len(k) + len(v) + 4 for k, v in raw) + 2  # "k: v\r\n" each, then "\r\n"
-
-
-def request_wire_bytes(request: httpx.Request) -> int:
-    """HTTP/1.1 bytes of a request: request line, headers, blank line, body (Content-Length)."""
-    line = len(request.method) + len(request.url.raw_path) + len(" HTTP/1.1\r\n") + 1
-    body = request.headers.get("content-length")
-    return line + _headers_bytes(request.headers.raw) + (int(body) if body and body.isdigit() else 0)
-
-
-def response_wire_bytes(response: httpx.Response) -> int:
-    """HTTP/1.1 bytes of a response: status line, headers, blank line, body bytes read."""
-    reason = response.extensions.get("reason_phrase", response.reason_phrase.encode())
-    line = len(response.http_version) + len(str(response.status_code)) + len(reason) + 4
-    return line + _headers_bytes(response.headers.raw) + response.num_bytes_downloaded
-
-
-def _retryable_status(code: int) -> bool:
-    return code == 429 or 500 <= code <= 599
 
 
 class RmqHttpClient:
@@ -320,7 +257,7 @@ class RmqHttpClient:
                     response = self.http.send(request)
                 except (Defer, RateLimiterUnavailable) as exc:
                     gate.reraise(exc)
-                except _RETRY_ERRORS as exc:
+                except RETRY_ERRORS as exc:
                     if not isinstance(exc, _NOT_SENT):
                         self._count("sent_bytes", request_wire_bytes(request))
                     if attempt >= self.retries:
@@ -330,7 +267,7 @@ class RmqHttpClient:
                 else:
                     self._count("sent_bytes", request_wire_bytes(request))
                     self._count("recv_bytes", response_wire_bytes(response))
-                    if not _retryable_status(response.status_code):
+                    if not is_retryable_status(response.status_code):
                         return response
                     self._count("responses_429" if response.status_code == 429 else "responses_5xx")
                     if attempt >= self.retries:
@@ -379,132 +316,3 @@ class _Gate:
 
     def reraise(self, exc: BaseException) -> None:
         raise exc from self.cause
-
-
-# -- the per-process registry -------------------------------------------------------------
-_registry: dict[tuple[int, str], RmqHttpClient] = {}
-_registry_lock = threading.Lock()
-_hooked = False
-
-
-def _reset_lock_in_child() -> None:
-    global _registry_lock
-    _registry_lock = threading.Lock()  # a thread of the parent may have held it at fork
-
-
-def _hook_process() -> None:
-    global _hooked
-    if not _hooked:  # once: forked children inherit atexit and fork hooks
-        _hooked = True
-        atexit.register(close_all)
-        os.register_at_fork(after_in_child=_reset_lock_in_child)
-
-
-def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not name or len(name) > 200 or any(c.isspace() or c == "\0" for c in name):
-        raise ConfigError(f"http client name must be a non-empty string without spaces, got {name!r}")
-    return name
-
-
-def client(name: str, base_url: str | None = None, rate: str | Rate | None = None,
-           concurrency: int | None = None, timeout: float | str | None = None, retries: int | None = None,
-           max_wait: float | str | None = None, headers: Mapping[str, str] | None = None,
-           redis: Any = None) -> RmqHttpClient:
-    """This process's pooled client ``name``, made on first use with these settings.
-
-    A later call may repeat the settings or leave them out (None); a differing one is an error.
-    Clients close when the process exits (atexit, and the worker runtime's exit hooks). A forked
-    child gets its own client, made from the parent's settings, and never touches the parent's
-    connections.
-
-    Args:
-        name: client name (limit keys ``rmq:rate:http:<name>`` / ``rmq:sem:http:<name>``, counters).
-        base_url: prefix of relative URLs.
-        rate: cluster-wide attempts, ``"10/s"``, ``"100/m"``; None: unlimited.
-        concurrency: cluster-wide attempts in flight (int >= 1); None: unlimited (pool of 10).
-        timeout: per-attempt timeout, seconds or ``"500ms"``; default 10 s.
-        retries: extra attempts on connection errors, timeouts, 429 and 5xx; default 3.
-        max_wait: longest wait for a token or permit before ``Defer``; default
-            ``rmq_throttle_max_wait`` inside a worker, else 2 s.
-        headers: default headers sent with every request.
-        redis: a ``redis.Redis`` for the limits; default the worker runtime's.
-
-    Raises:
-        ConfigError: a bad value, or settings that differ from the existing client's.
-    """
-    _check_name(name)
-    wanted: dict[str, Any] = {}
-    if base_url is not None:
-        if not isinstance(base_url, str):
-            raise ConfigError(f"http client {name!r}: base_url must be a string, got {base_url!r}")
-        wanted["base_url"] = base_url
-    if rate is not None:
-        wanted["rate"] = parse_rate(rate, f"http client {name!r} rate")
-    if concurrency is not None:
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigError(f"http client {name!r}: concurrency must be an integer >= 1, got {concurrency!r}")
-        wanted["concurrency"] = concurrency
-    if timeout is not None:
-        wanted["timeout_s"] = parse_duration(timeout, f"http client {name!r} timeout")
-    if retries is not None:
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ConfigError(f"http client {name!r}: retries must be an integer >= 0, got {retries!r}")
-        wanted["retries"] = retries
-    if max_wait is not None:
-        wanted["max_wait_s"] = parse_duration(max_wait, f"http client {name!r} max_wait", allow_zero=True)
-    if headers is not None:
-        wanted["headers"] = dict(headers)
-    if redis is not None:
-        wanted["redis"] = redis
-    pid = os.getpid()
-    with _registry_lock:
-        existing = _registry.get((pid, name))
-        if existing is None or existing.closed:  # a forked child takes its parent's settings, not sockets
-            existing = next((c for (p, n), c in reversed(_registry.items()) if n == name and p != pid), None)
-        if existing is not None:
-            for attr, value in wanted.items():
-                have = getattr(existing, attr)
-                if (have is not value) if attr == "redis" else (have != value):
-                    raise ConfigError(f"http client {name!r} already exists with {attr}={have!r}; "
-                                      f"got {attr}={value!r}")
-            if existing.pid == pid:
-                return existing
-            wanted = {**existing.given, **wanted}
-        if "redis" not in wanted and ("rate" in wanted or "concurrency" in wanted) and _runtime.current() is None:
-            raise ConfigError(f"http client {name!r} has cluster-wide limits but no Redis outside a worker: "
-                              "pass redis=redis.Redis(...)")
-        made = RmqHttpClient(name, **wanted)
-        made.given = wanted
-        _registry[(pid, name)] = made
-        _hook_process()
-    rt = _runtime.current()
-    if rt is not None and _close_hook not in rt.process_exit_hooks:
-        rt.process_exit_hooks.append(_close_hook)
-    return made
-
-
-def _close_hook(rt: Any) -> None:
-    close_all()
-
-
-def close_all() -> None:
-    """Close this process's clients (a forked child leaves its parent's alone) and forget them."""
-    pid = os.getpid()
-    with _registry_lock:
-        mine = [key for key in _registry if key[0] == pid]
-        clients = [_registry.pop(key) for key in mine]
-    for c in clients:
-        try:
-            c.close()
-        except (OSError, RuntimeError, httpx.HTTPError) as exc:  # pragma: no cover - exit goes on
-            log.debug("rmq: closing http client %r: %s", c.name, exc)
-
-
-def stats(name: str | None = None) -> dict[str, Any]:
-    """This process's counters: ``{name: {counter: n}}``, or one client's dict when ``name`` is given."""
-    pid = os.getpid()
-    with _registry_lock:
-        clients = {n: c for (p, n), c in _registry.items() if p == pid}
-    if name is not None:
-        return clients[name].stats() if name in clients else dict.fromkeys(COUNTERS, 0)
-    return {n: c.stats() for n, c in clients.items()}

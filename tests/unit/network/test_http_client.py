@@ -1,26 +1,16 @@
-"""Unit tests of rmq.network.http: backoff, Retry-After, settings, Defer, retries, accounting (no network)."""
+"""The governed HTTP client: tokens and permits, Defer, retries, counters (a mock transport, no network)."""
 
 from __future__ import annotations
 
 import random
-import types
-from email.utils import formatdate
 
 import httpx
 import pytest
 
-import rmq.network.http as rhttp
-from rmq.core import runtime
-from rmq.core.errors import ConfigError, Defer, RateLimiterUnavailable
-from rmq.core.procstats import ProcessStats
-from rmq.core.units import Rate
-
-
-@pytest.fixture(autouse=True)
-def _isolated():
-    yield
-    runtime.set_current(None)
-    rhttp.close_all()
+from rmq.core.errors import Defer, RateLimiterUnavailable
+from rmq.core.units import Rate, parse_rate
+from rmq.network.http_client import RATE_MARGIN_S, RmqHttpClient
+from rmq.network.retries import BACKOFF_BASE_S
 
 
 class FakeClock:
@@ -82,97 +72,30 @@ def scripted(*answers):
     return httpx.MockTransport(handler), seen
 
 
-def make(answers=(200,), clock=None, **kw) -> tuple[rhttp.RmqHttpClient, list, FakeClock]:
+def make(answers=(200,), clock=None, **kw) -> tuple[RmqHttpClient, list, FakeClock]:
     transport, seen = scripted(*answers)
     clock = clock or FakeClock()
     kw.setdefault("retries", 3)
-    c = rhttp.RmqHttpClient("t", base_url="http://api.test", transport=transport, sleep=clock.sleep,
+    c = RmqHttpClient("t", base_url="http://api.test", transport=transport, sleep=clock.sleep,
                             clock=clock, rng=random.Random(7), **kw)
     return c, seen, clock
-
-
-def fake_runtime(**config):
-    cfg = types.SimpleNamespace(**{"throttle_max_wait": 2.0, "concurrency_lease": 30.0, "defer_countdown": 3.0,
-                                   **config})
-    rt = types.SimpleNamespace(config=cfg, stats=ProcessStats(None), process_exit_hooks=[],
-                               redis=lambda: pytest.fail("no Redis expected"))
-    runtime.set_current(rt)
-    return rt
-
-
-# -- Retry-After and backoff -------------------------------------------------------------------
-@pytest.mark.parametrize("value, expected", [
-    ("1", 1.0), (" 2.5 ", 2.5), ("0", 0.0), ("-3", 0.0), ("soon", None), ("", None), (None, None),
-    ("nan", None), ("inf", None),
-])
-def test_retry_after_seconds(value, expected):
-    assert rhttp.parse_retry_after(value) == expected
-
-
-def test_retry_after_http_date():
-    now = 1_700_000_000.0
-    assert rhttp.parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30.0)
-    assert rhttp.parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0
-    assert rhttp.parse_retry_after("Wed, 99 Foo 2015 07:28:00 GMT", now=now) is None
-
-
-def test_backoff_full_jitter_bounds():
-    rng = random.Random(1)
-    for attempt in range(12):
-        ceiling = min(rhttp.BACKOFF_CAP_S, rhttp.BACKOFF_BASE_S * 2**attempt)
-        samples = [rhttp.backoff_delay(attempt, rng) for _ in range(300)]
-        assert all(0.0 <= s <= ceiling for s in samples)
-        # full jitter spreads over the whole range, not a fixed delay plus a little noise
-        assert min(samples) < 0.1 * ceiling and max(samples) > 0.9 * ceiling
-    assert rhttp.backoff_delay(10_000, rng) <= rhttp.BACKOFF_CAP_S
-
-
-# -- settings ----------------------------------------------------------------------------------
-def test_one_client_per_name_and_conflicts_are_errors():
-    a = rhttp.client("conf", base_url="http://x.test", rate="5/s", redis=object())
-    assert rhttp.client("conf") is a  # leaving settings out reuses the client
-    assert rhttp.client("conf", rate="5/s", timeout=10) is a  # same values (10 s is the default)
-    with pytest.raises(ConfigError, match=r"rate=Rate\(count=5.*rate=Rate\(count=10"):
-        rhttp.client("conf", rate="10/s")
-    with pytest.raises(ConfigError, match="base_url"):
-        rhttp.client("conf", base_url="http://y.test")
-    with pytest.raises(ConfigError, match="redis"):
-        rhttp.client("conf", redis=object())
-    assert rhttp.client("other") is not a
-
-
-@pytest.mark.parametrize("kwargs, word", [
-    ({"rate": "10 per s"}, "rate"), ({"rate": 5}, "rate"), ({"concurrency": 0}, "concurrency"),
-    ({"concurrency": True}, "concurrency"), ({"retries": -1}, "retries"), ({"timeout": "soon"}, "timeout"),
-    ({"timeout": 0}, "timeout"), ({"max_wait": "-1s"}, "max_wait"), ({"base_url": 3}, "base_url"),
-])
-def test_bad_settings_name_the_argument(kwargs, word):
-    with pytest.raises(ConfigError, match=word):
-        rhttp.client("bad", **kwargs)
-    assert "bad" not in rhttp.stats()  # nothing was made
-
-
-@pytest.mark.parametrize("name", ["", "a b", "x\0y", 3, "n" * 201])
-def test_bad_names(name):
-    with pytest.raises(ConfigError, match="name"):
-        rhttp.client(name)
 
 
 # -- limits ------------------------------------------------------------------------------------
 def test_defer_when_no_token_within_max_wait():
     limiter = StubLimiter([1.5])
-    c, seen, clock = make(rate=rhttp.parse_rate("5/s"), limiter=limiter, max_wait_s=0.5)
+    c, seen, clock = make(rate=parse_rate("5/s"), limiter=limiter, max_wait_s=0.5)
     with pytest.raises(Defer) as info:
         c.get("/x")
     assert info.value.kind == "rate_limit" and info.value.countdown_s == 1.5
     assert seen == [] and clock.sleeps == []  # nothing sent, no pointless wait
     # tokens are spaced with a little slack for uneven network delay
-    assert limiter.calls == [("http:t", Rate(5, 1.0 + rhttp.RATE_MARGIN_S))]
+    assert limiter.calls == [("http:t", Rate(5, 1.0 + RATE_MARGIN_S))]
     assert c.stats()["deferred"] == 1 and c.stats()["requests"] == 0
 
 
 def test_waits_for_a_token_within_max_wait():
-    c, seen, clock = make(rate=rhttp.parse_rate("5/s"), limiter=StubLimiter([0.3, 0.4, 0.0]), max_wait_s=1.0)
+    c, seen, clock = make(rate=parse_rate("5/s"), limiter=StubLimiter([0.3, 0.4, 0.0]), max_wait_s=1.0)
     assert c.get("/x").status_code == 200
     assert clock.sleeps == [0.3, 0.4] and len(seen) == 1
     s = c.stats()
@@ -180,15 +103,15 @@ def test_waits_for_a_token_within_max_wait():
 
 
 def test_token_wait_that_would_pass_max_wait_defers_with_time_to_next_token():
-    c, _, clock = make(rate=rhttp.parse_rate("5/s"), limiter=StubLimiter([0.6, 0.6]), max_wait_s=1.0)
+    c, _, clock = make(rate=parse_rate("5/s"), limiter=StubLimiter([0.6, 0.6]), max_wait_s=1.0)
     with pytest.raises(Defer) as info:
         c.get("/x")
     assert clock.sleeps == [0.6] and info.value.countdown_s == 0.6
 
 
-def test_max_wait_defaults_to_the_runtime_config():
-    fake_runtime(throttle_max_wait=5.0)
-    c, _, clock = make(rate=rhttp.parse_rate("1/s"), limiter=StubLimiter([4.0, 0.0]))
+def test_max_wait_defaults_to_the_runtime_config(stub_runtime):
+    stub_runtime(throttle_max_wait=5.0)
+    c, _, clock = make(rate=parse_rate("1/s"), limiter=StubLimiter([4.0, 0.0]))
     c.get("/x")
     assert clock.sleeps == [4.0]
 
@@ -206,28 +129,20 @@ def test_concurrency_permit_per_attempt_and_defer_when_full():
 
 
 def test_limiter_down_outside_a_worker_raises():
-    c, seen, _ = make(rate=rhttp.parse_rate("5/s"), limiter=StubLimiter([RateLimiterUnavailable("down")]))
+    c, seen, _ = make(rate=parse_rate("5/s"), limiter=StubLimiter([RateLimiterUnavailable("down")]))
     with pytest.raises(RateLimiterUnavailable):
         c.get("/x")
     assert seen == []
 
 
-def test_limiter_down_in_a_worker_defers_and_is_counted():
-    rt = fake_runtime()
-    c, seen, _ = make(rate=rhttp.parse_rate("5/s"), limiter=StubLimiter([RateLimiterUnavailable("down")]))
+def test_limiter_down_in_a_worker_defers_and_is_counted(stub_runtime):
+    rt = stub_runtime()
+    c, seen, _ = make(rate=parse_rate("5/s"), limiter=StubLimiter([RateLimiterUnavailable("down")]))
     with pytest.raises(Defer) as info:
         c.get("/x")
     assert info.value.kind == "rate_limit_unavailable" and info.value.countdown_s == 3.0
     assert isinstance(info.value.__cause__, RateLimiterUnavailable) and seen == []
     assert rt.stats.counters["http"]["t"]["deferred"] == 1
-
-
-def test_limits_without_redis_outside_a_worker_are_refused_at_once():
-    with pytest.raises(ConfigError, match="redis="):
-        rhttp.client("noredis", base_url="http://x.test", rate="5/s")
-    with pytest.raises(ConfigError, match="redis="):
-        rhttp.client("noredis", concurrency=2)
-    assert rhttp.client("noredis").rate is None  # no limits: no Redis needed
 
 
 # -- retries -----------------------------------------------------------------------------------
@@ -236,7 +151,7 @@ def test_retries_5xx_with_bounded_jittered_backoff():
     assert c.get("/x").status_code == 200
     assert len(seen) == 4 and len(clock.sleeps) == 3
     for attempt, slept in enumerate(clock.sleeps):
-        assert 0.0 <= slept <= rhttp.BACKOFF_BASE_S * 2**attempt
+        assert 0.0 <= slept <= BACKOFF_BASE_S * 2**attempt
     s = c.stats()
     assert (s["requests"], s["retries"], s["responses_5xx"], s["errors"]) == (4, 3, 3, 0)
     assert s["backoff_s"] == pytest.approx(sum(clock.sleeps))
@@ -284,33 +199,10 @@ def test_timeout_then_success():
     assert c.stats()["sent_bytes"] > 0  # the timed-out request went out
 
 
-# -- accounting and lifecycle ------------------------------------------------------------------
-def test_wire_bytes_of_a_request_and_a_response():
-    c, _, _ = make()
-    req = c.http.build_request("POST", "/translate", json={"text": "é"}, headers={"X-A": "b"})
-    head = b"POST /translate HTTP/1.1\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in req.headers.raw)
-    assert rhttp.request_wire_bytes(req) == len(head) + 2 + len(req.content)
-    resp = c.post("/translate", json={"text": "é"})
-    wire = (b"HTTP/1.1 200 OK\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in resp.headers.raw)
-            + b"\r\n" + resp.content)
-    assert rhttp.response_wire_bytes(resp) == len(wire)
-
-
-def test_counters_reach_the_runtime_stats():
-    rt = fake_runtime()
+# -- accounting --------------------------------------------------------------------------------
+def test_counters_reach_the_runtime_stats(stub_runtime):
+    rt = stub_runtime()
     c, _, _ = make(answers=(503, 200))
     c.get("/x")
     http = rt.stats.counters["http"]["t"]
     assert http["requests"] == 2 and http["retries"] == 1 and http["recv_bytes"] == c.stats()["recv_bytes"]
-
-
-def test_runtime_exit_hook_closes_this_process_clients():
-    rt = fake_runtime()
-    c = rhttp.client("hooked", base_url="http://x.test")
-    assert rt.process_exit_hooks and rhttp.client("hooked") is c
-    rhttp.client("hooked2")
-    assert len(rt.process_exit_hooks) == 1  # registered once
-    for hook in rt.process_exit_hooks:
-        hook(rt)
-    assert c.closed and rhttp.stats() == {}
-    assert rhttp.client("hooked") is not c  # a later use makes a fresh one
