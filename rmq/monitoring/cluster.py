@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rmq.core import keys
+from rmq.core.routing import transport_kind
+from rmq.core.runtime import config_for, redis_url_for_app
 from rmq.monitoring.alerts import (
     AlertEngine,
     WebhookSender,
@@ -30,9 +32,6 @@ from rmq.monitoring.alerts import (
     event_sink,
 )
 from rmq.monitoring.queues import redis_queue_depth
-from rmq.core.routing import transport_kind
-from rmq.core.runtime import redis_url_for_app
-from rmq.core.runtime import config_for
 
 __all__ = ["collect_cluster_view", "load_or_collect", "load_view", "queue_depths", "tracked_queues"]
 

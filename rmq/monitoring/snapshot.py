@@ -15,8 +15,8 @@ from typing import Any
 import psutil
 
 from rmq.core import procstats
-from rmq.memory.governor import Governor
 from rmq.core.runtime import Runtime
+from rmq.memory.governor import Governor
 
 __all__ = ["SnapshotBuilder"]
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import psutil
 
-from rmq.monitoring.alerts import Alert, AlertEngine, WebhookSender, default_sinks, event_sink, rules_from_config
 from rmq.concern import Concern
 from rmq.core.errors import ConfigError, exit_config_error
 from rmq.core.runtime import Runtime
+from rmq.monitoring.alerts import Alert, AlertEngine, WebhookSender, default_sinks, event_sink, rules_from_config
 
 __all__ = ["AlertLoop", "CpuProbe", "EventSender", "MonitoringConcern", "WorkerMonitor", "disk_ratio"]
 

@@ -14,6 +14,7 @@ import pytest
 from celery.events import Event
 
 from rmq.celery import signals
+from rmq.core.config import load_config
 from rmq.monitoring.alerts import (
     Alert,
     AlertEngine,
@@ -25,7 +26,6 @@ from rmq.monitoring.alerts import (
     readings_from_snapshot,
     rules_from_config,
 )
-from rmq.core.config import load_config
 
 
 def feed(rule: AlertRule, values: list[float], start: float = 1000.0, step: float = 1.0) -> list[Alert]:
