@@ -25,13 +25,13 @@ from rmq.core.routing import transport_kind
 from rmq.core.runtime import config_for, redis_url_for_app
 from rmq.monitoring.alerts import (
     AlertEngine,
-    WebhookSender,
     active_cluster_alerts,
     cluster_alerts,
     default_sinks,
     event_sink,
 )
 from rmq.monitoring.queues import redis_queue_depth
+from rmq.monitoring.webhook import WebhookSender
 
 __all__ = ["collect_cluster_view", "load_or_collect", "load_view", "queue_depths", "tracked_queues"]
 

@@ -23,7 +23,8 @@ import psutil
 from rmq.concern import Concern
 from rmq.core.errors import ConfigError, exit_config_error
 from rmq.core.runtime import Runtime
-from rmq.monitoring.alerts import Alert, AlertEngine, WebhookSender, default_sinks, event_sink, rules_from_config
+from rmq.monitoring.alerts import Alert, AlertEngine, default_sinks, event_sink, rules_from_config
+from rmq.monitoring.webhook import WebhookSender
 
 __all__ = ["AlertLoop", "CpuProbe", "EventSender", "MonitoringConcern", "WorkerMonitor", "disk_ratio"]
 
