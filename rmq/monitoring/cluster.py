@@ -23,13 +23,8 @@ from typing import Any
 from rmq.core import keys
 from rmq.core.routing import transport_kind
 from rmq.core.runtime import config_for, redis_url_for_app
-from rmq.monitoring.alerts import (
-    AlertEngine,
-    active_cluster_alerts,
-    cluster_alerts,
-    default_sinks,
-    event_sink,
-)
+from rmq.monitoring.alerts import AlertEngine, default_sinks, event_sink
+from rmq.monitoring.cluster_checks import active_cluster_alerts, cluster_alerts
 from rmq.monitoring.queues import redis_queue_depth
 from rmq.monitoring.webhook import WebhookSender
 
