@@ -1,12 +1,12 @@
-"""Alerts: threshold rules with hysteresis and cool-down, and where alerts go.
+"""Alerts: threshold rules with hysteresis and cool-down, and the engine that hands alerts to sinks.
 
 A rule raises once per crossing: when its value reaches the threshold it raises, and it re-arms
 only after the value falls below ``threshold - hysteresis``. A crossing within ``cooldown_s`` of
 the last raise stays pending and is raised when the cool-down ends if the value is still at or
 above the threshold, so a flapping reading never floods and a lasting one is never hidden.
 
-Nothing here imports Celery: the signal sink imports :mod:`rmq.celery.signals` when it first runs, and
-the Celery event is sent by a callable the worker glue passes in. Clocks are injected.
+The engine is pure: readings and the clock come in as arguments, and what it raises goes to the
+sinks its caller gives (:mod:`rmq.monitoring.sinks`, :mod:`rmq.monitoring.webhook`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,8 @@ __all__ = [
     "AlertEngine",
     "AlertRule",
     "Sink",
-    "default_sinks",
-    "event_sink",
-    "log_sink",
     "readings_from_snapshot",
     "rules_from_config",
-    "signal_sink",
 ]
 
 logger = logging.getLogger("rmq.monitoring.alerts")
@@ -195,46 +191,6 @@ class AlertEngine:
             "suppressed": {name: rule.suppressed for name, rule in self.rules.items()},
             "sink_errors": self.sink_errors,
         }
-
-
-def log_sink(alert: Alert) -> None:
-    """Log the alert at WARNING on logger ``rmq.monitoring.alerts``."""
-    where = f"{alert.hostname}/{alert.subject}" if alert.subject else alert.hostname or "-"
-    logger.warning("rmq alert %s on %s: %s", alert.name, where, alert.message)
-
-
-def signal_sink(alert: Alert) -> None:
-    """Send :data:`rmq.celery.signals.alert` with ``sender=hostname, alert=alert.as_dict()``."""
-    from rmq.celery import signals  # the only Celery import, kept out of this module's import time
-
-    signals.alert.send(sender=alert.hostname, alert=alert.as_dict())
-
-
-def event_sink(send_event: Callable[[dict[str, Any]], Any]) -> Sink:
-    """Wrap ``send_event(fields)`` (one that sends Celery event ``rmq-alert``) as a sink.
-
-    ``fields`` is ``alert.as_dict()`` without ``hostname``: Celery's event dispatcher stamps its
-    own and refuses a second one.
-    """
-
-    def sink(alert: Alert) -> None:
-        fields = alert.as_dict()
-        del fields["hostname"]
-        send_event(fields)
-
-    return sink
-
-
-def default_sinks(
-    send_event: Callable[[dict[str, Any]], Any] | None = None, webhook: Sink | None = None
-) -> list[Sink]:
-    """Log, signal, and, when given, the Celery event callable and the webhook."""
-    sinks: list[Sink] = [log_sink, signal_sink]
-    if send_event is not None:
-        sinks.append(event_sink(send_event))
-    if webhook is not None:
-        sinks.append(webhook)
-    return sinks
 
 
 def rules_from_config(config: Any) -> list[AlertRule]:

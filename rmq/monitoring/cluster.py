@@ -23,9 +23,10 @@ from typing import Any
 from rmq.core import keys
 from rmq.core.routing import transport_kind
 from rmq.core.runtime import config_for, redis_url_for_app
-from rmq.monitoring.alerts import AlertEngine, default_sinks, event_sink
+from rmq.monitoring.alerts import AlertEngine
 from rmq.monitoring.cluster_checks import active_cluster_alerts, cluster_alerts
 from rmq.monitoring.queues import redis_queue_depth
+from rmq.monitoring.sinks import EventSender, default_sinks, event_sink
 from rmq.monitoring.webhook import WebhookSender
 
 __all__ = ["collect_cluster_view", "load_or_collect", "load_view", "queue_depths", "tracked_queues"]
@@ -162,8 +163,6 @@ def _configured_queues(app: Any) -> list[str]:
 
 def _raise(app: Any, alerts: list[Any], hostname: str) -> None:
     """Deliver cluster alerts to the log, the signal, the ``rmq-alert`` event and the webhook."""
-    from rmq.monitoring.worker_monitor import EventSender
-
     config = config_for(app)
     webhook = WebhookSender(config.alert_webhook) if config.alert_webhook else None
     events = EventSender(app, hostname)

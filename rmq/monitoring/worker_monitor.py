@@ -10,7 +10,6 @@ loop, so a slow tick there never delays an alert and an alert sink never delays 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -23,10 +22,11 @@ import psutil
 from rmq.concern import Concern
 from rmq.core.errors import ConfigError, exit_config_error
 from rmq.core.runtime import Runtime
-from rmq.monitoring.alerts import Alert, AlertEngine, default_sinks, event_sink, rules_from_config
+from rmq.monitoring.alerts import Alert, AlertEngine, rules_from_config
+from rmq.monitoring.sinks import EventSender, default_sinks, event_sink
 from rmq.monitoring.webhook import WebhookSender
 
-__all__ = ["AlertLoop", "CpuProbe", "EventSender", "MonitoringConcern", "WorkerMonitor", "disk_ratio"]
+__all__ = ["AlertLoop", "CpuProbe", "MonitoringConcern", "WorkerMonitor", "disk_ratio"]
 
 log = logging.getLogger("rmq.monitoring.worker_monitor")
 
@@ -34,8 +34,6 @@ log = logging.getLogger("rmq.monitoring.worker_monitor")
 ALERT_INTERVAL_S = 1.0
 #: where the metrics endpoint listens unless ``rmq_metrics_addr`` says otherwise
 DEFAULT_METRICS_ADDR = "0.0.0.0"
-#: a failing broker delays one event by at most about a second
-_EVENT_RETRY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.5, "interval_max": 0.5}
 
 
 class CpuProbe:
@@ -133,51 +131,6 @@ class AlertLoop:
             except Exception:  # alerts must outlive a bad reading
                 self.errors += 1
                 log.exception("rmq alert evaluation failed")
-
-
-class EventSender:
-    """Sends the Celery event ``rmq-alert`` on a connection of its own.
-
-    Its own dispatcher (enabled, no group filter) sends even on workers started without
-    ``-E``, and it never shares a connection with the worker's event loop.
-
-    Args:
-        app: the Celery app.
-        hostname: the worker's node name, stamped on each event by Celery.
-    """
-
-    def __init__(self, app: Any, hostname: str) -> None:
-        self.app = app
-        self.hostname = hostname
-        self._dispatcher: Any = None
-        self._lock = threading.Lock()
-
-    def __call__(self, fields: dict[str, Any]) -> None:
-        """Send one event with ``fields``; on a broker error reconnect next time and re-raise."""
-        with self._lock:
-            if self._dispatcher is None:
-                self._dispatcher = self.app.events.Dispatcher(
-                    self.app.connection_for_write(), hostname=self.hostname, enabled=True,
-                    buffer_while_offline=False,
-                )
-            try:
-                self._dispatcher.send("rmq-alert", retry=True, retry_policy=_EVENT_RETRY, **fields)
-            except Exception:
-                self._close()
-                raise
-
-    def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self._close()
-
-    def _close(self) -> None:
-        dispatcher, self._dispatcher = self._dispatcher, None
-        if dispatcher is not None:
-            connection = dispatcher.connection
-            dispatcher.close()
-            with contextlib.suppress(*connection.connection_errors, *connection.channel_errors):
-                connection.release()
 
 
 class WorkerMonitor:

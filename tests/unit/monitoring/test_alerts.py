@@ -13,10 +13,10 @@ from rmq.monitoring.alerts import (
     Alert,
     AlertEngine,
     AlertRule,
-    default_sinks,
     readings_from_snapshot,
     rules_from_config,
 )
+from rmq.monitoring.sinks import default_sinks
 
 
 def feed(rule: AlertRule, values: list[float], start: float = 1000.0, step: float = 1.0) -> list[Alert]:
