@@ -2,7 +2,9 @@
 
 A sink is any callable taking an :class:`~rmq.monitoring.alerts.Alert`; the engine calls each in
 turn and counts a failing one without stopping the others. The webhook is a sink too
-(:class:`~rmq.monitoring.webhook.WebhookSender`).
+(:class:`~rmq.monitoring.webhook.WebhookSender`). Sinks that belong to the layer above, such as
+the in-process signal the Celery layer sends (``rmq.celery.signals.signal_sink``), are handed in
+by that layer as ``extra_sinks``: monitoring does not import it.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from rmq.monitoring.alerts import Alert, Sink
 
-__all__ = ["EventSender", "default_sinks", "event_sink", "log_sink", "signal_sink"]
+__all__ = ["EventSender", "default_sinks", "event_sink", "log_sink"]
 
 #: the logger of every alert delivery, so one name covers all of them in a logging config
 logger = logging.getLogger("rmq.monitoring.alerts")
@@ -28,13 +30,6 @@ def log_sink(alert: Alert) -> None:
     """Log the alert at WARNING on logger ``rmq.monitoring.alerts``."""
     where = f"{alert.hostname}/{alert.subject}" if alert.subject else alert.hostname or "-"
     logger.warning("rmq alert %s on %s: %s", alert.name, where, alert.message)
-
-
-def signal_sink(alert: Alert) -> None:
-    """Send :data:`rmq.celery.signals.alert` with ``sender=hostname, alert=alert.as_dict()``."""
-    from rmq.celery import signals  # the only Celery import, kept out of this module's import time
-
-    signals.alert.send(sender=alert.hostname, alert=alert.as_dict())
 
 
 def event_sink(send_event: Callable[[dict[str, Any]], Any]) -> Sink:
@@ -98,12 +93,19 @@ class EventSender:
 
 
 def default_sinks(
-    send_event: Callable[[dict[str, Any]], Any] | None = None, webhook: Sink | None = None
+    send_event: Callable[[dict[str, Any]], Any] | None = None,
+    webhook: Sink | None = None,
+    extra_sinks: Iterable[Sink] = (),
 ) -> list[Sink]:
-    """Log, signal, and, when given, the Celery event callable and the webhook."""
-    sinks: list[Sink] = [log_sink, signal_sink]
-    if send_event is not None:
-        sinks.append(event_sink(send_event))
+    """The sinks in the order they run: the log, ``extra_sinks``, then, when given, the webhook and
+    the Celery event callable (wrapped by :func:`event_sink`).
+
+    The webhook only queues, while sending the event may wait on the broker, so the event goes last
+    and a slow broker delays no other sink.
+    """
+    sinks: list[Sink] = [log_sink, *extra_sinks]
     if webhook is not None:
         sinks.append(webhook)
+    if send_event is not None:
+        sinks.append(event_sink(send_event))
     return sinks

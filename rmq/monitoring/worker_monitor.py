@@ -1,11 +1,11 @@
 """Worker-side monitoring: resource alerts every second and the opt-in Prometheus endpoint.
 
-Wired by :class:`MonitoringConcern`. In the worker's main process a daemon
-thread feeds cheap readings (memory ratio from the ledger's control block, host CPU from
-``psutil.cpu_times`` deltas, disk usage of the session root) to an
-:class:`~rmq.monitoring.alerts.AlertEngine` whose sinks are the log, :data:`rmq.celery.signals.alert`, the Celery
-event ``rmq-alert`` and the optional webhook. The thread does not depend on the governor's
-loop, so a slow tick there never delays an alert and an alert sink never delays a kill.
+Wired by :class:`MonitoringConcern`. In the worker's main process a daemon thread feeds cheap
+readings (memory ratio from the ledger's control block, host CPU from ``psutil.cpu_times``
+deltas, disk usage of the session root) to an :class:`~rmq.monitoring.alerts.AlertEngine` whose
+sinks are the log, the sinks the Celery layer hands in (the ``rmq.celery.signals.alert`` signal),
+the optional webhook and the Celery event ``rmq-alert``. The thread does not depend on the
+governor's loop, so a slow tick there never delays an alert and an alert sink never delays a kill.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import psutil
@@ -22,8 +22,8 @@ import psutil
 from rmq.concern import Concern
 from rmq.core.errors import ConfigError, exit_config_error
 from rmq.core.runtime import Runtime
-from rmq.monitoring.alerts import Alert, AlertEngine, rules_from_config
-from rmq.monitoring.sinks import EventSender, default_sinks, event_sink
+from rmq.monitoring.alerts import Alert, AlertEngine, Sink, rules_from_config
+from rmq.monitoring.sinks import EventSender, default_sinks
 from rmq.monitoring.webhook import WebhookSender
 
 __all__ = ["AlertLoop", "CpuProbe", "MonitoringConcern", "WorkerMonitor", "disk_ratio"]
@@ -140,15 +140,19 @@ class WorkerMonitor:
         rt: the worker's runtime.
         hostname: the worker's node name.
         interval_s: seconds between alert evaluations.
+        extra_sinks: sinks of the layer above, run after the log and before the webhook.
 
     Raises:
         ValueError: when ``rmq_alert_webhook`` is not an http(s) URL.
     """
 
-    def __init__(self, rt: Runtime, hostname: str, interval_s: float = ALERT_INTERVAL_S) -> None:
+    def __init__(
+        self, rt: Runtime, hostname: str, interval_s: float = ALERT_INTERVAL_S, extra_sinks: Iterable[Sink] = ()
+    ) -> None:
         self.rt = rt
         self.hostname = hostname
         self.interval_s = interval_s
+        self.extra_sinks = tuple(extra_sinks)
         self.engine: AlertEngine | None = None
         self.loop: AlertLoop | None = None
         # made now, so a bad URL stops the worker before it starts; its thread starts on first use
@@ -162,8 +166,7 @@ class WorkerMonitor:
         config = rt.config
         self.events = EventSender(rt.app, self.hostname)
         rt.stats.incr("alerts", n=0)  # the key exists before the loop thread touches the dict
-        # the webhook only queues; the event may wait on the broker, so it goes last
-        sinks = [self._count, *default_sinks(None, self.webhook), event_sink(self.events)]
+        sinks = [self._count, *default_sinks(self.events, self.webhook, self.extra_sinks)]
         self.engine = AlertEngine(rules_from_config(config), sinks, hostname=self.hostname)
         self.loop = AlertLoop(self.engine, worker_readings(rt, CpuProbe()), self.interval_s)
         self.loop.start()
@@ -221,17 +224,22 @@ class WorkerMonitor:
 
 
 class MonitoringConcern(Concern):
-    """Alerts and metrics of one worker, in its main process."""
+    """Alerts and metrics of one worker, in its main process.
+
+    Args:
+        extra_sinks: alert sinks of the layer above (the Celery layer gives its signal sink).
+    """
 
     name = "monitoring"
 
-    def __init__(self) -> None:
+    def __init__(self, extra_sinks: Iterable[Sink] = ()) -> None:
+        self.extra_sinks = tuple(extra_sinks)
         self.monitor: WorkerMonitor | None = None
 
     def worker_boot(self, rt: Runtime, worker: Any) -> None:
         hostname = str(getattr(worker, "hostname", "") or "")
         try:
-            monitor = WorkerMonitor(rt, hostname)
+            monitor = WorkerMonitor(rt, hostname, extra_sinks=self.extra_sinks)
         except ValueError as exc:  # a bad rmq_alert_webhook: refuse to start, like any bad setting
             exit_config_error(ConfigError(f"rmq_alert_webhook: {exc}"))
         self.monitor = monitor

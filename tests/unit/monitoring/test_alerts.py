@@ -1,13 +1,11 @@
-"""Alert rules and the engine with its sinks."""
+"""Alert rules and the engine."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
-from celery.events import Event
 
-from rmq.celery import signals
 from rmq.core.config import load_config
 from rmq.monitoring.alerts import (
     Alert,
@@ -16,7 +14,6 @@ from rmq.monitoring.alerts import (
     readings_from_snapshot,
     rules_from_config,
 )
-from rmq.monitoring.sinks import default_sinks
 
 
 def feed(rule: AlertRule, values: list[float], start: float = 1000.0, step: float = 1.0) -> list[Alert]:
@@ -103,7 +100,7 @@ def test_readings_from_snapshot():
     assert readings_from_snapshot(snap) == {"memory": 0.5, "cpu": 12.0, "disk": None}
 
 
-# --- engine and sinks --------------------------------------------------------------------------------
+# --- engine --------------------------------------------------------------------------------------
 
 
 def make_engine(sinks) -> AlertEngine:
@@ -134,32 +131,3 @@ def test_engine_dispatches_new_alerts_to_every_sink_and_counts_them(caplog):
     assert engine.active() == ["memory"]
     assert engine.sink_errors == 2
     assert engine.info()["active"] == ["memory"]
-
-
-def test_default_sinks_log_signal_and_event(caplog):
-    received: list[tuple[object, dict]] = []
-    events: list[dict] = []
-
-    def receiver(sender, alert, **kwargs):
-        received.append((sender, alert))
-
-    signals.alert.connect(receiver, weak=False)
-    try:
-        engine = make_engine(default_sinks(send_event=events.append))
-        caplog.set_level(logging.WARNING, logger="rmq.monitoring.alerts")
-        engine.tick({"memory": 0.9})
-    finally:
-        signals.alert.disconnect(receiver)
-
-    assert len(received) == 1
-    sender, alert = received[0]
-    assert sender == "w1@box"
-    assert alert["name"] == "memory" and alert["value"] == 0.9 and alert["hostname"] == "w1@box"
-    assert events == [{k: v for k, v in alert.items() if k != "hostname"}]
-    # the fields fit Celery's event constructor, which the dispatcher calls with its own hostname
-    event = Event("rmq-alert", hostname="w1@box", pid=1, clock=1, utcoffset=0, **events[0])
-    assert event["type"] == "rmq-alert" and event["name"] == "memory"
-    warnings = [r for r in caplog.records if r.name == "rmq.monitoring.alerts" and r.levelno == logging.WARNING]
-    assert (
-        len(warnings) == 1 and "memory" in warnings[0].getMessage() and "w1@box" in warnings[0].getMessage()
-    )
