@@ -23,7 +23,6 @@ __all__ = [
     "AlertEngine",
     "AlertRule",
     "Sink",
-    "readings_from_snapshot",
     "rules_from_config",
 ]
 
@@ -209,13 +208,3 @@ def rules_from_config(config: Any) -> list[AlertRule]:
         AlertRule("cpu", config.alert_cpu_percent, hysteresis * 100, cooldown_s, cpu),
         AlertRule("disk", config.alert_disk_ratio, hysteresis, cooldown_s, disk),
     ]
-
-
-def readings_from_snapshot(snapshot: Mapping[str, Any]) -> dict[str, float | None]:
-    """``{"memory": ratio, "cpu": percent, "disk": ratio}`` from a governor snapshot."""
-
-    def pick(section: str, key: str) -> float | None:
-        value = (snapshot.get(section) or {}).get(key)
-        return None if value is None else float(value)
-
-    return {"memory": pick("memory", "ratio"), "cpu": pick("cpu", "percent"), "disk": pick("disk", "ratio")}

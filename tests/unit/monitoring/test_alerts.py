@@ -11,7 +11,6 @@ from rmq.monitoring.alerts import (
     Alert,
     AlertEngine,
     AlertRule,
-    readings_from_snapshot,
     rules_from_config,
 )
 
@@ -93,11 +92,6 @@ def test_rules_from_config_use_settings_and_cpu_hysteresis_in_points():
     alerts = feed(rules["cpu"], [91, 86, 91, 84, 92])
     assert [a.value for a in alerts] == [91, 92]
     assert alerts[0].message == "cpu at 91% (alert at 90%)"
-
-
-def test_readings_from_snapshot():
-    snap = {"memory": {"ratio": 0.5}, "cpu": {"percent": 12}, "disk": {}}
-    assert readings_from_snapshot(snap) == {"memory": 0.5, "cpu": 12.0, "disk": None}
 
 
 # --- engine --------------------------------------------------------------------------------------
