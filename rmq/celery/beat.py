@@ -6,6 +6,8 @@ from typing import Any
 
 from celery import shared_task
 
+from rmq.celery.signals import signal_sink
+
 __all__ = ["cleanup_sessions", "monitor"]
 
 
@@ -41,7 +43,10 @@ def cleanup_sessions(self: Any, timeout: float = 8.0, dry_run: bool = False) -> 
 
 @shared_task(name="rmq.monitor", bind=True, ignore_result=False)
 def monitor(self: Any, timeout: float = 5.0) -> dict[str, Any]:
-    """Gather every worker's snapshot and the queue depths; store the cluster view."""
+    """Gather every worker's snapshot and the queue depths; store the cluster view.
+
+    Cluster alerts also go to :data:`rmq.celery.signals.alert` receivers in the process running it.
+    """
     from rmq.monitoring.cluster import collect_cluster_view
 
-    return collect_cluster_view(self.app, timeout=timeout)
+    return collect_cluster_view(self.app, timeout=timeout, extra_sinks=(signal_sink,))

@@ -13,6 +13,7 @@ from functools import lru_cache
 from rmq import models
 from rmq.celery.autoscale import AutoscaleConcern
 from rmq.celery.recycle import request_recycle
+from rmq.celery.signals import signal_sink
 from rmq.concern import Concern
 from rmq.cpu.limits import ThreadCapGuard
 from rmq.disk.sessions import SessionGuard
@@ -38,6 +39,6 @@ def default_concerns() -> tuple[Concern, ...]:
         ThreadCapGuard(),
         HygieneGuard(model_bytes=models.held_bytes, recycle=request_recycle),
         ModelsConcern(),
-        MonitoringConcern(),
+        MonitoringConcern(extra_sinks=(signal_sink,)),
         AutoscaleConcern(),
     )

@@ -1,45 +1,29 @@
-"""Alerts: threshold rules with hysteresis and cool-down, where alerts go, and cluster checks.
+"""Alerts: threshold rules with hysteresis and cool-down, and the engine that hands alerts to sinks.
 
 A rule raises once per crossing: when its value reaches the threshold it raises, and it re-arms
 only after the value falls below ``threshold - hysteresis``. A crossing within ``cooldown_s`` of
 the last raise stays pending and is raised when the cool-down ends if the value is still at or
 above the threshold, so a flapping reading never floods and a lasting one is never hidden.
 
-Nothing here imports Celery: the signal sink imports :mod:`rmq.celery.signals` when it first runs, and
-the Celery event is sent by a callable the worker glue passes in. Clocks are injected.
+The engine is pure: readings and the clock come in as arguments, and what it raises goes to the
+sinks its caller gives (:mod:`rmq.monitoring.sinks`, :mod:`rmq.monitoring.webhook`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Any
-from urllib.parse import urlsplit
-
-import httpx
 
 __all__ = [
     "Alert",
     "AlertEngine",
     "AlertRule",
     "Sink",
-    "WebhookSender",
-    "active_cluster_alerts",
-    "cluster_alerts",
-    "default_sinks",
-    "event_sink",
-    "log_sink",
-    "readings_from_snapshot",
     "rules_from_config",
-    "signal_sink",
 ]
 
 logger = logging.getLogger("rmq.monitoring.alerts")
@@ -208,197 +192,6 @@ class AlertEngine:
         }
 
 
-def log_sink(alert: Alert) -> None:
-    """Log the alert at WARNING on logger ``rmq.monitoring.alerts``."""
-    where = f"{alert.hostname}/{alert.subject}" if alert.subject else alert.hostname or "-"
-    logger.warning("rmq alert %s on %s: %s", alert.name, where, alert.message)
-
-
-def signal_sink(alert: Alert) -> None:
-    """Send :data:`rmq.celery.signals.alert` with ``sender=hostname, alert=alert.as_dict()``."""
-    from rmq.celery import signals  # the only Celery import, kept out of this module's import time
-
-    signals.alert.send(sender=alert.hostname, alert=alert.as_dict())
-
-
-def event_sink(send_event: Callable[[dict[str, Any]], Any]) -> Sink:
-    """Wrap ``send_event(fields)`` (one that sends Celery event ``rmq-alert``) as a sink.
-
-    ``fields`` is ``alert.as_dict()`` without ``hostname``: Celery's event dispatcher stamps its
-    own and refuses a second one.
-    """
-
-    def sink(alert: Alert) -> None:
-        fields = alert.as_dict()
-        del fields["hostname"]
-        send_event(fields)
-
-    return sink
-
-
-def default_sinks(
-    send_event: Callable[[dict[str, Any]], Any] | None = None, webhook: WebhookSender | None = None
-) -> list[Sink]:
-    """Log, signal, and, when given, the Celery event callable and the webhook."""
-    sinks: list[Sink] = [log_sink, signal_sink]
-    if send_event is not None:
-        sinks.append(event_sink(send_event))
-    if webhook is not None:
-        sinks.append(webhook)
-    return sinks
-
-
-_STOP = object()
-
-
-class WebhookSender:
-    """POSTs alert JSON to a URL from a background daemon thread; never blocks the caller.
-
-    Args:
-        url: where to POST.
-        retries: extra attempts after the first, on connection errors, timeouts and 5xx.
-        backoff_s: wait before the first retry, doubled for each further one.
-        timeout_s: per-request timeout.
-        max_queue: alerts waiting to be sent; beyond it new ones are dropped and counted.
-
-    Attributes:
-        sent, failed, dropped: delivery counters.
-    """
-
-    def __init__(
-        self, url: str, retries: int = 3, backoff_s: float = 0.5, timeout_s: float = 2.0, max_queue: int = 100
-    ) -> None:
-        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-            raise ValueError(f"alert webhook must be an http(s) URL, got {url!r}")
-        self.url = url
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.timeout_s = timeout_s
-        self.max_queue = max_queue
-        self.sent = self.failed = self.dropped = 0
-        self._lock = threading.Condition()
-        self._pending = 0
-        self._closed = False
-        self._pid = -1
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
-        self._stop = threading.Event()
-
-    def __call__(self, alert: Alert) -> None:
-        """Sink interface: queue ``alert.as_dict()``."""
-        self.send(alert.as_dict())
-
-    def send(self, payload: Mapping[str, Any] | Alert) -> bool:
-        """Queue one JSON body; return False (and count a drop) if the queue is full or stopped."""
-        body = payload.as_dict() if isinstance(payload, Alert) else dict(payload)
-        with self._lock:
-            if self._closed:
-                self.dropped += 1
-                return False
-            self._ensure_thread()
-            try:
-                self._queue.put_nowait(body)
-            except queue.Full:
-                self.dropped += 1
-                return False
-            self._pending += 1
-        return True
-
-    def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until every queued alert is delivered or given up on; False on timeout."""
-        with self._lock:
-            return self._lock.wait_for(lambda: self._pending == 0, timeout_s)
-
-    def stop(self, timeout_s: float = 2.0) -> None:
-        """Let queued alerts go out for up to ``timeout_s``, then abandon the rest (counted as dropped)."""
-        with self._lock:
-            self._closed = True
-            thread = self._thread if self._pid == os.getpid() else None
-        if thread is None:
-            return
-        try:
-            self._queue.put_nowait(_STOP)
-        except queue.Full:
-            self._stop.set()
-        thread.join(timeout_s)
-        self._stop.set()
-
-    def info(self) -> dict[str, int]:
-        """Delivery counters: sent, failed, dropped, pending."""
-        with self._lock:
-            return {
-                "sent": self.sent,
-                "failed": self.failed,
-                "dropped": self.dropped,
-                "pending": self._pending,
-            }
-
-    def _ensure_thread(self) -> None:
-        if self._pid != os.getpid():  # made before a fork: the thread and queue did not come along
-            self._pid = os.getpid()
-            self._queue = queue.Queue(maxsize=self.max_queue)
-            self._pending = 0
-            self._thread = threading.Thread(target=self._run, name="rmq-alert-webhook", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=self.timeout_s) as client:
-            while not self._stop.is_set():
-                body = self._queue.get()
-                if body is _STOP:
-                    break
-                try:
-                    ok = self._deliver(client, body)
-                except Exception:  # this thread must outlive any one bad alert
-                    logger.exception("rmq alert webhook: delivering alert %s failed", body.get("name"))
-                    ok = False
-                with self._lock:
-                    if ok:
-                        self.sent += 1
-                    else:
-                        self.failed += 1
-                    self._pending -= 1
-                    self._lock.notify_all()
-        with self._lock:
-            while True:
-                try:
-                    body = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if body is not _STOP:
-                    self.dropped += 1
-                    self._pending -= 1
-            self._lock.notify_all()
-
-    def _deliver(self, client: httpx.Client, body: dict[str, Any]) -> bool:
-        parts = urlsplit(self.url)
-        where = f"{parts.scheme}://{parts.hostname}{parts.path}"  # no credentials or query in logs
-        content = json.dumps(body, default=str).encode()
-        problem = ""
-        for attempt in range(self.retries + 1):
-            if attempt and self._stop.wait(self.backoff_s * 2 ** (attempt - 1)):
-                break
-            try:
-                response = client.post(
-                    self.url, content=content, headers={"content-type": "application/json"}
-                )
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                continue
-            except httpx.HTTPError as exc:  # e.g. too many redirects: retrying cannot help
-                problem = f"{type(exc).__name__}: {exc}"
-                break
-            if response.status_code < 400:
-                return True
-            problem = f"HTTP {response.status_code}"
-            if response.status_code < 500:
-                break
-        logger.warning(
-            "rmq alert webhook %s failed (%s); alert %s not delivered", where, problem, body.get("name")
-        )
-        return False
-
-
 def rules_from_config(config: Any) -> list[AlertRule]:
     """The memory, cpu and disk rules from ``rmq_alert_*`` settings (an RmqConfig).
 
@@ -415,110 +208,3 @@ def rules_from_config(config: Any) -> list[AlertRule]:
         AlertRule("cpu", config.alert_cpu_percent, hysteresis * 100, cooldown_s, cpu),
         AlertRule("disk", config.alert_disk_ratio, hysteresis, cooldown_s, disk),
     ]
-
-
-def readings_from_snapshot(snapshot: Mapping[str, Any]) -> dict[str, float | None]:
-    """``{"memory": ratio, "cpu": percent, "disk": ratio}`` from a governor snapshot."""
-
-    def pick(section: str, key: str) -> float | None:
-        value = (snapshot.get(section) or {}).get(key)
-        return None if value is None else float(value)
-
-    return {"memory": pick("memory", "ratio"), "cpu": pick("cpu", "percent"), "disk": pick("disk", "ratio")}
-
-
-def _consumed(view: Mapping[str, Any]) -> set[str] | None:
-    """Queues some live worker consumes (paused ones count), or None when the view cannot tell."""
-    if "consumers" not in view:
-        return None
-    workers = view.get("workers") or {}
-    consumed = {q for q, hosts in (view.get("consumers") or {}).items() if set(hosts or ()) & set(workers)}
-    for snapshot in workers.values():
-        consumed.update((snapshot or {}).get("paused_queues") or ())
-    return consumed
-
-
-def cluster_alerts(
-    previous_view: Mapping[str, Any] | None,
-    current_view: dict[str, Any],
-    *,
-    growth_views: int = 3,
-    unconsumed_views: int = 2,
-    cooldown_s: float = 0.0,
-    hostname: str = "cluster",
-) -> list[Alert]:
-    """Cluster-level checks on two consecutive cluster views; return alerts newly raised.
-
-    Raises ``backlog_growing`` when a queue's depth rose strictly over the last ``growth_views``
-    views, and ``queue_unconsumed`` when a queue held messages and no live worker consumed it
-    in ``unconsumed_views`` views in a row (needs ``view["consumers"] = {queue: [hostname]}``,
-    e.g. from ``inspect active_queues``; a worker's paused queues count as consumed). Each
-    condition raises once while it lasts, at most once per ``cooldown_s``.
-
-    The history this needs is written into ``current_view["history"]``; store the view as-is
-    and pass it back as ``previous_view`` next time.
-    """
-    prev = (previous_view or {}).get("history") or {}
-    now = float(current_view.get("time") or time.time())
-    keep = max(growth_views, 2)
-    depths: dict[str, list[int]] = {}
-    for q, depth in (current_view.get("queues") or {}).items():
-        if depth is not None:
-            depths[q] = (list((prev.get("depths") or {}).get(q, [])) + [int(depth)])[-keep:]
-    consumed = _consumed(current_view)
-    unconsumed: dict[str, int] = {}
-    if consumed is not None:
-        for q, hist in depths.items():
-            if hist[-1] > 0 and q not in consumed:
-                unconsumed[q] = int((prev.get("unconsumed") or {}).get(q, 0)) + 1
-
-    conditions: dict[str, Alert] = {}
-    for q, hist in depths.items():
-        recent = hist[-growth_views:]
-        if len(recent) == growth_views and all(b > a for a, b in pairwise(recent)):
-            trail = " -> ".join(map(str, recent))
-            conditions[f"backlog_growing:{q}"] = Alert(
-                "backlog_growing",
-                recent[-1],
-                recent[0],
-                f"queue {q!r} backlog growing over the last {growth_views} views: {trail}",
-                now,
-                hostname,
-                subject=q,
-            )
-    for q, streak in unconsumed.items():
-        if streak >= unconsumed_views:
-            conditions[f"queue_unconsumed:{q}"] = Alert(
-                "queue_unconsumed",
-                depths[q][-1],
-                0,
-                f"queue {q!r} holds {depths[q][-1]} messages and no live worker consumes it",
-                now,
-                hostname,
-                subject=q,
-            )
-
-    was_active = prev.get("active") or {}
-    raised_at = {k: float(t) for k, t in (prev.get("raised_at") or {}).items() if now - float(t) < cooldown_s}
-    new: list[Alert] = []
-    active: dict[str, dict[str, Any]] = {}
-    for key, alert in conditions.items():
-        reported = bool((was_active.get(key) or {}).get("reported"))
-        if not reported and (key not in raised_at or now - raised_at[key] >= cooldown_s):
-            new.append(alert)
-            raised_at[key] = now
-            reported = True
-        active[key] = {"alert": alert.as_dict(), "reported": reported}
-    current_view["history"] = {
-        "depths": depths,
-        "unconsumed": unconsumed,
-        "active": active,
-        "raised_at": raised_at,
-    }
-    return new
-
-
-def active_cluster_alerts(view: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Cluster conditions in effect in a view that went through :func:`cluster_alerts`."""
-    active = ((view.get("history") or {}).get("active")) or {}
-    return [entry["alert"] for entry in active.values()]

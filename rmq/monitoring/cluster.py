@@ -21,18 +21,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rmq.core import keys
-from rmq.monitoring.alerts import (
-    AlertEngine,
-    WebhookSender,
-    active_cluster_alerts,
-    cluster_alerts,
-    default_sinks,
-    event_sink,
-)
-from rmq.monitoring.queues import redis_queue_depth
 from rmq.core.routing import transport_kind
-from rmq.core.runtime import redis_url_for_app
-from rmq.core.runtime import config_for
+from rmq.core.runtime import config_for, redis_url_for_app
+from rmq.monitoring.alerts import AlertEngine, Sink
+from rmq.monitoring.cluster_checks import active_cluster_alerts, cluster_alerts
+from rmq.monitoring.queues import redis_queue_depth
+from rmq.monitoring.sinks import EventSender, default_sinks
+from rmq.monitoring.webhook import WebhookSender
 
 __all__ = ["collect_cluster_view", "load_or_collect", "load_view", "queue_depths", "tracked_queues"]
 
@@ -166,15 +161,13 @@ def _configured_queues(app: Any) -> list[str]:
     return names
 
 
-def _raise(app: Any, alerts: list[Any], hostname: str) -> None:
-    """Deliver cluster alerts to the log, the signal, the ``rmq-alert`` event and the webhook."""
-    from rmq.monitoring.worker_monitor import EventSender
-
+def _raise(app: Any, alerts: list[Any], hostname: str, extra_sinks: Iterable[Sink]) -> None:
+    """Deliver cluster alerts to the log, ``extra_sinks``, the webhook and the ``rmq-alert`` event."""
     config = config_for(app)
     webhook = WebhookSender(config.alert_webhook) if config.alert_webhook else None
     events = EventSender(app, hostname)
     try:
-        AlertEngine([], [*default_sinks(None, webhook), event_sink(events)]).dispatch(alerts)
+        AlertEngine([], default_sinks(events, webhook, extra_sinks)).dispatch(alerts)
     finally:
         events.close()
         if webhook is not None:  # a beat task may end soon: give the webhook a bounded moment
@@ -183,7 +176,13 @@ def _raise(app: Any, alerts: list[Any], hostname: str) -> None:
 
 
 def collect_cluster_view(
-    app: Any, timeout: float = 5.0, *, store: bool = True, alert: bool = True, hostname: str | None = None
+    app: Any,
+    timeout: float = 5.0,
+    *,
+    store: bool = True,
+    alert: bool = True,
+    hostname: str | None = None,
+    extra_sinks: Iterable[Sink] = (),
 ) -> dict[str, Any]:
     """Ask every worker and the broker; raise cluster alerts; store and return the view.
 
@@ -193,6 +192,8 @@ def collect_cluster_view(
         store: write the view to Redis (``rmq:cluster``) with a TTL of a few beat intervals.
         alert: compare with the stored view and raise ``backlog_growing`` / ``queue_unconsumed``.
         hostname: stamped on the ``rmq-alert`` events (default: this host's name).
+        extra_sinks: alert sinks of the caller's layer, besides the log, the webhook and the
+            event (the monitor beat task gives the ``rmq.celery.signals.alert`` signal's sink).
     """
     config = config_for(app)
     view: dict[str, Any] = {"time": time.time(), "source": "monitor" if store else "live", "errors": []}
@@ -219,7 +220,7 @@ def collect_cluster_view(
         if alert:
             new = cluster_alerts(previous, view, cooldown_s=config.alert_cooldown)
             if new:
-                _raise(app, new, hostname or socket.gethostname())
+                _raise(app, new, hostname or socket.gethostname(), extra_sinks)
         view["alerts"] = _alerts(view)
         if client is not None and store:
             ttl = max(MIN_TTL_S, int(TTL_INTERVALS * config.monitor_beat_interval))

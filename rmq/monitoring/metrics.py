@@ -78,7 +78,7 @@ class SnapshotCollector:
     """A prometheus_client collector turning the governor snapshot into ``rmq_*`` metrics.
 
     Args:
-        get_snapshot: returns the current snapshot dict (schema in the governor); called
+        get_snapshot: returns the current snapshot (:meth:`~rmq.monitoring.snapshot.SnapshotBuilder.build`); called
             once per scrape. If it raises, the scrape still answers, with ``rmq_up 0``.
     """
 

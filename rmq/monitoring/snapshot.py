@@ -15,8 +15,8 @@ from typing import Any
 import psutil
 
 from rmq.core import procstats
-from rmq.memory.governor import Governor
 from rmq.core.runtime import Runtime
+from rmq.memory.governor import Governor
 
 __all__ = ["SnapshotBuilder"]
 
@@ -28,7 +28,9 @@ class SnapshotBuilder:
         self.rt = rt
         self.governor = governor
         self.hostname = hostname or socket.gethostname()
-        self.extra: dict[str, Any] = {}  # other parts (autoscaler, alerts) add callables here
+        #: more sections by name (the bootstep makes this the runtime's ``snapshot_parts``, where the
+        #: monitoring concern and the autoscaler add theirs)
+        self.extra: dict[str, Any] = {}
         self._retired: dict[str, Any] = {}
         self._net_last: tuple[float, int, int] | None = None
         self._lock = threading.Lock()
@@ -70,7 +72,7 @@ class SnapshotBuilder:
         files = procstats.read_all(self.rt.runtime_dir)
         files.pop(os.getpid(), None)  # the main process's own counters are read from memory (solo pool)
         for pid, data in list(files.items()):
-            if pid not in live_pids and pid != os.getpid():
+            if pid not in live_pids:
                 self._retired = procstats.merge_counters([self._retired, data.get("counters", {})])
                 try:
                     os.unlink(os.path.join(self.rt.runtime_dir, f"proc-{pid}.json"))
@@ -80,7 +82,7 @@ class SnapshotBuilder:
         return files
 
     def build(self) -> dict[str, Any]:
-        """The whole snapshot (schema in the README's monitoring section)."""
+        """The whole snapshot; its sections are described in ``docs/design.md#monitoring``."""
         gov = self.governor
         entries = self.rt.ledger.entries()
         live = set(gov.actuator.pool_pids())

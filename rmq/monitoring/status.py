@@ -5,8 +5,9 @@ The input is a cluster view::
     {"time": epoch, "workers": {hostname: snapshot | None}, "queues": {name: depth},
      "alerts": [alert dict or name, ...]}
 
-where each snapshot follows the governor's schema. Missing fields render as ``-``; a worker
-whose snapshot is None is shown as not governed. Gathering the view is the CLI's job.
+where each snapshot is what :meth:`~rmq.monitoring.snapshot.SnapshotBuilder.build` returns. Missing
+fields render as ``-``; a worker whose snapshot is None is shown as not governed. Gathering the view
+is :func:`rmq.monitoring.cluster.load_or_collect`'s job.
 """
 
 from __future__ import annotations

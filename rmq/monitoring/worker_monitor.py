@@ -1,31 +1,32 @@
 """Worker-side monitoring: resource alerts every second and the opt-in Prometheus endpoint.
 
-Wired by :class:`MonitoringConcern`. In the worker's main process a daemon
-thread feeds cheap readings (memory ratio from the ledger's control block, host CPU from
-``psutil.cpu_times`` deltas, disk usage of the session root) to an
-:class:`~rmq.monitoring.alerts.AlertEngine` whose sinks are the log, :data:`rmq.celery.signals.alert`, the Celery
-event ``rmq-alert`` and the optional webhook. The thread does not depend on the governor's
-loop, so a slow tick there never delays an alert and an alert sink never delays a kill.
+Wired by :class:`MonitoringConcern`. In the worker's main process a daemon thread feeds cheap
+readings (memory ratio from the ledger's control block, host CPU from ``psutil.cpu_times``
+deltas, disk usage of the session root) to an :class:`~rmq.monitoring.alerts.AlertEngine` whose
+sinks are the log, the sinks the Celery layer hands in (the ``rmq.celery.signals.alert`` signal),
+the optional webhook and the Celery event ``rmq-alert``. The thread does not depend on the
+governor's loop, so a slow tick there never delays an alert and an alert sink never delays a kill.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import psutil
 
-from rmq.monitoring.alerts import Alert, AlertEngine, WebhookSender, default_sinks, event_sink, rules_from_config
 from rmq.concern import Concern
 from rmq.core.errors import ConfigError, exit_config_error
 from rmq.core.runtime import Runtime
+from rmq.monitoring.alerts import Alert, AlertEngine, Sink, rules_from_config
+from rmq.monitoring.sinks import EventSender, default_sinks
+from rmq.monitoring.webhook import WebhookSender
 
-__all__ = ["AlertLoop", "CpuProbe", "EventSender", "MonitoringConcern", "WorkerMonitor", "disk_ratio"]
+__all__ = ["AlertLoop", "CpuProbe", "MonitoringConcern", "WorkerMonitor", "disk_ratio"]
 
 log = logging.getLogger("rmq.monitoring.worker_monitor")
 
@@ -33,8 +34,6 @@ log = logging.getLogger("rmq.monitoring.worker_monitor")
 ALERT_INTERVAL_S = 1.0
 #: where the metrics endpoint listens unless ``rmq_metrics_addr`` says otherwise
 DEFAULT_METRICS_ADDR = "0.0.0.0"
-#: a failing broker delays one event by at most about a second
-_EVENT_RETRY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.5, "interval_max": 0.5}
 
 
 class CpuProbe:
@@ -134,51 +133,6 @@ class AlertLoop:
                 log.exception("rmq alert evaluation failed")
 
 
-class EventSender:
-    """Sends the Celery event ``rmq-alert`` on a connection of its own.
-
-    Its own dispatcher (enabled, no group filter) sends even on workers started without
-    ``-E``, and it never shares a connection with the worker's event loop.
-
-    Args:
-        app: the Celery app.
-        hostname: the worker's node name, stamped on each event by Celery.
-    """
-
-    def __init__(self, app: Any, hostname: str) -> None:
-        self.app = app
-        self.hostname = hostname
-        self._dispatcher: Any = None
-        self._lock = threading.Lock()
-
-    def __call__(self, fields: dict[str, Any]) -> None:
-        """Send one event with ``fields``; on a broker error reconnect next time and re-raise."""
-        with self._lock:
-            if self._dispatcher is None:
-                self._dispatcher = self.app.events.Dispatcher(
-                    self.app.connection_for_write(), hostname=self.hostname, enabled=True,
-                    buffer_while_offline=False,
-                )
-            try:
-                self._dispatcher.send("rmq-alert", retry=True, retry_policy=_EVENT_RETRY, **fields)
-            except Exception:
-                self._close()
-                raise
-
-    def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self._close()
-
-    def _close(self) -> None:
-        dispatcher, self._dispatcher = self._dispatcher, None
-        if dispatcher is not None:
-            connection = dispatcher.connection
-            dispatcher.close()
-            with contextlib.suppress(*connection.connection_errors, *connection.channel_errors):
-                connection.release()
-
-
 class WorkerMonitor:
     """Alerts and the metrics endpoint of one worker (main process).
 
@@ -186,15 +140,19 @@ class WorkerMonitor:
         rt: the worker's runtime.
         hostname: the worker's node name.
         interval_s: seconds between alert evaluations.
+        extra_sinks: sinks of the layer above, run after the log and before the webhook.
 
     Raises:
         ValueError: when ``rmq_alert_webhook`` is not an http(s) URL.
     """
 
-    def __init__(self, rt: Runtime, hostname: str, interval_s: float = ALERT_INTERVAL_S) -> None:
+    def __init__(
+        self, rt: Runtime, hostname: str, interval_s: float = ALERT_INTERVAL_S, extra_sinks: Iterable[Sink] = ()
+    ) -> None:
         self.rt = rt
         self.hostname = hostname
         self.interval_s = interval_s
+        self.extra_sinks = tuple(extra_sinks)
         self.engine: AlertEngine | None = None
         self.loop: AlertLoop | None = None
         # made now, so a bad URL stops the worker before it starts; its thread starts on first use
@@ -208,8 +166,7 @@ class WorkerMonitor:
         config = rt.config
         self.events = EventSender(rt.app, self.hostname)
         rt.stats.incr("alerts", n=0)  # the key exists before the loop thread touches the dict
-        # the webhook only queues; the event may wait on the broker, so it goes last
-        sinks = [self._count, *default_sinks(None, self.webhook), event_sink(self.events)]
+        sinks = [self._count, *default_sinks(self.events, self.webhook, self.extra_sinks)]
         self.engine = AlertEngine(rules_from_config(config), sinks, hostname=self.hostname)
         self.loop = AlertLoop(self.engine, worker_readings(rt, CpuProbe()), self.interval_s)
         self.loop.start()
@@ -267,17 +224,22 @@ class WorkerMonitor:
 
 
 class MonitoringConcern(Concern):
-    """Alerts and metrics of one worker, in its main process."""
+    """Alerts and metrics of one worker, in its main process.
+
+    Args:
+        extra_sinks: alert sinks of the layer above (the Celery layer gives its signal sink).
+    """
 
     name = "monitoring"
 
-    def __init__(self) -> None:
+    def __init__(self, extra_sinks: Iterable[Sink] = ()) -> None:
+        self.extra_sinks = tuple(extra_sinks)
         self.monitor: WorkerMonitor | None = None
 
     def worker_boot(self, rt: Runtime, worker: Any) -> None:
         hostname = str(getattr(worker, "hostname", "") or "")
         try:
-            monitor = WorkerMonitor(rt, hostname)
+            monitor = WorkerMonitor(rt, hostname, extra_sinks=self.extra_sinks)
         except ValueError as exc:  # a bad rmq_alert_webhook: refuse to start, like any bad setting
             exit_config_error(ConfigError(f"rmq_alert_webhook: {exc}"))
         self.monitor = monitor

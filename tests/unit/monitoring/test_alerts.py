@@ -1,31 +1,18 @@
-"""Alert rules, the engine and its sinks, the webhook against real local HTTP servers, cluster checks."""
+"""Alert rules and the engine."""
 
 from __future__ import annotations
 
-import json
 import logging
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from celery.events import Event
 
-from rmq.celery import signals
+from rmq.core.config import load_config
 from rmq.monitoring.alerts import (
     Alert,
     AlertEngine,
     AlertRule,
-    WebhookSender,
-    active_cluster_alerts,
-    cluster_alerts,
-    default_sinks,
-    readings_from_snapshot,
     rules_from_config,
 )
-from rmq.core.config import load_config
 
 
 def feed(rule: AlertRule, values: list[float], start: float = 1000.0, step: float = 1.0) -> list[Alert]:
@@ -107,12 +94,7 @@ def test_rules_from_config_use_settings_and_cpu_hysteresis_in_points():
     assert alerts[0].message == "cpu at 91% (alert at 90%)"
 
 
-def test_readings_from_snapshot():
-    snap = {"memory": {"ratio": 0.5}, "cpu": {"percent": 12}, "disk": {}}
-    assert readings_from_snapshot(snap) == {"memory": 0.5, "cpu": 12.0, "disk": None}
-
-
-# --- engine and sinks --------------------------------------------------------------------------------
+# --- engine --------------------------------------------------------------------------------------
 
 
 def make_engine(sinks) -> AlertEngine:
@@ -143,200 +125,3 @@ def test_engine_dispatches_new_alerts_to_every_sink_and_counts_them(caplog):
     assert engine.active() == ["memory"]
     assert engine.sink_errors == 2
     assert engine.info()["active"] == ["memory"]
-
-
-def test_default_sinks_log_signal_and_event(caplog):
-    received: list[tuple[object, dict]] = []
-    events: list[dict] = []
-
-    def receiver(sender, alert, **kwargs):
-        received.append((sender, alert))
-
-    signals.alert.connect(receiver, weak=False)
-    try:
-        engine = make_engine(default_sinks(send_event=events.append))
-        caplog.set_level(logging.WARNING, logger="rmq.monitoring.alerts")
-        engine.tick({"memory": 0.9})
-    finally:
-        signals.alert.disconnect(receiver)
-
-    assert len(received) == 1
-    sender, alert = received[0]
-    assert sender == "w1@box"
-    assert alert["name"] == "memory" and alert["value"] == 0.9 and alert["hostname"] == "w1@box"
-    assert events == [{k: v for k, v in alert.items() if k != "hostname"}]
-    # the fields fit Celery's event constructor, which the dispatcher calls with its own hostname
-    event = Event("rmq-alert", hostname="w1@box", pid=1, clock=1, utcoffset=0, **events[0])
-    assert event["type"] == "rmq-alert" and event["name"] == "memory"
-    warnings = [r for r in caplog.records if r.name == "rmq.monitoring.alerts" and r.levelno == logging.WARNING]
-    assert (
-        len(warnings) == 1 and "memory" in warnings[0].getMessage() and "w1@box" in warnings[0].getMessage()
-    )
-
-
-# --- webhook -----------------------------------------------------------------------------------------
-
-
-class Recorder:
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses  # one per request; the last one repeats
-        self.bodies: list[dict] = []
-
-
-@pytest.fixture
-def webhook_server() -> Iterator[tuple[str, Recorder]]:
-    recorder = Recorder([200])
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            recorder.bodies.append(body)
-            status = recorder.statuses[min(len(recorder.bodies), len(recorder.statuses)) - 1]
-            self.send_response(status)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/hook", recorder
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def an_alert(name: str = "memory") -> Alert:
-    return Alert(name, 0.9, 0.85, "memory at 90% of budget", 1234.5, "w1@box")
-
-
-def test_webhook_posts_alert_json_and_retries_after_a_500(webhook_server):
-    url, recorder = webhook_server
-    recorder.statuses = [500, 200]
-    sender = WebhookSender(url, retries=3, backoff_s=0.05, timeout_s=2)
-    try:
-        assert sender.send(an_alert()) is True
-        assert sender.wait_idle(10)
-    finally:
-        sender.stop()
-
-    assert recorder.bodies == [an_alert().as_dict(), an_alert().as_dict()]
-    assert sender.info() == {"sent": 1, "failed": 0, "dropped": 0, "pending": 0}
-
-
-def test_webhook_does_not_retry_a_4xx(webhook_server):
-    url, recorder = webhook_server
-    recorder.statuses = [400]
-    sender = WebhookSender(url, retries=3, backoff_s=0.01)
-    try:
-        sender(an_alert())  # the sink interface
-        assert sender.wait_idle(10)
-    finally:
-        sender.stop()
-    assert len(recorder.bodies) == 1
-    assert (sender.sent, sender.failed) == (0, 1)
-
-
-def test_webhook_retries_connection_errors_then_counts_a_failure(caplog):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
-    sender = WebhookSender(f"http://127.0.0.1:{port}/hook", retries=2, backoff_s=0.01)
-    caplog.set_level(logging.WARNING, logger="rmq.monitoring.alerts")
-    try:
-        sender.send({"name": "memory"})
-        assert sender.wait_idle(10)
-    finally:
-        sender.stop()
-    assert (sender.sent, sender.failed) == (0, 1)
-    assert any("webhook" in r.getMessage() and "ConnectError" in r.getMessage() for r in caplog.records)
-
-
-def test_webhook_never_blocks_the_caller_even_when_the_server_hangs():
-    hang = socket.socket()
-    hang.bind(("127.0.0.1", 0))
-    hang.listen(16)  # accepts connections into the backlog and never answers
-    sender = WebhookSender(f"http://127.0.0.1:{hang.getsockname()[1]}/", retries=0, timeout_s=2, max_queue=2)
-    try:
-        started = time.monotonic()
-        results = [sender.send(an_alert()) for _ in range(10)]
-        elapsed = time.monotonic() - started
-
-        assert elapsed < 0.5
-        assert results.count(True) <= 3  # at most one in flight plus a full queue of two
-        assert sender.dropped == results.count(False) >= 7
-
-        started = time.monotonic()
-        sender.stop(timeout_s=0.1)
-        assert time.monotonic() - started < 1.0
-        assert sender.send(an_alert()) is False  # stopped: dropped, still without blocking
-    finally:
-        hang.close()
-        if sender._thread is not None:
-            sender._thread.join(5)
-
-
-def test_webhook_refuses_a_non_http_url():
-    with pytest.raises(ValueError, match="ftp://x"):
-        WebhookSender("ftp://x/hook")
-
-
-# --- cluster checks ----------------------------------------------------------------------------------
-
-
-def run_views(views: list[dict], **kwargs) -> list[list[Alert]]:
-    """Feed views in order, passing each stored (JSON round-tripped) view as the previous one."""
-    previous, out = None, []
-    for view in views:
-        out.append(cluster_alerts(previous, view, **kwargs))
-        previous = json.loads(json.dumps(view))
-    return out
-
-
-def test_backlog_growing_raises_once_while_it_grows_and_again_after_it_recovers():
-    depths = [1, 3, 7, 9, 5, 6, 8, 11]
-    views = [{"time": 100.0 * i, "workers": {}, "queues": {"celery": d}} for i, d in enumerate(depths)]
-
-    results = run_views(views, growth_views=3)
-
-    raised = [(i, a.name, a.subject, a.value) for i, alerts in enumerate(results) for a in alerts]
-    assert raised == [(2, "backlog_growing", "celery", 7), (6, "backlog_growing", "celery", 8)]
-    assert "1 -> 3 -> 7" in results[2][0].message
-    assert results[2][0].hostname == "cluster"
-    assert [a["subject"] for a in active_cluster_alerts(views[3])] == ["celery"]
-    assert active_cluster_alerts(views[4]) == []
-
-
-def test_backlog_growing_respects_cooldown():
-    depths = [1, 2, 3, 1, 2, 3, 4]
-    views = [{"time": 10.0 * i, "queues": {"q": d}} for i, d in enumerate(depths)]
-    results = run_views(views, growth_views=3, cooldown_s=1000)
-    assert [len(r) for r in results] == [0, 0, 1, 0, 0, 0, 0]
-
-
-def test_queue_without_a_live_consumer_raises_after_two_views():
-    def view(t: float, depth: int) -> dict:
-        return {
-            "time": t,
-            "workers": {"w1": {"paused_queues": ["heavy"]}, "w2": None},
-            "queues": {"celery": depth, "orphan": depth, "ghost": depth, "heavy": depth, "empty": 0},
-            # "ghost" is consumed only by a worker that is no longer alive
-            "consumers": {"celery": ["w1"], "ghost": ["w9"]},
-        }
-
-    results = run_views([view(0, 5), view(60, 5), view(120, 4)], growth_views=5)
-
-    assert results[0] == []
-    assert sorted((a.name, a.subject) for a in results[1]) == [
-        ("queue_unconsumed", "ghost"),
-        ("queue_unconsumed", "orphan"),
-    ]
-    assert results[2] == []  # still true, already raised
-
-
-def test_no_consumer_information_means_no_unconsumed_check():
-    views = [{"time": t, "workers": {}, "queues": {"q": 5}} for t in (0, 60, 120)]
-    assert run_views(views) == [[], [], []]
