@@ -37,6 +37,9 @@ __all__ = [
     "RateLimiterUnavailable",
     "TaskProcessLost",
     "Defer",
+    "errors",
+    "http",
+    "signals",
 ]
 
 __version__ = "0.1.0"
@@ -56,8 +59,8 @@ def __getattr__(name: str) -> Any:
         from rmq.network.throttle import throttle
 
         return throttle
-    if name in ("models", "http", "signals"):
+    if name in ("models", "http", "signals", "errors"):
         import importlib
 
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f"rmq.{name}")
     raise AttributeError(f"module 'rmq' has no attribute {name!r}")

@@ -57,11 +57,11 @@ def transcribe(self: Any, session_id: str) -> dict[str, Any]:
 @governed_task(bind=True, session=True, cleanup="keep", memory="64MiB", network=True,
                name="pipeline.translate")
 def translate(self: Any, session_id: str, lang: str) -> dict[str, Any]:
-    """Translates through the fake API with a cluster-wide rate limit (rmq.network.http_registry), else locally."""
+    """Translates through the fake API with a cluster-wide rate limit (rmq.http), else locally."""
     text = json.loads((self.session_dir / "transcribe.json").read_text())["text"]
     url = os.environ.get("RMQ_TRANSLATE_URL")
     if url:
-        from rmq.network import http_registry as http
+        from rmq import http
 
         api = http.client("translate-api", base_url=url, rate=os.environ.get("RMQ_TRANSLATE_RATE", "5/s"),
                           concurrency=2)

@@ -1,4 +1,4 @@
-"""Test app: a governed task that calls a local API through ``rmq.network.http_registry``."""
+"""Test app: a governed task that calls a local API through ``rmq.http``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ app.set_current()
 @governed_task(memory="32MiB", name="h.call")
 def call(i: int) -> dict:
     """One translation request through the per-process pooled client (5/s across the cluster)."""
-    from rmq.network import http_registry as http
+    from rmq import http
 
     api = http.client("api", base_url=os.environ["HTTPAPP_URL"], rate="5/s", concurrency=2)
     got = api.post("/translate", json={"text": f"hello {i}", "target": "reverse"}).json()
