@@ -111,7 +111,7 @@ class MemoryBudgetExceeded(RmqError):
         )
 
 
-class ModelNotRegistered(RmqError, KeyError):  # noqa: N818 - the SPEC's name
+class ModelNotRegistered(RmqError, KeyError):  # noqa: N818 - the documented public name
     """``models.get(name)`` for a name nobody registered."""
 
     def __init__(self, name: str) -> None:

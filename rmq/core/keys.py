@@ -35,11 +35,6 @@ def cluster_view() -> str:
     return f"{PREFIX}cluster"
 
 
-def alert_state(name: str) -> str:
-    """Cluster-level alert state (hysteresis across beat runs)."""
-    return f"{PREFIX}alert:{name}"
-
-
 def run_claim(task_id: str) -> str:
     """Which process runs a copy of this task id right now (``hostname:pid``, expiring)."""
     return f"{PREFIX}run:{task_id}"

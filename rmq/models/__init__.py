@@ -1,4 +1,4 @@
-"""Model cache (SPEC C3): register loaders, get or lease models, unload them for real.
+"""Model cache (``docs/design.md#models``): register loaders, get or lease models, unload them for real.
 
 Users write::
 

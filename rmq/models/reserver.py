@@ -1,4 +1,4 @@
-"""Model loads admitted through the worker's ledger (SPEC C3), in a pool process.
+"""Model loads admitted through the worker's ledger, in a pool process (``docs/design.md#models``).
 
 A load reserves the model's size in the ledger before the loader runs and keeps it while the
 model is resident. The order, when the load does not fit:

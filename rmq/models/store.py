@@ -74,10 +74,6 @@ class ModelStore:
             "denied": 0, "evictions": {}, "bytes_loaded": 0, "bytes_unloaded": 0,
         }  # fmt: skip
 
-    def set_reserver(self, reserver: Reserver | None) -> None:
-        """Use ``reserver`` for the next loads (None: grant everything)."""
-        self._reserver = reserver or NullReserver()
-
     def relieve(self, bytes_to_free: int, reason: str) -> int:
         """Unload LRU unpinned, unleased models until ``bytes_to_free`` are freed or none is left.
 
