@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 from rmq.celery.concerns import default_concerns
+from rmq.core.periodic import PeriodicThread
 from rmq.core.runtime import Runtime
 from rmq.memory.learning import flush_learner
 
@@ -25,27 +25,23 @@ class ChildWatcher:
         self.interval_s = interval_s if interval_s is not None else rt.config.monitor_interval
         self._flush_every = max(1, round(1.0 / self.interval_s))  # about once a second
         self._seen = rt.ledger.read_control().unload_generation
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rmq-child-watcher", daemon=True)
+        self._ticks = 0
+        self._loop = PeriodicThread("rmq-child-watcher", self.step, self.interval_s, log, "child watcher")
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._loop.stop(timeout_s=0)  # at process exit: never wait for an unload in progress
 
-    def _run(self) -> None:
-        ticks = 0
-        while not self._stop.wait(self.interval_s):
-            ticks += 1
-            try:
-                self.check_pressure()
-                if ticks % self._flush_every == 0:
-                    self.rt.claims.refresh_held()
-                    flush_learner(self.rt)
-                    self.rt.stats.flush()
-            except Exception:
-                log.exception("rmq child watcher failed")
+    def step(self) -> None:
+        """Relay the unload signal; about once a second, refresh claims and flush counters."""
+        self._ticks += 1
+        self.check_pressure()
+        if self._ticks % self._flush_every == 0:
+            self.rt.claims.refresh_held()
+            flush_learner(self.rt)
+            self.rt.stats.flush()
 
     def check_pressure(self) -> None:
         """Call the unload hooks once per new unload generation."""

@@ -22,6 +22,7 @@ import psutil
 from rmq.memory.budget import Budget
 from rmq.core.config import RmqConfig
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
+from rmq.core.periodic import PeriodicThread
 from rmq.memory.meter import ProcessTreeMeter, TreeReading
 from rmq.memory.pressure import Ladder
 
@@ -107,36 +108,29 @@ class Governor:
         self.ticks = 0
         self._killed_pids: dict[int, float] = {}
         self._seen_request = ledger.read_unload_request()[0]
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._loop = PeriodicThread("rmq-governor", self._timed_tick, self._interval, log, "governor tick")
         self.lock = threading.Lock()
 
     # the loop --------------------------------------------------------------
     def start(self) -> None:
         """Sample every ``rmq_monitor_interval`` on a daemon thread."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="rmq-governor", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         """Stop the loop (waits for the current tick)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._loop.stop()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            # under pressure, sample faster so a runaway task overshoots less before the kill
-            interval = self.config.monitor_interval if self.zone == "ok" else min(self.config.monitor_interval, 0.05)
-            started = time.perf_counter()
-            try:
-                self.tick()
-            except Exception:  # the governor must outlive a bad reading
-                log.exception("rmq governor tick failed")
-            spent = time.perf_counter() - started
-            self.tick_seconds += spent
+    def _interval(self) -> float:
+        # under pressure, sample faster so a runaway task overshoots less before the kill
+        return self.config.monitor_interval if self.zone == "ok" else min(self.config.monitor_interval, 0.05)
+
+    def _timed_tick(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.tick()
+        finally:
+            self.tick_seconds += time.perf_counter() - started
             self.ticks += 1
-            self._stop.wait(max(0.0, interval - spent))
 
     # one step --------------------------------------------------------------
     def tick(self) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ import psutil
 
 from rmq.concern import Concern
 from rmq.core.errors import ConfigError, exit_config_error
+from rmq.core.periodic import PeriodicThread
 from rmq.core.runtime import Runtime
 from rmq.monitoring.alerts import Alert, AlertEngine, Sink, rules_from_config
 from rmq.monitoring.sinks import EventSender, default_sinks
@@ -104,8 +104,7 @@ class AlertLoop:
         self.interval_s = interval_s
         self.ticks = 0
         self.errors = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PeriodicThread("rmq-alerts", self._counted_tick, interval_s, log, "alert evaluation")
 
     def tick(self) -> list[Alert]:
         """One evaluation; returns the alerts it raised."""
@@ -114,23 +113,18 @@ class AlertLoop:
 
     def start(self) -> None:
         """Start the thread."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="rmq-alerts", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Stop the thread (waits for the current evaluation up to ``timeout_s``)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self._loop.stop(timeout_s)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.tick()
-            except Exception:  # alerts must outlive a bad reading
-                self.errors += 1
-                log.exception("rmq alert evaluation failed")
+    def _counted_tick(self) -> None:
+        try:
+            self.tick()
+        except Exception:  # counted, then logged by the loop, which goes on
+            self.errors += 1
+            raise
 
 
 class WorkerMonitor:

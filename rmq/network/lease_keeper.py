@@ -12,6 +12,7 @@ import threading
 import redis.exceptions as rexc
 
 from rmq.core.errors import RateLimiterUnavailable
+from rmq.core.periodic import PeriodicThread
 from rmq.network.semaphore import ClusterSemaphore
 
 __all__ = ["LeaseKeeper"]
@@ -31,8 +32,7 @@ class LeaseKeeper:
         self.interval_s = interval_s if interval_s is not None else semaphore.lease_s / 3
         self._held: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()  # a lapsed permit is never retaken after discard()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PeriodicThread("rmq-lease-keeper", self.renew_now, self.interval_s, log)
 
     def add(self, name: str, holder: str, limit: int) -> None:
         """Keep ``holder``'s permit of ``name`` (of ``limit``) renewed."""
@@ -46,18 +46,11 @@ class LeaseKeeper:
 
     def start(self) -> None:
         """Start the thread (no-op when it runs)."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="rmq-lease-keeper", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the thread; held permits then lapse after their lease."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self._loop.stop(timeout_s)
 
     def renew_now(self) -> int:
         """Renew every held permit once; returns how many are still held."""
@@ -84,7 +77,3 @@ class LeaseKeeper:
     def _snapshot(self) -> list[tuple[tuple[str, str], int]]:
         with self._lock:
             return list(self._held.items())
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.renew_now()

@@ -338,7 +338,7 @@ def test_the_loop_ticks_until_stopped(world: World) -> None:
         assert time.monotonic() < deadline, "the governor loop did not tick"
         time.sleep(0.02)
     world.gov.stop()
-    assert not world.gov._thread.is_alive()
+    assert not world.gov._loop.running
     assert world.actuator.calls[0] == ("pause",)
     ticks = world.gov.ticks
     time.sleep(0.3)
