@@ -27,6 +27,7 @@ from rmq.core.errors import ConfigError, exit_with_line
 from rmq.core.ledger import KIND_MODEL, KIND_TASK
 from rmq.core.runtime import current
 from rmq.memory.admission import Need
+from rmq.memory.learning import learner
 from rmq.memory.scaling import Decision, ProcessReading, Readings, ScalePolicy, check_bounds, check_command_line
 
 __all__ = ["AutoscaleConcern", "ResourceAutoscaler"]
@@ -128,7 +129,7 @@ class ResourceAutoscaler(Autoscaler):
             return Need(0)
         memory = decl.memory_bytes
         if memory is None:
-            memory = max(self.rt.config.default_task_memory, self.rt.learner.learned(req.name))
+            memory = max(self.rt.config.default_task_memory, learner(self.rt).learned(req.name))
         return Need(memory, decl.cpu_slots)
 
     def readings(self, now: float) -> Readings:

@@ -12,6 +12,7 @@ from rmq.celery.autoscale import ResourceAutoscaler
 from rmq.core.config import load_config
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
 from rmq.core.runtime import set_current
+from rmq.memory.admission import Need
 
 MiB = 1024**2
 
@@ -108,7 +109,6 @@ def glue(tmp_path):
     rt = SimpleNamespace(
         config=load_config({}, {"RMQ_AUTOSCALE_KEEPALIVE": "3s"}), ledger=ledger, runtime_dir=str(tmp_path),
         governor=SimpleNamespace(last=SimpleNamespace(children={11: 20 * MiB, 12: 22 * MiB, 13: 145 * MiB})),
-        learner=SimpleNamespace(learned=lambda name: 0),
     )
     set_current(rt)
     pool = FakeTaskPool([FakeProc(11, 0), FakeProc(12, 1), FakeProc(13, 2)])
@@ -185,6 +185,19 @@ def test_glue_grows_one_process_for_reserved_work(glue, monkeypatch):
     # a task message right after does not trigger a second look at once
     assert glue.scaler._maybe_scale(req=reqs[0]) is False
     assert glue.bp.grown == 1
+
+
+def test_a_task_without_memory_declared_needs_its_learned_peak(glue, monkeypatch):
+    learned = {"light": 48 * MiB}
+    monkeypatch.setattr(autoscale, "learner", lambda rt: SimpleNamespace(learned=lambda name: learned.get(name, 0)))
+
+    class Req:
+        def __init__(self, name):
+            self.name = name
+            self.task = SimpleNamespace(rmq=SimpleNamespace(memory_bytes=None, cpu_slots=1))
+
+    assert glue.scaler._need(Req("light")) == Need(48 * MiB, 1)
+    assert glue.scaler._need(Req("new")) == Need(glue.rt.config.default_task_memory, 1)  # nothing learned yet
 
 
 def test_remote_control_update_refuses_bad_bounds(glue):
