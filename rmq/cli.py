@@ -70,7 +70,7 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
                 parse_autoscale(value)
             except ConfigError as exc:
                 exit_with_line(str(exc))
-    from rmq.cpu.limits import detect_cpu_slots
+    from rmq.cpu.slots import detect_cpu_slots
 
     cfg = _config(app)
     slots = cfg.cpu_slots or detect_cpu_slots()[0]
@@ -86,7 +86,7 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from rmq.core.runtime import redis_url_for_app
     from rmq.core.units import format_bytes
-    from rmq.cpu.limits import detect_cpu_slots
+    from rmq.cpu.slots import detect_cpu_slots
     from rmq.memory.budget import detect_budget
 
     app = _load_app(args.app)

@@ -17,7 +17,7 @@ from rmq.celery.concerns import default_concerns
 from rmq.core.errors import ConfigError, exit_config_error
 from rmq.core.ledger import Ledger
 from rmq.core.runtime import Runtime, config_for, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
-from rmq.cpu.limits import detect_cpu_slots
+from rmq.cpu.slots import detect_cpu_slots
 from rmq.memory.budget import detect_budget
 from rmq.memory.governor import Governor
 from rmq.monitoring.snapshot import SnapshotBuilder
