@@ -51,7 +51,7 @@ class CeleryActuator:
         """On the event loop: cancel or re-add the task queues to match the governor."""
         if self.want_paused == self._is_paused:
             return
-        consumer = getattr(self.worker, "consumer", None)
+        consumer: Any = getattr(self.worker, "consumer", None)  # not None once it has a task consumer
         task_consumer = getattr(consumer, "task_consumer", None)
         if task_consumer is None:
             return
@@ -70,7 +70,7 @@ class CeleryActuator:
         """On Redis, keep this worker's unacked messages fresh so that a short visibility
         timeout redelivers the messages of a dead worker quickly but never those of a live one."""
         consumer = getattr(self.worker, "consumer", None)
-        channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
+        channel: Any = getattr(getattr(consumer, "task_consumer", None), "channel", None)
         qos = getattr(channel, "qos", None)
         key = getattr(channel, "unacked_index_key", None)
         delivered = getattr(qos, "_delivered", None)
@@ -89,7 +89,7 @@ class CeleryActuator:
         """On the event loop: finish pool processes that died but that Celery's exit-pipe check
         missed (the pipe closes before the process can be reaped; Celery then waits for its
         5 s maintenance timer, which delays the redelivery of the lost task)."""
-        pool = getattr(getattr(self.worker, "pool", None), "_pool", None)
+        pool: Any = getattr(getattr(self.worker, "pool", None), "_pool", None)  # not None once it has processes
         for proc in list(getattr(pool, "_pool", None) or ()):
             popen = getattr(proc, "_popen", None)
             if popen is not None and popen.poll() is not None:
