@@ -7,7 +7,7 @@ ended, or while another run of the same id is going on. Before it runs, a copy t
 run claim (:mod:`rmq.core.claims`) and reads the result backend: it is dropped when the task already
 ended, and deferred while another run holds the claim or still runs in this worker. An original
 delivery skips all of this (no Redis round trip per task): while it runs, its reservation in the
-worker's ledger stands for it. See docs/design.md#copies.
+worker's ledger stands for it. See docs/design.md#run-claims.
 """
 
 from __future__ import annotations
