@@ -8,8 +8,8 @@ import os
 import sys
 from typing import Any
 
-from rmq.celery.autoscale import parse_autoscale
 from rmq.core.errors import ConfigError, exit_with_line
+from rmq.memory.scaling import parse_autoscale
 
 __all__ = ["main", "profile_argv"]
 
@@ -70,7 +70,7 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
                 parse_autoscale(value)
             except ConfigError as exc:
                 exit_with_line(str(exc))
-    from rmq.cpu.limits import detect_cpu_slots
+    from rmq.cpu.slots import detect_cpu_slots
 
     cfg = _config(app)
     slots = cfg.cpu_slots or detect_cpu_slots()[0]
@@ -84,10 +84,10 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from rmq.memory.budget import detect_budget
-    from rmq.cpu.limits import detect_cpu_slots
     from rmq.core.runtime import redis_url_for_app
     from rmq.core.units import format_bytes
+    from rmq.cpu.slots import detect_cpu_slots
+    from rmq.memory.budget import detect_budget
 
     app = _load_app(args.app)
     cfg = _config(app)
@@ -124,8 +124,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from rmq.disk.cleanup import cleanup_from_config, format_report
     from rmq.core.units import parse_duration
+    from rmq.disk.cleanup import cleanup_from_config, format_report
 
     app = _load_app(args.app)
     cfg = _config(app)

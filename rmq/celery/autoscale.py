@@ -1,52 +1,36 @@
-"""Resource-aware autoscaling of the prefork pool (SPEC C10).
+"""The autoscaler's Celery glue: ``worker_autoscaler`` (``--autoscale=MAX,MIN``) driven by rmq's policy.
 
-:class:`ScalePolicy` is the policy, pure and fed with readings: grow by one process while
-due work waits, the admit line has room for a waiting task's declaration (plus a new
-process's own memory) and declared CPU slots are free, never above MAX; shrink processes
-idle for the keep-alive, and at once in the pause (or kill) zone, idle processes holding
-the most unpinned model memory first; never below MIN, never a busy process.
-
-:class:`ResourceAutoscaler` is the Celery glue (``worker_autoscaler``, ``--autoscale=MAX,MIN``):
-it reads the ledger, the governor and the pool on the worker's event loop and applies
-the decision. A chosen idle process is ended the way billiard's own ``Pool.shrink`` ends
-one (``terminate_controlled``: SIGTERM, bookkeeping first), but only after the pool's
-own records (jobs acked, written or being written to it) show it holds no task; this runs
-on the event-loop thread, so no job can be handed to it in between. billiard turns the
-SIGTERM into an exit through ``finally`` blocks, so the process runs its exit hooks (models
-closed, counters flushed) before it goes; anything it still held in the ledger is released
-by the governor.
+:class:`ResourceAutoscaler` reads the ledger, the governor and the pool on the worker's event loop,
+asks :class:`~rmq.memory.scaling.ScalePolicy` for one step and applies it. A chosen idle process is
+ended the way billiard's own ``Pool.shrink`` ends one (``terminate_controlled``: SIGTERM,
+bookkeeping first), but only after the pool's own records (jobs acked, written or being written to
+it) show it holds no task; this runs on the event-loop thread, so no job can be handed to it in
+between. billiard turns the SIGTERM into an exit through ``finally`` blocks, so the process runs its
+exit hooks (models closed, counters flushed) before it goes; anything it still held in the ledger is
+released by the governor. See docs/design.md#autoscaling.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import statistics
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery.worker import state as worker_state
 from celery.worker.autoscale import AUTOSCALE_KEEPALIVE, Autoscaler
 
 from rmq.concern import Concern
-from rmq.memory.admission import Need
+from rmq.core import procstats
 from rmq.core.errors import ConfigError, exit_with_line
-from rmq.core.units import format_bytes as fb
+from rmq.core.ledger import KIND_MODEL, KIND_TASK
+from rmq.core.runtime import current
+from rmq.memory.admission import Need
+from rmq.memory.learning import learner
+from rmq.memory.scaling import Decision, ProcessReading, Readings, ScalePolicy, check_bounds, check_command_line
 
-__all__ = [
-    "Decision",
-    "ProcessReading",
-    "Readings",
-    "ResourceAutoscaler",
-    "ScalePolicy",
-    "check_bounds",
-    "check_command_line",
-    "AutoscaleConcern",
-    "parse_autoscale",
-]
+__all__ = ["AutoscaleConcern", "ResourceAutoscaler"]
 
 log = logging.getLogger("rmq.celery.autoscale")
 
@@ -56,188 +40,6 @@ TICK_S = 0.5
 MESSAGE_GAP_S = 0.2
 #: how many recent grow/shrink changes the state keeps
 HISTORY = 10
-
-
-@dataclass(frozen=True)
-class ProcessReading:
-    """One pool process. Sizes in bytes, durations in seconds."""
-
-    pid: int
-    busy: bool
-    idle_s: float = 0.0
-    unpinned_model_bytes: int = 0
-    pinned_model_bytes: int = 0
-    memory_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class Readings:
-    """What the policy decides on.
-
-    Attributes:
-        current / min_procs / max_procs: pool size now (the pool's target) and the bounds.
-        processes: the live pool processes (ones being ended excluded).
-        waiting: needs of due work no process has yet (idle processes take the first ones).
-        starting: needs of work handed to a process but not yet in the ledger.
-        admit_line_bytes / worker_bytes / unused_reserved_bytes: admission figures (C2).
-        cpu_slots / cpu_slots_used: declared CPU slots (C4).
-        zone: the governor's zone (``ok``, ``unload``, ``pause``, ``kill``).
-        new_process_bytes: memory one more idle process costs.
-        keepalive_s: idle time after which a process may go.
-    """
-
-    current: int
-    min_procs: int
-    max_procs: int
-    processes: Sequence[ProcessReading] = ()
-    waiting: Sequence[Need] = ()
-    starting: Sequence[Need] = ()
-    admit_line_bytes: int = 0
-    worker_bytes: int = 0
-    unused_reserved_bytes: int = 0
-    cpu_slots: int = 1
-    cpu_slots_used: int = 0
-    zone: str = "ok"
-    new_process_bytes: int = 0
-    keepalive_s: float = 30.0
-
-
-@dataclass(frozen=True)
-class Decision:
-    """``action`` is ``grow``, ``shrink`` or ``hold``; ``pids`` are the processes to end, in order."""
-
-    action: str
-    reason: str
-    count: int = 0
-    pids: tuple[int, ...] = field(default_factory=tuple)
-
-
-class ScalePolicy:
-    """Decides one step from :class:`Readings`. Stateless; no Celery."""
-
-    def decide(self, r: Readings) -> Decision:
-        """The next step: shrink under pressure, else grow for fitting backlog, else expire idlers."""
-        idle = [p for p in r.processes if not p.busy]
-        busy = len(r.processes) - len(idle)
-        room_above_min = r.current - r.min_procs
-        if r.zone in ("pause", "kill"):
-            victims = sorted(idle, key=lambda p: (-p.unpinned_model_bytes, p.pinned_model_bytes,
-                                                  -p.memory_bytes, -p.idle_s))[: max(0, room_above_min)]
-            if victims:
-                freed = sum(p.memory_bytes for p in victims)
-                models = sum(p.unpinned_model_bytes for p in victims)
-                return Decision("shrink", f"{r.zone} zone: ending {len(victims)} idle process(es) holding "
-                                f"{fb(freed)} ({fb(models)} of unpinned models)",
-                                len(victims), tuple(p.pid for p in victims))
-            why = "all processes busy" if not idle else f"at MIN {r.min_procs}"
-            return Decision("hold", f"{r.zone} zone: nothing to end ({why}); not growing")
-        grow = self._grow(r, len(idle))
-        if grow.action == "grow":
-            return grow
-        expired = [p for p in idle if p.idle_s >= r.keepalive_s]
-        keep = max(r.min_procs, busy + len(r.waiting))
-        n = min(len(expired), r.current - keep)
-        if n > 0:
-            # longest idle first; among equals keep the warm model caches
-            victims = sorted(expired, key=lambda p: (-p.idle_s, p.unpinned_model_bytes + p.pinned_model_bytes))[:n]
-            return Decision("shrink", f"{n} process(es) idle for {r.keepalive_s:g}s or more",
-                            n, tuple(p.pid for p in victims))
-        return grow
-
-    @staticmethod
-    def _grow(r: Readings, idle: int) -> Decision:
-        idle += max(0, r.current - len(r.processes))  # started, not yet seen
-        surplus = len(r.waiting) - idle
-        if not r.waiting:
-            return Decision("hold", "no backlog")
-        if surplus <= 0:
-            return Decision("hold", f"backlog {len(r.waiting)} served by {idle} idle process(es)")
-        if r.current >= r.max_procs:
-            return Decision("hold", f"backlog {len(r.waiting)} but at MAX {r.max_procs}")
-        room = r.admit_line_bytes - r.worker_bytes - r.unused_reserved_bytes
-        free_cpu = r.cpu_slots - r.cpu_slots_used
-
-        def fits(need: Need, extra: int = 0) -> bool:
-            return need.memory_bytes + extra <= room and (not need.cpu_slots or need.cpu_slots <= free_cpu)
-
-        # what processes already have (or are about to take) will be admitted first, if it fits
-        for need in [*r.starting, *r.waiting[:idle]]:
-            if fits(need):
-                room -= need.memory_bytes
-                free_cpu -= need.cpu_slots
-        candidates = r.waiting[idle:]
-        for need in candidates:
-            if fits(need, r.new_process_bytes):
-                return Decision("grow", f"backlog {len(r.waiting)}: {fb(need.memory_bytes)} fits under the admit "
-                                f"line ({fb(room)} room, a process costs {fb(r.new_process_bytes)})", 1)
-        smallest = min(candidates, key=lambda n: n.memory_bytes)
-        if smallest.memory_bytes + r.new_process_bytes > room:
-            return Decision("hold", f"backlog {len(r.waiting)}: no room under the admit line (needs "
-                            f"{fb(smallest.memory_bytes + r.new_process_bytes)}, {fb(max(0, room))} left)")
-        return Decision("hold", f"backlog {len(r.waiting)}: no free CPU slots ({max(0, free_cpu)} free)")
-
-
-# -- bad --autoscale values ------------------------------------------------------------
-
-
-def check_bounds(max_procs: Any, min_procs: Any) -> None:
-    """Raise :class:`ConfigError` unless ``MAX >= 1``, ``MIN >= 0`` and ``MAX >= MIN`` (whole numbers)."""
-    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (max_procs, min_procs))
-    if not ok or max_procs < 1 or min_procs < 0:
-        raise ConfigError(f"--autoscale needs MAX >= 1 and MIN >= 0, got {max_procs},{min_procs}")
-    if max_procs < min_procs:
-        raise ConfigError(f"--autoscale MAX must not be below MIN, got {max_procs},{min_procs}")
-
-
-def _raw_values(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
-    values = []
-    for i, a in enumerate(argv):
-        if a.startswith("--autoscale="):
-            values.append(a.split("=", 1)[1])
-        elif a == "--autoscale" and i + 1 < len(argv):
-            values.append(argv[i + 1])
-    if not values and environ.get("CELERY_WORKER_AUTOSCALE"):  # click's auto_envvar_prefix
-        values.append(environ["CELERY_WORKER_AUTOSCALE"])
-    return values
-
-
-def parse_autoscale(value: str) -> tuple[int, int]:
-    """``"MAX,MIN"`` -> (max, min); raises ConfigError for negatives, MAX < MIN or junk."""
-    parts = value.split(",")
-    try:
-        numbers = [int(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"--autoscale must be MAX,MIN with whole numbers, got {value!r}") from None
-    if len(numbers) == 1:
-        numbers.append(0)
-    if len(numbers) != 2:
-        raise ConfigError(f"--autoscale must be MAX,MIN, got {value!r}")
-    high, low = numbers
-    if high < 1 or low < 0:
-        raise ConfigError(f"--autoscale needs MAX >= 1 and MIN >= 0, got {value!r}")
-    if high < low:
-        raise ConfigError(f"--autoscale MAX must not be below MIN, got {value!r}")
-    return high, low
-
-
-def check_command_line(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> None:
-    """For a ``celery ... worker`` command line, exit 2 with one line on a bad ``--autoscale``.
-
-    Celery's own parsing sorts ``1,6`` into ``6,1`` and crashes with a traceback on ``a,b``;
-    this reads the value as typed. Call it before Celery parses the worker's options
-    (``rmq.install``) or when the worker is built (:class:`AutoscaleConcern`).
-    """
-    argv = list(sys.argv if argv is None else argv)
-    if "worker" not in argv[1:]:
-        return
-    for raw in _raw_values(argv, os.environ if environ is None else environ):
-        try:
-            parse_autoscale(raw)
-        except ConfigError as exc:
-            exit_with_line(str(exc), now=True)
-
-
-# -- Celery glue -----------------------------------------------------------------------
 
 
 class ResourceAutoscaler(Autoscaler):
@@ -256,8 +58,6 @@ class ResourceAutoscaler(Autoscaler):
             check_bounds(max_concurrency, min_concurrency)
         except ConfigError as exc:
             exit_with_line(str(exc), now=True)
-        from rmq.core.runtime import current
-
         self.rt = current()
         self.idle_keepalive_s = self.rt.config.autoscale_keepalive if self.rt is not None else keepalive
         super().__init__(pool, max_concurrency, min_concurrency, worker=worker,
@@ -329,14 +129,11 @@ class ResourceAutoscaler(Autoscaler):
             return Need(0)
         memory = decl.memory_bytes
         if memory is None:
-            memory = max(self.rt.config.default_task_memory, self.rt.learner.learned(req.name))
+            memory = max(self.rt.config.default_task_memory, learner(self.rt).learned(req.name))
         return Need(memory, decl.cpu_slots)
 
     def readings(self, now: float) -> Readings:
         """Build :class:`Readings` from the ledger, the governor and the pool (main process)."""
-        from rmq.core import procstats
-        from rmq.core.ledger import KIND_MODEL, KIND_TASK
-
         rt = self.rt
         assert rt is not None
         control = rt.ledger.read_control()

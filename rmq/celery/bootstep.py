@@ -1,4 +1,5 @@
-"""The worker bootstep: builds the runtime before the pool forks, runs the governor. Glue only."""
+"""The worker bootstep: builds the runtime before the pool forks, runs the governor with a
+:class:`~rmq.celery.actuator.CeleryActuator`. Glue only."""
 
 from __future__ import annotations
 
@@ -7,21 +8,21 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from typing import Any
 
 from celery import bootsteps
 
-from rmq.memory.budget import detect_budget
-from rmq.core.errors import ConfigError, exit_config_error
-from rmq.memory.governor import Governor, kill_pid
+from rmq.celery.actuator import CeleryActuator
 from rmq.celery.concerns import default_concerns
+from rmq.core.errors import ConfigError, exit_config_error
 from rmq.core.ledger import Ledger
-from rmq.core.runtime import Runtime, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
+from rmq.core.runtime import Runtime, config_for, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
+from rmq.cpu.slots import detect_cpu_slots
+from rmq.memory.budget import detect_budget
+from rmq.memory.governor import Governor
 from rmq.monitoring.snapshot import SnapshotBuilder
-from rmq.core.runtime import config_for
 
-__all__ = ["GovernorStep", "CeleryActuator"]
+__all__ = ["GovernorStep"]
 
 log = logging.getLogger("rmq.worker")
 
@@ -33,96 +34,7 @@ def _runtime_dir(configured: str | None) -> str:
 
 
 def _cpu_slots(configured: int | None) -> tuple[int, str]:
-    if configured:
-        return configured, "configured"
-    try:
-        from rmq.cpu.limits import detect_cpu_slots
-
-        return detect_cpu_slots()
-    except ImportError:  # pragma: no cover - during development only
-        return len(os.sched_getaffinity(0)), "affinity"
-
-
-class CeleryActuator:
-    """The governor's hands on a Celery worker. Pause/resume and unacked touching run on the
-    worker's event loop (a timer); kills and pid reads are safe from the governor thread."""
-
-    def __init__(self, worker: Any) -> None:
-        self.worker = worker
-        self.want_paused = False
-        self.paused_queues: list[str] = []
-        self._is_paused = False
-
-    @property
-    def is_paused(self) -> bool:
-        """Whether the worker has really stopped fetching (the governor's wish, applied)."""
-        return self._is_paused
-
-    def pool_pids(self) -> list[int]:
-        try:
-            procs = list(self.worker.pool._pool._pool)
-        except AttributeError:
-            return []
-        return [p.pid for p in procs if p.pid and p.pid != os.getpid()]
-
-    def pause(self) -> None:
-        self.want_paused = True
-
-    def resume(self) -> None:
-        self.want_paused = False
-
-    def kill(self, pid: int) -> None:
-        if pid != os.getpid():
-            kill_pid(pid)
-
-    def apply_pause_state(self) -> None:
-        """On the event loop: cancel or re-add the task queues to match the governor."""
-        if self.want_paused == self._is_paused:
-            return
-        consumer = getattr(self.worker, "consumer", None)
-        task_consumer = getattr(consumer, "task_consumer", None)
-        if task_consumer is None:
-            return
-        if self.want_paused:
-            self.paused_queues = [q.name for q in task_consumer.queues]
-            for name in self.paused_queues:
-                consumer.cancel_task_queue(name)
-            self._is_paused = True
-        else:
-            for name in self.paused_queues:
-                consumer.add_task_queue(name)
-            self.paused_queues = []
-            self._is_paused = False
-
-    def touch_unacked(self) -> None:
-        """On Redis, keep this worker's unacked messages fresh so that a short visibility
-        timeout redelivers the messages of a dead worker quickly but never those of a live one."""
-        consumer = getattr(self.worker, "consumer", None)
-        channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
-        qos = getattr(channel, "qos", None)
-        key = getattr(channel, "unacked_index_key", None)
-        delivered = getattr(qos, "_delivered", None)
-        if not delivered or key is None:
-            return
-        now = time.time()
-        try:
-            # Not channel.client: that is the connection with the consumer's pending BRPOP, and a
-            # command sent on it would read the BRPOP's reply (a message) as its own and lose it.
-            with channel.conn_or_acquire() as client:
-                client.zadd(key, {tag: now for tag in list(delivered)}, xx=True)
-        except Exception as exc:  # a broken connection is the consumer's to fix
-            log.debug("rmq could not touch unacked messages: %r", exc)
-
-    def reap_exited(self) -> None:
-        """On the event loop: finish pool processes that died but that Celery's exit-pipe check
-        missed (the pipe closes before the process can be reaped; Celery then waits for its
-        5 s maintenance timer, which delays the redelivery of the lost task)."""
-        pool = getattr(getattr(self.worker, "pool", None), "_pool", None)
-        for proc in list(getattr(pool, "_pool", None) or ()):
-            popen = getattr(proc, "_popen", None)
-            if popen is not None and popen.poll() is not None:
-                pool.maintain_pool()
-                return
+    return (configured, "configured") if configured else detect_cpu_slots()
 
 
 class GovernorStep(bootsteps.StartStopStep):

@@ -19,11 +19,11 @@ from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
+from rmq.celery.copies import rmq_headers
 from rmq.core import keys
 from rmq.core.claims import claim_token
 from rmq.core.errors import MemoryBudgetExceeded, TaskProcessLost
 from rmq.core.runtime import current
-from rmq.celery.task import rmq_headers
 
 __all__ = ["GovernedRequest"]
 

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
-from celery import Task, shared_task, states
-from celery.exceptions import Ignore, Reject, Retry
+from celery import Task, shared_task
+from celery.exceptions import Retry
 
-from rmq.core import forks
-from rmq.core.claims import claim_token
+from rmq.celery.copies import DEFERRALS, finished_copy, is_copy, release_claim, rmq_headers, run_copy
+from rmq.concern import Concern, TaskContext, current_context, set_current_context
 from rmq.core.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
 from rmq.core.errors import Defer, ResourceUnavailable
-from rmq.concern import Concern, TaskContext, current_context, set_current_context
 from rmq.core.routing import from_wire_priority, to_wire_priority, transport_kind
 from rmq.core.runtime import config_for, current
 from rmq.core.units import parse_priority
@@ -30,29 +27,7 @@ from rmq.core.units import parse_priority
 __all__ = ["governed_task", "GovernedTask", "config_for", "rmq_headers"]
 
 log = logging.getLogger("rmq.celery.task")
-_DEFERRALS = "rmq_deferrals"
 _UNCOUNTED = frozenset({"rate_limit", "duplicate"})  # deferrals that hold nothing back
-_REQUEST_HEADERS = (_DEFERRALS, "rmq_kills")
-
-
-def rmq_headers(source: Any) -> dict[str, Any]:
-    """The ``rmq_*`` message headers of a request, a request dict or a headers dict."""
-    if isinstance(source, dict):
-        return {k: v for k, v in source.items() if isinstance(k, str) and k.startswith("rmq_") and v is not None}
-    found = {k: v for k in _REQUEST_HEADERS if (v := _request_header(source, k)) is not None}
-    headers = getattr(source, "headers", None)
-    if headers:  # any other rmq_* header kept there
-        found.update(rmq_headers(headers))
-    return found
-
-
-def _request_header(request: Any, name: str) -> Any:
-    """One header of a task's request: Celery puts custom headers on the request as attributes,
-    and keeps some in ``request.headers`` only."""
-    value = getattr(request, name, None)
-    if value is None:
-        value = (getattr(request, "headers", None) or {}).get(name)
-    return value
 
 
 class GovernedTask(Task):
@@ -64,7 +39,6 @@ class GovernedTask(Task):
     Request = "rmq.celery.request:GovernedRequest"
     acks_late = True
     reject_on_worker_lost = True
-    _rmq_local = threading.local()  # the run claim a finished copy still holds
     _rmq_argnames: tuple[str, ...] | None = None
 
     # running ----------------------------------------------------------------
@@ -86,35 +60,20 @@ class GovernedTask(Task):
         request = self.request_stack.top  # what Celery's tracer pushed (self.request, less two calls)
         if rt is None or request is None or request.called_directly or request.is_eager:
             return super().__call__(*args, **kwargs)
-        leftover = getattr(self._rmq_local, "claim", None)
+        leftover = getattr(finished_copy, "claim", None)
         if leftover is not None:  # after_return did not run for the previous task (overridden without super)
-            self._rmq_local.claim = None
-            self._release_claim(rt, leftover)
-        if not self._is_copy(request):
+            finished_copy.claim = None
+            release_claim(rt, leftover)
+        if not is_copy(request):
             return self._run_governed(rt, request, args, kwargs)
-        claimed = self._admit_copy(rt, request)  # raises Ignore, or defers while another copy runs
-        if not claimed:
-            return self._run_governed(rt, request, args, kwargs)
-        try:
-            result = self._run_governed(rt, request, args, kwargs)
-        except (Retry, Ignore, Reject):  # nothing is stored that a waiting copy could miss
-            self._release_claim(rt, request.id)
-            raise
-        except Exception:
-            self._rmq_local.claim = request.id  # released by after_return, once the failure is stored
-            raise
-        except BaseException:  # the tracer re-raises these without storing or calling after_return
-            self._release_claim(rt, request.id)
-            raise
-        self._rmq_local.claim = request.id  # released by after_return, once the result is stored
-        return result
+        return run_copy(self, rt, request, args, kwargs)  # see rmq.celery.copies
 
     def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        if getattr(self._rmq_local, "claim", None) == task_id:
-            self._rmq_local.claim = None
+        if getattr(finished_copy, "claim", None) == task_id:
+            finished_copy.claim = None
             rt = current()
             if rt is not None:
-                self._release_claim(rt, task_id)
+                release_claim(rt, task_id)
         super().after_return(status, retval, task_id, args, kwargs, einfo)
 
     def _run_governed(self, rt: Any, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -190,74 +149,6 @@ class GovernedTask(Task):
         return cached[1]
 
     @staticmethod
-    def _is_copy(request: Any) -> bool:
-        """A redelivered message, a deferred copy or a re-run after a kill: a copy of a task id that
-        may already have ended, or may be running elsewhere."""
-        if (request.delivery_info or {}).get("redelivered"):
-            return True
-        # every deferral sets the header, 0 for the uncounted ones (rate limits, waiting copies)
-        return _request_header(request, _DEFERRALS) is not None or bool(_request_header(request, "rmq_kills"))
-
-    def _admit_copy(self, rt: Any, request: Any) -> bool:
-        """Let a copy run at most once and never beside another run: defer it while another copy holds
-        the run claim or the original still runs in this worker, Ignore it when the task already ended.
-        Returns True when this copy now holds the claim, False when claims are unavailable.
-
-        The claim comes first and the backend last: a run that stores its outcome and releases the
-        claim while this copy looks is then seen ended. An original delivery takes no claim (a Redis
-        round trip per task); while it runs, its reservation in this worker's ledger stands for it.
-        """
-        token = claim_token(request.hostname or "?", os.getpid())
-        unavailable = False
-        try:
-            claimed = bool(rt.claims.acquire(request.id, token))
-        except Exception as exc:  # no Redis for rmq, or it is down: the other checks still hold
-            log.debug("rmq could not take the run claim of %s[%s]: %r", self.name, request.id, exc)
-            claimed, unavailable = False, True
-        if not claimed and not unavailable:
-            running: str | None = self._claim_holder(rt, request.id)
-        elif rt.ledger.running(request.id, other_than=forks.pid()):
-            running = "the original, in this worker"
-        else:
-            running = None
-        if self._already_ended(request):
-            if claimed:
-                self._release_claim(rt, request.id)
-            log.warning("rmq: %s[%s] already ended; this copy does not run", self.name, request.id)
-            rt.stats.incr("copies", "dropped")
-            raise Ignore()
-        if running is not None:
-            if claimed:
-                self._release_claim(rt, request.id)
-            return self._defer(Defer(f"another run of this task is going on ({running})",
-                                     rt.config.defer_countdown, kind="duplicate"))
-        return claimed
-
-    @staticmethod
-    def _claim_holder(rt: Any, task_id: str) -> str:
-        try:
-            return rt.claims.holder(task_id) or "just ended"
-        except Exception:
-            return "unknown"
-
-    @staticmethod
-    def _release_claim(rt: Any, task_id: str) -> None:
-        try:
-            rt.claims.release(task_id)
-        except Exception as exc:  # it expires on its own
-            log.debug("rmq could not release the run claim of %s: %r", task_id, exc)
-
-    def _already_ended(self, request: Any) -> bool:
-        """One backend read: did this task id already reach a terminal state?"""
-        if request.ignore_result:
-            return False
-        try:
-            return self.backend.get_task_meta(request.id, cache=False).get("status") in states.READY_STATES
-        except Exception as exc:  # no backend, or it is down: run it
-            log.debug("rmq could not read the state of %s[%s]: %r", self.name, request.id, exc)
-            return False
-
-    @staticmethod
     def _exit_concerns(entered: list[Concern], ctx: TaskContext, failed: bool) -> None:
         for concern in reversed(entered):
             try:
@@ -269,14 +160,14 @@ class GovernedTask(Task):
         rt = current()
         request = self.request
         headers = rmq_headers(request)
-        done = int(headers.get(_DEFERRALS, 0) or 0)
+        done = int(headers.get(DEFERRALS, 0) or 0)
         if rt is not None:
             rt.stats.incr("deferred", defer.kind)
         # a rate-limit deferral is a booked turn that holds nothing: it does not use up the budget
         counted = defer.kind not in _UNCOUNTED
         if counted and rt is not None and done >= rt.config.max_deferrals:
             raise ResourceUnavailable(self.name, defer.reason, done)
-        headers[_DEFERRALS] = done + int(counted)
+        headers[DEFERRALS] = done + int(counted)
         sig = self.signature_from_request(request, countdown=defer.countdown_s, headers=headers)
         sig.apply_async()
         log.info("rmq deferred %s[%s] for %.2fs (%s): %s", self.name, request.id, defer.countdown_s,

@@ -6,8 +6,8 @@ from typing import Any
 
 from celery import signals
 
-from rmq.core.routing import to_wire_priority, transport_kind
 from rmq.celery.task import GovernedTask
+from rmq.core.routing import to_wire_priority, transport_kind
 from rmq.core.runtime import config_for
 
 __all__ = ["install", "router"]
@@ -93,11 +93,10 @@ def install(app: Any) -> Any:
     if getattr(app, "_rmq_installed", False):
         return app
     app._rmq_installed = True
-    from rmq.celery.autoscale import check_command_line
+    from rmq.memory.scaling import check_command_line
 
     check_command_line()  # a bad --autoscale on a `celery worker` command line: exit 2, one line
-    from rmq.celery import beat  # noqa: F401
-    from rmq.celery import control  # noqa: F401  (registers the beat tasks and remote-control commands)
+    from rmq.celery import beat, control  # noqa: F401  (registers the beat tasks and remote-control commands)
     from rmq.celery.bootstep import GovernorStep
 
     app.steps["worker"].add(GovernorStep)

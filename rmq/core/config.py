@@ -30,7 +30,7 @@ def _int(minimum: int) -> Callable[[object, str], int]:
         if isinstance(value, bool):
             raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
         try:
-            n = int(str(value).strip()) if isinstance(value, str) else int(value)  # type: ignore[arg-type]
+            n = int(str(value).strip()) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
         except (TypeError, ValueError):
             raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}") from None
         if n < minimum or (not isinstance(value, str) and n != value):
@@ -53,14 +53,6 @@ def _str(value: object, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
     return value.strip()
-
-
-def _bool(value: object, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    raise ConfigError(f"{what} must be true or false, got {value!r}")
 
 
 def _percent_number(value: object, what: str) -> float:
@@ -109,7 +101,7 @@ def _fraction0(v: object, w: str) -> float:
 
 # name -> (default, parser). Defaults are user-facing values, parsed like user input.
 KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
-    # memory (C2)
+    # memory: the budget, admission and the pressure ladder (docs/design.md#pressure-ladder)
     "memory_budget": ("90%", parse_size_or_percent),
     "monitor_interval": ("250ms", _dur),
     "admit_ratio": (0.85, parse_ratio),
@@ -132,20 +124,20 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "default_priority": ("normal", parse_priority),
     "worker_lost_retries": (3, _int(0)),
     "runtime_dir": (None, _optional(_str)),
-    # crash recovery (R2)
+    # crash recovery: how soon the unacked messages of a dead worker come back
     "visibility_timeout": ("20s", _dur),
     "unacked_restore_interval": ("2s", _dur),
-    # models (C3)
+    # models
     "models_max_memory": (None, _optional(_size)),
     "models_max_count": (None, _optional(_int(1))),
     "model_load_wait": ("10s", _dur0),
-    # cpu (C4)
+    # cpu (docs/design.md#cpu)
     "cpu_slots": (None, _optional(_int(1))),
-    # network (C5)
+    # network: rate limits and concurrency leases
     "redis_url": (None, _optional(_str)),
     "concurrency_lease": ("30s", _dur),
     "throttle_max_wait": ("2s", _dur0),
-    # disk and sessions (C6)
+    # disk and sessions
     "session_root": (None, _optional(_str)),
     "session_arg": ("session_id", _str),
     "failed_session_ttl": ("1h", _dur0),
@@ -153,7 +145,7 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "cleanup_interval": ("15m", _dur),
     "disk_high_ratio": (0.80, parse_ratio),
     "disk_low_ratio": (0.70, parse_ratio),
-    # monitoring (C7)
+    # monitoring and alerts
     "metrics_port": (None, _optional(_int(0))),
     "metrics_addr": ("0.0.0.0", _str),
     "alert_memory_ratio": (0.85, parse_ratio),
@@ -163,12 +155,12 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "alert_cooldown": ("5m", _dur0),
     "alert_webhook": (None, _optional(_http_url)),
     "monitor_beat_interval": ("60s", _dur),
-    # hygiene (C9)
+    # hygiene between tasks, leak detection
     "hygiene_margin": ("16MiB", _size0),
     "leak_ceiling": (None, _optional(_size)),
     "leak_slope": ("8MiB", _size),
     "leak_window": (8, _int(2)),
-    # autoscaler (C10)
+    # autoscaler (docs/design.md#autoscaling)
     "autoscale_keepalive": ("30s", _dur0),
 }
 

@@ -227,11 +227,11 @@ def _experimental_fixes() -> None:
     if "credit" in fixes:
         import struct
 
-        from rmq.memory import reservation
-        from rmq.memory.learning import learner
-        from rmq.core.ledger import _fit
+        from rmq.core.ledger_layout import fit, read_slot, write_slot
         from rmq.core.runtime import current
         from rmq.core.selfmem import own_rss_bytes
+        from rmq.memory import reservation
+        from rmq.memory.learning import learner
 
         worker_bytes_at = 24  # offset of worker_bytes in the ledger header (magic, generation, unload bytes)
 
@@ -244,10 +244,10 @@ def _experimental_fixes() -> None:
             rss_now = own_rss_bytes()
             peak = max(rss_now - entry.start_rss, 0)
             with ledger.locked():
-                cur = ledger._read_slot(entry.slot)
-                if cur is not None and cur.pid == entry.pid and cur.task_id == _fit(entry.task_id, 48):
+                cur = read_slot(ledger._map, entry.slot)
+                if cur is not None and cur.pid == entry.pid and cur.task_id == fit(entry.task_id, 48):
                     peak = max(peak, cur.peak_used_bytes)
-                    ledger._write_slot(entry.slot, None)
+                    write_slot(ledger._map, entry.slot, None)
                     freed = max(0, cur.start_rss + cur.used_bytes - rss_now)
                     if freed:
                         (published,) = struct.unpack_from("<q", ledger._map, worker_bytes_at)

@@ -1,4 +1,4 @@
-"""The reservation ledger shared by a worker's processes, and its control block (SPEC C2).
+"""The reservation ledger shared by a worker's processes, and its control block.
 
 The SIGKILL tests start real processes: the point of the ledger is that a holder killed by
 the kernel cannot leave it locked or leave its reservations behind.
@@ -7,6 +7,7 @@ the kernel cannot leave it locked or leave its reservations behind.
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from rmq.core import ledger as ledger_module
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger, LedgerFull, Reserved
 
 MiB = 1024**2
@@ -400,14 +402,14 @@ def test_a_release_between_the_governor_s_check_and_its_usage_write_stays_releas
     a = entry(task_id="a")
     assert ledger.try_add(a, lambda _: True)
     [seen] = ledger.entries()
-    read = ledger._read_slot
+    read = ledger_module.read_slot
 
-    def read_then_the_owner_releases(i: int) -> Entry | None:
-        found = read(i)
+    def read_then_the_owner_releases(buf: mmap.mmap, i: int) -> Entry | None:
+        found = read(buf, i)
         assert ledger.release(a) is not None
         return found
 
-    monkeypatch.setattr(ledger, "_read_slot", read_then_the_owner_releases)
+    monkeypatch.setattr(ledger_module, "read_slot", read_then_the_owner_releases)
     ledger.set_usage([(seen, 7 * MiB)])
     monkeypatch.undo()
     assert ledger.entries() == []  # a whole-slot write would have brought it back

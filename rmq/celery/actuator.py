@@ -1,0 +1,97 @@
+"""The governor's hands on a Celery worker: pause and resume fetching, kill a pool process, keep
+unacked messages fresh, reap dead pool processes. Celery glue, built by the bootstep."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from rmq.memory.governor import kill_pid
+
+__all__ = ["CeleryActuator"]
+
+log = logging.getLogger("rmq.worker")
+
+
+class CeleryActuator:
+    """The governor's hands on a Celery worker. Pause/resume and unacked touching run on the
+    worker's event loop (a timer); kills and pid reads are safe from the governor thread."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.want_paused = False
+        self.paused_queues: list[str] = []
+        self._is_paused = False
+
+    @property
+    def is_paused(self) -> bool:
+        """Whether the worker has really stopped fetching (the governor's wish, applied)."""
+        return self._is_paused
+
+    def pool_pids(self) -> list[int]:
+        try:
+            procs = list(self.worker.pool._pool._pool)
+        except AttributeError:
+            return []
+        return [p.pid for p in procs if p.pid and p.pid != os.getpid()]
+
+    def pause(self) -> None:
+        self.want_paused = True
+
+    def resume(self) -> None:
+        self.want_paused = False
+
+    def kill(self, pid: int) -> None:
+        if pid != os.getpid():
+            kill_pid(pid)
+
+    def apply_pause_state(self) -> None:
+        """On the event loop: cancel or re-add the task queues to match the governor."""
+        if self.want_paused == self._is_paused:
+            return
+        consumer: Any = getattr(self.worker, "consumer", None)  # not None once it has a task consumer
+        task_consumer = getattr(consumer, "task_consumer", None)
+        if task_consumer is None:
+            return
+        if self.want_paused:
+            self.paused_queues = [q.name for q in task_consumer.queues]
+            for name in self.paused_queues:
+                consumer.cancel_task_queue(name)
+            self._is_paused = True
+        else:
+            for name in self.paused_queues:
+                consumer.add_task_queue(name)
+            self.paused_queues = []
+            self._is_paused = False
+
+    def touch_unacked(self) -> None:
+        """On Redis, keep this worker's unacked messages fresh so that a short visibility
+        timeout redelivers the messages of a dead worker quickly but never those of a live one."""
+        consumer = getattr(self.worker, "consumer", None)
+        channel: Any = getattr(getattr(consumer, "task_consumer", None), "channel", None)
+        qos = getattr(channel, "qos", None)
+        key = getattr(channel, "unacked_index_key", None)
+        delivered = getattr(qos, "_delivered", None)
+        if not delivered or key is None:
+            return
+        now = time.time()
+        try:
+            # Not channel.client: that is the connection with the consumer's pending BRPOP, and a
+            # command sent on it would read the BRPOP's reply (a message) as its own and lose it.
+            with channel.conn_or_acquire() as client:
+                client.zadd(key, {tag: now for tag in list(delivered)}, xx=True)
+        except Exception as exc:  # a broken connection is the consumer's to fix
+            log.debug("rmq could not touch unacked messages: %r", exc)
+
+    def reap_exited(self) -> None:
+        """On the event loop: finish pool processes that died but that Celery's exit-pipe check
+        missed (the pipe closes before the process can be reaped; Celery then waits for its
+        5 s maintenance timer, which delays the redelivery of the lost task)."""
+        pool: Any = getattr(getattr(self.worker, "pool", None), "_pool", None)  # not None once it has processes
+        for proc in list(getattr(pool, "_pool", None) or ()):
+            popen = getattr(proc, "_popen", None)
+            if popen is not None and popen.poll() is not None:
+                pool.maintain_pool()
+                return
