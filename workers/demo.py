@@ -20,9 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from rmq.core.units import format_bytes
 from rmq.testing.redis import EmbeddedRedis
 from rmq.testing.worker import WorkerProcess
-from rmq.core.units import format_bytes
 
 __all__ = ["run_demo", "DemoResult"]
 

@@ -56,16 +56,16 @@ class GovernedRequest(Request):
             rt.stats.incr("killed_tasks")
             if kills <= rt.config.memory_kill_retries and self._rerun(headers, kills, record.task_name):
                 return None
-            failure = MemoryBudgetExceeded(
+            exceeded = MemoryBudgetExceeded(
                 record.task_name, record.observed_bytes, record.declared_bytes, record.budget_bytes, kills
             )
-            return super().on_failure(_exc_info(failure), send_failed_event, return_ok)
+            return super().on_failure(_exc_info(exceeded), send_failed_event, return_ok)
         if self._success_was_stored():  # it had succeeded: Celery acks it and reports the success
             return super().on_failure(exc_info, send_failed_event, return_ok)
         lost = self._count_lost()
         if lost is not None and lost > rt.config.worker_lost_retries:
-            failure = TaskProcessLost(self.task_name, lost, str(exc))
-            return super().on_failure(_exc_info(failure), send_failed_event, return_ok)
+            gone = TaskProcessLost(self.task_name, lost, str(exc))
+            return super().on_failure(_exc_info(gone), send_failed_event, return_ok)
         return super().on_failure(exc_info, send_failed_event, return_ok)  # requeued (reject_on_worker_lost)
 
     def _release_run_claim(self) -> None:

@@ -19,10 +19,10 @@ from typing import Any, Protocol
 
 import psutil
 
-from rmq.memory.budget import Budget
 from rmq.core.config import RmqConfig
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
 from rmq.core.periodic import PeriodicThread
+from rmq.memory.budget import Budget
 from rmq.memory.meter import ProcessTreeMeter, TreeReading
 from rmq.memory.pressure import Ladder
 

@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rmq.concern import Concern, TaskContext
 from rmq.core import runtime
 from rmq.core.config import RmqConfig
 from rmq.core.declarations import TaskDeclaration
-from rmq.concern import Concern, TaskContext
-from rmq.memory.trim import collect_and_trim
 from rmq.core.selfmem import own_rss_bytes as rss_bytes
 from rmq.core.units import format_bytes
+from rmq.memory.trim import collect_and_trim
 
 __all__ = ["HygieneGuard", "LeakDetector", "cannot_recycle", "rss_bytes"]
 

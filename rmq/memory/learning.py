@@ -91,7 +91,8 @@ class PeakLearner:
 
 def learner(rt: Runtime) -> PeakLearner:
     """This process's learner of the worker ``rt`` (made on first use, again after a fork)."""
-    return rt.local("learner", lambda: PeakLearner(rt.redis, window=rt.config.learn_window, q=rt.config.learn_percentile))
+    config = rt.config
+    return rt.local("learner", lambda: PeakLearner(rt.redis, window=config.learn_window, q=config.learn_percentile))
 
 
 def flush_learner(rt: Runtime, force: bool = False) -> None:

@@ -16,14 +16,14 @@ import shutil
 import time
 from collections.abc import Callable
 
-from rmq.core import forks
-from rmq.memory.admission import Need, Verdict, judge
-from rmq.core.errors import BudgetExceeded, Defer
 from rmq.concern import Concern, TaskContext
+from rmq.core import forks
+from rmq.core.errors import BudgetExceeded, Defer
 from rmq.core.ledger import KIND_TASK, Entry, Ledger
 from rmq.core.runtime import current
-from rmq.memory.learning import learner
 from rmq.core.selfmem import peak_rss_bytes, reset_peak_rss
+from rmq.memory.admission import Need, Verdict, judge
+from rmq.memory.learning import learner
 
 __all__ = ["AdmissionGuard"]
 

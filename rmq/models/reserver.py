@@ -23,11 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 from rmq.core import forks
-from rmq.memory.admission import Need, Verdict, judge
 from rmq.core.errors import ModelLoadError
 from rmq.core.ledger import KIND_MODEL, Control, Entry, Reserved
 from rmq.core.selfmem import own_rss_bytes
 from rmq.core.units import format_bytes
+from rmq.memory.admission import Need, Verdict, judge
 
 __all__ = ["LedgerModelReserver"]
 

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rmq.memory import trim as memtrim
 from rmq.core import runtime as rt_mod
 from rmq.core.units import format_bytes
+from rmq.memory import trim as memtrim
 from rmq.models.admission import NullReserver, Reserver
 from rmq.models.registry import ModelSpec
 

@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import redis
 
 from rmq.core import keys
-from rmq.network.rate_limiter import ClusterLimiter
 from rmq.core.units import Rate, parse_rate
+from rmq.network.rate_limiter import ClusterLimiter
 
 LATENCY_GOAL_MS = 1.0
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -174,9 +174,9 @@ def _build_worker_app() -> Any:
     from celery import current_task
 
     from rmq import governed_task
-    from rmq.network.rate_limit_guard import GRANTED_US
-    from rmq.core.runtime import current
     from rmq.celery.task import rmq_headers
+    from rmq.core.runtime import current
+    from rmq.network.rate_limit_guard import GRANTED_US
     from workers.app import make_app
 
     app = make_app()

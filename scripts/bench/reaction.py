@@ -48,8 +48,8 @@ from pressure import (
     task_states,
 )
 
-from rmq.testing.worker import wait_until
 from rmq.core.units import parse_duration
+from rmq.testing.worker import wait_until
 
 MiB = 1 << 20
 P3_GOAL_S = 0.300

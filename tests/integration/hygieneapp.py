@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from rmq import governed_task
-from rmq.memory.hygiene import rss_bytes
 from rmq.core.runtime import current
+from rmq.memory.hygiene import rss_bytes
 from workers.app import make_app
 
 app = make_app()

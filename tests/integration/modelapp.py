@@ -15,9 +15,9 @@ import time
 import redis as redis_lib
 
 from rmq import governed_task, models
+from rmq.core.runtime import current
 from rmq.memory.trim import collect_and_trim
 from rmq.testing.synthetic_models import synthetic_loader
-from rmq.core.runtime import current
 from workers.app import make_app
 
 app = make_app()

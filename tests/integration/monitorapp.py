@@ -11,8 +11,8 @@ import os
 import time
 
 from rmq import governed_task
-from rmq.core.runtime import current
 from rmq.celery.signals import alert
+from rmq.core.runtime import current
 from workers.app import make_app
 
 app = make_app()

@@ -12,8 +12,8 @@ import time
 from celery.worker.autoscale import Autoscaler
 
 from rmq import governed_task, models
-from rmq.testing.synthetic_models import synthetic_loader
 from rmq.core.runtime import current
+from rmq.testing.synthetic_models import synthetic_loader
 from workers.app import make_app
 
 app = make_app()

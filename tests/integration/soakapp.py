@@ -140,8 +140,8 @@ def _spin(seconds: float) -> None:
 
 if MODE == "rmq":
     from rmq import governed_task
-    from rmq.core.errors import Defer
     from rmq.celery.task import rmq_headers
+    from rmq.core.errors import Defer
     from workers.app import make_app
 
     app = make_app()
@@ -235,9 +235,9 @@ elif MODE in ("bench-rmq", "bench-plain"):
 
             from celery import Task
 
-            from rmq.core.declarations import parse_declaration
-            from rmq.concern import TaskContext
             from rmq.celery.concerns import default_concerns
+            from rmq.concern import TaskContext
+            from rmq.core.declarations import parse_declaration
             from rmq.core.runtime import current
 
             rt = current()

@@ -16,9 +16,9 @@ import redis as redis_lib
 
 from rmq.core import keys
 from rmq.core.errors import ResourceUnavailable
+from rmq.core.units import parse_rate
 from rmq.network.rate_limiter import ClusterLimiter
 from rmq.testing.worker import wait_until
-from rmq.core.units import parse_rate
 
 from .conftest import TESTS_DIR, taskapp_env
 

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 from billiard.pool import Pool
 
+from rmq.celery.recycle import request_recycle
+from rmq.concern import TaskContext
 from rmq.core import runtime
 from rmq.core.config import load_config
 from rmq.core.declarations import TaskDeclaration
-from rmq.concern import TaskContext
-from rmq.celery.recycle import request_recycle
-from rmq.memory.hygiene import HygieneGuard, rss_bytes
 from rmq.core.runtime import Runtime
+from rmq.memory.hygiene import HygieneGuard, rss_bytes
 
 pytestmark = pytest.mark.integration
 

@@ -26,13 +26,12 @@ def test_the_public_names_resolve() -> None:
 
 
 def test_the_public_modules_import_by_their_documented_paths() -> None:
-    from rmq.errors import MemoryBudgetExceeded
-    from rmq.http import client
-    from rmq.signals import alert
-
     from rmq.celery.signals import alert as celery_alert
     from rmq.core.errors import MemoryBudgetExceeded as core_error
+    from rmq.errors import MemoryBudgetExceeded
+    from rmq.http import client
     from rmq.network.http_registry import client as registry_client
+    from rmq.signals import alert
 
     assert alert is celery_alert and MemoryBudgetExceeded is core_error and client is registry_client
     assert rmq.http.client is client and rmq.signals.alert is alert and rmq.errors.RmqError is rmq.RmqError
@@ -64,6 +63,7 @@ def test_what_install_sets_uses_the_new_paths() -> None:
 
 
 def test_importing_rmq_does_nothing_heavy() -> None:
-    code = "import rmq, sys; print(sorted(m for m in ('celery', 'kombu', 'billiard', 'psutil', 'redis') if m in sys.modules))"
+    heavy = ("celery", "kombu", "billiard", "psutil", "redis")
+    code = f"import rmq, sys; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

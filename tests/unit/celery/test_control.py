@@ -12,8 +12,7 @@ import pytest
 from celery.worker.control import Panel
 
 import rmq.disk.cleanup as cleanup_mod
-from rmq.celery import beat
-from rmq.celery import control
+from rmq.celery import beat, control
 from rmq.core.config import load_config
 from rmq.core.procstats import ProcessStats
 

@@ -9,11 +9,11 @@ import pytest
 from celery import Celery, Task
 
 import rmq
+from rmq.celery.task import GovernedTask
 from rmq.core.config import load_config
 from rmq.core.declarations import parse_declaration
 from rmq.core.ledger import Control, Ledger
 from rmq.core.runtime import Runtime, set_current
-from rmq.celery.task import GovernedTask
 
 MiB = 1 << 20
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rmq.memory.admission import Need, Verdict, judge, percentile
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Entry, Reserved
+from rmq.memory.admission import Need, Verdict, judge, percentile
 
 MiB = 1024**2
 GiB = 1024**3

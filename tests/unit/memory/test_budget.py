@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rmq.memory.budget import Budget, detect_budget
 from rmq.core.config import load_config
+from rmq.memory.budget import Budget, detect_budget
 from rmq.memory.probes import CgroupMemory, HostProbe
 
 MiB = 1024**2

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from rmq.memory.budget import Budget
 from rmq.core.config import load_config
-from rmq.memory.governor import Governor, KillRecord
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Entry, Ledger
+from rmq.memory.budget import Budget
+from rmq.memory.governor import Governor, KillRecord
 from rmq.memory.meter import TreeReading
 from rmq.memory.probes import CgroupMemory
 

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rmq.celery.recycle import request_recycle
+from rmq.concern import TaskContext
 from rmq.core import runtime
 from rmq.core.config import load_config
 from rmq.core.declarations import TaskDeclaration
-from rmq.concern import TaskContext
-from rmq.celery.recycle import request_recycle
-from rmq.memory.hygiene import HygieneGuard, LeakDetector, rss_bytes
 from rmq.core.runtime import Runtime
+from rmq.memory.hygiene import HygieneGuard, LeakDetector, rss_bytes
 
 MiB = 1 << 20
 

@@ -6,12 +6,12 @@ import time
 
 import pytest
 
+from rmq.concern import TaskContext
 from rmq.core.config import load_config
 from rmq.core.declarations import parse_declaration
-from rmq.concern import TaskContext
 from rmq.core.ledger import Control, Ledger
-from rmq.memory.reservation import AdmissionGuard
 from rmq.core.runtime import Runtime, set_current
+from rmq.memory.reservation import AdmissionGuard
 
 MiB = 1 << 20
 

@@ -13,12 +13,12 @@ import weakref
 import pytest
 
 from rmq import models
-from rmq.memory import trim as memtrim
 from rmq.core import runtime as rt_mod
 from rmq.core.errors import ConfigError, Defer, ModelLoadError, ModelNotRegistered
+from rmq.core.procstats import ProcessStats
+from rmq.memory import trim as memtrim
 from rmq.models import ModelCache, Registry
 from rmq.testing.synthetic_models import SyntheticModel, synthetic_loader
-from rmq.core.procstats import ProcessStats
 
 MiB = 2**20
 
