@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SPEC R1 soak: mixed tasks through governed workers while pool processes are SIGKILLed at random.
+"""The soak (docs/guarantees.md#r1): mixed tasks through governed workers while pool processes are SIGKILLed at random.
 
 Sends ``--tasks`` mixed governed tasks (``tests/integration/soakapp.py``: no-ops, short sleeps, small
 allocations, a few longer sleeps and tasks that defer themselves once) to ``--workers`` real

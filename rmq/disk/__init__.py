@@ -5,5 +5,5 @@ From the bottom up: ``safe_tree`` (remove and measure a tree, never following a 
 ``session_ids``, ``root_lock`` (the root's removal lock, fork-safe), ``session_root`` (the layout
 under the root: leases, failure marks, the trash), ``sessions`` (a session around a task: the store
 and the concern), ``cleanup_policy`` (pure: what to remove and why) and ``cleanup`` (reads the root,
-applies the policy, reports). See ``docs/design.md#sessions-and-cleanup``.
+applies the policy, reports). See ``docs/design.md#sessions``.
 """

@@ -7,7 +7,7 @@ task may start using a session between the plan and its removal, so each removal
 under the root's lock, that no live process holds the session and that it is the very directory
 that was measured, unchanged since; only then is it renamed into the trash and deleted from there.
 Only ``session_*`` entries directly under the root, and rmq's own ``.rmq`` state, are ever touched.
-See ``docs/design.md#sessions-and-cleanup``.
+See ``docs/design.md#sessions``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ A session is due for one of three reasons:
 A session that a live process holds a lease on is never chosen, whatever the reason. Nothing here
 reads a file or a clock: the caller passes the sessions' readings, the ids with a live lease, the
 failure marks, the disk's figures and ``now``, so the policy is tested on made-up figures. See
-``docs/design.md#sessions-and-cleanup``.
+``docs/design.md#sessions``.
 """
 
 from __future__ import annotations

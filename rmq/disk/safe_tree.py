@@ -5,7 +5,7 @@ not), so removal and measurement walk directory descriptors opened with ``O_NOFO
 O_DIRECTORY`` and act on names relative to them (``unlink``/``rmdir``/``stat`` with ``dir_fd``):
 a symlink is removed as a link, never followed, and a directory swapped for a symlink mid-walk
 cannot redirect the removal outside the tree. Removal never crosses into another filesystem (a
-mount point inside a session). See ``docs/design.md#sessions-and-cleanup``.
+mount point inside a session). See ``docs/design.md#sessions``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ made under ``.rmq/lock``, and :meth:`rmq.disk.sessions.SessionStore.open` create
 the directory under the same lock, so a session is never removed between being chosen and being
 used. Lease descriptors are close-on-exec; a child the holder forks shares the lock (the lease
 lives until both are gone). The root path itself may be a symlink (the operator's choice);
-nothing below it is ever followed. See ``docs/design.md#sessions-and-cleanup``.
+nothing below it is ever followed. See ``docs/design.md#sessions``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the task's ``cleanup`` policy: ``after_task`` removes the directory unless anoth
 marked) so that someone can look at what it left, until periodic cleanup removes it after
 ``rmq_failed_session_ttl``. :class:`SessionGuard` is the concern that does this around every
 ``session=...`` task. The layout on disk and why a lease is a flock: :mod:`rmq.disk.session_root`;
-periodic cleanup: :mod:`rmq.disk.cleanup`. See ``docs/design.md#sessions-and-cleanup``.
+periodic cleanup: :mod:`rmq.disk.cleanup`. See ``docs/design.md#sessions``.
 """
 
 from __future__ import annotations

@@ -5,5 +5,5 @@ Limits: ``rate_limiter`` (sliding-window logs), ``semaphore`` (permits that are 
 (``rmq.throttle()``); the task concerns ``rate_limit_guard`` and ``concurrency_guard``. HTTP:
 ``http_registry`` (``client()``, one named client per process), ``http_client`` (``RmqHttpClient``),
 ``retries`` (also the defaults of ``network=True`` tasks) and ``wire_bytes``. See docs/design.md#rate-limits
-and docs/design.md#http-clients.
+and docs/design.md#http.
 """

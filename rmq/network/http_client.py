@@ -10,7 +10,7 @@ wire. No token or permit within ``max_wait`` raises :class:`rmq.core.errors.Defe
 Retries (``retries`` of them, see :mod:`rmq.network.retries`) cover connection errors, timeouts, 429
 and 5xx. A final 429/5xx raises ``httpx.HTTPStatusError``; a final transport error is re-raised; any
 other status is returned. Counters include the wire bytes (:mod:`rmq.network.wire_bytes`). See
-docs/design.md#http-clients.
+docs/design.md#http.
 """
 
 from __future__ import annotations

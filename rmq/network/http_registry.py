@@ -4,7 +4,7 @@
 :class:`~rmq.network.http_client.RmqHttpClient` of that name, so every task in a pool process shares
 its connections and its cluster-wide limits are declared once. Clients are per process: a forked child
 makes its own from its parent's settings and never touches the parent's sockets; they close when the
-process exits. See docs/design.md#http-clients.
+process exits. See docs/design.md#http.
 """
 
 from __future__ import annotations

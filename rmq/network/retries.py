@@ -4,7 +4,7 @@ Two users: the HTTP clients (:mod:`rmq.network.http_client`) retry connection er
 and 5xx with full-jitter exponential backoff, a ``Retry-After`` header setting the least wait; and
 ``network=True`` tasks get Celery retry options with exponential backoff and jitter, bounded, unless
 the task sets its own. Full jitter (a uniform wait up to the exponential ceiling) keeps clients that
-failed together from retrying together. See docs/design.md#http-clients.
+failed together from retrying together. See docs/design.md#http.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A request counts its request line + header lines + blank line + body (``Content-Length``); a response
 its status line + header lines + blank line + body bytes read (before decoding). Chunked framing and
 TLS are not counted; an attempt that never connected sent nothing, and the client counts nothing for
-it. See docs/design.md#http-clients.
+it. See docs/design.md#http.
 """
 
 from __future__ import annotations

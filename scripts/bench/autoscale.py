@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 11 / SPEC C10: Celery's default autoscaler vs rmq's, same MIN/MAX, budget and workload.
+"""Celery's default autoscaler vs rmq's, same MIN/MAX, budget and workload (docs/design.md#autoscaling).
 
 Both runs start a real governed ``python -m celery -A autoscale worker --autoscale=MAX,MIN``
 (this file is also the worker's app; ``AS_BENCH_AUTOSCALER=celery`` selects Celery's
@@ -7,7 +7,7 @@ Both runs start a real governed ``python -m celery -A autoscale worker --autosca
 (16 MiB declared; each pool process builds ``--warm-mib`` of state once, like imports and
 tables, and optionally loads a ``--model-mib`` unpinned model; then they sleep) and a stream
 of heavy ones (declared ``--heavy-mib``, touching three quarters of it). Admission and the
-model cache (SPEC C2, C3) run in both; only the autoscaler differs.
+model cache (docs/design.md#admission, docs/design.md#models) run in both; only the autoscaler differs.
 
 Measured from outside: makespan, peak memory of the worker's tree (main RSS + children USS)
 against the budget, process-seconds (live pool processes integrated from the first task until

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 10 / SPEC C9: a leaky workload, plain Celery ``worker_max_memory_per_child`` vs rmq.
+"""A leaky workload, plain Celery ``worker_max_memory_per_child`` vs rmq (docs/design.md#hygiene).
 
 Both runs start a real ``python -m celery -A leaky_tasks worker`` (prefork, same concurrency,
 prefetch 1, acks late, same broker transport options) against the same Redis and push the same

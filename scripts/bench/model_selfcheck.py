@@ -1,4 +1,4 @@
-"""Does unloading a model give its memory back to the OS here? Measure it (SPEC P7).
+"""Does unloading a model give its memory back to the OS here? Measure it (docs/guarantees.md#p7).
 
 Run it in a fresh process so the figures are clean::
 

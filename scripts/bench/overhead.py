@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SPEC P1 and P6: what rmq costs. Plain Celery and rmq side by side in one run, interleaved.
+"""What rmq costs (docs/guarantees.md#p1 and #p6). Plain Celery and rmq side by side in one run, interleaved.
 
 P1 (throughput): two real ``celery worker`` subprocesses on the same Redis, with the same settings
 (``tests/integration/soakapp.py`` ``bench_conf``: prefork, ``--concurrency``, prefetch multiplier,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SPEC P2: goodput under a real memory limit, plain Celery vs rmq on the same workload.
+"""Goodput (docs/guarantees.md#p2) under a real memory limit, plain Celery vs rmq on the same workload.
 
 Each run starts a real ``celery -A benchapp worker`` (prefork) INSIDE a fresh memory cgroup (a child of
 this process's memory cgroup, ``rmq.testing.cgroups.MemoryCgroup``) and sends it the same tasks: each

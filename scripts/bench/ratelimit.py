@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra environment for the Celery workers (repeatable)")
     args = parser.parse_args(argv)
     info = redis.Redis.from_url(args.url).info("server")
-    print(f"rmq rate limiter bench (SPEC P5): {args.url}, Redis {info['redis_version']}, "
+    print(f"rmq rate limiter bench (docs/guarantees.md#p5): {args.url}, Redis {info['redis_version']}, "
           f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
 
     lat = latency(args.url, args.decisions)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SPEC P3 (runaway reaction) and P4 (a killed task back in a queue) against a real rmq worker.
+"""Runaway reaction (docs/guarantees.md#p3) and a killed task back in a queue (#p4) against a real rmq worker.
 
 P3: a governed task (``bench.runaway``, declares 64 MiB) allocates 2 MiB steps at a steady ``--rate``
 MiB/s in a worker with a small configured budget. The crossing: after each step the task itself

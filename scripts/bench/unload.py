@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SPEC P7: how much of an unloaded model's memory goes back to the OS, with and without malloc_trim.
+"""How much of an unloaded model's memory goes back to the OS, with and without malloc_trim (docs/guarantees.md#p7).
 
 Each measurement runs ``scripts/bench/model_selfcheck.py`` in a fresh process: a synthetic model
 (80 % large buffers, 20 % small Python objects, real memory) is loaded through the model cache

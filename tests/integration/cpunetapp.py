@@ -1,4 +1,4 @@
-"""Test tasks for CPU slots, thread caps and cluster-wide limits (issue 5).
+"""Test tasks for CPU slots, thread caps and cluster-wide limits.
 
 Tasks report what they saw (pids, times, thread counts) in their results; tasks that must be
 found while they run (to be killed) write their pid to the broker's Redis.
@@ -46,7 +46,7 @@ def _span(fn: Any, hold_s: float) -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "ended": time.time()}
 
 
-# issue 5 acceptance 1: CPU slots ------------------------------------------------------------------
+# CPU slots ------------------------------------------------------------------
 @governed_task(cpu=2, name="cn.heavy")
 def heavy(hold_s: float = 1.0) -> dict:
     """Reserves 2 CPU slots for ``hold_s`` seconds."""
@@ -59,7 +59,7 @@ def light(hold_s: float = 0.2) -> dict:
     return _span(time.sleep, hold_s)
 
 
-# issue 5 acceptance 2: thread caps ----------------------------------------------------------------
+# thread caps ----------------------------------------------------------------
 _PROBE = "import json, os; print(json.dumps({k: os.environ.get(k) for k in %r}))"
 _VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -89,7 +89,7 @@ def threads_free() -> dict:
     return _thread_report()
 
 
-# issue 5 acceptance 3 and 5: rate limits -----------------------------------------------------------
+# rate limits -----------------------------------------------------------
 @governed_task(bind=True, rate_limits={"x": "5/s"}, name="cn.limited")
 def limited(self: Any) -> dict:
     """Rate-limited to 5/s across the cluster; reports its grant time and start time (Redis clock)."""
@@ -113,7 +113,7 @@ def limited_marker(tag: str) -> str:
     return "ran"
 
 
-# issue 5 acceptance 4: concurrency limits ----------------------------------------------------------
+# concurrency limits ----------------------------------------------------------
 @governed_task(concurrency={"api": 2}, name="cn.api")
 def api(hold_s: float = 0.4) -> dict:
     """Holds one of 2 cluster-wide ``api`` permits for ``hold_s`` seconds."""

@@ -1,4 +1,4 @@
-"""Tasks for the memory hygiene acceptance tests (issue 10, SPEC C9): fragmenting and leaking bodies.
+"""Tasks for the memory hygiene acceptance tests (docs/design.md#hygiene): fragmenting and leaking bodies.
 
 Every task reports its pid, RSS at the end of its body and start/end times, and (when given a
 ``runs_key``) appends one JSON line per run to that Redis list, so a test can prove that no task

@@ -1,4 +1,4 @@
-"""Test app for sessions and disk admission (SPEC C6): the reference app plus session tasks."""
+"""Test app for sessions and disk admission (docs/design.md#sessions): the reference app plus session tasks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 11 acceptance: rmq's autoscaler on real workers (``--autoscale=MAX,MIN``) on real Redis."""
+"""rmq's autoscaler on real workers (``--autoscale=MAX,MIN``) on real Redis."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 5 acceptance: CPU slots, thread caps, cluster-wide rate and concurrency limits.
+"""CPU slots, thread caps, cluster-wide rate and concurrency limits.
 
 Real worker subprocesses (prefork) on the real Redis; tasks live in ``cpunetapp``.
 """

@@ -1,4 +1,4 @@
-"""Issue 8 acceptance: the demo completes, accounts for every task, and leaves nothing behind."""
+"""The demo completes, accounts for every task, and leaves nothing behind."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 8 acceptance 3: the compose file is valid (``docker-compose config``)."""
+"""The compose file is valid (``docker-compose config``)."""
 
 from __future__ import annotations
 

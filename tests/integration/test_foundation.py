@@ -1,4 +1,4 @@
-"""Issue 2 acceptance: governed tasks on real workers, routing, priorities, stats, cgroups, bad config."""
+"""Governed tasks on real workers, routing, priorities, stats, cgroups, bad config."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 12 on real Celery workers: rate, connection reuse and bytes per client name."""
+"""HTTP clients on real Celery workers: rate, connection reuse and bytes per client name."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 10 acceptance 1-2 (SPEC C9): memory hygiene in real Celery workers on real Redis.
+"""Memory hygiene (docs/design.md#hygiene) in real Celery workers on real Redis.
 
 1. A task that leaves 50 MiB of fragmented small objects behind each run: hygiene gives most of
    it back and the pool process's baseline stays flat over 20 runs; the same body with

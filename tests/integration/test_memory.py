@@ -1,4 +1,4 @@
-"""Issue 3 acceptance: admission, pressure ladder, kills with a typed error, learned declarations."""
+"""Admission, pressure ladder, kills with a typed error, learned declarations."""
 
 from __future__ import annotations
 

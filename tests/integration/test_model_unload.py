@@ -1,4 +1,4 @@
-"""SPEC P7: unloading a model gives its memory back to the OS, measured in fresh processes."""
+"""Unloading a model gives its memory back to the OS, measured in fresh processes (docs/guarantees.md#p7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 4 acceptance 2 and SPEC section 7 rows 6-7: the model cache inside a real worker.
+"""The model cache inside a real worker, bad input included (docs/guarantees.md#r4).
 
 One worker, two pool processes, three 400 MiB synthetic models (one pinned) and a 1.3 GiB
 budget: models are admitted up to the unload line (0.80 x budget = 1065 MiB), where two of them
@@ -297,7 +297,8 @@ def _scenario(bench: Bench) -> None:
 def test_unknown_model_and_failing_loader_fail_the_task_and_the_worker_keeps_serving(
     redis_url, model_app, start_worker
 ):
-    # SPEC section 7, rows 6 and 7, in a real worker (one pool process: the same cache throughout)
+    # the bad-input rows of the model cache (docs/guarantees.md#r4), in a real worker
+    # (one pool process: the same cache throughout)
     w = start_worker(model_app, app="modelapp", concurrency=1, env=taskapp_env(redis_url, memory_budget="1GiB"))
     with log_on_failure(w):
         res = model_app.tasks["mt.get_unknown"].delay()

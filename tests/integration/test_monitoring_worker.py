@@ -1,4 +1,4 @@
-"""Issue 7 acceptance: Flower, Prometheus, alerts, the beat monitor and ``rmq status`` on real workers."""
+"""Flower, Prometheus, alerts, the beat monitor and ``rmq status`` on real workers."""
 
 from __future__ import annotations
 

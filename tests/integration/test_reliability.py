@@ -1,4 +1,4 @@
-"""Issue 9 (SPEC R1-R3): nothing is lost and nothing succeeds twice under pool kills, worker crashes
+"""Nothing is lost (docs/guarantees.md#r1 to #r3) and nothing succeeds twice under pool kills, worker crashes
 and broker connection drops. Real workers (``-A soakapp``), real Redis and RabbitMQ.
 
 Every ``soak.*`` task records each run (``soak:starts:<id>``) and each finished body

@@ -1,5 +1,5 @@
-"""Issue 6 acceptance on real workers: session directories, beat cleanup on every host, live
-sessions, disk admission, and ``rmq cleanup`` from the command line (SPEC C6)."""
+"""Sessions on real workers: session directories, beat cleanup on every host, live
+sessions, disk admission, and ``rmq cleanup`` from the command line (docs/design.md#sessions)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Security defaults (SPEC section 6): JSON only unless the user opts in to pickle; remote-control
+"""Security defaults (docs/guarantees.md#security): JSON only unless the user opts in to pickle; remote-control
 commands take no paths, and cleanup stays inside its configured root."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Task declarations validated at decoration time (SPEC C1, section 7 row 1)."""
+"""Task declarations validated at decoration time (docs/design.md#declarations; bad input: docs/guarantees.md#r4)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_rmq_options_are_exactly_the_parse_arguments() -> None:
     assert set(RMQ_OPTIONS) == params
 
 
-# --- section 7 row 1: each bad value is a ConfigError naming argument and value ----------------------
+# --- bad input (docs/guarantees.md#r4): each bad value is a ConfigError naming argument and value ---
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -1,4 +1,4 @@
-"""Queues and priorities that mean the same on every broker (SPEC C1)."""
+"""Queues and priorities that mean the same on every broker (docs/design.md#declarations)."""
 
 from __future__ import annotations
 

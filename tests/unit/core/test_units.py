@@ -1,4 +1,4 @@
-"""Sizes, durations, rates, priorities and ratios as users write them (SPEC section 3)."""
+"""Sizes, durations, rates, priorities and ratios as users write them (docs/configuration.md#value-syntax)."""
 
 from __future__ import annotations
 

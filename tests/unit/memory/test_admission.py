@@ -1,4 +1,4 @@
-"""Admission: does a new task fit beside what runs (SPEC C2, C4, C6)?"""
+"""Admission: does a new task fit beside what runs? (docs/design.md#admission)"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The worker's memory budget and where it comes from (SPEC C2 "Budget")."""
+"""The worker's memory budget and where it comes from (docs/design.md#budget)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The governor's policy with fake readings: pause, resume, unload, kill, dead reservations (SPEC C2).
+"""The governor's policy with fake readings: pause, resume, unload, kill, dead reservations (docs/design.md#governor).
 
 The actuator, the meter, the clock and ``alive`` are fakes; the ledger is real (in tmp_path),
 so what pool processes would read from the control block is checked too.

@@ -1,4 +1,4 @@
-"""Learned declarations: observed peaks per task name, kept in Redis (SPEC C2 "Learned declarations")."""
+"""Learned declarations: observed peaks per task name, kept in Redis (docs/design.md#learning)."""
 
 from __future__ import annotations
 

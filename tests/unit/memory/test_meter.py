@@ -1,4 +1,4 @@
-"""Worker memory without counting copy-on-write pages once per forked child (SPEC C2 "Measurement")."""
+"""Worker memory without counting copy-on-write pages once per forked child (docs/design.md#governor)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pressure ladder: unload, pause, kill, each with hysteresis (SPEC C2)."""
+"""The pressure ladder: unload, pause, kill, each with hysteresis (docs/design.md#pressure-ladder)."""
 
 from __future__ import annotations
 

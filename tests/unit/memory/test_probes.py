@@ -1,4 +1,4 @@
-"""Machine readings through a fake /proc and /sys tree: cgroup v1, v2, none (SPEC C2)."""
+"""Machine readings through a fake /proc and /sys tree: cgroup v1, v2, none (docs/design.md#budget)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model cache policy (SPEC C3) with fake memory readings, a fake clock and fake reservers."""
+"""Model cache policy (docs/design.md#models) with fake memory readings, a fake clock and fake reservers."""
 
 from __future__ import annotations
 
