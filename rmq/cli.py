@@ -16,9 +16,16 @@ __all__ = ["main", "profile_argv"]
 PROFILES = ("heavy", "light", "all")
 
 
-def _load_app(name: str | None) -> Any:
+def _app_name(name: str | None) -> str:
+    """``-A``, else ``RMQ_APP``: the library has no app of its own to fall back on."""
+    name = name or os.environ.get("RMQ_APP")
     if not name:
-        name = os.environ.get("RMQ_APP", "workers.app")
+        exit_with_line("which Celery app? give -A APP (as for celery) or set RMQ_APP")
+    return name
+
+
+def _load_app(name: str | None) -> Any:
+    name = _app_name(name)
     sys.path.insert(0, os.getcwd())
     from celery.app.utils import find_app
 
@@ -74,7 +81,7 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 
     cfg = _config(app)
     slots = cfg.cpu_slots or detect_cpu_slots()[0]
-    argv = [sys.executable, "-m", "celery", "-A", args.app or "workers.app", "worker",
+    argv = [sys.executable, "-m", "celery", "-A", _app_name(args.app), "worker",
             *profile_argv(args.profile, app, extra, slots)]
     if args.dry_run:
         print(" ".join(argv))
