@@ -8,18 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmq.core.errors import (
-    BudgetExceeded,
-    ConfigError,
-    Defer,
-    MemoryBudgetExceeded,
-    ModelLoadError,
-    ModelNotRegistered,
-    RateLimiterUnavailable,
-    ResourceUnavailable,
-    RmqError,
-    TaskProcessLost,
-)
+from rmq import errors as _errors
+from rmq.errors import *  # noqa: F403
 
 __all__ = [
     "install",
@@ -27,19 +17,10 @@ __all__ = [
     "GovernedTask",
     "throttle",
     "models",
-    "RmqError",
-    "ConfigError",
-    "BudgetExceeded",
-    "ResourceUnavailable",
-    "MemoryBudgetExceeded",
-    "ModelNotRegistered",
-    "ModelLoadError",
-    "RateLimiterUnavailable",
-    "TaskProcessLost",
-    "Defer",
     "errors",
     "http",
     "signals",
+    *_errors.__all__,
 ]
 
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@ import os
 import sys
 from typing import Any
 
-from rmq.core.errors import ConfigError, exit_with_line
+from rmq.core.errors import ConfigError
+from rmq.core.exits import exit_with_line
 from rmq.memory.scaling import parse_autoscale
 
 __all__ = ["main", "profile_argv"]

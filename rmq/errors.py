@@ -3,28 +3,5 @@
 They are defined in :mod:`rmq.core.errors`, where every part of rmq can reach them.
 """
 
-from rmq.core.errors import (
-    BudgetExceeded,
-    ConfigError,
-    Defer,
-    MemoryBudgetExceeded,
-    ModelLoadError,
-    ModelNotRegistered,
-    RateLimiterUnavailable,
-    ResourceUnavailable,
-    RmqError,
-    TaskProcessLost,
-)
-
-__all__ = [
-    "RmqError",
-    "ConfigError",
-    "BudgetExceeded",
-    "ResourceUnavailable",
-    "MemoryBudgetExceeded",
-    "ModelNotRegistered",
-    "ModelLoadError",
-    "RateLimiterUnavailable",
-    "Defer",
-    "TaskProcessLost",
-]
+from rmq.core.errors import *  # noqa: F403
+from rmq.core.errors import __all__  # noqa: F401

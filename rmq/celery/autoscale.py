@@ -23,7 +23,8 @@ from celery.worker.autoscale import AUTOSCALE_KEEPALIVE, Autoscaler
 
 from rmq.concern import Concern
 from rmq.core import procstats
-from rmq.core.errors import ConfigError, exit_with_line
+from rmq.core.errors import ConfigError
+from rmq.core.exits import exit_with_line
 from rmq.core.ledger import KIND_MODEL, KIND_TASK
 from rmq.core.runtime import current
 from rmq.memory.admission import Need

@@ -14,7 +14,8 @@ from celery import bootsteps
 
 from rmq.celery.actuator import CeleryActuator
 from rmq.celery.concerns import default_concerns
-from rmq.core.errors import ConfigError, exit_config_error
+from rmq.core.errors import ConfigError
+from rmq.core.exits import exit_config_error
 from rmq.core.ledger import Ledger
 from rmq.core.runtime import Runtime, config_for, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
 from rmq.cpu.slots import detect_cpu_slots

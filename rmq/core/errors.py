@@ -6,10 +6,6 @@ result backend, Flower or a log line shows what happened without a debugger.
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import NoReturn
-
 from rmq.core.formatting import format_bytes
 
 __all__ = [
@@ -23,8 +19,6 @@ __all__ = [
     "RateLimiterUnavailable",
     "Defer",
     "TaskProcessLost",
-    "exit_config_error",
-    "exit_with_line",
 ]
 
 
@@ -161,21 +155,3 @@ class TaskProcessLost(RmqError):
             f"{self.task_name} lost its process {self.times}x (killed from outside or by the kernel): {self.detail}"
         )
 
-
-def exit_with_line(message: str, status: int = 2, *, now: bool = False) -> NoReturn:
-    """Write ``rmq: <message>`` as one line on stderr and exit with ``status``: no traceback.
-
-    ``now=True`` leaves with ``os._exit``, for a worker that is booting: Celery would print a
-    SystemExit raised inside a bootstep as a traceback, and its exit handlers would wait for a pool
-    that never started.
-    """
-    sys.stderr.write(f"rmq: {message}\n")
-    sys.stderr.flush()
-    if now:
-        os._exit(status)
-    raise SystemExit(status)
-
-
-def exit_config_error(exc: ConfigError) -> NoReturn:
-    """A worker with a bad setting refuses to start: one line, exit status 2."""
-    exit_with_line(f"configuration error: {exc}", now=True)

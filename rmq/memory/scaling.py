@@ -22,7 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rmq.core.errors import ConfigError, exit_with_line
+from rmq.core.errors import ConfigError
+from rmq.core.exits import exit_with_line
 from rmq.core.units import format_bytes as fb
 from rmq.memory.admission import Need
 

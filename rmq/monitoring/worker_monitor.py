@@ -19,7 +19,8 @@ from typing import Any
 import psutil
 
 from rmq.concern import Concern
-from rmq.core.errors import ConfigError, exit_config_error
+from rmq.core.errors import ConfigError
+from rmq.core.exits import exit_config_error
 from rmq.core.periodic import PeriodicThread
 from rmq.core.runtime import Runtime
 from rmq.monitoring.alerts import Alert, AlertEngine, Sink, rules_from_config
