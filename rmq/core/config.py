@@ -12,30 +12,27 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from rmq.core.errors import ConfigError
 from rmq.core.units import (
+    MAX_INT,
     parse_duration,
+    parse_int,
+    parse_number,
     parse_priority,
     parse_ratio,
     parse_size,
     parse_size_or_percent,
+    shown,
 )
 
 __all__ = ["RmqConfig", "load_config", "KEYS"]
 
 
-def _int(minimum: int) -> Callable[[object, str], int]:
+def _int(minimum: int, maximum: int = MAX_INT) -> Callable[[object, str], int]:
     def parse(value: object, what: str) -> int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
-        try:
-            n = int(str(value).strip()) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
-            raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}") from None
-        if n < minimum or (not isinstance(value, str) and n != value):
-            raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
-        return n
+        return parse_int(value, what, minimum, maximum)
 
     return parse
 
@@ -51,17 +48,22 @@ def _optional(parse: Callable[[object, str], Any]) -> Callable[[object, str], An
 
 def _str(value: object, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
+        raise ConfigError(f"{what} must be a non-empty string, got {shown(value)}")
     return value.strip()
 
 
+def _identifier(value: object, what: str) -> str:
+    text = _str(value, what)
+    if not text.isidentifier():
+        raise ConfigError(f"{what} must be an argument name, got {shown(value)}")
+    return text
+
+
 def _percent_number(value: object, what: str) -> float:
-    try:
-        f = float(str(value).rstrip("%")) if isinstance(value, str) else float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a percentage 0-100, got {value!r}") from None
+    kind = "a percentage 0-100"
+    f = parse_number(value, what, kind, percent=True)
     if not 0 < f <= 100:
-        raise ConfigError(f"{what} must be a percentage 0-100, got {value!r}")
+        raise ConfigError(f"{what} must be {kind}, got {shown(value)}")
     return f
 
 
@@ -81,21 +83,40 @@ def _dur0(v: object, w: str) -> float:
     return parse_duration(v, w, allow_zero=True)
 
 
-def _http_url(value: object, what: str) -> str:
+def _url(value: object, what: str, schemes: tuple[str, ...], kind: str) -> str:
+    """A URL with one of ``schemes``, a valid port and no spaces or control characters (and for
+    http(s), a host): caught here, when the worker starts, not by the first request."""
     text = _str(value, what)
-    if not text.lower().startswith(("http://", "https://")) or len(text) < 10:
-        raise ConfigError(f"{what} must be an http(s) URL, got {value!r}")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port out of 0-65535 or not a number
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme.lower() not in schemes
+        or (parts.scheme.lower() in ("http", "https") and not parts.hostname)
+        or any(c.isspace() or not c.isprintable() for c in text)
+    ):
+        raise ConfigError(f"{what} must be {kind}, got {shown(value)}")
     return text
+
+
+def _http_url(value: object, what: str) -> str:
+    return _url(value, what, ("http", "https"), "an http(s) URL")
+
+
+def _redis_url(value: object, what: str) -> str:
+    # the schemes redis-py's from_url reads (kombu's redis+socket:// is unix:// there)
+    return _url(value, what, ("redis", "rediss", "unix"), "a redis://, rediss:// or unix:// URL")
 
 
 def _fraction0(v: object, w: str) -> float:
     """A fraction in [0, 1)."""
-    try:
-        f = float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{w} must be a fraction in [0, 1), got {v!r}") from None
+    kind = "a fraction in [0, 1)"
+    f = parse_number(v, w, kind)
     if not 0.0 <= f < 1.0:
-        raise ConfigError(f"{w} must be a fraction in [0, 1), got {v!r}")
+        raise ConfigError(f"{w} must be {kind}, got {shown(v)}")
     return f
 
 
@@ -134,19 +155,19 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     # cpu (docs/design.md#cpu)
     "cpu_slots": (None, _optional(_int(1))),
     # network: rate limits and concurrency leases
-    "redis_url": (None, _optional(_str)),
+    "redis_url": (None, _optional(_redis_url)),
     "concurrency_lease": ("30s", _dur),
     "throttle_max_wait": ("2s", _dur0),
     # disk and sessions
     "session_root": (None, _optional(_str)),
-    "session_arg": ("session_id", _str),
+    "session_arg": ("session_id", _identifier),
     "failed_session_ttl": ("1h", _dur0),
     "session_max_age": ("24h", _dur),
     "cleanup_interval": ("15m", _dur),
     "disk_high_ratio": (0.80, parse_ratio),
     "disk_low_ratio": (0.70, parse_ratio),
     # monitoring and alerts
-    "metrics_port": (None, _optional(_int(0))),
+    "metrics_port": (None, _optional(_int(0, 65535))),
     "metrics_addr": ("0.0.0.0", _str),
     "alert_memory_ratio": (0.85, parse_ratio),
     "alert_cpu_percent": (90, _percent_number),
@@ -273,7 +294,7 @@ def load_config(conf: Mapping[str, Any] | Any, environ: Mapping[str, str] | None
     given = _rmq_keys(conf)
     unknown = sorted(k for k in given if k[4:] not in KEYS)
     if unknown:
-        raise ConfigError(f"unknown rmq setting {unknown[0]!r} (known: see rmq.core.config.KEYS)")
+        raise ConfigError(f"unknown rmq setting {shown(unknown[0])} (known: see rmq.core.config.KEYS)")
     values: dict[str, Any] = {}
     for key, (default, parse) in KEYS.items():
         env_name = f"RMQ_{key.upper()}"
@@ -292,4 +313,4 @@ def _rmq_keys(conf: Any) -> dict[str, Any]:
         items = list(conf.items())
     except AttributeError:
         items = []
-    return {str(k): v for k, v in items if str(k).lower().startswith("rmq_")}
+    return {k: v for k, v in items if isinstance(k, str) and k.lower().startswith("rmq_")}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rmq.core.errors import ConfigError
-from rmq.core.units import Rate, parse_priority, parse_rate, parse_size
+from rmq.core.units import MAX_INT, Rate, parse_priority, parse_rate, parse_size, shown
 
 __all__ = ["TaskDeclaration", "parse_declaration", "RMQ_OPTIONS", "CLEANUP_POLICIES"]
 
@@ -78,13 +78,13 @@ class TaskDeclaration:
 
 def _flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be True or False, got {value!r}")
+        raise ConfigError(f"{name} must be True or False, got {shown(value)}")
     return value
 
 
 def _limit_name(arg: str, name: object) -> str:
     if not isinstance(name, str) or not name or len(name) > 100 or any(c.isspace() for c in name):
-        raise ConfigError(f"{arg} keys must be non-empty names without spaces, got {name!r}")
+        raise ConfigError(f"{arg} keys must be non-empty names without spaces, got {shown(name)}")
     return name
 
 
@@ -110,8 +110,8 @@ def parse_declaration(
     memory_bytes = None if memory is None else parse_size(memory, "memory")
     if cpu is None:
         cpu_slots = 0
-    elif isinstance(cpu, bool) or not isinstance(cpu, int) or cpu < 1:
-        raise ConfigError(f"cpu must be a whole number of CPU slots >= 1, got {cpu!r}")
+    elif isinstance(cpu, bool) or not isinstance(cpu, int) or not 1 <= cpu <= MAX_INT:
+        raise ConfigError(f"cpu must be a whole number of CPU slots >= 1, got {shown(cpu)}")
     else:
         cpu_slots = cpu
     disk_bytes = 0 if disk is None else parse_size(disk, "disk")
@@ -123,23 +123,26 @@ def parse_declaration(
     elif isinstance(session, str) and session.isidentifier():
         session_name = session
     else:
-        raise ConfigError(f"session must be True, False or an argument name, got {session!r}")
+        raise ConfigError(f"session must be True, False or an argument name, got {shown(session)}")
     if cleanup not in CLEANUP_POLICIES:
-        raise ConfigError(f"cleanup must be one of {CLEANUP_POLICIES}, got {cleanup!r}")
+        raise ConfigError(f"cleanup must be one of {CLEANUP_POLICIES}, got {shown(cleanup)}")
     rates: dict[str, Rate] = {}
     if rate_limits is not None:
         if not isinstance(rate_limits, Mapping):
-            raise ConfigError(f"rate_limits must be a dict like {{'tts-api': '10/s'}}, got {rate_limits!r}")
+            raise ConfigError(f"rate_limits must be a dict like {{'tts-api': '10/s'}}, got {shown(rate_limits)}")
         for name, rate in rate_limits.items():
-            rates[_limit_name("rate_limits", name)] = parse_rate(rate, f"rate_limits[{name!r}]")
+            key = _limit_name("rate_limits", name)
+            rates[key] = parse_rate(rate, f"rate_limits[{key!r}]")
     permits: dict[str, int] = {}
     if concurrency is not None:
         if not isinstance(concurrency, Mapping):
-            raise ConfigError(f"concurrency must be a dict like {{'gpu-api': 2}}, got {concurrency!r}")
+            raise ConfigError(f"concurrency must be a dict like {{'gpu-api': 2}}, got {shown(concurrency)}")
         for name, n in concurrency.items():
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ConfigError(f"concurrency[{name!r}] must be an integer >= 1, got {n!r}")
-            permits[_limit_name("concurrency", name)] = n
+            key = _limit_name("concurrency", name)
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_INT:
+                kind = f"1-{MAX_INT}" if isinstance(n, int) and n > MAX_INT else ">= 1"
+                raise ConfigError(f"concurrency[{key!r}] must be an integer {kind}, got {shown(n)}")
+            permits[key] = n
     return TaskDeclaration(
         memory_bytes=memory_bytes,
         cpu_slots=cpu_slots,

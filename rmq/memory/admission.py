@@ -3,7 +3,9 @@
 Memory: measured worker memory + the unused part of running declarations + the new
 declaration must stay at or under the admit line, so that well-behaved tasks never push
 the worker into the kill zone. CPU: declared slots must be free. Disk: the session root's
-free space minus other reservations must cover the declaration.
+free space minus other reservations must cover the declaration. A task that could not fit
+even on an idle worker (memory past the idle room, more CPU slots than the worker has, more
+disk than the session root's filesystem holds) never fits: it fails instead of waiting.
 """
 
 from __future__ import annotations
@@ -54,8 +56,16 @@ def judge(
     budget_bytes: int,
     cpu_slots: int,
     disk_free_bytes: int | None = None,
+    disk_size_bytes: int | None = None,
 ) -> Verdict:
-    """Decide whether ``need`` fits beside what the ``reserved`` reservations hold."""
+    """Decide whether ``need`` fits beside what the ``reserved`` reservations hold.
+
+    Args:
+        disk_free_bytes: free space of the session root's filesystem for this user, or ``None``
+            (disk not checked).
+        disk_size_bytes: the most that filesystem could ever hold for this user (used + free:
+            blocks reserved for root left out), or ``None`` (no "never fits" test for disk).
+    """
 
     room_idle = admit_line_bytes - idle_bytes
     if need.memory_bytes > room_idle:
@@ -68,6 +78,12 @@ def judge(
         return Verdict(
             False, True, "cpu", f"declares cpu={need.cpu_slots} but the worker has {cpu_slots} slots",
             need.cpu_slots, cpu_slots, cpu_slots,
+        )
+    if need.disk_bytes and disk_size_bytes is not None and need.disk_bytes > disk_size_bytes:
+        return Verdict(
+            False, True, "disk",
+            f"declares {fb(need.disk_bytes)} of disk but the session root's filesystem holds {fb(disk_size_bytes)}",
+            need.disk_bytes, disk_size_bytes, disk_size_bytes,
         )
     unused = reserved.unused_bytes
     projected = worker_bytes + unused + need.memory_bytes

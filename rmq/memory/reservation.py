@@ -33,10 +33,11 @@ _POLL_S = 0.02
 def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None) -> Verdict:
     """One atomic step: judge ``need`` against the reservations and the governor's latest readings,
     and add ``entry`` when it fits."""
-    disk_free = shutil.disk_usage(disk_root).free if (need.disk_bytes and disk_root) else None
+    disk = shutil.disk_usage(disk_root) if (need.disk_bytes and disk_root) else None
     with ledger.locked():  # the readings are published under the same lock as the reservations' usage
         worker, idle, admit_line, budget, cpu_slots = ledger.admission_readings()
-        v = judge(need, ledger.reserved_unlocked(), worker, idle, admit_line, budget, cpu_slots, disk_free)
+        v = judge(need, ledger.reserved_unlocked(), worker, idle, admit_line, budget, cpu_slots,
+                  disk.free if disk else None, disk.used + disk.free if disk else None)
         if v.admitted:
             ledger.add_unlocked(entry)
     return v

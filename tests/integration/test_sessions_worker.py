@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rmq.core.errors import ResourceUnavailable
+from rmq.core.errors import BudgetExceeded, ResourceUnavailable
 from rmq.testing.worker import wait_until
 
 from .conftest import ROOT, TESTS_DIR, taskapp_env, worker_env
@@ -188,16 +189,36 @@ def test_a_live_session_is_never_removed_however_old(redis_url, session_app, sta
 
 
 def test_disk_larger_than_free_space_defers_then_fails(redis_url, session_app, start_worker, tmp_path):
-    w = _start(start_worker, session_app, redis_url, tmp_path / "sessions",
-               max_deferrals=1, defer_countdown="0.2s", admission_wait="0.2s")
+    root = tmp_path / "sessions"
+    usage = shutil.disk_usage(tmp_path)
+    more_than_free = usage.free + usage.used // 2  # not free now, but the filesystem could hold it
+    env = {**taskapp_env(redis_url, session_root=root, **NO_PRESSURE, max_deferrals=1, defer_countdown="0.2s",
+                         admission_wait="0.2s"),
+           "SESSIONAPP_MORE_THAN_FREE": str(more_than_free)}
+    w = start_worker(session_app, app="sessionapp", env=env, concurrency=2)
     started = time.monotonic()
     with pytest.raises(ResourceUnavailable) as err:
-        session_app.tasks["s.huge_disk"].delay().get(timeout=60)
+        session_app.tasks["s.more_disk_than_free"].delay().get(timeout=60)
     assert err.value.deferrals == 1 and "disk" in err.value.reason
     assert time.monotonic() - started < 30
     assert session_app.tasks["s.small_disk"].delay().get(timeout=30) == "ran"
     stats = session_app.control.inspect(destination=[w.node_name], timeout=5).stats()[w.node_name]["rmq"]
     assert stats["counters"]["deferred"]["disk"] >= 1
+
+
+def test_disk_larger_than_the_disk_fails_at_once(redis_url, session_app, start_worker, tmp_path):
+    """Issue 22 row 14: a disk= that the session root's filesystem could never hold ends FAILURE with
+    BudgetExceeded on its first run, not after rmq_max_deferrals deferrals."""
+    w = _start(start_worker, session_app, redis_url, tmp_path / "sessions",
+               max_deferrals=3, defer_countdown="0.5s", admission_wait="0.2s")
+    result = session_app.tasks["s.huge_disk"].delay()
+    with pytest.raises(BudgetExceeded) as err:
+        result.get(timeout=30)
+    assert result.state == "FAILURE"
+    assert (err.value.resource, err.value.declared) == ("disk", 1000 * 1024**4)
+    assert err.value.available == err.value.budget <= shutil.disk_usage(tmp_path).total
+    stats = session_app.control.inspect(destination=[w.node_name], timeout=5).stats()[w.node_name]["rmq"]
+    assert stats["counters"].get("deferred", {}).get("disk", 0) == 0, stats["counters"]
 
 
 def test_rmq_cleanup_command_line(redis_url, tmp_path):

@@ -19,8 +19,8 @@ def task(memory: int, used: int = 0, cpu: int = 0, disk: int = 0) -> Entry:
 
 
 def run(need: Need, running: list[Entry] = (), worker: int = GiB, idle: int = GiB, cpu_slots: int = 4,
-        disk_free: int | None = None) -> Verdict:
-    return judge(need, Reserved.of(running), worker, idle, ADMIT, BUDGET, cpu_slots, disk_free)
+        disk_free: int | None = None, disk_size: int | None = None) -> Verdict:
+    return judge(need, Reserved.of(running), worker, idle, ADMIT, BUDGET, cpu_slots, disk_free, disk_size)
 
 
 def test_fits_on_an_idle_worker() -> None:
@@ -105,6 +105,23 @@ def test_disk_counts_other_reservations() -> None:
     v = run(Need(MiB, disk_bytes=3 * GiB), running, disk_free=5 * GiB)
     assert not v.admitted and not v.never
     assert (v.resource, v.declared, v.available, v.budget) == ("disk", 3 * GiB, 2 * GiB, 5 * GiB)
+
+
+def test_disk_larger_than_the_filesystem_never_fits() -> None:
+    """Issue 22 row 14: it used to wait (resource "disk", never=False), and was deferred
+    rmq_max_deferrals times before failing with ResourceUnavailable."""
+    v = run(Need(MiB, disk_bytes=101 * GiB), disk_free=40 * GiB, disk_size=100 * GiB)
+    assert (v.admitted, v.never, v.resource) == (False, True, "disk")
+    assert (v.declared, v.available, v.budget) == (101 * GiB, 100 * GiB, 100 * GiB)
+    assert "101.0GiB" in v.reason and "100.0GiB" in v.reason
+
+
+def test_disk_that_the_filesystem_could_hold_waits_for_room() -> None:
+    v = run(Need(MiB, disk_bytes=100 * GiB), disk_free=40 * GiB, disk_size=100 * GiB)
+    assert (v.admitted, v.never, v.resource) == (False, False, "disk")
+    others_hold_the_rest = [task(MiB, disk=60 * GiB)]
+    assert run(Need(MiB, disk_bytes=100 * GiB), others_hold_the_rest, disk_free=100 * GiB,
+               disk_size=100 * GiB).resource == "disk"
 
 
 def test_disk_not_checked_when_free_space_is_unknown() -> None:
