@@ -4,7 +4,9 @@ One file, memory-mapped by every process of the worker: a header the governor wr
 (its latest readings and the unload signal) and a table of reservations (running tasks,
 resident models). Changes to the table happen under an ``fcntl.flock`` taken on a lock
 file that each process opens itself, so the kernel releases it when a holder is
-SIGKILLed (a multiprocessing/billiard Lock would stay locked forever). Reservations of
+SIGKILLed (a multiprocessing/billiard Lock would stay locked forever). A flock belongs to the
+open file, which all threads of a process share, so the lock also takes a per-process
+``threading.Lock`` first (made again in a forked child). Reservations of
 dead processes are released by the governor (:meth:`Ledger.release_dead`). Where each figure
 sits in the file, and the records it decodes to, is :mod:`rmq.core.ledger_layout`.
 See docs/design.md#ledger.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -54,19 +57,42 @@ _OWNER = ledger_layout.OWNER
 _INT64 = ledger_layout.INT64
 
 
-class _Flock:
-    """``with``-able exclusive ``flock`` on one descriptor (cheaper than a generator context manager)."""
+class _Lock:
+    """``with``-able lock that excludes the other processes (an exclusive ``flock`` on a descriptor of
+    this process's own) and the other threads of this process (a ``threading.Lock``, taken first:
+    threads share the descriptor, and a flock does not exclude its own holder). Not re-entrant.
+    Cheaper than a generator context manager; the descriptor is opened on first use."""
 
-    __slots__ = ("fd",)
+    __slots__ = ("path", "fd", "mutex")
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+        self.mutex = threading.Lock()
 
     def __enter__(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.mutex.acquire()
+        try:
+            if self.fd < 0:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.mutex.release()
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self.mutex.release()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
 
 
 class Ledger:
@@ -91,28 +117,21 @@ class Ledger:
             self._map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        self._flock: _Flock | None = None  # this process's lock, on a descriptor of its own
+        self._lock = _Lock(self.lock_path)  # this process's lock, on a descriptor of its own
         forks.forget_in_children(self)
 
     # locking -------------------------------------------------------------
     def _forget_inherited(self) -> None:
         # An inherited descriptor shares the parent's open file, and with it the parent's flock:
-        # each process locks through a descriptor of its own.
-        self._close_lock()
+        # each process locks through a descriptor of its own. The thread lock is made again too:
+        # a parent thread may have held it at the fork, and that thread does not exist here.
+        self._lock.close()
+        self._lock = _Lock(self.lock_path)
 
-    def _close_lock(self) -> None:
-        if self._flock is not None:
-            try:
-                os.close(self._flock.fd)
-            except OSError:
-                pass
-            self._flock = None
-
-    def locked(self) -> _Flock:
-        """``with ledger.locked():`` holds the ledger's lock (released by the kernel if this process dies)."""
-        if self._flock is None:
-            self._flock = _Flock(os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600))
-        return self._flock
+    def locked(self) -> _Lock:
+        """``with ledger.locked():`` holds the ledger's lock against the other processes and the other
+        threads of this one (released by the kernel if this process dies). Not re-entrant."""
+        return self._lock
 
     # control block -------------------------------------------------------
     def read_control(self) -> Control:
@@ -290,4 +309,4 @@ class Ledger:
             self._map.close()
         except (BufferError, ValueError):
             pass
-        self._close_lock()
+        self._lock.close()
