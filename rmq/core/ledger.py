@@ -216,6 +216,12 @@ class Ledger:
         key = fit(task_id, 48)
         return any(e.kind == KIND_TASK and e.task_id == key and e.pid != other_than for e in self.entries())
 
+    def holds_unlocked(self, e: Entry) -> bool:
+        """Whether ``e``'s slot still holds ``e`` (same process, same task id); call under :meth:`locked`
+        so that nothing new is admitted before the caller acts on the answer."""
+        current = read_slot(self._map, e.slot) if e.slot >= 0 else None
+        return current is not None and current.pid == e.pid and current.task_id == fit(e.task_id, 48)
+
     def add_unlocked(self, e: Entry) -> Entry:
         """Store a reservation (caller holds the lock); returns it with its slot."""
         i = self._map[FLAGS].find(0)
