@@ -81,3 +81,41 @@ def test_a_peak_between_two_governor_readings_is_still_learned(rt) -> None:
     [(name, peak)] = rt.made("learner").observed
     assert name == "app.spike" and peak >= 60 * MiB, peak / MiB
     assert ctx.rss_after is not None and ctx.rss_after - ctx.rss_before < 32 * MiB  # the RSS alone missed it
+
+
+class GrownLearner(RecordingLearner):
+    """Peaks learned on a bigger worker: more than this one's admit line."""
+
+    def learned(self, name: str) -> int:
+        return 5000 * MiB
+
+
+def test_a_learned_peak_larger_than_this_worker_admits_runs_alone_and_is_learned_here(rt) -> None:
+    # Given an undeclared task whose peaks, learned on a bigger worker sharing this Redis, pass this
+    # worker's admit line (3500 MiB, idle worker 100 MiB)
+    rt._local["learner"] = GrownLearner()
+    # When it arrives at an idle worker, it runs, holding all an idle worker can admit (it runs alone)
+    ctx = run(rt, "app.grown")
+    assert ctx.memory_bytes == 3400 * MiB
+    # and its peak here is learned, so the learned value comes down to what this worker saw
+    assert rt.made("learner").observed == [("app.grown", 5 * MiB)]
+
+
+def test_a_learned_peak_larger_than_this_worker_admits_waits_for_the_worker_to_be_idle(tmp_path) -> None:
+    from rmq.core.errors import Defer
+    from rmq.core.ledger import KIND_TASK, Entry
+
+    ledger = Ledger(str(tmp_path / "rt"), create=True)
+    ledger.write_control(Control(0, 0, 100 * MiB, 4096 * MiB, 3500 * MiB, 100 * MiB, time.time(), "ok", 2, False))
+    runtime = Runtime(load_config({"rmq_admission_wait": "0s"}, environ={}), app=None,
+                      runtime_dir=str(tmp_path / "rt"), ledger=ledger, redis_url=None)
+    runtime._local["learner"] = GrownLearner()
+    # Given a neighbour task that holds 64 MiB
+    assert ledger.try_add(Entry(KIND_TASK, 1, 64 * MiB, task_id="neighbour", name="app.small"), lambda _: True)
+    # When the grown task arrives, it is deferred (not failed): it runs once the worker is idle
+    ctx = TaskContext("app.grown", "grown-1", parse_declaration(), runtime.config, runtime=runtime)
+    with pytest.raises(Defer) as caught:
+        AdmissionGuard().enter(ctx)
+    assert caught.value.kind == "memory"
+    assert [e.task_id for e in ledger.entries()] == ["neighbour"]
+    ledger.close()
