@@ -23,15 +23,14 @@ from collections.abc import Callable, Iterable
 
 from rmq.core import forks, ledger_layout
 from rmq.core.ledger_layout import (
-    FLAGS,
     HEADER_SIZE,
     KIND_MODEL,
     KIND_TASK,
     MAGIC,
     PEAK_AT,
     REQUEST_OFFSET,
-    SIZE,
     SLOT,
+    SLOTS,
     SUMMED,
     TASK_ID_AT,
     USED_AT,
@@ -41,12 +40,16 @@ from rmq.core.ledger_layout import (
     LedgerFull,
     Reserved,
     fit,
+    flags_of,
     read_slot,
+    size_of,
+    slots_for,
+    slots_in,
     write_slot,
 )
 
 # The records are part of the ledger's API: callers import them from here, not from ledger_layout.
-__all__ = ["Ledger", "Entry", "Control", "Reserved", "LedgerFull", "KIND_TASK", "KIND_MODEL"]
+__all__ = ["Ledger", "Entry", "Control", "Reserved", "LedgerFull", "KIND_TASK", "KIND_MODEL", "slots_for"]
 
 # The structs whose methods run per task are bound here by assignment: CPython 3.11 compiles a method
 # call on a name bound by ``import`` as an attribute load and a call (it takes the name for a module),
@@ -61,14 +64,17 @@ class _Lock:
     """``with``-able lock that excludes the other processes (an exclusive ``flock`` on a descriptor of
     this process's own) and the other threads of this process (a ``threading.Lock``, taken first:
     threads share the descriptor, and a flock does not exclude its own holder). Not re-entrant.
-    Cheaper than a generator context manager; the descriptor is opened on first use."""
+    Cheaper than a generator context manager."""
 
     __slots__ = ("path", "fd", "mutex")
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd = -1
         self.mutex = threading.Lock()
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # made at a fork, maybe after the runtime directory went: open on first use
+            self.fd = -1
 
     def __enter__(self) -> None:
         self.mutex.acquire()
@@ -101,22 +107,26 @@ class Ledger:
     Args:
         directory: the worker's runtime directory (tmpfs when available).
         create: True in the worker's main process (makes and zeroes the file).
+        slots: how many reservations the file holds, when ``create`` (default and least 128; see
+            :func:`slots_for`); a process that opens an existing file reads it from the file's size.
     """
 
-    def __init__(self, directory: str, create: bool = False) -> None:
+    def __init__(self, directory: str, create: bool = False, slots: int = SLOTS) -> None:
         self.directory = directory
         self.path = os.path.join(directory, "ledger")
         self.lock_path = os.path.join(directory, "ledger.lock")
         if create:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             with open(self.path, "wb") as fh:
-                fh.write(MAGIC + b"\0" * (SIZE - len(MAGIC)))
+                fh.write(MAGIC + b"\0" * (size_of(max(SLOTS, slots)) - len(MAGIC)))
             open(self.lock_path, "a").close()
         fd = os.open(self.path, os.O_RDWR)
         try:
-            self._map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.slots = slots_in(os.fstat(fd).st_size)
+            self._map = mmap.mmap(fd, size_of(self.slots), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        self._flags = flags_of(self.slots)  # the in-use byte of every slot
         self._lock = _Lock(self.lock_path)  # this process's lock, on a descriptor of its own
         forks.forget_in_children(self)
 
@@ -180,7 +190,7 @@ class Ledger:
     # table ---------------------------------------------------------------
     def entries_unlocked(self) -> list[Entry]:
         """All reservations; call under :meth:`locked` for a consistent view."""
-        flags = self._map[FLAGS]  # the in-use byte of every slot: a C-speed slice, not a loop
+        flags = self._map[self._flags]  # the in-use byte of every slot: a C-speed slice, not a loop
         out = []
         i = flags.find(1)
         while i >= 0:
@@ -193,7 +203,7 @@ class Ledger:
     def reserved_unlocked(self) -> Reserved:
         """The sums over all reservations, read without decoding them; call under :meth:`locked`."""
         m = self._map
-        flags = m[FLAGS]
+        flags = m[self._flags]
         unpack, size, find = SUMMED.unpack_from, SLOT.size, flags.find  # locals: this runs per task, per slot
         n = unused = cpu = disk = 0
         i = find(1)
@@ -224,9 +234,9 @@ class Ledger:
 
     def add_unlocked(self, e: Entry) -> Entry:
         """Store a reservation (caller holds the lock); returns it with its slot."""
-        i = self._map[FLAGS].find(0)
+        i = self._map[self._flags].find(0)
         if i < 0:
-            raise LedgerFull("the ledger has no free slot (128 reservations)")
+            raise LedgerFull(f"the ledger has no free slot ({self.slots} reservations)")
         e.slot = i
         e.task_id, e.name = fit(e.task_id, 48), fit(e.name, 96)
         if not e.started:

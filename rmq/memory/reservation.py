@@ -2,12 +2,12 @@
 
 A task that does not fit first asks every pool process to unload models, then waits up
 to ``rmq_admission_wait`` (re-checking as the governor's readings change), then is
-deferred. A task that could never fit on an idle worker fails at once with
-:class:`~rmq.core.errors.BudgetExceeded`; one without ``memory=`` whose learned peak is larger than
-that runs alone instead. A task without ``memory=`` is admitted with its learned peak
-(:mod:`rmq.memory.learning`), and only such tasks record their peaks (nothing reads the others'): the
-kernel's high-water mark of the process since admission, so a spike between two governor
-readings counts too.
+deferred; so is a task that finds every slot of the ledger held. A task that could never fit
+on an idle worker fails at once with :class:`~rmq.core.errors.BudgetExceeded`; one without
+``memory=`` whose learned peak is larger than that runs alone instead. A task without
+``memory=`` is admitted with its learned peak (:mod:`rmq.memory.learning`), and only such tasks
+record their peaks (nothing reads the others'): the kernel's high-water mark of the process
+since admission, so a spike between two governor readings counts too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from rmq.concern import Concern, TaskContext
 from rmq.core import forks
 from rmq.core.errors import BudgetExceeded, Defer
-from rmq.core.ledger import KIND_TASK, Entry, Ledger
+from rmq.core.ledger import KIND_TASK, Entry, Ledger, LedgerFull
 from rmq.core.runtime import current
 from rmq.core.selfmem import peak_rss_bytes, reset_peak_rss
 from rmq.memory.admission import Need, Verdict, judge
@@ -47,7 +47,10 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, l
             entry.memory_bytes = need.memory_bytes
         v = judge(need, ledger.reserved_unlocked(), worker, idle, admit_line, budget, cpu_slots, disk_free)
         if v.admitted:
-            ledger.add_unlocked(entry)
+            try:
+                ledger.add_unlocked(entry)
+            except LedgerFull as exc:  # no slot now: wait and defer like a task that does not fit
+                return Verdict(False, False, "ledger", str(exc), 1, 0, ledger.slots)
     return v
 
 
@@ -57,9 +60,10 @@ def _wait_for_room(ledger: Ledger, entry: Entry, need: Need, wait_s: float, disk
     deadline = time.monotonic() + wait_s
     asked_unload = False
     while not (verdict.admitted or verdict.never or time.monotonic() >= deadline):
-        if verdict.resource == "memory" and not asked_unload:
+        if verdict.resource in ("memory", "ledger") and not asked_unload:
             asked_unload = True
-            # every pool process (this one too, through its watcher) unloads its share of one plan
+            # every pool process (this one too, through its watcher) unloads its share of one plan;
+            # a full ledger is most often full of resident models, and unloading frees their slots
             ledger.request_unload(min(need.memory_bytes, entry.memory_bytes) - verdict.available)
         time.sleep(_POLL_S)
         verdict = _try_once(ledger, entry, need, disk_root, learned)

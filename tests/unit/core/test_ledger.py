@@ -493,3 +493,25 @@ def test_a_child_forked_while_a_thread_holds_the_lock_can_take_it_once_the_paren
         if not ready:
             os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+# --- size ---------------------------------------------------------------------------------------------
+def test_a_ledger_for_a_large_pool_has_room_for_each_process_and_its_models(tmp_path) -> None:
+    # Given the worker of a large host (the light profile starts 2 pool processes per CPU: 128 on 64 CPUs)
+    from rmq.core.ledger import slots_for
+
+    big = Ledger(str(tmp_path / "big"), create=True, slots=slots_for(128))
+    pool_process = Ledger(big.directory)  # opens the file without knowing its size
+    try:
+        # Then every process can hold its task and a few models, and every handle sees all the slots
+        assert big.slots == pool_process.slots == 512
+        with pool_process.locked():
+            for i in range(512):
+                pool_process.add_unlocked(entry(task_id=str(i)))
+            with pytest.raises(LedgerFull, match="512"):
+                pool_process.add_unlocked(entry(task_id="one too many"))
+        assert len(big.entries()) == 512
+        assert slots_for(2) == 128  # never fewer than 128
+    finally:
+        pool_process.close()
+        big.close()
