@@ -223,30 +223,32 @@ class Governor:
         # The choice was made on the ledger as read at the start of the tick: the task may have ended
         # since and its process taken the next one. Check, and kill, under the ledger's lock, so that
         # no new reservation is admitted in between; a stale choice waits for the next tick's reading.
+        # The record is kept before the kill: the request handler looks for it once the pool notices.
         with self.ledger.locked():
-            if not self.ledger.holds_unlocked(worst):
-                log.info("rmq: %s[%s] in pid %d ended before its kill; choosing again next tick",
-                         worst.name, worst.task_id, worst.pid)
-                return
-            record = KillRecord(
-                task_id=worst.task_id,
-                task_name=worst.name,
-                pid=worst.pid,
-                observed_bytes=reading.rss.get(worst.pid, 0),
-                declared_bytes=worst.memory_bytes,
-                budget_bytes=self.budget.budget_bytes,
-                detected_at=now,
-                killed_at=self.clock(),
-            )
-            self.kills[worst.task_id] = record
-            self._killed_pids[worst.pid] = now
-            self.counters["killed"] += 1
-            log.warning(
-                "rmq killing %s[%s] in pid %d: worker at %.0f%% of the budget, task uses %d bytes, declared %d",
-                worst.name, worst.task_id, worst.pid, 100 * worker_bytes / self.budget.budget_bytes,
-                worst.used_bytes, worst.memory_bytes,
-            )
-            self.actuator.kill(worst.pid)
+            current = self.ledger.holds_unlocked(worst)
+            if current:
+                self.kills[worst.task_id] = KillRecord(
+                    task_id=worst.task_id,
+                    task_name=worst.name,
+                    pid=worst.pid,
+                    observed_bytes=reading.rss.get(worst.pid, 0),
+                    declared_bytes=worst.memory_bytes,
+                    budget_bytes=self.budget.budget_bytes,
+                    detected_at=now,
+                    killed_at=self.clock(),
+                )
+                self.actuator.kill(worst.pid)
+        if not current:
+            log.info("rmq: %s[%s] in pid %d ended before its kill; choosing again next tick",
+                     worst.name, worst.task_id, worst.pid)
+            return
+        self._killed_pids[worst.pid] = now
+        self.counters["killed"] += 1
+        log.warning(
+            "rmq killing %s[%s] in pid %d: worker at %.0f%% of the budget, task uses %d bytes, declared %d",
+            worst.name, worst.task_id, worst.pid, 100 * worker_bytes / self.budget.budget_bytes,
+            worst.used_bytes, worst.memory_bytes,
+        )
 
     def pop_kill(self, task_id: str) -> KillRecord | None:
         """The kill record of ``task_id``, if the governor killed it (consumed once)."""
