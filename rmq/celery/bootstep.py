@@ -16,7 +16,7 @@ from rmq.celery.actuator import CeleryActuator
 from rmq.celery.concerns import default_concerns
 from rmq.core.errors import ConfigError
 from rmq.core.exits import exit_config_error
-from rmq.core.ledger import Ledger
+from rmq.core.ledger import Ledger, slots_for
 from rmq.core.runtime import Runtime, config_for, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
 from rmq.cpu.slots import detect_cpu_slots
 from rmq.memory.budget import detect_budget
@@ -32,6 +32,12 @@ def _runtime_dir(configured: str | None) -> str:
     base = runtime_base(configured)
     os.makedirs(base, exist_ok=True)
     return tempfile.mkdtemp(prefix=runtime_dir_prefix(os.getpid()), dir=base)
+
+
+def _pool_processes(worker: Any) -> int:
+    """The most pool processes this worker runs: its concurrency, or the autoscaler's maximum."""
+    counts = [getattr(worker, "concurrency", None), getattr(worker, "max_concurrency", None)]
+    return max([n for n in counts if isinstance(n, int)] or [1])
 
 
 def _cpu_slots(configured: int | None) -> tuple[int, str]:
@@ -51,7 +57,7 @@ class GovernorStep(bootsteps.StartStopStep):
         except ConfigError as exc:
             exit_config_error(exc)
         self.runtime_dir = _runtime_dir(self.config.runtime_dir)
-        self.ledger = Ledger(self.runtime_dir, create=True)
+        self.ledger = Ledger(self.runtime_dir, create=True, slots=slots_for(_pool_processes(worker)))
         self.runtime = Runtime(
             self.config, worker.app, self.runtime_dir, self.ledger, redis_url_for_app(self.config, worker.app)
         )

@@ -4,7 +4,9 @@ One file, memory-mapped by every process of the worker: a header the governor wr
 (its latest readings and the unload signal) and a table of reservations (running tasks,
 resident models). Changes to the table happen under an ``fcntl.flock`` taken on a lock
 file that each process opens itself, so the kernel releases it when a holder is
-SIGKILLed (a multiprocessing/billiard Lock would stay locked forever). Reservations of
+SIGKILLed (a multiprocessing/billiard Lock would stay locked forever). A flock belongs to the
+open file, which all threads of a process share, so the lock also takes a per-process
+``threading.Lock`` first (made again in a forked child). Reservations of
 dead processes are released by the governor (:meth:`Ledger.release_dead`). Where each figure
 sits in the file, and the records it decodes to, is :mod:`rmq.core.ledger_layout`.
 See docs/design.md#ledger.
@@ -15,20 +17,20 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 
 from rmq.core import forks, ledger_layout
 from rmq.core.ledger_layout import (
-    FLAGS,
     HEADER_SIZE,
     KIND_MODEL,
     KIND_TASK,
     MAGIC,
     PEAK_AT,
     REQUEST_OFFSET,
-    SIZE,
     SLOT,
+    SLOTS,
     SUMMED,
     TASK_ID_AT,
     USED_AT,
@@ -38,12 +40,16 @@ from rmq.core.ledger_layout import (
     LedgerFull,
     Reserved,
     fit,
+    flags_of,
     read_slot,
+    size_of,
+    slots_for,
+    slots_in,
     write_slot,
 )
 
 # The records are part of the ledger's API: callers import them from here, not from ledger_layout.
-__all__ = ["Ledger", "Entry", "Control", "Reserved", "LedgerFull", "KIND_TASK", "KIND_MODEL"]
+__all__ = ["Ledger", "Entry", "Control", "Reserved", "LedgerFull", "KIND_TASK", "KIND_MODEL", "slots_for"]
 
 # The structs whose methods run per task are bound here by assignment: CPython 3.11 compiles a method
 # call on a name bound by ``import`` as an attribute load and a call (it takes the name for a module),
@@ -54,19 +60,45 @@ _OWNER = ledger_layout.OWNER
 _INT64 = ledger_layout.INT64
 
 
-class _Flock:
-    """``with``-able exclusive ``flock`` on one descriptor (cheaper than a generator context manager)."""
+class _Lock:
+    """``with``-able lock that excludes the other processes (an exclusive ``flock`` on a descriptor of
+    this process's own) and the other threads of this process (a ``threading.Lock``, taken first:
+    threads share the descriptor, and a flock does not exclude its own holder). Not re-entrant.
+    Cheaper than a generator context manager."""
 
-    __slots__ = ("fd",)
+    __slots__ = ("path", "fd", "mutex")
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.mutex = threading.Lock()
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # made at a fork, maybe after the runtime directory went: open on first use
+            self.fd = -1
 
     def __enter__(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.mutex.acquire()
+        try:
+            if self.fd < 0:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.mutex.release()
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self.mutex.release()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
 
 
 class Ledger:
@@ -75,44 +107,41 @@ class Ledger:
     Args:
         directory: the worker's runtime directory (tmpfs when available).
         create: True in the worker's main process (makes and zeroes the file).
+        slots: how many reservations the file holds, when ``create`` (default and least 128; see
+            :func:`slots_for`); a process that opens an existing file reads it from the file's size.
     """
 
-    def __init__(self, directory: str, create: bool = False) -> None:
+    def __init__(self, directory: str, create: bool = False, slots: int = SLOTS) -> None:
         self.directory = directory
         self.path = os.path.join(directory, "ledger")
         self.lock_path = os.path.join(directory, "ledger.lock")
         if create:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             with open(self.path, "wb") as fh:
-                fh.write(MAGIC + b"\0" * (SIZE - len(MAGIC)))
+                fh.write(MAGIC + b"\0" * (size_of(max(SLOTS, slots)) - len(MAGIC)))
             open(self.lock_path, "a").close()
         fd = os.open(self.path, os.O_RDWR)
         try:
-            self._map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.slots = slots_in(os.fstat(fd).st_size)
+            self._map = mmap.mmap(fd, size_of(self.slots), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        self._flock: _Flock | None = None  # this process's lock, on a descriptor of its own
+        self._flags = flags_of(self.slots)  # the in-use byte of every slot
+        self._lock = _Lock(self.lock_path)  # this process's lock, on a descriptor of its own
         forks.forget_in_children(self)
 
     # locking -------------------------------------------------------------
     def _forget_inherited(self) -> None:
         # An inherited descriptor shares the parent's open file, and with it the parent's flock:
-        # each process locks through a descriptor of its own.
-        self._close_lock()
+        # each process locks through a descriptor of its own. The thread lock is made again too:
+        # a parent thread may have held it at the fork, and that thread does not exist here.
+        self._lock.close()
+        self._lock = _Lock(self.lock_path)
 
-    def _close_lock(self) -> None:
-        if self._flock is not None:
-            try:
-                os.close(self._flock.fd)
-            except OSError:
-                pass
-            self._flock = None
-
-    def locked(self) -> _Flock:
-        """``with ledger.locked():`` holds the ledger's lock (released by the kernel if this process dies)."""
-        if self._flock is None:
-            self._flock = _Flock(os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600))
-        return self._flock
+    def locked(self) -> _Lock:
+        """``with ledger.locked():`` holds the ledger's lock against the other processes and the other
+        threads of this one (released by the kernel if this process dies). Not re-entrant."""
+        return self._lock
 
     # control block -------------------------------------------------------
     def read_control(self) -> Control:
@@ -161,7 +190,7 @@ class Ledger:
     # table ---------------------------------------------------------------
     def entries_unlocked(self) -> list[Entry]:
         """All reservations; call under :meth:`locked` for a consistent view."""
-        flags = self._map[FLAGS]  # the in-use byte of every slot: a C-speed slice, not a loop
+        flags = self._map[self._flags]  # the in-use byte of every slot: a C-speed slice, not a loop
         out = []
         i = flags.find(1)
         while i >= 0:
@@ -174,7 +203,7 @@ class Ledger:
     def reserved_unlocked(self) -> Reserved:
         """The sums over all reservations, read without decoding them; call under :meth:`locked`."""
         m = self._map
-        flags = m[FLAGS]
+        flags = m[self._flags]
         unpack, size, find = SUMMED.unpack_from, SLOT.size, flags.find  # locals: this runs per task, per slot
         n = unused = cpu = disk = 0
         i = find(1)
@@ -197,11 +226,17 @@ class Ledger:
         key = fit(task_id, 48)
         return any(e.kind == KIND_TASK and e.task_id == key and e.pid != other_than for e in self.entries())
 
+    def holds_unlocked(self, e: Entry) -> bool:
+        """Whether ``e``'s slot still holds ``e`` (same process, same task id); call under :meth:`locked`
+        so that nothing new is admitted before the caller acts on the answer."""
+        current = read_slot(self._map, e.slot) if e.slot >= 0 else None
+        return current is not None and current.pid == e.pid and current.task_id == fit(e.task_id, 48)
+
     def add_unlocked(self, e: Entry) -> Entry:
         """Store a reservation (caller holds the lock); returns it with its slot."""
-        i = self._map[FLAGS].find(0)
+        i = self._map[self._flags].find(0)
         if i < 0:
-            raise LedgerFull("the ledger has no free slot (128 reservations)")
+            raise LedgerFull(f"the ledger has no free slot ({self.slots} reservations)")
         e.slot = i
         e.task_id, e.name = fit(e.task_id, 48), fit(e.name, 96)
         if not e.started:
@@ -290,4 +325,4 @@ class Ledger:
             self._map.close()
         except (BufferError, ValueError):
             pass
-        self._close_lock()
+        self._lock.close()

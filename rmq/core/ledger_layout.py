@@ -1,6 +1,7 @@
 """The ledger file's layout: where each figure sits, and the records its bytes decode to.
 
-The file is a 128-byte header followed by 128 reservation slots. The header holds the governor's
+The file is a 128-byte header followed by the reservation slots: 128, or more for a large pool
+(:func:`slots_for`); a process that opens the file reads their number from its size. The header holds the governor's
 control block (its latest readings, written by the governor alone) and, at offset 96, the unload
 requests of pool processes. A slot holds one reservation: an in-use byte first, then the figures,
 then the task id (48 bytes) and name (96 bytes), cut to fit. The in-use bytes of all slots are read
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
-    "KIND_MODEL", "KIND_TASK", "ZONES", "Control", "Entry", "LedgerFull", "Reserved", "fit", "read_slot", "write_slot",
+    "KIND_MODEL", "KIND_TASK", "ZONES", "Control", "Entry", "LedgerFull", "Reserved", "fit", "read_slot", "slots_for",
+    "write_slot",
 ]
 
 KIND_TASK = 1
@@ -41,12 +43,31 @@ INT64 = struct.Struct("<q")
 USED_AT = struct.calcsize("<BBxxiqiqxxxxd")  # offsets in a slot of the fields the governor writes
 PEAK_AT = struct.calcsize("<BBxxiqiqxxxxdqq")
 TASK_ID_AT = struct.calcsize(SLOT_NUMBERS)
-SLOTS = 128
+SLOTS = 128  # the fewest slots a ledger has
 REQUEST = struct.Struct("<Qq")  # unload requests from pool processes: generation, bytes
 REQUEST_OFFSET = 96
 HEADER_SIZE = 128
-FLAGS = slice(HEADER_SIZE, HEADER_SIZE + SLOTS * SLOT.size, SLOT.size)  # in-use byte of each slot
-SIZE = HEADER_SIZE + SLOT.size * SLOTS
+
+
+def slots_for(processes: int) -> int:
+    """The slots a worker of ``processes`` pool processes needs: one running task and up to three
+    resident models for each, and never fewer than :data:`SLOTS`."""
+    return max(SLOTS, 4 * processes)
+
+
+def size_of(slots: int) -> int:
+    """The file size of a ledger with ``slots`` slots."""
+    return HEADER_SIZE + SLOT.size * slots
+
+
+def slots_in(size: int) -> int:
+    """The number of slots of a ledger file of ``size`` bytes."""
+    return (size - HEADER_SIZE) // SLOT.size
+
+
+def flags_of(slots: int) -> slice:
+    """The in-use byte of each of ``slots`` slots, as one strided slice of the map."""
+    return slice(HEADER_SIZE, HEADER_SIZE + slots * SLOT.size, SLOT.size)
 
 
 def fit(text: str, n: int) -> str:
@@ -62,7 +83,7 @@ def _unused(kind: int, memory_bytes: int, used_bytes: int, peak_used_bytes: int)
 
 
 class LedgerFull(RuntimeError):
-    """More reservations than the ledger has slots (128)."""
+    """More reservations than the ledger has slots: admission and model loads treat it as "not now"."""
 
 
 @dataclass(slots=True)  # made for every task: quicker to build and to read

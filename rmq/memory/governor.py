@@ -220,17 +220,28 @@ class Governor:
         worst = max(candidates, key=lambda e: e.used_bytes - e.memory_bytes)
         if worst.used_bytes - worst.memory_bytes <= 0:
             worst = max(candidates, key=lambda e: e.started)
-        record = KillRecord(
-            task_id=worst.task_id,
-            task_name=worst.name,
-            pid=worst.pid,
-            observed_bytes=reading.rss.get(worst.pid, 0),
-            declared_bytes=worst.memory_bytes,
-            budget_bytes=self.budget.budget_bytes,
-            detected_at=now,
-            killed_at=self.clock(),
-        )
-        self.kills[worst.task_id] = record
+        # The choice was made on the ledger as read at the start of the tick: the task may have ended
+        # since and its process taken the next one. Check, and kill, under the ledger's lock, so that
+        # no new reservation is admitted in between; a stale choice waits for the next tick's reading.
+        # The record is kept before the kill: the request handler looks for it once the pool notices.
+        with self.ledger.locked():
+            current = self.ledger.holds_unlocked(worst)
+            if current:
+                self.kills[worst.task_id] = KillRecord(
+                    task_id=worst.task_id,
+                    task_name=worst.name,
+                    pid=worst.pid,
+                    observed_bytes=reading.rss.get(worst.pid, 0),
+                    declared_bytes=worst.memory_bytes,
+                    budget_bytes=self.budget.budget_bytes,
+                    detected_at=now,
+                    killed_at=self.clock(),
+                )
+                self.actuator.kill(worst.pid)
+        if not current:
+            log.info("rmq: %s[%s] in pid %d ended before its kill; choosing again next tick",
+                     worst.name, worst.task_id, worst.pid)
+            return
         self._killed_pids[worst.pid] = now
         self.counters["killed"] += 1
         log.warning(
@@ -238,7 +249,6 @@ class Governor:
             worst.name, worst.task_id, worst.pid, 100 * worker_bytes / self.budget.budget_bytes,
             worst.used_bytes, worst.memory_bytes,
         )
-        self.actuator.kill(worst.pid)
 
     def pop_kill(self, task_id: str) -> KillRecord | None:
         """The kill record of ``task_id``, if the governor killed it (consumed once)."""

@@ -2,11 +2,12 @@
 
 A task that does not fit first asks every pool process to unload models, then waits up
 to ``rmq_admission_wait`` (re-checking as the governor's readings change), then is
-deferred. A task that could never fit on an idle worker fails at once with
-:class:`~rmq.core.errors.BudgetExceeded`. A task without ``memory=`` is admitted with its learned peak
-(:mod:`rmq.memory.learning`), and only such tasks record their peaks (nothing reads the others'): the
-kernel's high-water mark of the process since admission, so a spike between two governor
-readings counts too.
+deferred; so is a task that finds every slot of the ledger held. A task that could never fit
+on an idle worker fails at once with :class:`~rmq.core.errors.BudgetExceeded`; one without
+``memory=`` whose learned peak is larger than that runs alone instead. A task without
+``memory=`` is admitted with its learned peak (:mod:`rmq.memory.learning`), and only such tasks
+record their peaks (nothing reads the others'): the kernel's high-water mark of the process
+since admission, so a spike between two governor readings counts too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from rmq.concern import Concern, TaskContext
 from rmq.core import forks
 from rmq.core.errors import BudgetExceeded, Defer
-from rmq.core.ledger import KIND_TASK, Entry, Ledger
+from rmq.core.ledger import KIND_TASK, Entry, Ledger, LedgerFull
 from rmq.core.runtime import current
 from rmq.core.selfmem import peak_rss_bytes, reset_peak_rss
 from rmq.memory.admission import Need, Verdict, judge
@@ -30,31 +31,43 @@ __all__ = ["AdmissionGuard"]
 _POLL_S = 0.02
 
 
-def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None) -> Verdict:
+def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, learned: bool = False) -> Verdict:
     """One atomic step: judge ``need`` against the reservations and the governor's latest readings,
-    and add ``entry`` when it fits."""
+    and add ``entry`` when it fits.
+
+    A ``learned`` need (a task without ``memory=``) larger than what an idle worker admits is cut to
+    that room: learned peaks are shared by every worker on the Redis, whatever its budget, so one
+    learned on a bigger worker would otherwise fail the task here for ever. Cut, the task runs
+    alone, and its peak on this worker is learned (docs/design.md#learning)."""
     disk = shutil.disk_usage(disk_root) if (need.disk_bytes and disk_root) else None
     with ledger.locked():  # the readings are published under the same lock as the reservations' usage
         worker, idle, admit_line, budget, cpu_slots = ledger.admission_readings()
+        if learned and 0 < admit_line - idle < need.memory_bytes:
+            need = need._replace(memory_bytes=admit_line - idle)
+            entry.memory_bytes = need.memory_bytes
         v = judge(need, ledger.reserved_unlocked(), worker, idle, admit_line, budget, cpu_slots,
                   disk.free if disk else None, disk.used + disk.free if disk else None)
         if v.admitted:
-            ledger.add_unlocked(entry)
+            try:
+                ledger.add_unlocked(entry)
+            except LedgerFull as exc:  # no slot now: wait and defer like a task that does not fit
+                return Verdict(False, False, "ledger", str(exc), 1, 0, ledger.slots)
     return v
 
 
 def _wait_for_room(ledger: Ledger, entry: Entry, need: Need, wait_s: float, disk_root: str | None,
-                   verdict: Verdict) -> Verdict:
+                   verdict: Verdict, learned: bool = False) -> Verdict:
     """After a first ``verdict`` that did not fit: ask for unloads, then re-try until ``wait_s`` ends."""
     deadline = time.monotonic() + wait_s
     asked_unload = False
     while not (verdict.admitted or verdict.never or time.monotonic() >= deadline):
-        if verdict.resource == "memory" and not asked_unload:
+        if verdict.resource in ("memory", "ledger") and not asked_unload:
             asked_unload = True
-            # every pool process (this one too, through its watcher) unloads its share of one plan
-            ledger.request_unload(need.memory_bytes - verdict.available)
+            # every pool process (this one too, through its watcher) unloads its share of one plan;
+            # a full ledger is most often full of resident models, and unloading frees their slots
+            ledger.request_unload(min(need.memory_bytes, entry.memory_bytes) - verdict.available)
         time.sleep(_POLL_S)
-        verdict = _try_once(ledger, entry, need, disk_root)
+        verdict = _try_once(ledger, entry, need, disk_root, learned)
     return verdict
 
 
@@ -86,10 +99,11 @@ class AdmissionGuard(Concern):
             KIND_TASK, forks.pid(), memory, decl.cpu_slots, decl.disk_bytes,
             task_id=ctx.task_id, name=ctx.task_name, start_rss=ctx.rss_before_body(),
         )
-        v = _try_once(rt.ledger, entry, need, disk_root)
+        v = _try_once(rt.ledger, entry, need, disk_root, learning)
         if not v.admitted and not v.never:
-            v = _wait_for_room(rt.ledger, entry, need, rt.config.admission_wait, disk_root, v)
+            v = _wait_for_room(rt.ledger, entry, need, rt.config.admission_wait, disk_root, v, learning)
         if v.admitted:
+            ctx.memory_bytes = entry.memory_bytes  # a learned need may have been cut to the idle worker's room
             ctx.state["admission"] = entry
             if learning:  # the models it loads are not part of its peak; the kernel keeps the peak
                 ctx.state["models_loaded"] = self.model_bytes()

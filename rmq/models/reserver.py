@@ -14,6 +14,7 @@ Resident models are admitted against the *unload line* (``rmq_unload_ratio`` x b
 the task admit line above it: a model is not transient memory, and one admitted above the unload
 line would be unloaded by the governor's pressure ladder as soon as it became unleased. A model
 that cannot fit even beside an idle worker raises :class:`~rmq.core.errors.ModelLoadError` at once.
+A load that finds every slot of the ledger held waits the same way (unloading frees slots).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from rmq.core import forks
 from rmq.core.errors import ModelLoadError
-from rmq.core.ledger import KIND_MODEL, Control, Entry, Reserved
+from rmq.core.ledger import KIND_MODEL, Control, Entry, LedgerFull, Reserved
 from rmq.core.selfmem import own_rss_bytes
 from rmq.core.units import format_bytes
 from rmq.memory.admission import Need, Verdict, judge
@@ -73,8 +74,11 @@ class LedgerModelReserver:
             verdicts.append(v)
             return v.admitted
 
-        if ledger.try_add(entry, fits):
-            self._held[key] = entry
+        try:
+            if ledger.try_add(entry, fits):
+                self._held[key] = entry
+        except LedgerFull as exc:  # no slot now: unload here, ask the others, wait, like memory
+            return Verdict(False, False, "ledger", str(exc), size_bytes, 0, ledger.read_control().budget_bytes)
         return verdicts[-1]
 
     def _fresh_reading(self, after_wall: float, deadline: float) -> None:

@@ -413,3 +413,105 @@ def test_a_release_between_the_governor_s_check_and_its_usage_write_stays_releas
     ledger.set_usage([(seen, 7 * MiB)])
     monkeypatch.undo()
     assert ledger.entries() == []  # a whole-slot write would have brought it back
+
+
+# --- across threads of one process -------------------------------------------------------------------
+def test_threads_of_one_process_never_admit_past_the_limit_nor_lose_a_reservation(ledger: Ledger) -> None:
+    # Given one process's ledger handle shared by several threads (in the main process: the governor,
+    # the stats and Prometheus handler threads, the autoscaler; in a pool process: the task thread and
+    # the watcher's model relief), racing to reserve 1 byte at a time under a limit of 40 bytes
+    import threading
+
+    limit, attempts, threads = 40, 30, 4
+    start = threading.Barrier(threads)
+    admitted: list[Entry] = []
+
+    def fits(reserved: Reserved) -> bool:
+        time.sleep(0.0005)  # widen the window between the check and the write
+        return reserved.unused_bytes + 1 <= limit
+
+    def adder(tag: str) -> None:
+        start.wait()
+        for i in range(attempts):
+            e = Entry(KIND_TASK, 1, 1, task_id=f"{tag}{i}", name=tag)
+            if ledger.try_add(e, fits):
+                admitted.append(e)
+
+    workers = [threading.Thread(target=adder, args=(f"t{n}-",)) for n in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    # Then exactly the limit was admitted, and every admitted reservation is still there
+    entries = ledger.entries()
+    assert len(admitted) == limit
+    assert sorted(e.task_id for e in entries) == sorted(e.task_id for e in admitted)
+    assert all(ledger.release(e) is not None for e in admitted)
+
+
+def test_a_child_forked_while_a_thread_holds_the_lock_can_take_it_once_the_parent_lets_go(
+    ledger: Ledger,
+) -> None:
+    # Given a thread of this process holding the ledger's lock when a pool process is forked
+    import threading
+
+    holding, let_go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with ledger.locked():
+            holding.set()
+            let_go.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(5)
+    read, write = os.pipe()
+    ready: list[int] = []
+    child = os.fork()
+    if child == 0:  # the pool process: takes the lock through its own handle
+        try:
+            ledger.try_add(entry(pid=os.getpid(), task_id="child"), lambda _: True)
+            os.write(write, b"ok")
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        # Then the child waits for the parent's lock, not for a thread that does not exist in it
+        time.sleep(0.2)
+        assert [e.task_id for e in ledger.entries_unlocked()] == []
+        let_go.set()
+        holder.join(5)
+        import select
+
+        ready, _, _ = select.select([read], [], [], 5)
+        assert ready, "the child is stuck on a lock held by a thread of its parent"
+        assert os.read(read, 2) == b"ok"
+        assert [e.task_id for e in ledger.entries()] == ["child"]
+    finally:
+        let_go.set()
+        os.close(read)
+        if not ready:
+            os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+# --- size ---------------------------------------------------------------------------------------------
+def test_a_ledger_for_a_large_pool_has_room_for_each_process_and_its_models(tmp_path) -> None:
+    # Given the worker of a large host (the light profile starts 2 pool processes per CPU: 128 on 64 CPUs)
+    from rmq.core.ledger import slots_for
+
+    big = Ledger(str(tmp_path / "big"), create=True, slots=slots_for(128))
+    pool_process = Ledger(big.directory)  # opens the file without knowing its size
+    try:
+        # Then every process can hold its task and a few models, and every handle sees all the slots
+        assert big.slots == pool_process.slots == 512
+        with pool_process.locked():
+            for i in range(512):
+                pool_process.add_unlocked(entry(task_id=str(i)))
+            with pytest.raises(LedgerFull, match="512"):
+                pool_process.add_unlocked(entry(task_id="one too many"))
+        assert len(big.entries()) == 512
+        assert slots_for(2) == 128  # never fewer than 128
+    finally:
+        pool_process.close()
+        big.close()

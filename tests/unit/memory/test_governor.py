@@ -361,3 +361,67 @@ def test_a_failing_tick_does_not_stop_the_loop(world: World, caplog) -> None:
             time.sleep(0.02)
         world.gov.stop()
     assert "rmq governor tick failed" in caplog.text
+
+
+# --- a stale victim, with a real process -------------------------------------------------------------
+SWAPPER = """
+    import os, sys, time
+    from rmq.core.ledger import Entry, KIND_TASK, Ledger
+    led = Ledger(sys.argv[1])
+    old = Entry(KIND_TASK, os.getpid(), 100 << 20, task_id="old", name="media.old")
+    assert led.try_add(old, lambda _: True)
+    print("holding", flush=True)
+    sys.stdin.readline()  # the task ends and the pool hands this process the next one
+    assert led.release(old) is not None
+    assert led.try_add(Entry(KIND_TASK, os.getpid(), 100 << 20, task_id="new", name="media.new"), lambda _: True)
+    print("swapped", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_task_that_ended_before_the_kill_is_not_killed_for_its_successor(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from rmq.memory.governor import kill_pid
+
+    root = str(Path(__file__).resolve().parents[3])
+    world = World(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SWAPPER), world.ledger.directory],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")),
+    )
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        world.actuator.pids = [proc.pid]
+        world.gov.alive = lambda pid: True
+        world.meter.children = {proc.pid: 400 * MiB}  # far above its 100 MiB declaration
+
+        # Given a tick that reads the ledger while "old" runs in the process, and that process ending
+        # "old" and starting "new" after that read (here: while the governor pauses fetching)
+        def pause() -> None:
+            world.actuator.calls.append(("pause",))
+            proc.stdin.write("next\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "swapped"
+
+        world.actuator.pause = pause  # type: ignore[method-assign]
+        world.actuator.kill = lambda pid: (world.actuator.calls.append(("kill", pid)), kill_pid(pid))  # type: ignore[method-assign]
+        # When the worker is in the kill zone
+        world.at(pct(0.97))
+        # Then the process that now runs "new" is not killed for "old"
+        time.sleep(0.1)
+        assert proc.poll() is None, "the process running 'new' was killed for 'old'"
+        assert world.gov.pop_kill("old") is None and world.gov.counters["killed"] == 0
+        assert [e.task_id for e in world.ledger.entries()] == ["new"]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc.stdin.close()
+        proc.stdout.close()
+        world.ledger.close()

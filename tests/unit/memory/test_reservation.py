@@ -81,3 +81,76 @@ def test_a_peak_between_two_governor_readings_is_still_learned(rt) -> None:
     [(name, peak)] = rt.made("learner").observed
     assert name == "app.spike" and peak >= 60 * MiB, peak / MiB
     assert ctx.rss_after is not None and ctx.rss_after - ctx.rss_before < 32 * MiB  # the RSS alone missed it
+
+
+class GrownLearner(RecordingLearner):
+    """Peaks learned on a bigger worker: more than this one's admit line."""
+
+    def learned(self, name: str) -> int:
+        return 5000 * MiB
+
+
+def test_a_learned_peak_larger_than_this_worker_admits_runs_alone_and_is_learned_here(rt) -> None:
+    # Given an undeclared task whose peaks, learned on a bigger worker sharing this Redis, pass this
+    # worker's admit line (3500 MiB, idle worker 100 MiB)
+    rt._local["learner"] = GrownLearner()
+    # When it arrives at an idle worker, it runs, holding all an idle worker can admit (it runs alone)
+    ctx = run(rt, "app.grown")
+    assert ctx.memory_bytes == 3400 * MiB
+    # and its peak here is learned, so the learned value comes down to what this worker saw
+    assert rt.made("learner").observed == [("app.grown", 5 * MiB)]
+
+
+def test_a_learned_peak_larger_than_this_worker_admits_waits_for_the_worker_to_be_idle(tmp_path) -> None:
+    from rmq.core.errors import Defer
+    from rmq.core.ledger import KIND_TASK, Entry
+
+    ledger = Ledger(str(tmp_path / "rt"), create=True)
+    ledger.write_control(Control(0, 0, 100 * MiB, 4096 * MiB, 3500 * MiB, 100 * MiB, time.time(), "ok", 2, False))
+    runtime = Runtime(load_config({"rmq_admission_wait": "0s"}, environ={}), app=None,
+                      runtime_dir=str(tmp_path / "rt"), ledger=ledger, redis_url=None)
+    runtime._local["learner"] = GrownLearner()
+    # Given a neighbour task that holds 64 MiB
+    assert ledger.try_add(Entry(KIND_TASK, 1, 64 * MiB, task_id="neighbour", name="app.small"), lambda _: True)
+    # When the grown task arrives, it is deferred (not failed): it runs once the worker is idle
+    ctx = TaskContext("app.grown", "grown-1", parse_declaration(), runtime.config, runtime=runtime)
+    with pytest.raises(Defer) as caught:
+        AdmissionGuard().enter(ctx)
+    assert caught.value.kind == "memory"
+    assert [e.task_id for e in ledger.entries()] == ["neighbour"]
+    ledger.close()
+
+
+def test_a_model_load_that_finds_the_ledger_full_waits_instead_of_failing(rt) -> None:
+    from rmq.core.ledger import KIND_TASK, Entry, LedgerFull
+    from rmq.models.reserver import LedgerModelReserver
+
+    # Given a ledger whose every slot is held
+    with rt.ledger.locked(), pytest.raises(LedgerFull):
+        for i in range(10_000):
+            rt.ledger.add_unlocked(Entry(KIND_TASK, 1, 0, task_id=f"t{i}", name="app.t"))
+    freed: list[int] = []
+    # When a model load asks for room, it unloads here, waits, and answers "not now" (the cache defers)
+    reserver = LedgerModelReserver(rt, poll_s=0.01)
+    assert reserver.admit("model:m", 10 * MiB, 0.05, lambda n: freed.append(n) or 0) is False
+    assert freed == [10 * MiB]
+
+
+def test_a_task_that_finds_the_ledger_full_is_deferred_not_failed(tmp_path) -> None:
+    from rmq.core.errors import Defer
+    from rmq.core.ledger import KIND_TASK, Entry, LedgerFull
+
+    ledger = Ledger(str(tmp_path / "rt"), create=True)
+    ledger.write_control(Control(0, 0, 100 * MiB, 4096 * MiB, 3500 * MiB, 100 * MiB, time.time(), "ok", 2, False))
+    runtime = Runtime(load_config({"rmq_admission_wait": "0.05s"}, environ={}), app=None,
+                      runtime_dir=str(tmp_path / "rt"), ledger=ledger, redis_url=None)
+    runtime._local["learner"] = RecordingLearner()
+    with ledger.locked(), pytest.raises(LedgerFull):
+        for i in range(10_000):
+            ledger.add_unlocked(Entry(KIND_TASK, 1, 0, task_id=f"t{i}", name="app.t"))
+    ctx = TaskContext("app.task", "task-1", parse_declaration(memory="64MiB"), runtime.config, runtime=runtime)
+    with pytest.raises(Defer) as caught:
+        AdmissionGuard().enter(ctx)
+    assert caught.value.kind == "ledger"
+    assert ledger.read_unload_request()[0] == 1  # resident models are asked to make room
+    ledger.close()
