@@ -147,7 +147,7 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "disk_low_ratio": (0.70, parse_ratio),
     # monitoring and alerts
     "metrics_port": (None, _optional(_int(0))),
-    "metrics_addr": ("0.0.0.0", _str),
+    "metrics_addr": ("127.0.0.1", _str),
     "alert_memory_ratio": (0.85, parse_ratio),
     "alert_cpu_percent": (90, _percent_number),
     "alert_disk_ratio": (0.80, parse_ratio),
