@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,11 @@ __all__ = ["governed_task", "GovernedTask", "config_for", "rmq_headers"]
 
 log = logging.getLogger("rmq.celery.task")
 _UNCOUNTED = frozenset({"rate_limit", "duplicate"})  # deferrals that hold nothing back
+#: limiter outages (its Redis down or refusing) defer uncounted, for at most ``rmq_limiter_outage_max``
+#: after the task's first such deferral (header ``rmq_outage_since``), so a Redis that stays broken ends
+_OUTAGES = frozenset({"rate_limit_unavailable", "concurrency_unavailable"})
+OUTAGE_SINCE = "rmq_outage_since"
+DEFAULT_OUTAGE_MAX_S = 3600.0
 
 
 class GovernedTask(Task):
@@ -164,9 +170,16 @@ class GovernedTask(Task):
         if rt is not None:
             rt.stats.incr("deferred", defer.kind)
         # a rate-limit deferral is a booked turn that holds nothing: it does not use up the budget
-        counted = defer.kind not in _UNCOUNTED
+        counted = defer.kind not in _UNCOUNTED and defer.kind not in _OUTAGES
         if counted and rt is not None and done >= rt.config.max_deferrals:
             raise ResourceUnavailable(self.name, defer.reason, done)
+        if defer.kind in _OUTAGES:
+            now = time.time()
+            since = float(headers.get(OUTAGE_SINCE) or now)
+            longest = rt.config.limiter_outage_max if rt else DEFAULT_OUTAGE_MAX_S
+            if now - since >= longest:
+                raise ResourceUnavailable(self.name, f"{defer.reason} (for {now - since:.0f}s)", done)
+            headers[OUTAGE_SINCE] = since
         headers[DEFERRALS] = done + int(counted)
         sig = self.signature_from_request(request, countdown=defer.countdown_s, headers=headers)
         sig.apply_async()

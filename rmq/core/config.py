@@ -158,6 +158,7 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "redis_url": (None, _optional(_redis_url)),
     "concurrency_lease": ("30s", _dur),
     "throttle_max_wait": ("2s", _dur0),
+    "limiter_outage_max": ("1h", _dur),
     # disk and sessions
     "session_root": (None, _optional(_str)),
     "session_arg": ("session_id", _identifier),
@@ -166,9 +167,10 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "cleanup_interval": ("15m", _dur),
     "disk_high_ratio": (0.80, parse_ratio),
     "disk_low_ratio": (0.70, parse_ratio),
+    "disk_pressure_min_idle": ("1h", _dur0),
     # monitoring and alerts
     "metrics_port": (None, _optional(_int(0, 65535))),
-    "metrics_addr": ("0.0.0.0", _str),
+    "metrics_addr": ("127.0.0.1", _str),
     "alert_memory_ratio": (0.85, parse_ratio),
     "alert_cpu_percent": (90, _percent_number),
     "alert_disk_ratio": (0.80, parse_ratio),
@@ -224,6 +226,7 @@ class RmqConfig:
     redis_url: str | None
     concurrency_lease: float
     throttle_max_wait: float
+    limiter_outage_max: float
     session_root: str | None
     session_arg: str
     failed_session_ttl: float
@@ -231,6 +234,7 @@ class RmqConfig:
     cleanup_interval: float
     disk_high_ratio: float
     disk_low_ratio: float
+    disk_pressure_min_idle: float
     metrics_port: int | None
     metrics_addr: str
     alert_memory_ratio: float

@@ -28,6 +28,9 @@ from rmq.disk.session_root import SessionRoot
 if TYPE_CHECKING:  # pragma: no cover
     from rmq.core.config import RmqConfig
 
+#: disk pressure spares sessions idle for less than this (``rmq_disk_pressure_min_idle``)
+DEFAULT_PRESSURE_MIN_IDLE_S = 3600.0
+
 __all__ = ["CleanupReport", "DiskUsage", "cleanup_from_config", "format_report", "plan_cleanup", "run_cleanup"]
 
 #: returns ``(total, used, free)`` bytes of a filesystem, like :func:`shutil.disk_usage`
@@ -62,6 +65,7 @@ def _plan(
     high_ratio: float,
     low_ratio: float,
     older_than_s: float | None,
+    min_idle_s: float = DEFAULT_PRESSURE_MIN_IDLE_S,
 ) -> CleanupPlan:
     """Read the root (leases, failure marks, sessions, then the disk) and let the policy choose."""
     live, _ = sr.scan_leases()
@@ -78,6 +82,7 @@ def _plan(
         high_ratio=high_ratio,
         low_ratio=low_ratio,
         older_than_s=older_than_s,
+        min_idle_s=min_idle_s,
     )
 
 
@@ -90,6 +95,7 @@ def plan_cleanup(
     high_ratio: float,
     low_ratio: float,
     older_than_s: float | None = None,
+    min_idle_s: float = DEFAULT_PRESSURE_MIN_IDLE_S,
 ) -> list[Candidate]:
     """Which sessions cleanup would remove, touching nothing.
 
@@ -102,7 +108,7 @@ def plan_cleanup(
     """
     with SessionRoot(root) as sr:
         return _plan(
-            sr, now, max_age_s, failed_ttl_s, disk_usage, high_ratio, low_ratio, older_than_s
+            sr, now, max_age_s, failed_ttl_s, disk_usage, high_ratio, low_ratio, older_than_s, min_idle_s
         ).candidates
 
 
@@ -117,6 +123,9 @@ class CleanupReport:
     removed_names: list[str] = field(default_factory=list)
     reasons: dict[str, int] = field(default_factory=dict)
     skipped_live: int = 0
+    #: sessions disk pressure wanted but spared: idle for less than ``min_idle_s``
+    skipped_recent: int = 0
+    min_idle_s: float = DEFAULT_PRESSURE_MIN_IDLE_S
     stale_leases_removed: int = 0
     disk_ratio_before: float | None = None
     disk_ratio_after: float | None = None
@@ -145,22 +154,25 @@ def run_cleanup(
     low_ratio: float = 0.70,
     older_than_s: float | None = None,
     dry_run: bool = False,
+    min_idle_s: float = DEFAULT_PRESSURE_MIN_IDLE_S,
 ) -> CleanupReport:
     """Plan (see :func:`plan_cleanup`) and remove; also drop stale leases and leftover trash.
 
     Only ``session_*`` entries directly under ``root`` (and rmq's own ``.rmq`` state) are
-    touched. With ``dry_run`` nothing is touched and the figures are projections.
+    touched. With ``dry_run`` nothing is touched and the figures are projections. Disk pressure
+    spares sessions idle for less than ``min_idle_s``.
     """
     now = time.time() if now is None else now
     usage: DiskUsage = disk_usage or (lambda: tuple(shutil.disk_usage(root)))  # type: ignore[assignment,return-value]
-    report = CleanupReport(root=str(root), dry_run=dry_run)
+    report = CleanupReport(root=str(root), dry_run=dry_run, min_idle_s=min_idle_s)
     with SessionRoot(root) as sr:
         if sr.fd is None:  # no root, nothing to clean; never create it here
             return report
-        plan = _plan(sr, now, max_age_s, failed_ttl_s, usage, high_ratio, low_ratio, older_than_s)
+        plan = _plan(sr, now, max_age_s, failed_ttl_s, usage, high_ratio, low_ratio, older_than_s, min_idle_s)
         fresh_root = sr.state_fd is None  # rmq never used it: no leases, markers or trash
     report.disk_ratio_before = plan.ratio_before
     report.skipped_live = len(set(plan.skipped_live))
+    report.skipped_recent = len(plan.skipped_recent)
     if dry_run or (fresh_root and not plan.candidates):
         for c in plan.candidates:
             _count(report, c.name, c.reason, c.bytes)
@@ -223,7 +235,15 @@ def cleanup_from_config(
         low_ratio=config.disk_low_ratio,
         older_than_s=older_than_s,
         dry_run=dry_run,
+        min_idle_s=config.disk_pressure_min_idle,
     )
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def format_report(report: CleanupReport) -> str:
@@ -234,6 +254,8 @@ def format_report(report: CleanupReport) -> str:
     line = f"{head}, {format_bytes(report.bytes_freed)} {freed}" + (f" ({why})" if why else "")
     if report.skipped_live:
         line += f"; {report.skipped_live} in use kept"
+    if report.skipped_recent:
+        line += f"; {report.skipped_recent} idle for less than {_duration(report.min_idle_s)} kept"
     if report.disk_ratio_before is not None:
         after = "?" if report.disk_ratio_after is None else f"{report.disk_ratio_after:.1%}"
         line += f"; disk {report.disk_ratio_before:.1%} -> {after}"

@@ -7,9 +7,13 @@ A session is due for one of three reasons:
   whatever the session's age.
 - ``age``: the newest mtime anywhere in its tree is older than ``max_age_s`` (or the operator's
   ``older_than_s``): a session counts as in use for as long as anything in it changes.
-- ``disk``: the filesystem is at least ``high_ratio`` full. Then the oldest remaining sessions go,
-  one by one, until the projected usage is below ``low_ratio``; the gap between the two ratios
-  makes one run free room to spare instead of stopping just under the limit.
+- ``disk``: the filesystem is at least ``high_ratio`` full. Then the oldest remaining sessions idle
+  for at least ``min_idle_s`` go, one by one, until the projected usage is below ``low_ratio``; the
+  gap between the two ratios makes one run free room to spare instead of stopping just under the
+  limit. Pressure stops at sessions idle for less than ``min_idle_s``: on a filesystem shared with
+  others (an overlay, a shared ``/tmp``) that rmq cannot bring under the line, removing the
+  sessions just used, ``keep`` sessions waiting for their pipeline's next step included, would
+  break work and free nothing that matters; they are counted as kept instead.
 
 A session that a live process holds a lease on is never chosen, whatever the reason. Nothing here
 reads a file or a clock: the caller passes the sessions' readings, the ids with a live lease, the
@@ -71,6 +75,8 @@ class CleanupPlan(NamedTuple):
             first, then those chosen for disk pressure, oldest first).
         skipped_live: names of due sessions kept because a live process holds them (a name may
             appear twice: due by age and wanted for disk pressure).
+        skipped_recent: names of sessions disk pressure wanted, kept because they were idle for
+            less than ``min_idle_s``.
         ratio_before: the disk's used ratio, ``None`` if the disk could not be read.
         ratio_projected: the used ratio once the candidates are gone, ``None`` likewise.
     """
@@ -79,6 +85,7 @@ class CleanupPlan(NamedTuple):
     skipped_live: list[str]
     ratio_before: float | None
     ratio_projected: float | None
+    skipped_recent: list[str] = []
 
 
 def choose_removals(
@@ -93,6 +100,7 @@ def choose_removals(
     high_ratio: float,
     low_ratio: float,
     older_than_s: float | None = None,
+    min_idle_s: float = 0.0,
 ) -> CleanupPlan:
     """Choose the sessions to remove (see the module's docstring for the reasons).
 
@@ -107,6 +115,7 @@ def choose_removals(
         failed_ttl_s: how long a failed session is kept.
         high_ratio / low_ratio: disk pressure starts at ``used/total >= high_ratio`` and removes
             sessions until the projected ratio is below ``low_ratio``.
+        min_idle_s: disk pressure never takes a session idle for less than this.
     """
     limit_s = max_age_s if older_than_s is None else older_than_s
     oldest_first = sorted(sessions, key=lambda s: (s.newest_mtime, s.name))
@@ -132,6 +141,7 @@ def choose_removals(
     if total <= 0:
         return CleanupPlan(chosen, skipped, None, None)
     projected = used - sum(c.bytes for c in chosen)
+    recent: list[str] = []
     if used / total >= high_ratio:
         picked = {c.name for c in chosen}
         for s in oldest_first:
@@ -142,6 +152,9 @@ def choose_removals(
             if s.name[len(SESSION_PREFIX) :] in live:
                 skipped.append(s.name)
                 continue
+            if now - s.newest_mtime < min_idle_s:  # oldest first: every later one is younger
+                recent = [r.name for r in oldest_first[oldest_first.index(s) :] if r.name not in picked]
+                break
             chosen.append(candidate(s, "disk"))
             projected -= s.bytes
-    return CleanupPlan(chosen, skipped, used / total, max(projected, 0) / total)
+    return CleanupPlan(chosen, skipped, used / total, max(projected, 0) / total, recent)

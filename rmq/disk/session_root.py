@@ -16,7 +16,10 @@ made under ``.rmq/lock``, and :meth:`rmq.disk.sessions.SessionStore.open` create
 the directory under the same lock, so a session is never removed between being chosen and being
 used. Lease descriptors are close-on-exec; a child the holder forks shares the lock (the lease
 lives until both are gone). The root path itself may be a symlink (the operator's choice);
-nothing below it is ever followed. See ``docs/design.md#sessions``.
+nothing below it is ever followed. A root in a directory that every user can write to (the
+shared temporary directory, where the default root lives) may have been made by someone else:
+there it must be a real directory (not a symlink), owned by this user, that no one else can
+write, or :class:`SessionError` refuses it. See ``docs/design.md#sessions``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,26 @@ def _subdir(parent_fd: int, name: str, create: bool) -> int | None:
         raise
 
 
+def _in_shared_dir(path: Path) -> bool:
+    """Whether ``path``'s parent lets every user create entries (``/tmp``, ``/var/tmp``, ``/dev/shm``)."""
+    try:
+        return bool(os.stat(path.absolute().parent).st_mode & stat.S_IWOTH)
+    except OSError:
+        return False
+
+
+def _check_shared_root(path: Path, fd: int) -> None:
+    """Refuse a root in a shared directory that another user could control."""
+    st = os.fstat(fd)
+    advice = "set rmq_session_root to a directory of your own, or remove it"
+    if st.st_uid != os.geteuid():
+        raise SessionError(f"session root {str(path)!r} is owned by uid {st.st_uid}, not by this user "
+                           f"(uid {os.geteuid()}), in a directory every user can write to: {advice}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise SessionError(f"session root {str(path)!r} is writable by others (mode "
+                           f"{stat.S_IMODE(st.st_mode):04o}), in a directory every user can write to: {advice}")
+
+
 class SessionRoot:
     """Descriptors on a session root and its ``.rmq`` state directories; a context manager.
 
@@ -81,10 +104,24 @@ class SessionRoot:
         self.path = Path(root)
         self.fd: int | None = None
         self.leases_fd = self.failed_fd = self.trash_fd = self.state_fd = None
+        shared = _in_shared_dir(self.path)
         if create:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
+            except FileExistsError:  # a dangling symlink or a file: refused just below
+                pass
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                                  | (os.O_NOFOLLOW if shared else 0))
+            except OSError as exc:
+                if shared and exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise SessionError(
+                        f"session root {str(self.path)!r} is a symlink or not a directory, in a directory "
+                        "every user can write to: set rmq_session_root to a directory of your own") from exc
+                raise
+            if shared:
+                _check_shared_root(self.path, self.fd)
             self.state_fd = _subdir(self.fd, STATE_DIR, create)
             if self.state_fd is not None:
                 self.leases_fd = _subdir(self.state_fd, "leases", create)

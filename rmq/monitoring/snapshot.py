@@ -1,6 +1,9 @@
 """The governor's snapshot: what ``inspect stats`` shows under ``rmq``.
 
-Built on demand (a stats request, a metrics scrape), never on the governor's hot path.
+Built on demand (a stats request, a metrics scrape), never on the governor's hot path. A scrape
+(:meth:`SnapshotBuilder.scrape`) only reads: it comes from a network thread that anyone who can reach
+the port may drive, so it deletes no file and takes no ledger lock (a thread of the main process
+sharing the governor's lock descriptor would otherwise drop the governor's lock when it unlocks).
 """
 
 from __future__ import annotations
@@ -67,12 +70,15 @@ class SnapshotBuilder:
             "reserved_bytes": reserved,
         }
 
-    def child_files(self, live_pids: set[int]) -> dict[int, dict[str, Any]]:
-        """Counters of pool processes; files of dead ones are folded into a retired total."""
+    def child_files(self, live_pids: set[int], fold: bool = True) -> dict[int, dict[str, Any]]:
+        """Counters of pool processes; files of dead ones are folded into a retired total.
+
+        With ``fold=False`` nothing is changed: dead processes' files are returned with the rest.
+        """
         files = procstats.read_all(self.rt.runtime_dir)
         files.pop(os.getpid(), None)  # the main process's own counters are read from memory (solo pool)
         for pid, data in list(files.items()):
-            if pid not in live_pids:
+            if fold and pid not in live_pids:
                 self._retired = procstats.merge_counters([self._retired, data.get("counters", {})])
                 try:
                     os.unlink(os.path.join(self.rt.runtime_dir, f"proc-{pid}.json"))
@@ -81,13 +87,21 @@ class SnapshotBuilder:
                 del files[pid]
         return files
 
-    def build(self) -> dict[str, Any]:
-        """The whole snapshot; its sections are described in ``docs/design.md#monitoring``."""
+    def scrape(self) -> dict[str, Any]:
+        """The snapshot for a metrics scrape: the same figures, read without changing anything."""
+        return self.build(read_only=True)
+
+    def build(self, read_only: bool = False) -> dict[str, Any]:
+        """The whole snapshot; its sections are described in ``docs/design.md#monitoring``.
+
+        ``read_only``: read the ledger's table without its lock (a torn slot shows for one scrape
+        at worst) and leave dead processes' counter files in place, counted as they are.
+        """
         gov = self.governor
-        entries = self.rt.ledger.entries()
+        entries = self.rt.ledger.entries_unlocked() if read_only else self.rt.ledger.entries()
         live = set(gov.actuator.pool_pids())
         with self._lock:  # stats requests and metrics scrapes may build at the same time
-            files = self.child_files(live)
+            files = self.child_files(live, fold=not read_only)
             retired = self._retired
         main_counters = dict(self.rt.stats.counters)
         counters = procstats.merge_counters(
@@ -116,7 +130,7 @@ class SnapshotBuilder:
             "paused": bool(getattr(gov.actuator, "is_paused", gov.paused)),
             "paused_queues": list(getattr(gov.actuator, "paused_queues", [])),
             "reservations": [e.as_dict() for e in entries],
-            "processes": {str(pid): d.get("gauges", {}) for pid, d in files.items()},
+            "processes": {str(pid): d.get("gauges", {}) for pid, d in files.items() if pid in live},
             "counters": counters,
             "governor": {
                 "interval_s": self.rt.config.monitor_interval,

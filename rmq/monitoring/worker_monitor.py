@@ -34,7 +34,7 @@ log = logging.getLogger("rmq.monitoring.worker_monitor")
 #: seconds between two alert evaluations
 ALERT_INTERVAL_S = 1.0
 #: where the metrics endpoint listens unless ``rmq_metrics_addr`` says otherwise
-DEFAULT_METRICS_ADDR = "0.0.0.0"
+DEFAULT_METRICS_ADDR = "127.0.0.1"
 
 
 class CpuProbe:
@@ -192,7 +192,7 @@ class WorkerMonitor:
         port = rt.config.metrics_port
         snapshots = rt.snapshots
         try:
-            self._server, _, bound = start_metrics_server(port or 0, snapshots.build, addr=addr)
+            self._server, _, bound = start_metrics_server(port or 0, snapshots.scrape, addr=addr)
         except OSError as exc:  # e.g. the port is taken: the worker runs on without metrics
             self.metrics = {"port": None, "addr": addr, "error": f"cannot listen on {addr}:{port}: {exc}"}
             log.error("rmq metrics endpoint not started: cannot listen on %s:%s: %s", addr, port, exc)

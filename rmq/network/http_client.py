@@ -8,8 +8,12 @@ cluster-wide limit ``http:<name>`` (both in Redis: :mod:`rmq.network.semaphore`,
 wire. No token or permit within ``max_wait`` raises :class:`rmq.core.errors.Defer`.
 
 Retries (``retries`` of them, see :mod:`rmq.network.retries`) cover connection errors, timeouts, 429
-and 5xx. A final 429/5xx raises ``httpx.HTTPStatusError``; a final transport error is re-raised; any
-other status is returned. Counters include the wire bytes (:mod:`rmq.network.wire_bytes`). See
+and 5xx. A request that reached the server is repeated only when its method is idempotent (GET, HEAD,
+OPTIONS, PUT, DELETE), it was refused with a 429, or the caller says ``idempotent=True``: a POST the
+server may have processed is never sent twice behind the caller's back. A final 429/5xx raises
+``httpx.HTTPStatusError``; a final transport error is re-raised; any other status is returned. Error
+messages and logs name a URL without its query string's values or its userinfo (:func:`safe_url`),
+since both carry secrets. Counters include the wire bytes (:mod:`rmq.network.wire_bytes`). See
 docs/design.md#http.
 """
 
@@ -32,11 +36,18 @@ from rmq.core.errors import Defer, RateLimiterUnavailable
 from rmq.core.units import Rate
 from rmq.network.lease_keeper import LeaseKeeper
 from rmq.network.rate_limiter import ClusterLimiter
-from rmq.network.retries import BACKOFF_CAP_S, RETRY_ERRORS, backoff_delay, is_retryable_status, parse_retry_after
+from rmq.network.retries import (
+    BACKOFF_CAP_S,
+    IDEMPOTENT_METHODS,
+    RETRY_ERRORS,
+    backoff_delay,
+    is_retryable_status,
+    parse_retry_after,
+)
 from rmq.network.semaphore import ClusterSemaphore
 from rmq.network.wire_bytes import request_wire_bytes, response_wire_bytes
 
-__all__ = ["COUNTERS", "RmqHttpClient"]
+__all__ = ["COUNTERS", "RmqHttpClient", "safe_url"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,19 @@ COUNTERS = ("requests", "retries", "errors", "deferred", "throttled", "throttled
 
 # an attempt that failed this way never reached the server: it sent no bytes
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def safe_url(url: httpx.URL | str) -> str:
+    """``url`` fit for an error message or a log: no userinfo, no fragment, query values hidden.
+
+    API keys and signatures travel in query strings and in ``user:password@``; an error message
+    ends up in the result backend and in Flower, so only the endpoint and the parameter names show.
+    """
+    url = httpx.URL(url)
+    shown = str(url.copy_with(userinfo=b"", query=None, fragment=None))
+    if url.query:
+        shown += "?" + "&".join(f"{name}=..." for name in url.params.keys())
+    return shown
 
 
 class RmqHttpClient:
@@ -107,8 +131,13 @@ class RmqHttpClient:
         self.closed = False
 
     # -- public API -------------------------------------------------------------------------
-    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    def request(self, method: str, url: str, *, idempotent: bool | None = None, **kwargs: Any) -> httpx.Response:
         """Send a request (``params=, headers=, content=, data=, files=, json=, cookies=, timeout=``).
+
+        ``idempotent``: whether repeating the request after it reached the server is harmless
+        (None: by its method; say True for a POST the API de-duplicates, e.g. by an idempotency
+        key). Only then are 5xx answers and errors after sending retried; a 429 (refused
+        unprocessed) and an attempt that never connected are retried for any method.
 
         Raises:
             Defer: no token or permit within ``max_wait_s``, a ``Retry-After`` beyond the backoff
@@ -117,7 +146,10 @@ class RmqHttpClient:
             httpx.HTTPStatusError: the last attempt still answered 429 or 5xx.
             httpx.TransportError: the last attempt still failed to connect or timed out.
         """
-        return self._send(self.http.build_request(method, url, **kwargs))
+        request = self.http.build_request(method, url, **kwargs)
+        if idempotent is None:
+            idempotent = request.method in IDEMPOTENT_METHODS
+        return self._send(request, idempotent)
 
     def get(self, url: str, **kwargs: Any) -> httpx.Response:
         """``request("GET", url, ...)``."""
@@ -242,7 +274,7 @@ class RmqHttpClient:
             self._count("throttled")
             self._count("throttled_s", self._clock() - start)
 
-    def _send(self, request: httpx.Request) -> httpx.Response:
+    def _send(self, request: httpx.Request, idempotent: bool = True) -> httpx.Response:
         attempt = 0
         while True:
             retry_after: float | None = None
@@ -258,23 +290,32 @@ class RmqHttpClient:
                 except (Defer, RateLimiterUnavailable) as exc:
                     gate.reraise(exc)
                 except RETRY_ERRORS as exc:
-                    if not isinstance(exc, _NOT_SENT):
+                    sent = not isinstance(exc, _NOT_SENT)
+                    if sent:
                         self._count("sent_bytes", request_wire_bytes(request))
-                    if attempt >= self.retries:
+                    if attempt >= self.retries or (sent and not idempotent):
                         self._count("errors")
+                        if sent and not idempotent and attempt < self.retries:
+                            log.warning("rmq: http client %r: %s %s failed after it was sent (%s: %s); not "
+                                        "retried, the server may have processed it (idempotent=True to retry)",
+                                        self.name, request.method, safe_url(request.url), type(exc).__name__, exc)
                         raise
-                    log.info("rmq: http client %r: %s, retrying", self.name, exc)
+                    log.info("rmq: http client %r: %s %s: %s: %s, retrying", self.name, request.method,
+                             safe_url(request.url), type(exc).__name__, exc)
                 else:
                     self._count("sent_bytes", request_wire_bytes(request))
                     self._count("recv_bytes", response_wire_bytes(response))
                     if not is_retryable_status(response.status_code):
                         return response
                     self._count("responses_429" if response.status_code == 429 else "responses_5xx")
-                    if attempt >= self.retries:
+                    unprocessed = response.status_code == 429
+                    if attempt >= self.retries or not (idempotent or unprocessed):
                         self._count("errors")
                         raise httpx.HTTPStatusError(
                             f"{response.status_code} {response.reason_phrase} for {request.method} "
-                            f"{request.url} after {attempt + 1} attempts", request=request, response=response)
+                            f"{safe_url(request.url)} after {attempt + 1} attempts"
+                            + ("" if idempotent or unprocessed else " (not retried: not idempotent)"),
+                            request=request, response=response)
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
             finally:
                 self._give_permit(holder)

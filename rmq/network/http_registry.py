@@ -68,7 +68,9 @@ def client(name: str, base_url: str | None = None, rate: str | Rate | None = Non
         rate: cluster-wide attempts, ``"10/s"``, ``"100/m"``; None: unlimited.
         concurrency: cluster-wide attempts in flight (int >= 1); None: unlimited (pool of 10).
         timeout: per-attempt timeout, seconds or ``"500ms"``; default 10 s.
-        retries: extra attempts on connection errors, timeouts, 429 and 5xx; default 3.
+        retries: extra attempts on connection errors, timeouts, 429 and 5xx; default 3. A request
+            that reached the server is repeated only for an idempotent method, a 429, or a
+            request sent with ``idempotent=True``.
         max_wait: longest wait for a token or permit before ``Defer``; default
             ``rmq_throttle_max_wait`` inside a worker, else 2 s.
         headers: default headers sent with every request.

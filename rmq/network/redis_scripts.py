@@ -17,10 +17,26 @@ import redis.exceptions as rexc
 
 from rmq.core.errors import RateLimiterUnavailable
 
-__all__ = ["REDIS_CLOCK", "REDIS_UNAVAILABLE", "RedisScript", "redis_address"]
+__all__ = ["REDIS_CLOCK", "REDIS_UNAVAILABLE", "RedisScript", "is_unavailable", "redis_address"]
 
 #: the Redis errors that mean "no answer now" (as opposed to a bug in a script)
-REDIS_UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.ReadOnlyError, rexc.MasterDownError)
+REDIS_UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.ReadOnlyError, rexc.MasterDownError,
+                     rexc.OutOfMemoryError, rexc.NoPermissionError, rexc.AuthorizationError,
+                     rexc.ClusterDownError, rexc.TryAgainError)
+#: error codes of a Redis that answers but cannot serve limits now: out of memory, an ACL without
+#: the needed commands, a replica, loading its dataset, a busy script, failing over, a failed
+#: snapshot. Like a closed port they are unavailability (fail closed, defer), never a task failure.
+SERVER_UNAVAILABLE_CODES = ("OOM", "NOPERM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS",
+                            "CLUSTERDOWN", "TRYAGAIN", "MISCONF", "NOAUTH", "WRONGPASS")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether a Redis error means the limiter's Redis cannot serve now (see ``SERVER_UNAVAILABLE_CODES``)."""
+    if isinstance(exc, REDIS_UNAVAILABLE):
+        return True
+    if isinstance(exc, rexc.ResponseError):
+        return str(exc).split(" ", 1)[0].upper().rstrip(":") in SERVER_UNAVAILABLE_CODES
+    return False
 
 # Redis < 5 replicates scripts verbatim and refuses writes after TIME unless told otherwise.
 #: Lua preamble of every script: ``now``, Redis's clock in microseconds.
@@ -61,7 +77,9 @@ class RedisScript:
             except rexc.NoScriptError:
                 client.script_load(self.text)
                 return client.evalsha(self.sha, len(keys_), *keys_, *args)
-        except REDIS_UNAVAILABLE as exc:
+        except rexc.RedisError as exc:
+            if not is_unavailable(exc):
+                raise
             raise RateLimiterUnavailable(
                 f"Redis at {redis_address(client)} is unavailable for rate/concurrency limits: "
                 f"{type(exc).__name__}: {exc}"

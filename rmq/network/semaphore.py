@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import redis.exceptions as rexc
+
 from rmq.core import keys
 from rmq.core.errors import RateLimiterUnavailable
-from rmq.network.redis_scripts import REDIS_CLOCK, REDIS_UNAVAILABLE, RedisScript, redis_address
+from rmq.network.redis_scripts import REDIS_CLOCK, RedisScript, is_unavailable, redis_address
 
 __all__ = ["ClusterSemaphore"]
 
@@ -88,7 +90,9 @@ class ClusterSemaphore:
         """Give ``holder``'s permit back (nothing happens when it holds none)."""
         try:
             self.client.zrem(keys.semaphore(name), holder)
-        except REDIS_UNAVAILABLE as exc:
+        except rexc.RedisError as exc:
+            if not is_unavailable(exc):
+                raise
             raise RateLimiterUnavailable(f"Redis at {redis_address(self.client)} is unavailable: {exc}") from exc
 
     def holders(self, name: str) -> int:

@@ -15,7 +15,6 @@ import pytest
 import redis as redis_lib
 
 from rmq.core import keys
-from rmq.core.errors import ResourceUnavailable
 from rmq.core.units import parse_rate
 from rmq.network.rate_limiter import ClusterLimiter
 from rmq.testing.worker import wait_until
@@ -243,20 +242,31 @@ def test_concurrency_limit_across_two_workers_and_a_killed_holder_frees_its_perm
 
 
 # 5 ------------------------------------------------------------------------------------------------
-def test_unreachable_limiter_redis_defers_then_fails_resource_unavailable(redis_url, cn_app, cn_env, start_worker):
-    # Given a worker whose limiter Redis is a closed port (the broker is the real Redis)
+def test_unreachable_limiter_redis_defers_uncounted_beyond_max_deferrals(redis_url, cn_app, cn_env, start_worker):
+    # Given a worker whose limiter Redis is a closed port (the broker is the real Redis), allowing
+    # one counted deferral
     env = cn_env(redis_url="redis://127.0.0.1:1/0", max_deferrals=1, defer_countdown="200ms")
     w = start_worker(cn_app, app=APP, concurrency=1, env=env)
     # When a rate-limited task is sent
     result = cn_app.tasks["cn.limited_marker"].delay("t5")
-    result.get(timeout=30, propagate=False)
-
-    # Then it never ran: it was deferred, then failed with ResourceUnavailable
-    assert result.state == "FAILURE"
-    assert isinstance(result.result, ResourceUnavailable), repr(result.result)
-    assert "rate limiter unavailable" in str(result.result)
-    assert redis_lib.Redis.from_url(redis_url).get("cn:ran:t5") is None
+    # Then it is deferred again and again, well past rmq_max_deferrals: an outage is not the task's
+    # fault (it ends after rmq_limiter_outage_max, 1 h by default)
+    log = wait_until(lambda: w.log() if w.log().count("failing closed") >= 4 else None, 30,
+                     what="four deferrals")
+    assert result.state != "FAILURE" and "ResourceUnavailable" not in log
+    assert redis_lib.Redis.from_url(redis_url).get("cn:ran:t5") is None  # and it never ran unchecked
     # and the worker log says why
-    log = wait_until(lambda: w.log() if "failing closed" in w.log() else None, 10, what="the log line")
     line = next(x for x in log.splitlines() if "failing closed" in x)
     assert "cn.limited_marker" in line and "redis://127.0.0.1:1/0" in line and "['y']" in line, line
+
+
+def test_a_limiter_outage_longer_than_rmq_limiter_outage_max_ends_the_task(redis_url, cn_app, cn_env, start_worker):
+    # Given a worker whose limiter Redis stays unreachable, with a short outage limit
+    env = cn_env(redis_url="redis://127.0.0.1:1/0", defer_countdown="200ms", limiter_outage_max="1500ms")
+    w = start_worker(cn_app, app=APP, concurrency=1, env=env)
+    # When a rate-limited task is sent
+    result = cn_app.tasks["cn.limited_marker"].delay("t6")
+    # Then it is deferred while the outage lasts, and ends once it has lasted longer than the limit
+    wait_until(lambda: result.state == "FAILURE" or None, 30, what="the task to give up")
+    assert "ResourceUnavailable" in repr(result.result) and w.log().count("failing closed") >= 2
+    assert redis_lib.Redis.from_url(redis_url).get("cn:ran:t6") is None  # it never ran unchecked

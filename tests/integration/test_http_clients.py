@@ -108,7 +108,7 @@ def test_429_and_503_are_retried_honouring_retry_after(api_factory, redis_url, u
     c.http.get(api.url + "/health")  # connect first (uncounted): the calls below start at once
     assert _wait_for(lambda: time.time() % 1.0 < 0.3, timeout_s=1.5)  # most of a window is left
     # When 8 calls go out back to back
-    answers = [c.post("/translate", json={"text": f"hi {i}", "target": "reverse"}) for i in range(8)]
+    answers = [c.post("/translate", json={"text": f"hi {i}", "target": "reverse"}, idempotent=True) for i in range(8)]
     # Then every call eventually succeeded
     assert [r.status_code for r in answers] == [200] * 8
     assert answers[3].json() == {"translation": "3 ih", "target": "reverse", "synthetic": True}
@@ -132,7 +132,7 @@ def test_bytes_per_client_name_match_the_server(api_factory):
     # When they send bodies of many sizes (with retried 503s on a) and some odd requests
     for i, size in enumerate([0, 1, 10, 100, 1_000, 10_000, 60_000]):
         text = ("é" if i % 2 else "x") * size
-        a.post("/translate", json={"text": text, "target": "reverse"})
+        a.post("/translate", json={"text": text, "target": "reverse"}, idempotent=True)
         b.post("/translate", json={"text": text, "target": "de"}, params={"q": str(i)})
     assert b.get("/nothing-here").status_code == 404
     assert b.post("/translate", content=b"not json").status_code == 400

@@ -207,7 +207,7 @@ def test_disk_larger_than_free_space_defers_then_fails(redis_url, session_app, s
 
 
 def test_disk_larger_than_the_disk_fails_at_once(redis_url, session_app, start_worker, tmp_path):
-    """Issue 22 row 14: a disk= that the session root's filesystem could never hold ends FAILURE with
+    """A disk= that the session root's filesystem could never hold ends FAILURE with
     BudgetExceeded on its first run, not after rmq_max_deferrals deferrals."""
     w = _start(start_worker, session_app, redis_url, tmp_path / "sessions",
                max_deferrals=3, defer_countdown="0.5s", admission_wait="0.2s")

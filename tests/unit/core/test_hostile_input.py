@@ -74,7 +74,7 @@ def _named(message: str, what: str, value: object) -> None:
     assert len(message) < 400, message  # a 5000-digit value is cut short, not copied in full
 
 
-# --- the named cases of issue 22 row 14 ------------------------------------------------------------
+# --- the named cases: huge, non-finite and non-ASCII numbers ---
 @pytest.mark.parametrize("bad", [HUGE_DIGITS, PAST_INT_LIMIT, HUGE_DIGITS + "MiB", "1e400MiB", 10**400,
                                  2**63, float("inf"), float("nan"), 1e300], ids=_id)
 def test_a_huge_or_non_finite_size_is_a_config_error(bad: object) -> None:

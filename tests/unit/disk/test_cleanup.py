@@ -366,8 +366,8 @@ def test_property_cleanup_stays_inside_the_root(sid, ops):
 
 
 def test_disk_pressure_starts_at_the_high_ratio_itself(tmp_path):
-    make_session(tmp_path, "d0", {"blob": 100_000}, seconds_ago=3600)
-    make_session(tmp_path, "d1", {"blob": 100_000}, seconds_ago=60)
+    make_session(tmp_path, "d0", {"blob": 100_000}, seconds_ago=3 * 3600)
+    make_session(tmp_path, "d1", {"blob": 100_000}, seconds_ago=2 * 3600)  # both idle beyond the 1 h minimum
     disk = FakeDisk(tmp_path, total=1_000_000, base=600_000)  # exactly 80 %
     report = run(tmp_path, disk_usage=disk, high_ratio=0.8, low_ratio=0.7)
     # 80 % -> 70 % is not below 70 %: both go, oldest first
@@ -425,3 +425,27 @@ def test_property_odd_root_entries_never_break_cleanup_or_escape(entries, failed
         left = sorted(n for n in os.listdir(root) if n.startswith("session_"))
         assert left == []
         assert os.listdir(root / ".rmq" / "failed") == []
+
+
+def test_disk_pressure_rmq_cannot_relieve_spares_recent_idle_sessions(tmp_path):
+    # Given a shared filesystem 95 % full of other people's data, a `keep` session that waits
+    # for its pipeline's next step (idle 5 min), one idle 20 min and one idle 3 h
+    store = SessionStore(tmp_path)
+    store.open("next-step", "t1")
+    store.close("next-step", "t1", failed=False, policy="keep")
+    age(tmp_path / "session_next-step", 300)
+    make_session(tmp_path, "recent", {"blob": 1_000}, seconds_ago=1200)
+    make_session(tmp_path, "old", {"blob": 1_000}, seconds_ago=3 * 3600)
+    disk = FakeDisk(tmp_path, total=1_000_000, base=950_000)
+    now = os.stat(tmp_path / "session_next-step").st_mtime + 300
+    # When cleanup runs, twice (every 15 minutes)
+    reports = [run(tmp_path, now=now, disk_usage=disk, max_age_s=DAY, high_ratio=0.8, low_ratio=0.7)
+               for _ in range(2)]
+    # Then only the session idle for longer than the minimum went, and only once
+    assert [r.removed_names for r in reports] == [["session_old"], []]
+    # and the `keep` session and the recent one are still there for their next task
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("session_")) == [
+        "session_next-step", "session_recent"]
+    # and the report says why the disk is still above the line
+    assert reports[1].skipped_recent == 2
+    assert "2 idle for less than 1h kept" in format_report(reports[1])

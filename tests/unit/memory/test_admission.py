@@ -108,7 +108,7 @@ def test_disk_counts_other_reservations() -> None:
 
 
 def test_disk_larger_than_the_filesystem_never_fits() -> None:
-    """Issue 22 row 14: it used to wait (resource "disk", never=False), and was deferred
+    """It used to wait (resource "disk", never=False), and was deferred
     rmq_max_deferrals times before failing with ResourceUnavailable."""
     v = run(Need(MiB, disk_bytes=101 * GiB), disk_free=40 * GiB, disk_size=100 * GiB)
     assert (v.admitted, v.never, v.resource) == (False, True, "disk")
