@@ -82,8 +82,8 @@ def fake_rt(claims: FakeClaims, original_running: bool = False) -> SimpleNamespa
     return SimpleNamespace(
         claims=claims, ledger=SimpleNamespace(
             running=lambda task_id, other_than: original_running,
-            entries=lambda: [Entry(kind=KIND_TASK, pid=os.getppid(), memory_bytes=0, task_id="id-1", name="t")] if original_running
-            else []),
+            entries=lambda: [Entry(kind=KIND_TASK, pid=os.getppid(), memory_bytes=0, task_id="id-1", name="t")]
+            if original_running else []),
         stats=SimpleNamespace(incr=lambda *names: counted.append(names), counted=counted),
         config=SimpleNamespace(defer_countdown=2.0),
     )
