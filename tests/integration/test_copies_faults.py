@@ -38,8 +38,14 @@ def fault_env(broker: str, backend: str | None = None, queue: str | None = None,
 
 
 def counters(app, w) -> dict:
-    stats = app.control.inspect(destination=[w.node_name], timeout=3).stats() or {}
-    return stats.get(w.node_name, {}).get("rmq", {}).get("counters", {})
+    for attempt in range(3):  # a client connection the broker dropped fails once, then reconnects
+        try:
+            stats = app.control.inspect(destination=[w.node_name], timeout=3).stats() or {}
+            return stats.get(w.node_name, {}).get("rmq", {}).get("counters", {})
+        except (OSError, *app.connection_for_write().connection_errors):
+            if attempt == 2:
+                raise
+    return {}
 
 
 def bodies(client: redis_lib.Redis, tid: str) -> int:
@@ -227,7 +233,8 @@ def test_redis_connections_of_two_workers_dropped_longer_than_the_visibility_tim
     admin.execute_command("CLIENT", "PAUSE", 7000, "ALL")
     admin.close()
     assert killed >= 2
-    client = redis_lib.Redis.from_url(own_redis)  # the test's own connection was killed too
+    # the test's own connection was killed too; a new one waits out the pause
+    client = redis_lib.Redis.from_url(own_redis, socket_timeout=30)
     # Then every long body ran once, every task succeeded once
     assert_every_body_ran_once(client, ids, "celery")
     # (and the drop did re-queue them: copies met the running originals and waited)
