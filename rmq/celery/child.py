@@ -1,4 +1,5 @@
-"""What runs in each pool process: start hooks, the pressure watcher, periodic flushes."""
+"""What runs in each pool process: start hooks, the pressure watcher, periodic flushes (the run
+claims' keeper starts with the first claim, see :mod:`rmq.core.claims`)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ log = logging.getLogger("rmq.celery.child")
 
 class ChildWatcher:
     """A daemon thread in a pool process: relays the governor's unload signal to this
-    process's unload hooks (idle processes included), keeps its run claims alive and flushes
-    counters and learned peaks."""
+    process's unload hooks (idle processes included) and flushes counters and learned peaks.
+    Run claims have their own keeper thread (:mod:`rmq.core.claims`): an unload that takes long
+    here must not let a claim lapse."""
 
     def __init__(self, rt: Runtime, interval_s: float | None = None) -> None:
         self.rt = rt
@@ -35,11 +37,10 @@ class ChildWatcher:
         self._loop.stop(timeout_s=0)  # at process exit: never wait for an unload in progress
 
     def step(self) -> None:
-        """Relay the unload signal; about once a second, refresh claims and flush counters."""
+        """Relay the unload signal; about once a second, flush counters."""
         self._ticks += 1
         self.check_pressure()
         if self._ticks % self._flush_every == 0:
-            self.rt.claims.refresh_held()
             flush_learner(self.rt)
             self.rt.stats.flush()
 
@@ -76,6 +77,9 @@ def on_process_exit(rt: Runtime) -> None:
             hook(rt)
         except Exception:
             log.exception("rmq process exit hook %r failed", hook)
+    claims = rt.made("claims")
+    if claims is not None:
+        claims.stop()
     try:
         flush_learner(rt, force=True)
     except Exception:

@@ -1,13 +1,15 @@
 """The copies of a governed task: a task id runs at most once, and never twice at the same time. Celery glue.
 
 A task id can arrive more than once: the broker redelivers a message whose process or worker died
-before the ack, a deferral sends a copy (header ``rmq_deferrals``), the request class re-runs a task
-the governor killed for memory (header ``rmq_kills``). Such a copy may come after its task already
-ended, or while another run of the same id is going on. Before it runs, a copy takes the task id's
-run claim (:mod:`rmq.core.claims`) and reads the result backend: it is dropped when the task already
-ended, and deferred while another run holds the claim or still runs in this worker. An original
-delivery skips all of this (no Redis round trip per task): while it runs, its reservation in the
-worker's ledger stands for it. See docs/design.md#run-claims.
+before the ack, or that a broker connection drop re-queued while its task runs; a deferral sends a
+copy (header ``rmq_deferrals``); the request class re-runs a task the governor killed for memory
+(header ``rmq_kills``). Such a copy may come after its task already ended, or while another run of
+the same id is going on. Before it runs, a copy takes the task id's run claim
+(:mod:`rmq.core.claims`) and reads the result backend: it is dropped when the task already ended,
+and deferred while another run holds the claim or still runs in this worker. An original delivery
+only notes its task id (no Redis round trip per task): the process's claim keeper takes its claim
+once it has run for a moment, so that a copy on any worker finds it held. See
+docs/design.md#run-claims.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import os
 import threading
 from typing import Any
 
+import psutil
 from celery import states
 from celery.exceptions import Ignore, Reject, Retry
 
 from rmq.core import forks
 from rmq.core.claims import claim_token
 from rmq.core.errors import Defer
+from rmq.core.ledger_layout import KIND_TASK, fit
 
-__all__ = ["DEFERRALS", "finished_copy", "is_copy", "release_claim", "rmq_headers", "run_copy"]
+__all__ = ["DEFERRALS", "finished_copy", "is_copy", "release_claim", "rmq_headers", "run_copy", "run_original"]
 
 log = logging.getLogger("rmq.celery.copies")
 
@@ -67,12 +71,29 @@ def is_copy(request: Any) -> bool:
     return _request_header(request, DEFERRALS) is not None or bool(_request_header(request, "rmq_kills"))
 
 
+def run_original(task: Any, rt: Any, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run an original delivery of ``task``: its claim is noted here and taken by the claim keeper
+    if the run lasts (no Redis round trip on this path), and released once its outcome is stored."""
+    try:
+        rt.claims.note(request.id, claim_token(request.hostname or "?", os.getpid()))
+    except Exception as exc:  # never let the bookkeeping of copies stop an original
+        log.debug("rmq could not note the run of %s[%s]: %r", task.name, request.id, exc)
+        return task._run_governed(rt, request, args, kwargs)
+    return _run_holding_claim(task, rt, request, args, kwargs)
+
+
 def run_copy(task: Any, rt: Any, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run a copy of ``task`` (a ``GovernedTask``) if :func:`admit_copy` lets it, holding the run
     claim until its outcome is stored."""
     claimed = admit_copy(task, rt, request)  # raises Ignore, or defers while another copy runs
     if not claimed:
         return task._run_governed(rt, request, args, kwargs)
+    return _run_holding_claim(task, rt, request, args, kwargs)
+
+
+def _run_holding_claim(task: Any, rt: Any, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run the body; the claim (held or noted) is released once nothing a waiting copy could miss
+    remains to be stored."""
     try:
         result = task._run_governed(rt, request, args, kwargs)
     except (Retry, Ignore, Reject):  # nothing is stored that a waiting copy could miss
@@ -106,7 +127,7 @@ def admit_copy(task: Any, rt: Any, request: Any) -> bool:
         claimed, unavailable = False, True
     if not claimed and not unavailable:
         running: str | None = claim_holder(rt, request.id)
-    elif rt.ledger.running(request.id, other_than=forks.pid()):
+    elif original_runs_here(rt, request.id):
         running = "the original, in this worker"
     else:
         running = None
@@ -122,6 +143,35 @@ def admit_copy(task: Any, rt: Any, request: Any) -> bool:
         return task._defer(Defer(f"another run of this task is going on ({running})",  # type: ignore[no-any-return]
                                  rt.config.defer_countdown, kind="duplicate"))
     return claimed
+
+
+def original_runs_here(rt: Any, task_id: str) -> bool:
+    """Whether another live process of this worker holds a task reservation for ``task_id``.
+
+    The reservation of a process killed from outside stays in the ledger until the governor's next
+    tick: its copy, redelivered within about 0.2 s, would wait a whole deferral for a dead run. So
+    a dead holder's reservation is released here, at once, and does not count.
+    """
+    me = forks.pid()
+    if not rt.ledger.running(task_id, other_than=me):  # the common case: one look, no /proc read
+        return False
+    key = fit(task_id, 48)
+    found = False
+    for e in rt.ledger.entries():
+        if e.kind != KIND_TASK or e.task_id != key or e.pid == me:
+            continue
+        if _alive(e.pid):
+            found = True
+        elif rt.ledger.remove(e) is not None:
+            log.warning("rmq released the reservation of %s[%s] held by dead pid %d", e.name, task_id, e.pid)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def claim_holder(rt: Any, task_id: str) -> str:

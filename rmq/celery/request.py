@@ -6,18 +6,23 @@ backoff up to ``rmq_memory_kill_retries`` times, then ends as ``FAILURE`` with
 :class:`~rmq.core.errors.MemoryBudgetExceeded`. Any other loss (a SIGKILL from outside, the
 kernel OOM killer) redelivers the message at once, at most ``rmq_worker_lost_retries``
 times, then ends as ``FAILURE`` with :class:`~rmq.core.errors.TaskProcessLost`: never lost,
-never an endless loop.
+never an endless loop. The losses are counted in Redis when rmq has one, and always in the main
+process too, so that the cap holds on a broker without Redis (RabbitMQ).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+from collections import OrderedDict
 from typing import Any
 
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
+from celery.worker.state import task_ready
 
 from rmq.celery.copies import rmq_headers
 from rmq.core import keys
@@ -28,6 +33,31 @@ from rmq.core.runtime import current
 __all__ = ["GovernedRequest"]
 
 log = logging.getLogger("rmq.celery.request")
+
+#: how long, and for how many task ids, the main process remembers lost runs
+_LOST_KEEP_S = 86400.0
+_LOST_KEEP_N = 10000
+
+
+class _LostRuns:
+    """Lost runs per task id, counted in this worker's main process (bounded, oldest dropped)."""
+
+    def __init__(self) -> None:
+        self._counts: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def incr(self, task_id: str, now: float) -> int:
+        with self._lock:
+            n, at = self._counts.pop(task_id, (0, now))
+            if now - at > _LOST_KEEP_S:
+                n = 0
+            self._counts[task_id] = (n + 1, now)
+            while len(self._counts) > _LOST_KEEP_N:
+                self._counts.popitem(last=False)
+            return n + 1
+
+
+_lost_here = _LostRuns()
 
 
 def _exc_info(exc: BaseException) -> ExceptionInfo:
@@ -55,6 +85,7 @@ class GovernedRequest(Request):
             kills = int(headers.get("rmq_kills", 0) or 0) + 1
             rt.stats.incr("killed_tasks")
             if kills <= rt.config.memory_kill_retries and self._rerun(headers, kills, record.task_name):
+                task_ready(self)  # what Celery's on_failure does first: the request is no longer active
                 return None
             exceeded = MemoryBudgetExceeded(
                 record.task_name, record.observed_bytes, record.declared_bytes, record.budget_bytes, kills
@@ -63,7 +94,7 @@ class GovernedRequest(Request):
         if self._success_was_stored():  # it had succeeded: Celery acks it and reports the success
             return super().on_failure(exc_info, send_failed_event, return_ok)
         lost = self._count_lost()
-        if lost is not None and lost > rt.config.worker_lost_retries:
+        if lost > rt.config.worker_lost_retries:
             gone = TaskProcessLost(self.task_name, lost, str(exc))
             return super().on_failure(_exc_info(gone), send_failed_event, return_ok)
         return super().on_failure(exc_info, send_failed_event, return_ok)  # requeued (reject_on_worker_lost)
@@ -96,17 +127,19 @@ class GovernedRequest(Request):
         self.send_event("task-retried", exception=f"rmq memory kill {kills}", traceback="")
         return True
 
-    def _count_lost(self) -> int | None:
+    def _count_lost(self) -> int:
+        """This loss's number: the larger of the count in Redis (shared by every worker, when rmq
+        has a Redis) and this worker's own count (which needs nothing but this process)."""
+        here = _lost_here.incr(self.id, time.monotonic())
         rt = current()
+        if rt is None or rt.redis_url is None:
+            return here
         try:
-            client = rt.redis() if rt is not None else None
-            if client is None:
-                return None
             key = keys.worker_lost(self.id)
-            pipe = client.pipeline()
+            pipe = rt.redis().pipeline()
             pipe.incr(key)
-            pipe.expire(key, 86400)
-            return int(pipe.execute()[0])
+            pipe.expire(key, int(_LOST_KEEP_S))
+            return max(here, int(pipe.execute()[0]))
         except Exception as exc:
-            log.warning("rmq could not count lost runs of %s[%s]: %s", self.task_name, self.id, exc)
-            return None
+            log.warning("rmq could not count lost runs of %s[%s] in Redis: %s", self.task_name, self.id, exc)
+            return here

@@ -17,7 +17,7 @@ from typing import Any
 from celery import Task, shared_task
 from celery.exceptions import Retry
 
-from rmq.celery.copies import DEFERRALS, finished_copy, is_copy, release_claim, rmq_headers, run_copy
+from rmq.celery.copies import DEFERRALS, finished_copy, is_copy, release_claim, rmq_headers, run_copy, run_original
 from rmq.concern import Concern, TaskContext, current_context, set_current_context
 from rmq.core.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
 from rmq.core.errors import Defer, ResourceUnavailable
@@ -71,7 +71,7 @@ class GovernedTask(Task):
             finished_copy.claim = None
             release_claim(rt, leftover)
         if not is_copy(request):
-            return self._run_governed(rt, request, args, kwargs)
+            return run_original(self, rt, request, args, kwargs)
         return run_copy(self, rt, request, args, kwargs)  # see rmq.celery.copies
 
     def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rmq.core import forks
-from rmq.core.claims import RunClaims
+from rmq.core.claims import RunClaims, claim_ttl
 from rmq.core.config import RmqConfig, load_config
 from rmq.core.errors import RateLimiterUnavailable
 from rmq.core.procstats import ProcessStats
@@ -120,7 +120,7 @@ class Runtime:
         return self.local("claims", self._new_claims)
 
     def _new_claims(self) -> Any:
-        return RunClaims(self.redis)
+        return RunClaims(self.redis, ttl_s=claim_ttl(self.config.visibility_timeout))
 
     def made(self, key: str) -> Any | None:
         """The per-process singleton ``key`` if :meth:`local` made it in this process, else None."""

@@ -3,6 +3,8 @@ result backend, the original still running in this worker)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +12,8 @@ from celery.exceptions import Ignore, Retry
 
 from rmq.celery import copies
 from rmq.celery.copies import is_copy
+from rmq.core.ledger import Ledger
+from rmq.core.ledger_layout import KIND_TASK, Entry
 
 
 def request(redelivered: bool = False, **headers) -> SimpleNamespace:
@@ -76,7 +80,10 @@ def fake_task(status: str = "PENDING", body=lambda: "done") -> SimpleNamespace:
 def fake_rt(claims: FakeClaims, original_running: bool = False) -> SimpleNamespace:
     counted: list[tuple[str, ...]] = []
     return SimpleNamespace(
-        claims=claims, ledger=SimpleNamespace(running=lambda task_id, other_than: original_running),
+        claims=claims, ledger=SimpleNamespace(
+            running=lambda task_id, other_than: original_running,
+            entries=lambda: [Entry(kind=KIND_TASK, pid=os.getppid(), memory_bytes=0, task_id="id-1", name="t")]
+            if original_running else []),
         stats=SimpleNamespace(incr=lambda *names: counted.append(names), counted=counted),
         config=SimpleNamespace(defer_countdown=2.0),
     )
@@ -126,3 +133,17 @@ def test_a_copy_that_retries_releases_its_claim_at_once() -> None:
     with pytest.raises(Retry):
         copies.run_copy(fake_task(body=retry), fake_rt(claims), copy_request(), (), {})
     assert claims.released == ["id-1"] and getattr(copies.finished_copy, "claim", None) is None
+
+
+def test_a_dead_process_reservation_does_not_hold_its_copy_back(tmp_path) -> None:
+    # Given the reservation of a pool process that was killed from outside, not yet released by the governor
+    ledger = Ledger(str(tmp_path), create=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ledger.try_add(Entry(kind=KIND_TASK, pid=dead.pid, memory_bytes=1, task_id="id-1", name="t"), lambda r: True)
+    rt = fake_rt(FakeClaims())
+    rt.ledger = ledger
+    # When its copy arrives: it runs at once, and the dead reservation is gone
+    assert copies.run_copy(fake_task(), rt, copy_request(), (), {}) == "done"
+    assert ledger.entries() == []
+    ledger.close()

@@ -8,7 +8,7 @@ import fakeredis
 import pytest
 
 from rmq.core import keys
-from rmq.core.claims import RunClaims, claim_token
+from rmq.core.claims import CLAIM_AFTER_S, RunClaims, claim_token, claim_ttl
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def client() -> fakeredis.FakeRedis:
 
 
 def claims(client: fakeredis.FakeRedis, ttl_s: float = 10.0) -> RunClaims:
-    return RunClaims(lambda: client, ttl_s=ttl_s)
+    return RunClaims(lambda: client, ttl_s=ttl_s, keeper=False)
 
 
 def test_a_second_copy_cannot_take_a_held_claim(client) -> None:
@@ -73,3 +73,64 @@ def test_refresh_drops_a_claim_someone_else_took(client) -> None:
     client.set(keys.run_claim("t1"), "w2@h:20")
     a.refresh_held()
     assert a.held() == {} and a.holder("t1") == "w2@h:20"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_original_is_claimed_once_it_has_run_a_moment_and_never_before(client) -> None:
+    clock = Clock()
+    a = RunClaims(lambda: client, clock=clock, keeper=False)
+    a.note("t1", "w1@h:10")
+    a.keep()
+    assert a.holder("t1") is None and a.pending() == ["t1"]  # just started: no Redis yet
+    clock.now += CLAIM_AFTER_S
+    a.keep()
+    assert a.holder("t1") == "w1@h:10" and a.held() == {"t1": "w1@h:10"} and a.pending() == []
+    assert a.release("t1") and a.holder("t1") is None
+
+
+def test_a_short_original_never_touches_redis() -> None:
+    def no_redis():
+        raise AssertionError("a short original must not reach Redis")
+
+    a = RunClaims(no_redis, keeper=False)
+    a.note("t1", "w1@h:10")
+    assert not a.release("t1")
+    a.keep()
+    assert a.pending() == [] and a.held() == {}
+
+
+def test_an_original_that_a_copy_claimed_first_is_left_to_it(client) -> None:
+    clock = Clock()
+    a = RunClaims(lambda: client, clock=clock, keeper=False)
+    client.set(keys.run_claim("t1"), "w2@h:20")
+    a.note("t1", "w1@h:10")
+    clock.now += 1
+    a.keep()
+    assert a.held() == {} and a.holder("t1") == "w2@h:20"
+
+
+def test_the_keeper_thread_claims_and_keeps_claims_alive_past_their_ttl(client) -> None:
+    # Given a real keeper thread and a TTL shorter than the run
+    a = RunClaims(lambda: client, ttl_s=1.2)
+    try:
+        a.note("t1", "w1@h:10")
+        deadline = time.monotonic() + 5
+        while a.holder("t1") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.holder("t1") == "w1@h:10", "the original was not claimed in the background"
+        # When the run lasts more than twice the TTL, the claim is still held: the keeper refreshes it
+        time.sleep(2.5)
+        assert a.holder("t1") == "w1@h:10"
+    finally:
+        a.stop()
+
+
+def test_the_claim_ttl_outlives_a_broker_outage_of_a_visibility_timeout() -> None:
+    assert claim_ttl(20.0) == 40.0 and claim_ttl(1.0) == 10.0
