@@ -1,4 +1,4 @@
-"""Issue 22, rows 3, 4, 6, 7 and 15, and acceptance item 3: a task id's body runs once under broker
+"""A task id's body runs once under broker
 connection drops, long runs, memory kills, crashes and outside kills. Real workers, real brokers.
 
 The ``soak.*`` tasks record each run of their body in Redis (``soak:starts:<id>``, ``soak:done:<id>``),
