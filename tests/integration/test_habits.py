@@ -1,4 +1,4 @@
-"""Habits of Celery users on real workers (issue 21): Django-style namespaced settings, a worker
+"""Habits of Celery users on real workers: Django-style namespaced settings, a worker
 started without ``-Q`` that takes heavy tasks, a light worker that leaves them, status and alert."""
 
 from __future__ import annotations
@@ -102,3 +102,33 @@ def test_a_light_worker_leaves_heavy_tasks_which_show_in_status_and_raise_the_al
     # And a worker started without -Q then takes it
     full = start_worker(app, app="habitsapp", concurrency=1, hostname=f"full-{unique}@%h", env=_env(redis_url))
     assert heavy.get(timeout=30)["pid"] in full.pool_pids()
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads", "gevent", "eventlet"])
+def test_a_worker_with_a_pool_rmq_cannot_govern_refuses_to_start(pool, redis_url, unique, start_worker):
+    if pool in ("gevent", "eventlet") and not _importable(pool):
+        pytest.skip(f"{pool} is not installed (it is in the dev extras)")
+    # Given a worker started with --pool <pool>
+    env = _env(redis_url)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env["PYTHONPATH"], os.environ.get("PYTHONPATH")) if p)
+    w = start_worker(None, app="habitsapp", pool=pool, concurrency=2, hostname=f"{pool}-{unique}@%h", env=env)
+    # Then it stops at once with status 2 and one line naming the pool, and runs nothing
+    assert w.proc is not None and w.proc.wait(60) == 2, w.log()[-2000:]
+    lines = [x for x in w.log().splitlines() if x.startswith("rmq: ")]
+    assert lines == [lines[0]] and lines[0].startswith(f"rmq: the {pool} pool cannot be governed: "), w.log()[-2000:]
+    assert "Traceback" not in w.log()
+
+
+def test_a_prefork_worker_started_by_alias_processes_is_governed(redis_url, unique, start_worker):
+    app = _client(redis_url)
+    w = start_worker(app, app="habitsapp", pool="processes", concurrency=1, hostname=f"proc-{unique}@%h",
+                     env=_env(redis_url))
+    assert app.tasks["habits.where"].delay().get(timeout=30)["pid"] in w.pool_pids()
+    stats = app.control.inspect(destination=[w.node_name], timeout=5).stats()[w.node_name]
+    assert stats["rmq"]["memory"]["budget_bytes"] == 1 * GiB
