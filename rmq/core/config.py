@@ -327,6 +327,9 @@ def _rmq_keys(conf: Any) -> dict[str, tuple[Any, str]]:
     module, the defaults). A key given in several forms is read back through the conf itself, so
     the namespaced form and ``app.conf`` changes win exactly as they do for Celery's own settings.
     """
+    finalize = getattr(conf, "finalize", None)
+    if callable(finalize):  # Celery's settings learn their namespace when first read
+        finalize()
     try:
         items = list(conf.items())
     except AttributeError:
