@@ -14,6 +14,7 @@ from celery import bootsteps
 
 from rmq.celery.actuator import CeleryActuator
 from rmq.celery.concerns import default_concerns
+from rmq.celery.pools import check_pool
 from rmq.core.errors import ConfigError
 from rmq.core.exits import exit_config_error
 from rmq.core.ledger import Ledger, slots_for
@@ -52,6 +53,7 @@ class GovernorStep(bootsteps.StartStopStep):
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
+        check_pool(worker)  # prefork only: any other pool stops the worker here (rmq/celery/pools.py)
         try:
             self.config = config_for(worker.app)
         except ConfigError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import signals
+from kombu import Queue
 
 from rmq.celery.task import GovernedTask
 from rmq.core.routing import to_wire_priority, transport_kind
@@ -56,10 +57,40 @@ def _configure(app: Any) -> None:
         conf.result_backend_transport_options = backend_opts
     if conf.worker_autoscaler in (None, "celery.worker.autoscale:Autoscaler"):
         conf.worker_autoscaler = "rmq.celery.autoscale:ResourceAutoscaler"
+    _declare_heavy_queue(app, cfg.heavy_queue)
     schedule = dict(conf.beat_schedule or {})
     schedule.setdefault("rmq.cleanup_sessions", {"task": "rmq.cleanup_sessions", "schedule": cfg.cleanup_interval})
     schedule.setdefault("rmq.monitor", {"task": "rmq.monitor", "schedule": cfg.monitor_beat_interval})
     conf.beat_schedule = schedule
+
+
+def _declare_heavy_queue(app: Any, heavy: str) -> None:
+    """Put the heavy queue in ``task_queues``, so that a worker started without ``-Q`` consumes it.
+
+    A worker without ``-Q`` consumes ``task_queues`` if set, else only the default queue: a queue
+    that only a router names has no consumer, and heavy tasks would wait forever. When
+    ``task_queues`` is unset, it becomes the default queue (built as Celery builds it) plus the
+    heavy queue; a list the user set gets the heavy queue added. ``-Q`` and ``-X`` keep their
+    meaning (``rmq worker --profile light`` consumes the default queue only).
+    """
+    conf = app.conf
+    queues = conf.task_queues
+    if isinstance(queues, dict):  # the old style, {name: options}
+        if heavy not in queues:
+            conf.task_queues = {**queues, heavy: {"exchange": heavy, "routing_key": heavy}}
+        return
+    if isinstance(queues, Queue):
+        queues = [queues]
+    current = list(queues or ())
+    if any(getattr(q, "name", None) == heavy for q in current):
+        return
+    celery_made = app.amqp.Queues(None)  # the default queue, and a missing one, as Celery makes them
+    if not current:
+        current = list(celery_made.values())
+    conf.task_queues = (*current, celery_made.new_missing(heavy))
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None and "queues" in amqp.__dict__:  # installed after the app built its queues
+        amqp.__dict__.pop("queues")
 
 
 def _connect_signals() -> None:

@@ -1,8 +1,10 @@
 """rmq's configuration: every ``rmq_*`` key, parsed and validated into one frozen object.
 
-Keys live in the Celery config (``app.conf.rmq_memory_budget = "6GiB"``); each one can be
-overridden by the environment variable of the same name in upper case
-(``RMQ_MEMORY_BUDGET=6GiB``). Unknown ``rmq_*`` keys in the Celery config are refused.
+Keys live in the Celery config and are read the way Celery reads its own: ``rmq_memory_budget``
+(``app.conf``, a settings object or module), ``RMQ_MEMORY_BUDGET`` (an upper-case config), or under
+the app's namespace (``config_from_object(settings, namespace="CELERY")``: Django's
+``CELERY_RMQ_MEMORY_BUDGET``). Each one can be overridden by the environment variable of the same
+name in upper case (``RMQ_MEMORY_BUDGET=6GiB``). Unknown rmq keys in the Celery config are refused.
 """
 
 from __future__ import annotations
@@ -288,33 +290,85 @@ class RmqConfig:
 def load_config(conf: Mapping[str, Any] | Any, environ: Mapping[str, str] | None = None) -> RmqConfig:
     """Build the config from a Celery conf (or any mapping) and the environment.
 
-    Precedence: ``RMQ_<KEY>`` environment variable, then ``rmq_<key>`` in ``conf``, then the default.
+    Precedence: ``RMQ_<KEY>`` environment variable, then the key in ``conf``, then the default. In
+    ``conf`` a key may be written ``rmq_<key>``, ``RMQ_<KEY>`` (without a namespace), or with the
+    conf's namespace as Celery reads it (``conf.prefix``: ``CELERY_RMQ_<KEY>`` for
+    ``namespace="CELERY"``), where the namespaced form wins as it does for Celery's own keys.
 
     Raises:
-        ConfigError: for an unknown ``rmq_*`` key, a bad value (naming key and value), or
-            thresholds out of order.
+        ConfigError: for an unknown rmq key (in any of those forms), one key given twice with
+            different values, a bad value (naming key and value), or thresholds out of order.
     """
     environ = os.environ if environ is None else environ
     given = _rmq_keys(conf)
-    unknown = sorted(k for k in given if k[4:] not in KEYS)
-    if unknown:
-        raise ConfigError(f"unknown rmq setting {shown(unknown[0])} (known: see rmq.core.config.KEYS)")
     values: dict[str, Any] = {}
     for key, (default, parse) in KEYS.items():
         env_name = f"RMQ_{key.upper()}"
         if env_name in environ:
             raw, source = environ[env_name], env_name
-        elif f"rmq_{key}" in given:
-            raw, source = given[f"rmq_{key}"], f"rmq_{key}"
+        elif key in given:
+            raw, source = given[key]
         else:
             raw, source = default, f"rmq_{key}"
         values[key] = parse(raw, source)
     return RmqConfig(**values)
 
 
-def _rmq_keys(conf: Any) -> dict[str, Any]:
+def _namespace(conf: Any) -> str:
+    """The conf's namespace prefix as Celery's ``ConfigurationView`` keeps it (``"CELERY_"``), or ``""``."""
+    prefix = getattr(conf, "prefix", None)
+    return prefix if isinstance(prefix, str) else ""
+
+
+def _rmq_keys(conf: Any) -> dict[str, tuple[Any, str]]:
+    """rmq's keys in ``conf``: name (``memory_budget``) -> (value, the key as written).
+
+    Celery's conf iterates over every key of every source (``app.conf``, the config object or
+    module, the defaults). A key given in several forms is read back through the conf itself, so
+    the namespaced form and ``app.conf`` changes win exactly as they do for Celery's own settings.
+    """
+    finalize = getattr(conf, "finalize", None)
+    if callable(finalize):  # Celery's settings learn their namespace when first read
+        finalize()
     try:
         items = list(conf.items())
     except AttributeError:
-        items = []
-    return {k: v for k, v in items if isinstance(k, str) and k.lower().startswith("rmq_")}
+        return {}
+    prefix = _namespace(conf)
+    # Celery puts the whole namespaced key in the namespace's case: CELERY_ -> CELERY_RMQ_X
+    spaced = (prefix + "rmq_").upper() if prefix.isupper() else (prefix + "rmq_").lower()
+    found: dict[str, dict[str, tuple[str, Any]]] = {}
+    for raw, value in items:
+        if not isinstance(raw, str):
+            continue
+        if prefix and raw.startswith(spaced):
+            name, form = raw[len(spaced):].lower(), "spaced"
+            known = raw == _in_case(spaced + name, spaced)
+        elif raw.startswith("rmq_"):
+            name, form, known = raw[4:], "lower", True
+        elif raw.lower().startswith("rmq_") and not prefix:
+            # an upper-case config (Celery's old style); under a namespace (Django's settings) plain
+            # upper-case names are the project's own, and Celery ignores them there too
+            name, form, known = raw[4:].lower(), "upper", raw.isupper()
+        else:
+            continue
+        if not known or name not in KEYS:
+            raise ConfigError(f"unknown rmq setting {shown(raw)} (known: see rmq.core.config.KEYS)")
+        found.setdefault(name, {})[form] = (raw, value)
+    out: dict[str, tuple[Any, str]] = {}
+    for name, forms in found.items():
+        if "lower" in forms and "upper" in forms and forms["lower"][1] != forms["upper"][1]:
+            (low, a), (up, b) = forms["lower"], forms["upper"]
+            raise ConfigError(f"{low} and {up} are both set, to {shown(a)} and {shown(b)}: keep one")
+        if len(forms) > 1 and "upper" not in forms and callable(getattr(conf, "get", None)):
+            value = conf.get(f"rmq_{name}")  # Celery's own choice between the namespaced and plain key
+            raw = next((r for r, v in forms.values() if v is value), next(iter(forms.values()))[0])
+            out[name] = (value, raw)
+            continue
+        raw, value = forms.get("spaced") or forms.get("lower") or forms["upper"]
+        out[name] = (value, raw)
+    return out
+
+
+def _in_case(key: str, like: str) -> str:
+    return key.upper() if like.isupper() else key.lower()

@@ -40,6 +40,8 @@ class TaskDeclaration:
         heavy: route to the heavy queue.
         priority: 0-9, larger runs first; ``None`` = the configured default.
         session: name of the argument that carries the session id, or ``None``.
+        session_configured: ``session=True`` was given: the argument is ``rmq_session_arg``, read
+            when the task runs (``session`` then holds the default name, ``session_id``).
         cleanup: ``"after_task"`` or ``"keep"``.
         rate_limits: cluster-wide rates by limit name.
         concurrency: cluster-wide permits by limit name.
@@ -58,6 +60,7 @@ class TaskDeclaration:
     concurrency: Mapping[str, int] = field(default_factory=dict)
     network: bool = False
     hygiene: bool = True
+    session_configured: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form, for snapshots and logs."""
@@ -155,4 +158,5 @@ def parse_declaration(
         concurrency=permits,
         network=_flag("network", network),
         hygiene=_flag("hygiene", hygiene),
+        session_configured=session is True,
     )

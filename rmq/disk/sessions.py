@@ -130,9 +130,10 @@ def _count(outcome: str) -> None:
 class SessionGuard(Concern):
     """Opens the task's session directory before it runs and applies its cleanup policy after.
 
-    The id comes from the keyword argument named by ``declaration.session``, else from the
-    positional arguments when ``ctx.state["argnames"]`` (the task function's parameter names,
-    aligned with ``ctx.args``, so without a bound ``self``) is given.
+    The id comes from the keyword argument named by ``declaration.session`` (``rmq_session_arg``
+    for ``session=True``), else from the positional arguments when ``ctx.state["argnames"]``
+    (the task function's parameter names, aligned with ``ctx.args``, so without a bound
+    ``self``) is given.
     """
 
     name = "session"
@@ -143,7 +144,7 @@ class SessionGuard(Concern):
 
     def enter(self, ctx: TaskContext) -> None:
         """Validate the id (before touching any file), open the directory, set ``ctx.session_dir``."""
-        arg = ctx.declaration.session
+        arg = ctx.config.session_arg if ctx.declaration.session_configured else ctx.declaration.session
         assert arg is not None
         sid = validate_session_id(_session_arg(ctx, arg))
         store = _store_for(ctx.config.session_root_path)

@@ -191,6 +191,13 @@ def _worker_table(host: str, snap: Mapping[str, Any] | None, now: float, ascii: 
     return table
 
 
+def _consumers_cell(hosts: list[str], depth: Any) -> Text:
+    """Who consumes a queue; ``none`` in red when messages wait there that no worker will take."""
+    if hosts:
+        return Text(", ".join(sorted(hosts)))
+    return Text("none: nothing consumes it" if depth else "none", style="bold red" if depth else "dim")
+
+
 def _build(view: Mapping[str, Any], now: float | None, ascii: bool, width: int) -> list[RenderableType]:
     now = time.time() if now is None else now
     workers = view.get("workers") or {}
@@ -203,9 +210,15 @@ def _build(view: Mapping[str, Any], now: float | None, ascii: bool, width: int) 
     qt = Table(title="queues", box=box.ASCII if ascii else box.SIMPLE, title_justify="left")
     qt.add_column("queue")
     qt.add_column("depth", justify="right")
+    consumers = view.get("consumers")
+    if isinstance(consumers, Mapping):  # a view that knows who consumes what
+        qt.add_column("consumers")
     for name in sorted(queues):
         depth = queues[name]
-        qt.add_row(name, Text("-" if depth is None else str(depth), style="bold" if depth else "dim"))
+        row: list[RenderableType] = [name, Text("-" if depth is None else str(depth), style="bold" if depth else "dim")]
+        if isinstance(consumers, Mapping):
+            row.append(_consumers_cell(consumers.get(name) or [], depth))
+        qt.add_row(*row)
     parts.append(qt)
     alerts = view.get("alerts") or []
     if alerts:

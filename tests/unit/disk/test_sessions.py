@@ -221,3 +221,21 @@ def test_guard_exit_after_failed_enter_does_nothing(tmp_path):
         SessionGuard().enter(ctx)
     SessionGuard().exit(ctx, failed=True)
     assert not (tmp_path / "sessions").exists()
+
+
+def test_session_true_reads_the_argument_named_by_rmq_session_arg(tmp_path, fake_runtime):
+    # Given rmq_session_arg = "job" and a task declared with session=True
+    root = tmp_path / "sessions"
+    ctx = make_ctx(root, kwargs={"job": "j1", "session_id": "not-this"})
+    ctx.config = load_config({"rmq_session_root": str(root), "rmq_session_arg": "job"}, environ={})
+    # When the guard opens the session, Then it is the one the "job" argument names
+    SessionGuard().enter(ctx)
+    assert ctx.session_dir == root / "session_j1"
+
+
+def test_an_explicit_session_name_beats_rmq_session_arg(tmp_path, fake_runtime):
+    root = tmp_path / "sessions"
+    ctx = make_ctx(root, kwargs={"session_id": "s9", "job": "j1"}, session="session_id")
+    ctx.config = load_config({"rmq_session_root": str(root), "rmq_session_arg": "job"}, environ={})
+    SessionGuard().enter(ctx)
+    assert ctx.session_dir == root / "session_s9"

@@ -139,3 +139,16 @@ def test_json_round_trip():
     text = render_json(view)
     assert json.loads(text) == view
     assert json.loads(render_json(copy.deepcopy(json.loads(text)))) == view
+
+
+def test_queues_show_their_consumers_and_a_backlog_nobody_consumes() -> None:
+    # Given a view where rmq.heavy holds messages and no worker consumes it
+    view = sample_view()
+    view["queues"] = {"celery": 0, "rmq.heavy": 3}
+    view["consumers"] = {"celery": ["w1@box"]}
+    # When it is rendered, Then each queue names its consumers, and the heavy backlog says nobody takes it
+    lines = render_plain(view, now=NOW, width=160).splitlines()
+    heavy = next(line for line in lines if "rmq.heavy" in line)
+    celery = next(line for line in lines if "| celery " in line)
+    assert "3" in heavy and "none: nothing consumes it" in heavy
+    assert "w1@box" in celery
