@@ -22,6 +22,7 @@ from rmq.core.runtime import Runtime, config_for, redis_url_for_app, runtime_bas
 from rmq.cpu.slots import detect_cpu_slots
 from rmq.memory.budget import detect_budget
 from rmq.memory.governor import Governor
+from rmq.memory.proctree import set_child_subreaper
 from rmq.monitoring.snapshot import SnapshotBuilder
 
 __all__ = ["GovernorStep"]
@@ -75,6 +76,11 @@ class GovernorStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         actuator = CeleryActuator(worker)
+        # a descendant of a pool process that loses its parent (it double-forked, or its pool process
+        # was killed) comes to this process, where the governor still counts, kills and reaps it
+        if not set_child_subreaper():
+            log.warning("rmq could not make the worker a child subreaper: a task's double-forked "
+                        "subprocesses escape its tree")
         self.governor = Governor(self.config, self.budget, self.ledger, actuator, cpu_slots=self.cpu_slots)
         self.runtime.governor = self.governor
         self.snapshots = SnapshotBuilder(self.runtime, self.governor, getattr(worker, "hostname", None))

@@ -25,6 +25,7 @@ from rmq.core.periodic import PeriodicThread
 from rmq.memory.budget import Budget
 from rmq.memory.meter import ProcessTreeMeter, TreeReading
 from rmq.memory.pressure import Ladder
+from rmq.memory.treekill import TreeKiller, reap_pid, send_signal
 
 __all__ = ["Governor", "Actuator", "KillRecord"]
 
@@ -77,6 +78,8 @@ class Governor:
         cpu_slots: int = 1,
         clock: Callable[[], float] = time.monotonic,
         alive: Callable[[int], bool] = _alive,
+        signal_pid: Callable[[int, int], None] | None = None,
+        reap: Callable[[int], bool] | None = None,
     ) -> None:
         self.config = config
         self.budget = budget
@@ -96,7 +99,10 @@ class Governor:
         )
         self.admit_line = budget.line(config.admit_ratio)
         self.kills: dict[str, KillRecord] = {}
-        self.counters: dict[str, Any] = {"killed": 0, "unload_requests": 0, "pauses": 0, "dead_released": 0}
+        self.counters: dict[str, Any] = {"killed": 0, "unload_requests": 0, "pauses": 0, "dead_released": 0,
+                                         "strays_killed": 0, "reaped": 0}
+        #: ends killed tasks' whole trees, and reaps what the main process adopted
+        self.trees = TreeKiller(self.meter, actuator, self.counters, signal_pid or send_signal, reap or reap_pid)
         self.last: TreeReading | None = None
         self.zone = "ok"
         self.paused = False
@@ -143,6 +149,7 @@ class Governor:
             working_set = self.budget.cgroup.working_set_bytes()
             if working_set is not None:
                 worker_bytes = max(worker_bytes, working_set)
+        self.trees.tidy(reading, now)
         dropped = self.ledger.release_dead(self.alive)
         if dropped:
             self.counters["dead_released"] += len(dropped)
@@ -151,8 +158,8 @@ class Governor:
         entries = self.ledger.entries()
         usage = []
         for e in entries:
-            if e.pid in reading.rss:
-                usage.append((e, max(0, reading.rss[e.pid] - e.start_rss)))
+            if e.pid in reading.rss:  # the pool process's growth, and everything its task started
+                usage.append((e, max(0, reading.rss[e.pid] - e.start_rss) + reading.tree_bytes(e.pid)))
         for e, used in usage:
             e.used_bytes = used
             e.peak_used_bytes = max(e.peak_used_bytes, used)
@@ -231,13 +238,13 @@ class Governor:
                     task_id=worst.task_id,
                     task_name=worst.name,
                     pid=worst.pid,
-                    observed_bytes=reading.rss.get(worst.pid, 0),
+                    observed_bytes=reading.rss.get(worst.pid, 0) + reading.tree_bytes(worst.pid),
                     declared_bytes=worst.memory_bytes,
                     budget_bytes=self.budget.budget_bytes,
                     detected_at=now,
                     killed_at=self.clock(),
                 )
-                self.actuator.kill(worst.pid)
+                ended = self.trees.kill(worst.pid, now)
         if not current:
             log.info("rmq: %s[%s] in pid %d ended before its kill; choosing again next tick",
                      worst.name, worst.task_id, worst.pid)
@@ -245,9 +252,10 @@ class Governor:
         self._killed_pids[worst.pid] = now
         self.counters["killed"] += 1
         log.warning(
-            "rmq killing %s[%s] in pid %d: worker at %.0f%% of the budget, task uses %d bytes, declared %d",
-            worst.name, worst.task_id, worst.pid, 100 * worker_bytes / self.budget.budget_bytes,
-            worst.used_bytes, worst.memory_bytes,
+            "rmq killing %s[%s] in pid %d%s: worker at %.0f%% of the budget, task uses %d bytes, declared %d",
+            worst.name, worst.task_id, worst.pid,
+            f" and its {len(ended)} descendant(s) {sorted(ended)}" if ended else "",
+            100 * worker_bytes / self.budget.budget_bytes, worst.used_bytes, worst.memory_bytes,
         )
 
     def pop_kill(self, task_id: str) -> KillRecord | None:
@@ -271,6 +279,9 @@ class Governor:
             "worker_bytes": control.worker_bytes,
             "main_bytes": last.main_bytes if last else 0,
             "children": {str(k): v for k, v in (last.children if last else {}).items()},
+            "descendants": {str(k): {str(p): b for p, b in tree.items()}
+                            for k, tree in (last.descendants if last else {}).items()},
+            "strays": {str(k): v for k, v in (last.strays if last else {}).items()},
             "cgroup_working_set_bytes": working_set,
             "host_total_bytes": vm.total,
             "host_available_bytes": vm.available,
@@ -284,7 +295,4 @@ class Governor:
 
 def kill_pid(pid: int) -> None:
     """SIGKILL ``pid`` if it still exists."""
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    send_signal(pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ since admission, so a spike between two governor readings counts too.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -21,10 +22,11 @@ from rmq.concern import Concern, TaskContext
 from rmq.core import forks
 from rmq.core.errors import BudgetExceeded, Defer
 from rmq.core.ledger import KIND_TASK, Entry, Ledger, LedgerFull
-from rmq.core.runtime import current
+from rmq.core.runtime import Runtime, current
 from rmq.core.selfmem import peak_rss_bytes, reset_peak_rss
 from rmq.memory.admission import Need, Verdict, judge
 from rmq.memory.learning import learner
+from rmq.memory.proctree import TREE_ENV
 
 __all__ = ["AdmissionGuard"]
 
@@ -71,6 +73,11 @@ def _wait_for_room(ledger: Ledger, entry: Entry, need: Need, wait_s: float, disk
     return verdict
 
 
+def _children_peak() -> int:
+    """The largest RSS any waited-for descendant of this process reached (``ru_maxrss``, KiB)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
 class AdmissionGuard(Concern):
     """Reserves the task's memory, CPU slots and disk in the worker's ledger."""
 
@@ -80,6 +87,11 @@ class AdmissionGuard(Concern):
         #: bytes of the models this process has loaded: they hold their own reservations, so a
         #: learned peak leaves out the ones the task loaded
         self.model_bytes = model_bytes
+
+    def process_start(self, rt: Runtime) -> None:
+        # what a task of this process execs carries its pool pid, so that the governor still counts
+        # (and kills) a descendant that double-forked away from the tree (docs/design.md#task-trees)
+        os.environ[TREE_ENV] = str(os.getpid())
 
     def enter(self, ctx: TaskContext) -> None:
         rt = ctx.runtime or current()
@@ -108,6 +120,7 @@ class AdmissionGuard(Concern):
             if learning:  # the models it loads are not part of its peak; the kernel keeps the peak
                 ctx.state["models_loaded"] = self.model_bytes()
                 ctx.state["peak_reset"] = reset_peak_rss()
+                ctx.state["children_peak"] = _children_peak()
             rt.stats.incr("admitted")
             return
         if v.never:
@@ -127,7 +140,13 @@ class AdmissionGuard(Concern):
         # interval; the RSS after the body is read before hygiene trims, so garbage the task left
         # behind counts too.
         kernel_peak = peak_rss_bytes() if ctx.state.pop("peak_reset", False) else None
-        peak = max(ctx.rss_after_body() - entry.start_rss, (kernel_peak or 0) - entry.start_rss, peak_seen or 0, 0)
+        own = max(ctx.rss_after_body() - entry.start_rss, (kernel_peak or 0) - entry.start_rss, 0)
+        # a subprocess the task waited for: the kernel's high-water mark of the largest one, when it
+        # rose during this task, on top of the process's own growth (the governor's tree reading may
+        # have missed a short one between two samples)
+        children = _children_peak()
+        child_peak = children if children > ctx.state.pop("children_peak", children) else 0
+        peak = max(own + child_peak, peak_seen or 0)
         # models the task loaded hold their own reservations: not part of the task's peak
         peak = max(0, peak - (self.model_bytes() - ctx.state.pop("models_loaded", 0)))
         learner(rt).observe(ctx.task_name, peak)

@@ -111,6 +111,8 @@ class SnapshotBuilder:
         counters["unload_requests"] = gov.counters["unload_requests"]
         counters["pauses"] = gov.counters["pauses"]
         counters["dead_released"] = gov.counters["dead_released"]
+        counters["strays_killed"] = gov.counters.get("strays_killed", 0)  # what a killed task's tree left
+        counters["reaped"] = gov.counters.get("reaped", 0)  # descendants the main process adopted and reaped
         counters.setdefault("admitted", 0)
         counters.setdefault("deferred", {})
         cpu_used = sum(e.cpu_slots for e in entries)

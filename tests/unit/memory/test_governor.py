@@ -54,19 +54,35 @@ class FakeMeter:
         self.children: dict[int, int] = {}
         self.extra = 0  # memory not attributed to a pool child (to reach any total)
         self.asked: list[list[int]] = []
+        self.descendants: dict[int, dict[int, int]] = {}  # pool pid -> {descendant: bytes}
+        self.strays: dict[int, tuple[int, int]] = {}  # pid -> (former owner, bytes)
+        self.zombies: list[int] = []
+        self.late: dict[int, list[int]] = {}  # pool pid -> descendants that show only once it is stopped
+        self.reads = 0
 
     def sample(self, pids) -> TreeReading:
         pids = list(pids)
         self.asked.append(pids)
         children = {p: b for p, b in self.children.items() if p in pids}
         rss = {MAIN: self.main_bytes + self.extra, **children}
-        total = self.main_bytes + self.extra + sum(children.values())
-        return TreeReading(total, self.main_bytes + self.extra, dict(children), rss)
+        descendants = {p: dict(t) for p, t in self.descendants.items() if p in children}
+        trees = {p: b + sum(descendants.get(p, {}).values()) for p, b in children.items()}
+        strays = {p: b for p, (_, b) in self.strays.items()}
+        total = self.main_bytes + self.extra + sum(trees.values()) + sum(strays.values())
+        return TreeReading(total, self.main_bytes + self.extra, trees, rss, descendants, strays,
+                           {p: o for p, (o, _) in self.strays.items()}, list(self.zombies))
+
+    def tree_now(self, pool_pid: int) -> list[int]:
+        self.reads += 1
+        found = list(self.descendants.get(pool_pid, {}))
+        return found + (self.late.get(pool_pid, []) if self.reads > 1 else [])
 
     def total(self, worker_bytes: int) -> None:
         """Make the next readings total ``worker_bytes``."""
         self.extra = 0
         self.extra = worker_bytes - self.main_bytes - sum(self.children.values())
+        self.extra -= sum(sum(t.values()) for p, t in self.descendants.items() if p in self.children)
+        self.extra -= sum(b for _, b in self.strays.values())
         assert self.extra >= 0
 
 
@@ -85,11 +101,15 @@ class World:
         self.meter = FakeMeter()
         self.clock = Clock()
         self.dead: set[int] = set()
+        self.signals: list[tuple[int, int]] = []
+        self.reaped: list[int] = []
         self.config = load_config({}, {})
         self.budget = budget or Budget(BUDGET, "configured", 2 * BUDGET)
         self.gov = Governor(
             self.config, self.budget, self.ledger, self.actuator, meter=self.meter, cpu_slots=4,
             clock=self.clock, alive=lambda pid: pid not in self.dead,
+            signal_pid=lambda pid, sig: self.signals.append((pid, sig)),
+            reap=lambda pid: self.reaped.append(pid) is None,
         )
 
     def at(self, worker_bytes: int, dt: float = 0.25) -> None:
@@ -319,7 +339,7 @@ def test_memory_snapshot_schema(world: World) -> None:
     assert set(snap) == {
         "budget_bytes", "budget_source", "limit_bytes", "worker_bytes", "main_bytes", "children",
         "cgroup_working_set_bytes", "host_total_bytes", "host_available_bytes", "peak_bytes", "ratio",
-        "zone", "admit_line_bytes", "idle_bytes",
+        "zone", "admit_line_bytes", "idle_bytes", "descendants", "strays",
     }
     assert snap["budget_bytes"] == BUDGET and snap["budget_source"] == "configured"
     assert snap["worker_bytes"] == pct(0.8)

@@ -74,14 +74,14 @@ def test_shared_part_is_refreshed_only_every_uss_interval() -> None:
         children = fork_sleepers(1)
         meter = ProcessTreeMeter(os.getpid(), uss_interval_s=2.0, clock=lambda: now[0])
         calls = []
-        real = psutil.Process.memory_full_info
+        real = meter.fs.private
 
-        def counting(self):
-            calls.append(self.pid)
-            return real(self)
+        def counting(pid):
+            calls.append(pid)
+            return real(pid)
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(psutil.Process, "memory_full_info", counting)
+            mp.setattr(meter.fs, "private", counting)
             meter.sample(children)
             now[0] += 1.0
             second = meter.sample(children)
@@ -104,7 +104,7 @@ def test_vanished_children_are_skipped_and_forgotten() -> None:
         assert children[0] not in reading.rss
         # a pid no longer listed is dropped from the meter's caches
         meter.sample(children[1:])
-        assert set(meter._procs) == {children[1]}
+        assert meter.fs.kept() == {os.getpid(), children[1]}
     finally:
         kill_all(children)
 
