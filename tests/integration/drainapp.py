@@ -1,0 +1,108 @@
+"""A test app for warm shutdowns and re-sent messages: tasks that count their bodies and record what
+their request carried, in the result backend's Redis (``RMQ_RESULT_BACKEND``).
+
+With ``RMQ_TEST_OTEL=1`` each pool process instruments Celery with OpenTelemetry at
+``worker_process_init`` and writes the trace id of every task span it ends to ``otel:<task id>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+from celery.signals import worker_process_init
+
+import workers.tasks  # noqa: F401  (the reference tasks)
+from rmq import governed_task
+from workers.app import make_app
+
+app = make_app()
+app.set_current()
+
+MiB = 1024 * 1024
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(os.environ["RMQ_RESULT_BACKEND"])
+
+
+def _seen(request: Any) -> dict[str, Any]:
+    return {
+        "x_trace": request.get("x_trace"),
+        "root_id": request.root_id,
+        "parent_id": request.parent_id,
+        "correlation_id": request.correlation_id,
+        "reply_to": request.reply_to,
+        "expires": request.expires,
+        "timelimit": list(request.timelimit or ()),
+        "callbacks": len(request.callbacks or ()),
+        "pid": os.getpid(),
+        "hostname": request.hostname,
+    }
+
+
+@governed_task(memory="64MiB", name="d.long", bind=True)
+def long(self: Any, seconds: float) -> dict:
+    """Counts its body in ``bodies:<task id>``, then sleeps."""
+    r = _redis()
+    r.incr(f"bodies:{self.request.id}")
+    r.rpush(f"ran_on:{self.request.id}", self.request.hostname or "")
+    started = time.time()
+    time.sleep(seconds)
+    return {"pid": os.getpid(), "started": started, "ended": time.time()}
+
+
+@governed_task(memory="64MiB", concurrency={"d_permit": 1}, name="d.permit", bind=True)
+def permit(self: Any, hold_s: float) -> dict:
+    """Holds the cluster permit ``d_permit`` (one at a time); records what each run saw."""
+    _redis().rpush(f"seen:{self.request.id}", json.dumps(_seen(self.request)))
+    time.sleep(hold_s)
+    return {"pid": os.getpid()}
+
+
+@governed_task(memory="100MiB", name="d.grow", bind=True)
+def grow(self: Any, mib: int, hold_s: float) -> dict:
+    """Touches ``mib`` MiB on its first run only (a kill re-runs it), then holds ``hold_s``."""
+    r = _redis()
+    r.rpush(f"seen:{self.request.id}", json.dumps(_seen(self.request)))
+    block = bytearray(0)
+    if r.incr(f"grow_runs:{self.request.id}") == 1:
+        block = bytearray(mib * MiB)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+    time.sleep(hold_s)
+    del block
+    return {"pid": os.getpid()}
+
+
+@app.task(name="d.mark")
+def mark(result: Any, key: str) -> None:
+    """A link callback: counts its calls in ``key``."""
+    _redis().incr(key)
+
+
+@worker_process_init.connect
+def _instrument(**_: Any) -> None:
+    if os.environ.get("RMQ_TEST_OTEL") != "1":
+        return
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class _ToRedis(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            r = _redis()
+            for span in spans:
+                task_id = (span.attributes or {}).get("celery.task_id")
+                if task_id and span.name.startswith("run/"):
+                    r.rpush(f"otel:{task_id}", format(span.context.trace_id, "032x"))
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(_ToRedis()))
+    trace.set_tracer_provider(provider)
+    CeleryInstrumentor().instrument(tracer_provider=provider)
