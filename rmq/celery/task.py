@@ -18,6 +18,7 @@ from celery import Task, shared_task
 from celery.exceptions import Retry
 
 from rmq.celery.copies import DEFERRALS, finished_copy, is_copy, release_claim, rmq_headers, run_copy, run_original
+from rmq.celery.resend import resend
 from rmq.concern import Concern, TaskContext, current_context, set_current_context
 from rmq.core.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
 from rmq.core.errors import Defer, ResourceUnavailable
@@ -181,8 +182,7 @@ class GovernedTask(Task):
                 raise ResourceUnavailable(self.name, f"{defer.reason} (for {now - since:.0f}s)", done)
             headers[OUTAGE_SINCE] = since
         headers[DEFERRALS] = done + int(counted)
-        sig = self.signature_from_request(request, countdown=defer.countdown_s, headers=headers)
-        sig.apply_async()
+        sig = resend(self, request, defer.countdown_s, headers)
         log.info("rmq deferred %s[%s] for %.2fs (%s): %s", self.name, request.id, defer.countdown_s,
                  defer.kind, defer.reason)
         raise Retry(message=f"rmq deferred ({defer.kind}): {defer.reason}", when=defer.countdown_s, sig=sig)

@@ -39,6 +39,8 @@ def _seen(request: Any) -> dict[str, Any]:
         "expires": request.expires,
         "timelimit": list(request.timelimit or ()),
         "callbacks": len(request.callbacks or ()),
+        "priority": (request.delivery_info or {}).get("priority"),
+        "traceparent": json.dumps(request.get("traceparent")),
         "pid": os.getpid(),
         "hostname": request.hostname,
     }
@@ -97,7 +99,7 @@ def _instrument(**_: Any) -> None:
         def export(self, spans: Any) -> SpanExportResult:
             r = _redis()
             for span in spans:
-                task_id = (span.attributes or {}).get("celery.task_id")
+                task_id = (span.attributes or {}).get("messaging.message.id")
                 if task_id and span.name.startswith("run/"):
                     r.rpush(f"otel:{task_id}", format(span.context.trace_id, "032x"))
             return SpanExportResult.SUCCESS
@@ -106,3 +108,9 @@ def _instrument(**_: Any) -> None:
     provider.add_span_processor(SimpleSpanProcessor(_ToRedis()))
     trace.set_tracer_provider(provider)
     CeleryInstrumentor().instrument(tracer_provider=provider)
+
+
+@app.task(name="d.vars", bind=True)
+def request_vars(self: Any) -> dict:
+    """What the request of a plain task holds (its attribute names and values, as text)."""
+    return {k: repr(v)[:200] for k, v in vars(self.request).items()}
