@@ -57,14 +57,14 @@ def _otel_env(redis_url: str, **rmq: object) -> dict[str, str]:
     return {**taskapp_env(redis_url, **rmq), "RMQ_TEST_OTEL": "1"}
 
 
-def test_a_deferred_task_keeps_its_headers_links_and_trace(redis_url, drain_app, start_worker):
+def _deferral_keeps_the_message(app, start_worker, redis_url: str, env: dict[str, str]) -> None:
     r = redis_lib.Redis.from_url(redis_url)
-    start_worker(drain_app, app="drainapp", env=_otel_env(redis_url, defer_countdown="0.5s"), concurrency=2)
+    start_worker(app, app="drainapp", env=env, concurrency=2)
     # Given the task's one permit is held by a running task
-    holder = drain_app.tasks["d.permit"].delay(3.0)
+    holder = app.tasks["d.permit"].delay(3.0)
     wait_until(lambda: r.llen(f"seen:{holder.id}"), 30, what="the holder to run")
     # When a task sent with a custom header, ids, a link, limits and a priority finds it busy
-    res = _send(drain_app, "d.permit", (0.1,), f"marks:{holder.id}")
+    res = _send(app, "d.permit", (0.1,), f"marks:{holder.id}")
     assert res.get(timeout=60)["pid"] > 0
     # Then it was deferred, and its run saw the message as it was sent
     runs = _runs(r, res.id)
@@ -75,6 +75,24 @@ def test_a_deferred_task_keeps_its_headers_links_and_trace(redis_url, drain_app,
                         10, what="both runs' spans")
     assert {t.decode() for t in traces} == {TRACE_ID}  # the deferred attempt and the run: the sender's trace
     assert int(r.get(f"marks:{holder.id}")) == 1  # the callback fired once
+
+
+def test_a_deferred_task_keeps_its_headers_links_and_trace(redis_url, drain_app, start_worker):
+    _deferral_keeps_the_message(drain_app, start_worker, redis_url, _otel_env(redis_url, defer_countdown="0.5s"))
+
+
+def test_a_deferred_task_on_rabbitmq_keeps_its_headers_links_and_trace(amqp_url, redis_url, drain_app, unique,
+                                                                      start_worker):
+    from workers.app import make_app
+
+    queue = f"resend-{unique}"
+    app = make_app(broker=amqp_url, backend=redis_url, queue=queue)
+    try:
+        env = {**_otel_env(redis_url, defer_countdown="0.5s"), "RMQ_BROKER_URL": amqp_url,
+               "RMQ_RESULT_BACKEND": redis_url, "RMQ_APP_QUEUE": queue}
+        _deferral_keeps_the_message(app, start_worker, redis_url, env)
+    finally:
+        app.close()
 
 
 def test_a_task_re_run_after_a_memory_kill_keeps_its_headers_links_and_trace(redis_url, drain_app, start_worker):
