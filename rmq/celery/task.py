@@ -193,8 +193,11 @@ class GovernedTask(Task):
         priority = options.get("priority")
         if priority is None:
             priority = self.rmq.priority
+        cfg = config_for(self.app)
+        if not cfg.priorities:  # rmq_priorities off: Celery's own meaning, as given
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
         if priority is None:
-            priority = config_for(self.app).default_priority
+            priority = cfg.default_priority
         options["priority"] = to_wire_priority(parse_priority(priority), transport_kind(self.app))
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
 
@@ -203,7 +206,7 @@ class GovernedTask(Task):
         # The request carries the wire priority; apply_async translates again, so undo it here.
         sig = super().signature_from_request(request, args, kwargs, queue, **extra_options)
         wire = sig.options.get("priority")
-        if wire is not None:
+        if wire is not None and config_for(self.app).priorities:
             sig.options["priority"] = from_wire_priority(wire, transport_kind(self.app))
         return sig
 
