@@ -80,6 +80,23 @@ def grow(self: Any, mib: int, hold_s: float) -> dict:
     return {"pid": os.getpid()}
 
 
+@governed_task(memory="100MiB", name="d.balloon", bind=True)
+def balloon(self: Any, cap_mib: int, hold_s: float) -> dict:
+    """Marks ``balloon:<task id>``, waits a second, then grows 50 MiB at a time up to ``cap_mib`` and
+    holds it: over its declaration, but bounded."""
+    _redis().incr(f"balloon:{self.request.id}")
+    time.sleep(1.0)
+    blocks = []
+    for _ in range(cap_mib // 50):
+        block = bytearray(50 * MiB)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        blocks.append(block)
+        time.sleep(0.05)
+    time.sleep(hold_s)
+    return {"pid": os.getpid(), "held_mib": len(blocks) * 50}
+
+
 @app.task(name="d.mark")
 def mark(result: Any, key: str) -> None:
     """A link callback: counts its calls in ``key``."""

@@ -94,3 +94,20 @@ def test_sigterm_on_rabbitmq_keeps_the_connection_until_the_task_ends(amqp_url, 
         assert f"d.long[{result.id}] received" not in b.log()
     finally:
         app.close()
+
+
+def test_the_kill_rung_still_acts_while_the_pool_drains(redis_url, test_app, drain_app, start_worker):
+    r = redis_lib.Redis.from_url(redis_url)
+    env = _env(redis_url, redis_url, memory_budget="1GiB", memory_kill_retries=0)
+    w = start_worker(drain_app, app="drainapp", env=env, concurrency=1)
+    # Given a task that will outgrow the budget a second after it starts
+    result = drain_app.tasks["d.balloon"].delay(1500, 10.0)
+    wait_until(lambda: r.get(f"balloon:{result.id}"), 30, what="the task to start")
+    # When the worker is asked to stop before it grows
+    w.proc.send_signal(signal.SIGTERM)
+    # Then the governor, still running while the pool drains, ends it for memory
+    with pytest.raises(Exception, match="MemoryBudgetExceeded|killed"):
+        result.get(timeout=60)
+    w.proc.wait(30)
+    log = w.log()
+    assert log.index("rmq keeps governing until the pool has drained") < log.index("rmq killing"), log[-3000:]
