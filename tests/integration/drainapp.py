@@ -2,7 +2,8 @@
 their request carried, in the result backend's Redis (``RMQ_RESULT_BACKEND``).
 
 With ``RMQ_TEST_OTEL=1`` each pool process instruments Celery with OpenTelemetry at
-``worker_process_init`` and writes the trace id of every task span it ends to ``otel:<task id>``.
+``worker_process_init`` and writes the trace id of every task span it ends to ``otel:<task id>``;
+with ``RMQ_TEST_OTEL=main`` the main process is instrumented too (at ``worker_init``, before the fork).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from typing import Any
 
 import redis
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 import workers.tasks  # noqa: F401  (the reference tasks)
 from rmq import governed_task
@@ -103,10 +104,19 @@ def mark(result: Any, key: str) -> None:
     _redis().incr(key)
 
 
+@worker_init.connect
+def _instrument_main(**_: Any) -> None:
+    if os.environ.get("RMQ_TEST_OTEL") == "main":  # the main process too; pool processes inherit it
+        _instrument()
+
+
 @worker_process_init.connect
-def _instrument(**_: Any) -> None:
-    if os.environ.get("RMQ_TEST_OTEL") != "1":
-        return
+def _instrument_child(**_: Any) -> None:
+    if os.environ.get("RMQ_TEST_OTEL") == "1":
+        _instrument()
+
+
+def _instrument() -> None:
     from opentelemetry import trace
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
     from opentelemetry.sdk.trace import TracerProvider

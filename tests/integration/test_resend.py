@@ -95,10 +95,12 @@ def test_a_deferred_task_on_rabbitmq_keeps_its_headers_links_and_trace(amqp_url,
         app.close()
 
 
-def test_a_task_re_run_after_a_memory_kill_keeps_its_headers_links_and_trace(redis_url, drain_app, start_worker):
+@pytest.mark.parametrize("instrumented", ["1", "main"])  # pool processes only, or the main process too
+def test_a_task_re_run_after_a_memory_kill_keeps_its_headers_links_and_trace(redis_url, drain_app, start_worker,
+                                                                            instrumented):
     r = redis_lib.Redis.from_url(redis_url)
-    w = start_worker(drain_app, app="drainapp",
-                     env=_otel_env(redis_url, memory_budget="700MiB", kill_backoff="0.2s"), concurrency=1)
+    env = {**_otel_env(redis_url, memory_budget="700MiB", kill_backoff="0.2s"), "RMQ_TEST_OTEL": instrumented}
+    w = start_worker(drain_app, app="drainapp", env=env, concurrency=1)
     # When a task that grows far over its declaration on its first run is killed for memory
     res = _send(drain_app, "d.grow", (900, 0.5), "marks:grow")
     assert res.get(timeout=60)["pid"] > 0
