@@ -21,6 +21,7 @@ from rmq import governed_task
 from workers.app import make_app
 
 app = make_app()
+app.conf.worker_soft_shutdown_timeout = float(os.environ.get("DRAIN_SOFT_SHUTDOWN_TIMEOUT", "0"))
 app.set_current()
 
 MiB = 1024 * 1024

@@ -111,3 +111,22 @@ def test_the_kill_rung_still_acts_while_the_pool_drains(redis_url, test_app, dra
     w.proc.wait(30)
     log = w.log()
     assert log.index("rmq keeps governing until the pool has drained") < log.index("rmq killing"), log[-3000:]
+
+
+def test_a_cold_shutdown_after_the_soft_shutdown_timeout_still_hands_the_task_over(redis_url, test_app, drain_app,
+                                                                                   start_worker):
+    # Celery's meaning: SIGQUIT waits worker_soft_shutdown_timeout, then cancels the running task, whose
+    # message goes back to the queue for another worker
+    r = redis_lib.Redis.from_url(redis_url)
+    env = {**_env(redis_url, redis_url, visibility_timeout="4s", unacked_restore_interval="1s"),
+           "DRAIN_SOFT_SHUTDOWN_TIMEOUT": "3"}
+    a = start_worker(drain_app, app="drainapp", env=env, concurrency=1)
+    result = drain_app.tasks["d.long"].delay(8.0)
+    wait_until(lambda: r.get(f"bodies:{result.id}"), 30, what="the body to start on the first worker")
+    b = start_worker(drain_app, app="drainapp", env=env, concurrency=1)
+    quit_at = time.monotonic()
+    a.proc.send_signal(signal.SIGQUIT)
+    a.proc.wait(30)
+    assert 3.0 <= time.monotonic() - quit_at < 8.0, a.log()[-3000:]  # the soft timeout, not the whole task
+    assert result.get(timeout=60)["ended"] > 0
+    assert int(r.get(f"bodies:{result.id}")) == 2 and f"d.long[{result.id}] received" in b.log()
