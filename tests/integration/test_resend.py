@@ -43,21 +43,20 @@ def _send(app, name: str, args: tuple, key: str):
     return app.tasks[name].apply_async(args, headers=headers, link=app.tasks["d.mark"].s(key), **SENT)
 
 
-def _assert_same_message(run: dict, task_id: str, first_priority: int | None = None) -> None:
+def _assert_same_message(run: dict, task_id: str, reply_to: str, wire_priority: int) -> None:
     assert run["x_trace"] == "trace-me"
     assert (run["root_id"], run["parent_id"]) == ("root-1", "parent-1")
-    assert run["correlation_id"] == task_id
+    assert run["correlation_id"] == task_id and run["reply_to"] == reply_to
     assert run["expires"] and run["timelimit"] == [100, 90]
     assert run["callbacks"] == 1
-    if first_priority is not None:
-        assert run["priority"] == first_priority
+    assert run["priority"] == wire_priority  # priority 7 as sent: 7 on RabbitMQ, 9 - 7 on Redis
 
 
 def _otel_env(redis_url: str, **rmq: object) -> dict[str, str]:
     return {**taskapp_env(redis_url, **rmq), "RMQ_TEST_OTEL": "1"}
 
 
-def _deferral_keeps_the_message(app, start_worker, redis_url: str, env: dict[str, str]) -> None:
+def _deferral_keeps_the_message(app, start_worker, redis_url: str, env: dict[str, str], wire: str) -> None:
     r = redis_lib.Redis.from_url(redis_url)
     start_worker(app, app="drainapp", env=env, concurrency=2)
     # Given the task's one permit is held by a running task
@@ -69,7 +68,7 @@ def _deferral_keeps_the_message(app, start_worker, redis_url: str, env: dict[str
     # Then it was deferred, and its run saw the message as it was sent
     runs = _runs(r, res.id)
     assert len(runs) == 1
-    _assert_same_message(runs[0], res.id)
+    _assert_same_message(runs[0], res.id, app.thread_oid, 7 if wire == "amqp" else 2)
     wait_until(lambda: r.get(f"marks:{holder.id}"), 10, what="the link callback")
     traces = wait_until(lambda: r.lrange(f"otel:{res.id}", 0, -1) if r.llen(f"otel:{res.id}") >= 2 else None,
                         10, what="both runs' spans")
@@ -78,7 +77,8 @@ def _deferral_keeps_the_message(app, start_worker, redis_url: str, env: dict[str
 
 
 def test_a_deferred_task_keeps_its_headers_links_and_trace(redis_url, drain_app, start_worker):
-    _deferral_keeps_the_message(drain_app, start_worker, redis_url, _otel_env(redis_url, defer_countdown="0.5s"))
+    _deferral_keeps_the_message(drain_app, start_worker, redis_url, _otel_env(redis_url, defer_countdown="0.5s"),
+                                "redis")
 
 
 def test_a_deferred_task_on_rabbitmq_keeps_its_headers_links_and_trace(amqp_url, redis_url, drain_app, unique,
@@ -90,7 +90,7 @@ def test_a_deferred_task_on_rabbitmq_keeps_its_headers_links_and_trace(amqp_url,
     try:
         env = {**_otel_env(redis_url, defer_countdown="0.5s"), "RMQ_BROKER_URL": amqp_url,
                "RMQ_RESULT_BACKEND": redis_url, "RMQ_APP_QUEUE": queue}
-        _deferral_keeps_the_message(app, start_worker, redis_url, env)
+        _deferral_keeps_the_message(app, start_worker, redis_url, env, "amqp")
     finally:
         app.close()
 
@@ -109,7 +109,7 @@ def test_a_task_re_run_after_a_memory_kill_keeps_its_headers_links_and_trace(red
     runs = _runs(r, res.id)
     assert len(runs) == 2
     for run in runs:
-        _assert_same_message(run, res.id, first_priority=runs[0]["priority"])
+        _assert_same_message(run, res.id, drain_app.thread_oid, 2)
     wait_until(lambda: r.get("marks:grow"), 10, what="the link callback")
     traces = wait_until(lambda: r.lrange(f"otel:{res.id}", 0, -1), 10, what="the re-run's span")
     assert {t.decode() for t in traces} == {TRACE_ID}  # the re-run (the killed run never ended its span)
@@ -126,4 +126,4 @@ def test_a_redelivery_after_a_lost_process_keeps_its_headers(redis_url, drain_ap
     runs = _runs(r, res.id)
     assert len(runs) == 2
     for run in runs:
-        _assert_same_message(run, res.id, first_priority=runs[0]["priority"])
+        _assert_same_message(run, res.id, drain_app.thread_oid, 2)
