@@ -22,16 +22,19 @@ __all__ = ["custom_headers", "resend"]
 
 #: what Celery itself puts in a task message's headers (protocol 2) besides the custom ones
 _CELERY_KEYS = frozenset({*Context.__dict__, "lang", "task", "argsrepr", "kwargsrepr", "compression"})
+_X_DEATH = frozenset({"x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+                      "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason"})
 
 
 def custom_headers(request: Any) -> dict[str, Any]:
     """The custom headers of a task's message, from its request (``task.request`` or a worker's
     request context): what ``apply_async(headers=...)`` and instrumentations put there."""
     headers = getattr(request, "headers", None)
-    if isinstance(headers, dict):
-        return dict(headers)
-    values = vars(request) if hasattr(request, "__dict__") else {}
-    return {k: v for k, v in values.items() if not k.startswith("_") and k not in _CELERY_KEYS}
+    if not isinstance(headers, dict):
+        values = vars(request) if hasattr(request, "__dict__") else {}
+        headers = {k: v for k, v in values.items() if not k.startswith("_") and k not in _CELERY_KEYS}
+    # RabbitMQ's dead-lettering records: sent again, they would make the broker see a cycle (as Celery drops them)
+    return {k: v for k, v in headers.items() if k not in _X_DEATH}
 
 
 def resend(task: Any, request: Any, countdown_s: float, rmq_headers: dict[str, Any]) -> Any:

@@ -31,3 +31,8 @@ def test_rmq_headers_are_laid_over_the_message_headers() -> None:
     ctx = Context({"id": "t1", "task": "x", "x_trace": "abc", "rmq_deferrals": 1})
     resend(task, ctx, 2.0, {"rmq_deferrals": 2})
     assert task.sent == [{"countdown": 2.0, "headers": {"x_trace": "abc", "rmq_deferrals": 2}}]
+
+
+def test_rabbitmq_dead_letter_headers_are_not_sent_again() -> None:
+    ctx = Context({"id": "t1", "task": "x", "x_trace": "abc", "x-death": [{"count": 1}], "x-first-death-queue": "q"})
+    assert custom_headers(ctx) == {"x_trace": "abc"}
