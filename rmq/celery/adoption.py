@@ -168,7 +168,7 @@ def foreign_workers(app: Any, cfg: RmqConfig, timeout_s: float) -> Finding:
         f"{', '.join(foreign)} share(s) this Redis database without rmq: rmq's workers hand back every "
         f"unacknowledged message older than rmq_visibility_timeout ({cfg.visibility_timeout:g}s), so a task "
         "of theirs that runs longer is delivered again while it runs"
-        + (("; and their kombu bindings use another separator, so messages and remote-control replies "
+        + (("; and their kombu bindings use another separator, so remote-control replies (inspect, ping) "
             "between the two kinds fail (ValueError: not enough values to unpack)") if other_layout else "")
         + " (a worker killed without a warm shutdown leaves its binding behind: check the names)",
         hazard=True,
