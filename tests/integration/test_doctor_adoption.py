@@ -123,6 +123,18 @@ def test_a_worker_without_rmq_on_the_same_redis_database_is_a_hazard(start_worke
             line = next(x for x in found.stdout.splitlines() if "workers without rmq" in x)
             assert "HAZARD" in line and plain.node_name in line and "20s" in line
             assert "rmq.install(app)" in found.stdout
+            # and one without rmq but with rmq's layout set by hand answers inspect stats without an rmq part
+            os.environ["PLAIN_RMQ_LAYOUT"] = "1"
+            try:
+                same_layout_client = _plain_app(url)
+            finally:
+                del os.environ["PLAIN_RMQ_LAYOUT"]
+            same = start_worker(same_layout_client, app="plainapp",
+                                env={**worker_env(url), "PYTHONPATH": f"{TESTS_DIR}:{ROOT}", "PLAIN_RMQ_LAYOUT": "1"})
+            same_layout_client.close()
+            found = _doctor(worker_env(url))
+            line = next(x for x in found.stdout.splitlines() if "workers without rmq" in x)
+            assert plain.node_name in line and same.node_name in line, found.stdout
         finally:
             rmq_client.close()
             plain_client.close()
