@@ -72,6 +72,8 @@ def rabbitmq_queues(app: Any, cfg: RmqConfig) -> Finding:
                 if getattr(exc, "reply_code", getattr(exc, "code", None)) == _NOT_FOUND:
                     continue  # absent: the first worker creates it as it should be
                 raise
+            finally:
+                _close(channel)
             channel = conn.channel()
             try:
                 queue.bind(channel).queue_declare()
