@@ -115,6 +115,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except Exception as exc:
         ok = False
         print(f"broker          UNREACHABLE: {exc}")
+    else:
+        ok = _adoption(app, cfg) and ok
     url = redis_url_for_app(cfg, app)
     if url:
         try:
@@ -129,6 +131,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print("rmq redis       none (set rmq_redis_url for rate limits and learned declarations)")
     print("config          ok")
     return 0 if ok else 1
+
+
+def _adoption(app: Any, cfg: Any) -> bool:
+    """Print the hazards of adopting rmq on this deployment (rmq/celery/adoption.py); False if any."""
+    from rmq.celery.adoption import adoption_findings
+
+    try:
+        findings = adoption_findings(app, cfg)
+    except Exception as exc:  # the checks are advice: one that cannot run is said, not fatal
+        print(f"adoption        not checked: {exc!r}")
+        return True
+    for f in findings:
+        print(f"adoption        {'HAZARD' if f.hazard else 'ok'} {f.check}: {f.summary}")
+        if f.hazard:
+            print(f"                fix: {f.fix}")
+    return not any(f.hazard for f in findings)
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

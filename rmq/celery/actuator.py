@@ -24,6 +24,8 @@ class CeleryActuator:
         self.want_paused = False
         self.paused_queues: list[str] = []
         self._is_paused = False
+        #: when unacked messages were last touched (monotonic), by the event loop or the keeper thread
+        self.last_touch = time.monotonic()
 
     @property
     def is_paused(self) -> bool:
@@ -74,6 +76,7 @@ class CeleryActuator:
         qos = getattr(channel, "qos", None)
         key = getattr(channel, "unacked_index_key", None)
         delivered = getattr(qos, "_delivered", None)
+        self.last_touch = time.monotonic()
         if not delivered or key is None:
             return
         now = time.time()
@@ -81,9 +84,17 @@ class CeleryActuator:
             # Not channel.client: that is the connection with the consumer's pending BRPOP, and a
             # command sent on it would read the BRPOP's reply (a message) as its own and lose it.
             with channel.conn_or_acquire() as client:
+                # XX: a tag acked meanwhile (by the main thread, when a keeper thread touches) stays gone
                 client.zadd(key, {tag: now for tag in list(delivered)}, xx=True)
         except Exception as exc:  # a broken connection is the consumer's to fix
             log.debug("rmq could not touch unacked messages: %r", exc)
+
+    def touch_if_stale(self, every_s: float) -> None:
+        """From a thread: touch when the event loop has not for 1.5 intervals. The loop stops
+        before the pool has drained (warm shutdown) and sleeps through a soft shutdown; a running
+        task's message must stay fresh all the same."""
+        if time.monotonic() - self.last_touch >= 1.5 * every_s:
+            self.touch_unacked()
 
     def reap_exited(self) -> None:
         """On the event loop: finish pool processes that died but that Celery's exit-pipe check

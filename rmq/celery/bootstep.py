@@ -18,6 +18,7 @@ from rmq.celery.pools import check_pool
 from rmq.core.errors import ConfigError
 from rmq.core.exits import exit_config_error
 from rmq.core.ledger import Ledger, slots_for
+from rmq.core.periodic import PeriodicThread
 from rmq.core.runtime import Runtime, config_for, redis_url_for_app, runtime_base, runtime_dir_prefix, set_current
 from rmq.cpu.slots import detect_cpu_slots
 from rmq.memory.budget import detect_budget
@@ -73,6 +74,8 @@ class GovernorStep(bootsteps.StartStopStep):
         self.governor: Governor | None = None
         self.snapshots: SnapshotBuilder | None = None
         self._timers: list[Any] = []
+        self._keeper: PeriodicThread | None = None
+        self._draining = False
 
     def start(self, worker: Any) -> None:
         actuator = CeleryActuator(worker)
@@ -99,6 +102,11 @@ class GovernorStep(bootsteps.StartStopStep):
             self._timers.append(timer.call_repeatedly(0.1, actuator.reap_exited))
             touch_every = max(0.5, self.config.visibility_timeout / 5)
             self._timers.append(timer.call_repeatedly(touch_every, actuator.touch_unacked))
+            # the loop stops before the pool drains: see docs/design.md#crash-recovery
+            self._keeper = PeriodicThread("rmq-unacked-keeper", lambda: actuator.touch_if_stale(touch_every),
+                                          touch_every / 2, log, "unacked refresh")
+            self._keeper.start()
+        self._after_pool(worker)
         for concern in default_concerns():
             concern.worker_start(self.runtime)
         log.info(
@@ -107,13 +115,51 @@ class GovernorStep(bootsteps.StartStopStep):
             self.cpu_source, self.config.monitor_interval * 1000,
         )
 
+    def _after_pool(self, worker: Any) -> None:
+        """Stop for good once the worker's blueprint has stopped every step, the pool included
+        (its ``on_stopped``, which then closes the broker connection)."""
+        blueprint = getattr(worker, "blueprint", None)
+        if blueprint is None:
+            return
+        then = blueprint.on_stopped
+
+        def on_stopped() -> None:
+            if self._draining:
+                self._stop_all()
+                log.info("rmq governor stopped after the pool drained")
+            if then is not None:
+                then()
+
+        blueprint.on_stopped = on_stopped
+
     def stop(self, worker: Any) -> None:
+        """Warm shutdown: the pool stops after this step and waits for its running tasks, so the
+        governor, its kill rung and the unacked refresh go on until it has (``_after_pool``)."""
+        if self.governor is None or getattr(getattr(worker, "blueprint", None), "on_stopped", None) is None:
+            self._stop_all()
+            return
+        self._cancel_timers()  # the event loop has ended; the keeper thread refreshes from now on
+        self._draining = True
+        log.info("rmq keeps governing until the pool has drained")
+
+    def terminate(self, worker: Any) -> None:
+        """Cold shutdown: the pool is terminated, running tasks with it; stop now."""
+        self._stop_all()
+
+    def _cancel_timers(self) -> None:
         for t in self._timers:
             try:
                 t.cancel()
             except Exception:
                 pass
         self._timers = []
+
+    def _stop_all(self) -> None:
+        self._draining = False
+        self._cancel_timers()
+        if self._keeper is not None:
+            self._keeper.stop()
+            self._keeper = None
         if self.governor is not None:
             self.governor.stop()
             self.governor = None
@@ -122,8 +168,6 @@ class GovernorStep(bootsteps.StartStopStep):
                     concern.worker_stop(self.runtime)
                 except Exception:
                     log.exception("rmq %s failed to stop", concern.name)
-
-    terminate = stop
 
     def _remove_runtime_dir(self) -> None:
         # at exit, after the pool's children are gone

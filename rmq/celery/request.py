@@ -25,6 +25,7 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 
 from rmq.celery.copies import rmq_headers
+from rmq.celery.resend import resend
 from rmq.core import keys
 from rmq.core.claims import claim_token
 from rmq.core.errors import MemoryBudgetExceeded, TaskProcessLost
@@ -115,8 +116,7 @@ class GovernedRequest(Request):
         countdown = rt.config.kill_backoff * (2 ** (kills - 1))
         headers = {**headers, "rmq_kills": kills}
         try:
-            sig = self.task.signature_from_request(self._context, countdown=countdown, headers=headers)
-            sig.apply_async()
+            resend(self.task, self._context, countdown, headers)
         except Exception as exc:
             log.error("rmq could not re-queue killed task %s[%s]: %r", name, self.id, exc)
             return False

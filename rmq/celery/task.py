@@ -18,6 +18,7 @@ from celery import Task, shared_task
 from celery.exceptions import Retry
 
 from rmq.celery.copies import DEFERRALS, finished_copy, is_copy, release_claim, rmq_headers, run_copy, run_original
+from rmq.celery.resend import resend
 from rmq.concern import Concern, TaskContext, current_context, set_current_context
 from rmq.core.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
 from rmq.core.errors import Defer, ResourceUnavailable
@@ -181,8 +182,7 @@ class GovernedTask(Task):
                 raise ResourceUnavailable(self.name, f"{defer.reason} (for {now - since:.0f}s)", done)
             headers[OUTAGE_SINCE] = since
         headers[DEFERRALS] = done + int(counted)
-        sig = self.signature_from_request(request, countdown=defer.countdown_s, headers=headers)
-        sig.apply_async()
+        sig = resend(self, request, defer.countdown_s, headers)
         log.info("rmq deferred %s[%s] for %.2fs (%s): %s", self.name, request.id, defer.countdown_s,
                  defer.kind, defer.reason)
         raise Retry(message=f"rmq deferred ({defer.kind}): {defer.reason}", when=defer.countdown_s, sig=sig)
@@ -193,8 +193,11 @@ class GovernedTask(Task):
         priority = options.get("priority")
         if priority is None:
             priority = self.rmq.priority
+        cfg = config_for(self.app)
+        if not cfg.priorities:  # rmq_priorities off: Celery's own meaning, as given
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
         if priority is None:
-            priority = config_for(self.app).default_priority
+            priority = cfg.default_priority
         options["priority"] = to_wire_priority(parse_priority(priority), transport_kind(self.app))
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
 
@@ -203,7 +206,7 @@ class GovernedTask(Task):
         # The request carries the wire priority; apply_async translates again, so undo it here.
         sig = super().signature_from_request(request, args, kwargs, queue, **extra_options)
         wire = sig.options.get("priority")
-        if wire is not None:
+        if wire is not None and config_for(self.app).priorities:
             sig.options["priority"] = from_wire_priority(wire, transport_kind(self.app))
         return sig
 

@@ -39,29 +39,31 @@ def _configure(app: Any) -> None:
         conf.task_routes = (router, *routes)
     kind = transport_kind(app)
     options = dict(conf.broker_transport_options or {})
-    if kind == "redis":
+    if kind == "redis" and cfg.priorities:
         options.setdefault("priority_steps", list(range(10)))
         options.setdefault("sep", ":")
         options.setdefault("queue_order_strategy", "priority")
+    if kind == "redis":
         options.setdefault("visibility_timeout", int(cfg.visibility_timeout))
         options.setdefault("unacked_restore_interval", max(1, int(cfg.unacked_restore_interval)))
         options.setdefault("unacked_restore_throttle", 1)
     conf.broker_transport_options = options
-    if conf.task_queue_max_priority is None:
+    if conf.task_queue_max_priority is None and cfg.priorities:
         conf.task_queue_max_priority = 10
-    if conf.task_default_priority is None:
+    if conf.task_default_priority is None and cfg.priorities:
         conf.task_default_priority = to_wire_priority(cfg.default_priority, kind)
     if kind == "redis":
         backend_opts = dict(conf.result_backend_transport_options or {})
         backend_opts.setdefault("visibility_timeout", int(cfg.visibility_timeout))
         conf.result_backend_transport_options = backend_opts
-    if conf.worker_autoscaler in (None, "celery.worker.autoscale:Autoscaler"):
+    if conf.worker_autoscaler in (None, "celery.worker.autoscale:Autoscaler") and cfg.autoscaler:
         conf.worker_autoscaler = "rmq.celery.autoscale:ResourceAutoscaler"
     _declare_heavy_queue(app, cfg.heavy_queue)
     schedule = dict(conf.beat_schedule or {})
     schedule.setdefault("rmq.cleanup_sessions", {"task": "rmq.cleanup_sessions", "schedule": cfg.cleanup_interval})
     schedule.setdefault("rmq.monitor", {"task": "rmq.monitor", "schedule": cfg.monitor_beat_interval})
-    conf.beat_schedule = schedule
+    if cfg.beat_entries:
+        conf.beat_schedule = schedule
 
 
 def _declare_heavy_queue(app: Any, heavy: str) -> None:

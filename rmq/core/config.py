@@ -122,6 +122,14 @@ def _fraction0(v: object, w: str) -> float:
     return f
 
 
+def _bool(value: object, what: str) -> bool:
+    """True or False, also as the text an environment variable holds (true/false, yes/no, on/off, 1/0)."""
+    text = str(value).strip().lower()
+    if isinstance(value, bool) or text in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        return value if isinstance(value, bool) else text in ("true", "yes", "on", "1")
+    raise ConfigError(f"{what} must be true or false, got {shown(value)}")
+
+
 # name -> (default, parser). Defaults are user-facing values, parsed like user input.
 KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     # memory: the budget, admission and the pressure ladder (docs/design.md#pressure-ladder)
@@ -187,6 +195,10 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "leak_window": (8, _int(2)),
     # autoscaler (docs/design.md#autoscaling)
     "autoscale_keepalive": ("30s", _dur0),
+    # what install() adds, each of which can be left out (docs/configuration.md#turning-things-off)
+    "beat_entries": (True, _bool),
+    "autoscaler": (True, _bool),
+    "priorities": (True, _bool),
 }
 
 
@@ -251,6 +263,9 @@ class RmqConfig:
     leak_slope: int
     leak_window: int
     autoscale_keepalive: float
+    beat_entries: bool
+    autoscaler: bool
+    priorities: bool
 
     def __post_init__(self) -> None:
         if not (self.unload_target_ratio < self.unload_ratio):

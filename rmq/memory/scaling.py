@@ -183,7 +183,8 @@ def _raw_values(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
 
 
 def parse_autoscale(value: str) -> tuple[int, int]:
-    """``"MAX,MIN"`` -> (max, min); raises ConfigError for negatives, MAX < MIN or junk."""
+    """``"MAX,MIN"`` -> (max, min), the larger number first as Celery reads it (``1,6`` is ``6,1``);
+    raises ConfigError for negatives, a maximum below 1 or junk."""
     parts = value.split(",")
     try:
         numbers = [int(p) for p in parts]
@@ -193,19 +194,17 @@ def parse_autoscale(value: str) -> tuple[int, int]:
         numbers.append(0)
     if len(numbers) != 2:
         raise ConfigError(f"--autoscale must be MAX,MIN, got {value!r}")
-    high, low = numbers
+    high, low = max(numbers), min(numbers)
     if high < 1 or low < 0:
         raise ConfigError(f"--autoscale needs MAX >= 1 and MIN >= 0, got {value!r}")
-    if high < low:
-        raise ConfigError(f"--autoscale MAX must not be below MIN, got {value!r}")
     return high, low
 
 
 def check_command_line(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> None:
     """For a ``celery ... worker`` command line, exit 2 with one line on a bad ``--autoscale``.
 
-    Celery's own parsing sorts ``1,6`` into ``6,1`` and crashes with a traceback on ``a,b``;
-    this reads the value as typed. Call it before Celery parses the worker's options
+    Celery's own parsing sorts ``1,6`` into ``6,1`` (so does this) and crashes with a traceback on
+    ``a,b`` or ``6,-1``; this reads the value as typed. Call it before Celery parses the worker's options
     (``rmq.install``) or when the worker is built (``rmq.celery.autoscale.AutoscaleConcern``).
     """
     argv = list(sys.argv if argv is None else argv)

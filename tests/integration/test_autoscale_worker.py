@@ -196,7 +196,7 @@ def test_the_pause_zone_ends_idle_model_holders_first_and_their_memory_leaves(sc
 
 # "a,b", "abc" and "1,2,3" fail in Celery's own option parsing before the worker exists (a
 # traceback or a usage message): rmq.install() checks the command line first.
-BAD_CELERY = ["1,6", "6,-1", "-1", "0", "a,b", "abc", "1,2,3"]
+BAD_CELERY = ["6,-1", "-1", "0", "a,b", "abc", "1,2,3"]
 
 
 def _bad_value_run(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -227,9 +227,21 @@ def test_bad_autoscale_values_stop_celery_worker_with_status_2_and_one_line(redi
     _assert_one_clear_line(code, output, value)
 
 
-@pytest.mark.parametrize("value", ["1,6", "6,-1", "a,b", "0", "1,2,3"])
+@pytest.mark.parametrize("value", ["6,-1", "a,b", "0", "1,2,3"])
 def test_bad_autoscale_values_stop_rmq_worker_with_status_2_and_one_line(redis_url, value):
     env = {**taskapp_env(redis_url)}
     code, output = _bad_value_run(
         [sys.executable, "-m", "rmq.cli", "worker", "-A", "scaleapp", f"--autoscale={value}", "--dry-run"], env)
     _assert_one_clear_line(code, output, value)
+
+
+def test_autoscale_min_first_is_accepted_as_celery_accepts_it(redis_url, test_app, start_worker):
+    # Celery sorts 1,6 into 6,1; rmq used to refuse it
+    code, output = _bad_value_run(
+        [sys.executable, "-m", "rmq.cli", "worker", "-A", "scaleapp", "--autoscale=1,6", "--dry-run"],
+        taskapp_env(redis_url))
+    assert code == 0 and "--autoscale=1,6" in output, output
+    w = start_worker(test_app, app="scaleapp", env={**taskapp_env(redis_url), "RMQ_APP_QUEUE": "scale.sorted"},
+                     concurrency=1, extra_args=["--autoscale=1,6"])
+    stats = test_app.control.inspect(destination=[w.node_name], timeout=5).stats()[w.node_name]
+    assert stats["autoscaler"]["max"] == 6 and stats["autoscaler"]["min"] == 1, stats.get("autoscaler")

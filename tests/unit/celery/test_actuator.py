@@ -57,3 +57,14 @@ def test_a_dead_pool_process_is_reaped_at_once() -> None:
     pool._pool.append(dead)
     act.reap_exited()
     assert maintained == [1]
+
+
+def test_the_keeper_thread_touches_only_when_the_event_loop_has_stopped_touching() -> None:
+    touched: list[int] = []
+    act = CeleryActuator(SimpleNamespace(consumer=None))
+    act.touch_unacked = lambda: touched.append(1)  # type: ignore[method-assign]
+    act.touch_if_stale(4.0)
+    assert touched == []  # the loop touched (or the actuator was made) less than 6 s ago
+    act.last_touch -= 6.0
+    act.touch_if_stale(4.0)
+    assert touched == [1]

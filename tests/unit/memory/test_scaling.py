@@ -189,7 +189,7 @@ def exits(monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [
-    ["celery", "-A", "app", "worker", "--autoscale=1,6"],
+    ["celery", "-A", "app", "worker", "--autoscale=0,0"],
     ["celery", "-A", "app", "worker", "--autoscale", "6,-1"],
     ["celery", "worker", "--autoscale=a,b"],
     ["celery", "worker", "--autoscale=1,2,3"],
@@ -202,7 +202,13 @@ def test_command_line_values_are_read_as_typed(argv, exits):
 
 def test_command_line_checks_only_workers_and_accepts_good_values(exits):
     scaling.check_command_line(["celery", "-A", "app", "worker", "--autoscale=6,1"], {})
-    scaling.check_command_line(["celery", "inspect", "--autoscale=1,6"], {})
+    scaling.check_command_line(["celery", "-A", "app", "worker", "--autoscale=1,6"], {})  # as Celery: 6,1
+    scaling.check_command_line(["celery", "inspect", "--autoscale=a,b"], {})
     with pytest.raises(Exited):
-        scaling.check_command_line(["celery", "worker"], {"CELERY_WORKER_AUTOSCALE": "1,6"})
+        scaling.check_command_line(["celery", "worker"], {"CELERY_WORKER_AUTOSCALE": "6,-1"})
     assert len(exits) == 1
+
+
+@pytest.mark.parametrize(("value", "bounds"), [("1,6", (6, 1)), ("6,1", (6, 1)), ("4", (4, 0)), ("3,3", (3, 3))])
+def test_autoscale_values_are_read_as_celery_reads_them_the_larger_first(value, bounds):
+    assert scaling.parse_autoscale(value) == bounds
