@@ -14,191 +14,97 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import urlsplit
 
 from rmq.core.errors import ConfigError
-from rmq.core.units import (
-    MAX_INT,
-    parse_duration,
-    parse_int,
-    parse_number,
-    parse_priority,
-    parse_ratio,
-    parse_size,
-    parse_size_or_percent,
-    shown,
+from rmq.core.setting_values import (
+    boolean,
+    duration,
+    duration_or_zero,
+    fraction,
+    http_url,
+    identifier,
+    int_between,
+    optional,
+    percent,
+    redis_url_value,
+    size,
+    size_or_zero,
+    string,
 )
+from rmq.core.units import parse_priority, parse_ratio, parse_size_or_percent, shown
 
 __all__ = ["RmqConfig", "load_config", "KEYS"]
-
-
-def _int(minimum: int, maximum: int = MAX_INT) -> Callable[[object, str], int]:
-    def parse(value: object, what: str) -> int:
-        return parse_int(value, what, minimum, maximum)
-
-    return parse
-
-
-def _optional(parse: Callable[[object, str], Any]) -> Callable[[object, str], Any]:
-    def parse_optional(value: object, what: str) -> Any:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
-            return None
-        return parse(value, what)
-
-    return parse_optional
-
-
-def _str(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{what} must be a non-empty string, got {shown(value)}")
-    return value.strip()
-
-
-def _identifier(value: object, what: str) -> str:
-    text = _str(value, what)
-    if not text.isidentifier():
-        raise ConfigError(f"{what} must be an argument name, got {shown(value)}")
-    return text
-
-
-def _percent_number(value: object, what: str) -> float:
-    kind = "a percentage 0-100"
-    f = parse_number(value, what, kind, percent=True)
-    if not 0 < f <= 100:
-        raise ConfigError(f"{what} must be {kind}, got {shown(value)}")
-    return f
-
-
-def _size(v: object, w: str) -> int:
-    return parse_size(v, w)
-
-
-def _size0(v: object, w: str) -> int:
-    return parse_size(v, w, allow_zero=True)
-
-
-def _dur(v: object, w: str) -> float:
-    return parse_duration(v, w)
-
-
-def _dur0(v: object, w: str) -> float:
-    return parse_duration(v, w, allow_zero=True)
-
-
-def _url(value: object, what: str, schemes: tuple[str, ...], kind: str) -> str:
-    """A URL with one of ``schemes``, a valid port and no spaces or control characters (and for
-    http(s), a host): caught here, when the worker starts, not by the first request."""
-    text = _str(value, what)
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError for a port out of 0-65535 or not a number
-    except ValueError:
-        parts = None
-    if (
-        parts is None
-        or parts.scheme.lower() not in schemes
-        or (parts.scheme.lower() in ("http", "https") and not parts.hostname)
-        or any(c.isspace() or not c.isprintable() for c in text)
-    ):
-        raise ConfigError(f"{what} must be {kind}, got {shown(value)}")
-    return text
-
-
-def _http_url(value: object, what: str) -> str:
-    return _url(value, what, ("http", "https"), "an http(s) URL")
-
-
-def _redis_url(value: object, what: str) -> str:
-    # the schemes redis-py's from_url reads (kombu's redis+socket:// is unix:// there)
-    return _url(value, what, ("redis", "rediss", "unix"), "a redis://, rediss:// or unix:// URL")
-
-
-def _fraction0(v: object, w: str) -> float:
-    """A fraction in [0, 1)."""
-    kind = "a fraction in [0, 1)"
-    f = parse_number(v, w, kind)
-    if not 0.0 <= f < 1.0:
-        raise ConfigError(f"{w} must be {kind}, got {shown(v)}")
-    return f
-
-
-def _bool(value: object, what: str) -> bool:
-    """True or False, also as the text an environment variable holds (true/false, yes/no, on/off, 1/0)."""
-    text = str(value).strip().lower()
-    if isinstance(value, bool) or text in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-        return value if isinstance(value, bool) else text in ("true", "yes", "on", "1")
-    raise ConfigError(f"{what} must be true or false, got {shown(value)}")
 
 
 # name -> (default, parser). Defaults are user-facing values, parsed like user input.
 KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     # memory: the budget, admission and the pressure ladder (docs/design.md#pressure-ladder)
     "memory_budget": ("90%", parse_size_or_percent),
-    "monitor_interval": ("250ms", _dur),
+    "monitor_interval": ("250ms", duration),
     "admit_ratio": (0.85, parse_ratio),
     "unload_ratio": (0.80, parse_ratio),
     "unload_target_ratio": (0.70, parse_ratio),
     "pause_ratio": (0.85, parse_ratio),
     "resume_ratio": (0.75, parse_ratio),
     "kill_ratio": (0.95, parse_ratio),
-    "memory_kill_retries": (2, _int(0)),
-    "kill_backoff": ("1s", _dur0),
-    "admission_wait": ("5s", _dur0),
-    "defer_countdown": ("2s", _dur),
-    "max_deferrals": (30, _int(0)),
-    "default_task_memory": ("32MiB", _size0),
+    "memory_kill_retries": (2, int_between(0)),
+    "kill_backoff": ("1s", duration_or_zero),
+    "admission_wait": ("5s", duration_or_zero),
+    "defer_countdown": ("2s", duration),
+    "max_deferrals": (30, int_between(0)),
+    "default_task_memory": ("32MiB", size_or_zero),
     "learn_percentile": (0.95, parse_ratio),
-    "learn_window": (50, _int(1)),
-    "uss_interval": ("10s", _dur),
-    "heavy_memory_threshold": ("1GiB", _size),
-    "heavy_queue": ("rmq.heavy", _str),
+    "learn_window": (50, int_between(1)),
+    "uss_interval": ("10s", duration),
+    "heavy_memory_threshold": ("1GiB", size),
+    "heavy_queue": ("rmq.heavy", string),
     "default_priority": ("normal", parse_priority),
-    "worker_lost_retries": (3, _int(0)),
-    "runtime_dir": (None, _optional(_str)),
+    "worker_lost_retries": (3, int_between(0)),
+    "runtime_dir": (None, optional(string)),
     # crash recovery: how soon the unacked messages of a dead worker come back
-    "visibility_timeout": ("20s", _dur),
-    "unacked_restore_interval": ("2s", _dur),
+    "visibility_timeout": ("20s", duration),
+    "unacked_restore_interval": ("2s", duration),
     # models
-    "models_max_memory": (None, _optional(_size)),
-    "models_max_count": (None, _optional(_int(1))),
-    "model_load_wait": ("10s", _dur0),
+    "models_max_memory": (None, optional(size)),
+    "models_max_count": (None, optional(int_between(1))),
+    "model_load_wait": ("10s", duration_or_zero),
     # cpu (docs/design.md#cpu)
-    "cpu_slots": (None, _optional(_int(1))),
+    "cpu_slots": (None, optional(int_between(1))),
     # network: rate limits and concurrency leases
-    "redis_url": (None, _optional(_redis_url)),
-    "concurrency_lease": ("30s", _dur),
-    "throttle_max_wait": ("2s", _dur0),
-    "limiter_outage_max": ("1h", _dur),
+    "redis_url": (None, optional(redis_url_value)),
+    "concurrency_lease": ("30s", duration),
+    "throttle_max_wait": ("2s", duration_or_zero),
+    "limiter_outage_max": ("1h", duration),
     # disk and sessions
-    "session_root": (None, _optional(_str)),
-    "session_arg": ("session_id", _identifier),
-    "failed_session_ttl": ("1h", _dur0),
-    "session_max_age": ("24h", _dur),
-    "cleanup_interval": ("15m", _dur),
+    "session_root": (None, optional(string)),
+    "session_arg": ("session_id", identifier),
+    "failed_session_ttl": ("1h", duration_or_zero),
+    "session_max_age": ("24h", duration),
+    "cleanup_interval": ("15m", duration),
     "disk_high_ratio": (0.80, parse_ratio),
     "disk_low_ratio": (0.70, parse_ratio),
-    "disk_pressure_min_idle": ("1h", _dur0),
+    "disk_pressure_min_idle": ("1h", duration_or_zero),
     # monitoring and alerts
-    "metrics_port": (None, _optional(_int(0, 65535))),
-    "metrics_addr": ("127.0.0.1", _str),
+    "metrics_port": (None, optional(int_between(0, 65535))),
+    "metrics_addr": ("127.0.0.1", string),
     "alert_memory_ratio": (0.85, parse_ratio),
-    "alert_cpu_percent": (90, _percent_number),
+    "alert_cpu_percent": (90, percent),
     "alert_disk_ratio": (0.80, parse_ratio),
-    "alert_hysteresis": (0.05, _fraction0),
-    "alert_cooldown": ("5m", _dur0),
-    "alert_webhook": (None, _optional(_http_url)),
-    "monitor_beat_interval": ("60s", _dur),
+    "alert_hysteresis": (0.05, fraction),
+    "alert_cooldown": ("5m", duration_or_zero),
+    "alert_webhook": (None, optional(http_url)),
+    "monitor_beat_interval": ("60s", duration),
     # hygiene between tasks, leak detection
-    "hygiene_margin": ("16MiB", _size0),
-    "leak_ceiling": (None, _optional(_size)),
-    "leak_slope": ("8MiB", _size),
-    "leak_window": (8, _int(2)),
+    "hygiene_margin": ("16MiB", size_or_zero),
+    "leak_ceiling": (None, optional(size)),
+    "leak_slope": ("8MiB", size),
+    "leak_window": (8, int_between(2)),
     # autoscaler (docs/design.md#autoscaling)
-    "autoscale_keepalive": ("30s", _dur0),
+    "autoscale_keepalive": ("30s", duration_or_zero),
     # what install() adds, each of which can be left out (docs/configuration.md#turning-things-off)
-    "beat_entries": (True, _bool),
-    "autoscaler": (True, _bool),
-    "priorities": (True, _bool),
+    "beat_entries": (True, boolean),
+    "autoscaler": (True, boolean),
+    "priorities": (True, boolean),
 }
 
 
