@@ -118,7 +118,8 @@ def test_a_task_re_run_after_a_memory_kill_keeps_its_headers_links_and_trace(red
 
 def test_a_redelivery_after_a_lost_process_keeps_its_headers(redis_url, drain_app, start_worker):
     r = redis_lib.Redis.from_url(redis_url)
-    start_worker(drain_app, app="drainapp", env=taskapp_env(redis_url), concurrency=1)
+    # the killed run's permit is freed when its lease lapses (rmq_concurrency_lease, 30 s by default)
+    start_worker(drain_app, app="drainapp", env=taskapp_env(redis_url, concurrency_lease="2s"), concurrency=1)
     res = _send(drain_app, "d.permit", (3.0,), "marks:lost")
     wait_until(lambda: r.llen(f"seen:{res.id}"), 30, what="the first run")
     os.kill(_runs(r, res.id)[0]["pid"], signal.SIGKILL)  # from outside: not a memory kill
