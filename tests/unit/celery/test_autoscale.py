@@ -17,27 +17,11 @@ from rmq.memory.admission import Need
 MiB = 1024**2
 
 
-class Exited(Exception):
-    pass
-
-
-@pytest.fixture
-def exits(monkeypatch):
-    said: list[str] = []
-
-    def fake_exit(message, status=2, now=False):
-        said.append(message)
-        raise Exited(message)
-
-    monkeypatch.setattr(autoscale, "exit_with_line", fake_exit)
-    return said
-
-
 def test_the_concern_refuses_bad_bounds_and_adds_the_snapshot_part(exits):
     rt = SimpleNamespace(snapshot_parts={})
     autoscale.AutoscaleConcern().worker_boot(rt, SimpleNamespace(autoscale=None))
     assert rt.snapshot_parts == {}  # no --autoscale, no autoscaler
-    with pytest.raises(Exited):
+    with pytest.raises(SystemExit):
         bad = SimpleNamespace(autoscale=[1, 6], max_concurrency=1, min_concurrency=6)
         autoscale.AutoscaleConcern().worker_boot(rt, bad)
     worker = SimpleNamespace(autoscale=(6, 1), max_concurrency=6, min_concurrency=1, autoscaler=None)
