@@ -67,6 +67,8 @@ class ProcessTreeMeter:
         self.tracker = TreeTracker(self.fs, main_pid)
         self._shared: dict[int, int] = {}
         self._shared_at: dict[int, float] = {}
+        #: more members of a pool process's tree, where the kernel keeps the list (its cgroup)
+        self.extra_members: Callable[[int], list[int]] = lambda pool_pid: []
 
     def _private(self, pid: int, now: float) -> tuple[int, int] | None:
         """``(rss, private)`` of ``pid`` now, or ``None`` when it is gone."""
@@ -121,5 +123,8 @@ class ProcessTreeMeter:
         return reading
 
     def tree_now(self, pool_pid: int) -> list[int]:
-        """``pool_pid``'s descendants, read again now (see :meth:`TreeTracker.tree_now`)."""
-        return self.tracker.tree_now(pool_pid)
+        """``pool_pid``'s descendants, read again now (see :meth:`TreeTracker.tree_now`), with the
+        processes of its cgroup under kernel accounting."""
+        found = self.tracker.tree_now(pool_pid)
+        more = [p for p in self.extra_members(pool_pid) if p != pool_pid and p not in found]
+        return found + more

@@ -38,6 +38,14 @@ class CgroupMemory:
         except OSError:
             return None
 
+    def usage_bytes(self) -> int | None:
+        """What the kernel charges to the cgroup now, page cache included (what its limit caps)."""
+        text = self._read("memory.current" if self.version == 2 else "memory.usage_in_bytes")
+        try:
+            return int(text) if text is not None else None
+        except ValueError:
+            return None
+
     def working_set_bytes(self) -> int | None:
         """Usage minus inactive file cache (the kubelet's formula), or ``None`` if unreadable."""
         usage = self._read("memory.current" if self.version == 2 else "memory.usage_in_bytes")

@@ -1,0 +1,262 @@
+"""Kernel accounting: each pool process in a child memory cgroup of the worker's own
+(docs/design.md#kernel-accounting).
+
+The kernel then counts each task's whole tree exactly: the pool process, every subprocess it
+starts (they inherit the cgroup, however they fork), and the page cache they dirty, with no
+double counting of pages shared copy-on-write with the main process. The worker's cgroup keeps
+its limit and charges its children hierarchically, so the worker's total is still one file.
+
+The pool cgroups live in one cgroup of their own, ``rmq-<main>-pools``, whose limit leaves the
+main process room under the worker's: when the pools together reach it, it is there that the
+kernel holds them (the OOM killer held off, v1; ``memory.high``, v2) while the governor, in the
+main process and so never held, chooses whom to kill.
+
+cgroup v1 lets a cgroup hold processes and children at once. cgroup v2 forbids that ("no
+internal processes"): the processes of the worker's cgroup move to a leaf (``rmq-<main>-main``)
+before the memory controller is enabled for its children. Everything here reads and writes under
+one directory, so unit tests run it on fake trees.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rmq.memory.probes import UNLIMITED, CgroupMemory
+
+__all__ = ["PoolCgroups", "Accounting", "choose_accounting"]
+
+log = logging.getLogger("rmq.memory.pool_cgroups")
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """How the worker's memory is counted, and why.
+
+    Attributes:
+        mode: ``"cgroup-v1"``, ``"cgroup-v2"`` (a child cgroup per pool process) or ``"proc"``
+            (process trees read from ``/proc``).
+        reason: one sentence for ``inspect stats`` and ``rmq doctor``.
+        pools: the pool cgroups in a kernel mode, else ``None``.
+    """
+
+    mode: str
+    reason: str
+    pools: PoolCgroups | None = None
+
+    @property
+    def kernel(self) -> bool:
+        return self.pools is not None
+
+
+class PoolCgroups:
+    """The child memory cgroups of one worker's pool processes.
+
+    Args:
+        worker: the worker's memory cgroup (the one whose limit is the budget).
+        main_pid: the worker's main process, which names the children so that two workers in one
+            cgroup never share one.
+    """
+
+    def __init__(self, worker: CgroupMemory, main_pid: int) -> None:
+        self.worker = worker
+        self.version = worker.version
+        self.main_pid = main_pid
+        self.prefix = "pool-"
+        #: the cgroup every pool cgroup lives in
+        self.root = worker.path / f"rmq-{main_pid}-pools"
+        self._peak_files: dict[int, int] = {}
+
+    # setting up ---------------------------------------------------------
+    def check(self) -> None:
+        """What :meth:`prepare` needs, without changing anything (for ``rmq doctor``). Raises
+        ``OSError`` with the reason."""
+        path = self.worker.path
+        if not os.access(path, os.W_OK):
+            raise PermissionError(13, "not writable by this user", str(path))
+        if self.version == 2:
+            if "memory" not in (path / "cgroup.controllers").read_text().split():
+                raise OSError(f"the memory controller is not available in {path}")
+            if not os.access(path / "cgroup.subtree_control", os.W_OK):
+                raise PermissionError(13, "cgroup.subtree_control is not writable", str(path))
+
+    def prepare(self) -> None:
+        """Make the worker's cgroup able to hold pool cgroups (v2: move its processes to a leaf and
+        enable the memory controller for children). Raises ``OSError`` when the kernel refuses."""
+        if self.version == 2:
+            controllers = (self.worker.path / "cgroup.controllers").read_text().split()
+            if "memory" not in controllers:
+                raise OSError(f"the memory controller is not available in {self.worker.path}")
+            if "memory" not in (self.worker.path / "cgroup.subtree_control").read_text().split():
+                leaf = self.worker.path / f"rmq-{self.main_pid}-main"
+                leaf.mkdir(exist_ok=True)
+                for pid in (self.worker.path / "cgroup.procs").read_text().split():
+                    try:
+                        (leaf / "cgroup.procs").write_text(pid)
+                    except ProcessLookupError:
+                        continue
+                (self.worker.path / "cgroup.subtree_control").write_text("+memory")
+        self.root.mkdir(exist_ok=True)
+        if self.version == 2:
+            (self.root / "cgroup.subtree_control").write_text("+memory")
+
+    @property
+    def pools_cgroup(self) -> CgroupMemory:
+        """The cgroup of all pool cgroups (where the kernel holds a burst, and wakes the governor)."""
+        return CgroupMemory(self.version, self.root, self.pools_limit())
+
+    def pools_limit(self) -> int | None:
+        name = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
+        try:
+            text = (self.root / name).read_text().strip()
+        except OSError:
+            return None
+        return None if text == "max" or int(text) >= UNLIMITED else int(text)
+
+    def set_pools_limit(self, limit_bytes: int) -> bool:
+        """Cap the pools together at ``limit_bytes`` (the worker's limit less the main process's
+        share); ``False`` when the kernel refuses (under what they use now, say)."""
+        name = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
+        try:
+            (self.root / name).write_text(str(limit_bytes))
+            if self.version == 1:
+                try:  # no swap to hide in
+                    (self.root / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+                except OSError:
+                    pass
+            return True
+        except OSError as exc:
+            log.debug("rmq could not cap the pools' cgroup at %d: %s", limit_bytes, exc)
+            return False
+
+    def path_for(self, pool_pid: int) -> Path:
+        return self.root / f"{self.prefix}{pool_pid}"
+
+    def adopt(self, pool_pid: int) -> None:
+        """Move ``pool_pid`` into a fresh child cgroup of its own. Called by the pool process on
+        start, before its first task, so that nothing a task allocates is charged elsewhere."""
+        path = self.path_for(pool_pid)
+        path.mkdir(exist_ok=True)
+        if self.version == 2:
+            try:  # the worker's limit stops the tree: none of its own, and no swap to hide in
+                (path / "memory.swap.max").write_text("0")
+            except OSError:
+                pass
+        (path / "cgroup.procs").write_text(str(pool_pid))
+
+    # readings -------------------------------------------------------------
+    def _cgroup(self, pool_pid: int) -> CgroupMemory:
+        return CgroupMemory(self.version, self.path_for(pool_pid), None)
+
+    def usage(self, pool_pid: int) -> int | None:
+        """The working set of ``pool_pid``'s whole tree as the kernel counts it, or ``None``."""
+        return self._cgroup(pool_pid).working_set_bytes()
+
+    def members(self, pool_pid: int) -> list[int]:
+        """Every live process of ``pool_pid``'s cgroup: its tree, double-forked ones included."""
+        try:
+            text = (self.path_for(pool_pid) / "cgroup.procs").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def reset_peak(self, pool_pid: int) -> int | None:
+        """Start a new high-water mark of the tree's usage; returns the usage it starts from.
+
+        v1 resets ``memory.max_usage_in_bytes`` by writing 0; v2 (6.12 and later) resets
+        ``memory.peak`` for the file descriptor it is written through, kept open for :meth:`peak`.
+        """
+        path = self.path_for(pool_pid)
+        try:
+            if self.version == 1:
+                (path / "memory.max_usage_in_bytes").write_text("0")
+                return int((path / "memory.usage_in_bytes").read_text())
+            old = self._peak_files.pop(pool_pid, None)
+            if old is not None:
+                os.close(old)
+            fd = os.open(path / "memory.peak", os.O_RDWR)
+            try:
+                os.write(fd, b"reset\n")
+            except OSError:
+                os.close(fd)
+                return None
+            self._peak_files[pool_pid] = fd
+            return int((path / "memory.current").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def peak(self, pool_pid: int) -> int | None:
+        """The tree's high-water mark since :meth:`reset_peak`, or ``None``."""
+        try:
+            if self.version == 1:
+                return int((self.path_for(pool_pid) / "memory.max_usage_in_bytes").read_text())
+            fd = self._peak_files.get(pool_pid)
+            if fd is None:
+                return None
+            return int(os.pread(fd, 64, 0).decode())
+        except (OSError, ValueError):
+            return None
+
+    # tidying ----------------------------------------------------------------
+    def existing(self) -> list[int]:
+        """Pool pids that have a cgroup of this worker now."""
+        out = []
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return []
+        for name in names:
+            if name.startswith(self.prefix) and name[len(self.prefix):].isdigit():
+                out.append(int(name[len(self.prefix):]))
+        return out
+
+    def sweep(self, keep: set[int]) -> list[int]:
+        """Remove the cgroups of pool processes not in ``keep`` whose processes are all gone."""
+        removed = []
+        for pid in self.existing():
+            if pid in keep or self.members(pid):
+                continue
+            try:
+                self.path_for(pid).rmdir()
+                removed.append(pid)
+            except OSError as exc:
+                log.debug("rmq could not remove %s yet: %s", self.path_for(pid), exc)
+        return removed
+
+    def remove(self) -> None:
+        """Remove every pool cgroup whose processes are gone, then the pools' cgroup if empty."""
+        self.sweep(set())
+        try:
+            self.root.rmdir()
+        except OSError as exc:
+            log.debug("rmq could not remove %s: %s", self.root, exc)
+
+
+def choose_accounting(worker: CgroupMemory | None, main_pid: int, enabled: bool = True,
+                      budget_from_cgroup: bool = True, dry_run: bool = False) -> Accounting:
+    """Kernel accounting where the machine allows it, else ``/proc`` trees, with the reason.
+
+    Args:
+        worker: the worker's memory cgroup (``None``: not in one we can read).
+        enabled: ``rmq_kernel_accounting``; off keeps ``/proc`` trees.
+        budget_from_cgroup: whether that cgroup's limit is the budget. A cgroup without a limit is
+            usually shared (a session, a whole machine), and its total would not be the worker's.
+        dry_run: only check that it could (``rmq doctor``): nothing is created or moved.
+    """
+    if not enabled:
+        return Accounting("proc", "kernel accounting is turned off (rmq_kernel_accounting)")
+    if worker is None:
+        return Accounting("proc", "the worker is in no memory cgroup rmq can read")
+    if not budget_from_cgroup or worker.limit_bytes is None:
+        return Accounting("proc", f"the worker's memory cgroup {worker.path} has no limit of its own "
+                                  "(the budget comes from elsewhere)")
+    pools = PoolCgroups(worker, main_pid)
+    try:
+        pools.check() if dry_run else pools.prepare()
+    except OSError as exc:
+        return Accounting("proc", f"cannot create pool cgroups in {worker.path} (cgroup v{worker.version}): "
+                                  f"{exc.strerror or exc}")
+    return Accounting(f"cgroup-v{worker.version}",
+                      f"each pool process in its own child of {worker.path} (cgroup v{worker.version})", pools)
