@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from rmq.core.errors import ConfigError
@@ -105,6 +105,10 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "beat_entries": (True, boolean),
     "autoscaler": (True, boolean),
     "priorities": (True, boolean),
+    # kernel-grade governance (docs/design.md#kernel-accounting)
+    "kernel_accounting": (True, boolean),
+    "unknown_alone": (True, boolean),
+    "oom_hold": (True, boolean),
 }
 
 
@@ -172,6 +176,11 @@ class RmqConfig:
     beat_entries: bool
     autoscaler: bool
     priorities: bool
+    kernel_accounting: bool
+    unknown_alone: bool
+    oom_hold: bool
+    #: the keys the user gave (in the conf or the environment), for defaults that depend on the machine
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
         if not (self.unload_target_ratio < self.unload_ratio):
@@ -205,7 +214,7 @@ class RmqConfig:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, for ``rmq doctor`` and snapshots."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "explicit"}
 
 
 def load_config(conf: Mapping[str, Any] | Any, environ: Mapping[str, str] | None = None) -> RmqConfig:
@@ -223,16 +232,19 @@ def load_config(conf: Mapping[str, Any] | Any, environ: Mapping[str, str] | None
     environ = os.environ if environ is None else environ
     given = _rmq_keys(conf)
     values: dict[str, Any] = {}
+    explicit = set()
     for key, (default, parse) in KEYS.items():
         env_name = f"RMQ_{key.upper()}"
         if env_name in environ:
             raw, source = environ[env_name], env_name
+            explicit.add(key)
         elif key in given:
             raw, source = given[key]
+            explicit.add(key)
         else:
             raw, source = default, f"rmq_{key}"
         values[key] = parse(raw, source)
-    return RmqConfig(**values)
+    return RmqConfig(**values, explicit=frozenset(explicit))
 
 
 def _namespace(conf: Any) -> str:

@@ -31,12 +31,13 @@ class Budget:
         return int(self.budget_bytes * ratio)
 
 
-def detect_budget(config: RmqConfig, probe: HostProbe | None = None) -> Budget:
+def detect_budget(config: RmqConfig, probe: HostProbe | None = None, percent: float | None = None) -> Budget:
     """The budget from ``rmq_memory_budget``: a size, or a percentage of the detected limit.
 
     The detected limit is the memory cgroup's limit when one is set (v2 ``memory.max``,
     v1 ``memory.limit_in_bytes``), else physical RAM. A configured size above the
-    detected limit is capped to it.
+    detected limit is capped to it. ``percent`` replaces a percentage the user did not set (the
+    lines' own, :mod:`rmq.memory.lines`).
     """
     probe = probe or HostProbe()
     physical = probe.physical_memory_bytes()
@@ -46,6 +47,8 @@ def detect_budget(config: RmqConfig, probe: HostProbe | None = None) -> Budget:
     else:
         limit, source, cgroup = physical, "physical", None
     kind, value = config.memory_budget
+    if kind == "percent" and percent is not None and "memory_budget" not in config.explicit:
+        value = percent
     if kind == "percent":
         return Budget(int(limit * value), source, limit, cgroup)
     return Budget(min(int(value), limit), "configured", limit, cgroup)

@@ -1,0 +1,56 @@
+"""The budget's lines, chosen by how fast the governor can react (docs/design.md#lines).
+
+Polling every ``rmq_monitor_interval`` lets several tasks allocate hundreds of MiB between two
+readings, so the polling lines keep a wide margin under the limit. With kernel accounting the
+kernel wakes the governor when memory crosses a line (and holds a burst at the limit while rmq
+kills), so the lines can sit close to the physical limit, and the machine's memory is used.
+A user who sets any of the lines or the budget keeps exactly the lines they set (the others at
+their polling defaults): the two sets are never mixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from rmq.core.config import RmqConfig
+
+__all__ = ["Lines", "POLLING", "KERNEL", "LINE_KEYS", "lines_for"]
+
+#: the keys a user sets to choose lines themselves
+LINE_KEYS = frozenset({"memory_budget", "admit_ratio", "unload_ratio", "unload_target_ratio",
+                       "pause_ratio", "resume_ratio", "kill_ratio"})
+
+
+@dataclass(frozen=True)
+class Lines:
+    """A budget as a fraction of the detected limit, and the lines as fractions of the budget."""
+
+    budget_percent: float
+    admit: float
+    unload: float
+    unload_target: float
+    pause: float
+    resume: float
+    kill: float
+    source: str
+
+
+#: the configuration's defaults (90 % of the limit; admit 0.85, kill 0.95)
+POLLING = Lines(0.90, 0.85, 0.80, 0.70, 0.85, 0.75, 0.95, "polling defaults")
+
+#: woken by the kernel: the kill line 2 % under the limit, admission up to 93 %
+KERNEL = Lines(1.00, 0.93, 0.90, 0.80, 0.95, 0.90, 0.98, "kernel wake-up defaults")
+
+
+def lines_for(config: RmqConfig, kernel: bool) -> Lines:
+    """The lines a worker uses: the kernel set with kernel accounting unless the user chose lines."""
+    if kernel and not (config.explicit & LINE_KEYS):
+        return KERNEL
+    kind, value = config.memory_budget
+    return replace(
+        POLLING,
+        budget_percent=value if kind == "percent" else POLLING.budget_percent,
+        admit=config.admit_ratio, unload=config.unload_ratio, unload_target=config.unload_target_ratio,
+        pause=config.pause_ratio, resume=config.resume_ratio, kill=config.kill_ratio,
+        source="configured" if config.explicit & LINE_KEYS else POLLING.source,
+    )
