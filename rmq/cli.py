@@ -96,16 +96,28 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from rmq.core.units import format_bytes
     from rmq.cpu.slots import detect_cpu_slots
     from rmq.memory.budget import detect_budget
+    from rmq.memory.lines import lines_for
+    from rmq.memory.pool_cgroups import choose_accounting
+    from rmq.memory.probes import HostProbe
 
     app = _load_app(args.app)
     cfg = _config(app)
-    budget = detect_budget(cfg)
+    limit = detect_budget(cfg)
+    # what a worker started here would choose; nothing is created or moved
+    accounting = choose_accounting(limit.cgroup or HostProbe().memory_cgroup(), os.getpid(),
+                                   cfg.kernel_accounting, limit.cgroup is not None, dry_run=True)
+    lines = lines_for(cfg, accounting.kernel)
+    budget = detect_budget(cfg, percent=lines.budget_percent)
     slots, slot_source = (cfg.cpu_slots, "configured") if cfg.cpu_slots else detect_cpu_slots()
     ok = True
     print(f"memory budget   {format_bytes(budget.budget_bytes)} ({budget.source}; "
           f"limit {format_bytes(budget.limit_bytes)})")
-    print(f"admit line      {format_bytes(budget.line(cfg.admit_ratio))} ({cfg.admit_ratio:.0%})")
-    print(f"ladder          unload {cfg.unload_ratio:.0%} / pause {cfg.pause_ratio:.0%} / kill {cfg.kill_ratio:.0%}")
+    print(f"accounting      {accounting.mode}: {accounting.reason}")
+    wakeups = {"cgroup-v1": "kernel: eventfd thresholds on memory.usage_in_bytes, memory.oom_control",
+               "cgroup-v2": "kernel: memory.events and PSI triggers on memory.pressure"}
+    print(f"wake-ups        {wakeups.get(accounting.mode, f'polling every {cfg.monitor_interval * 1000:.0f} ms')}")
+    print(f"admit line      {format_bytes(budget.line(lines.admit))} ({lines.admit:.0%}, {lines.source})")
+    print(f"ladder          unload {lines.unload:.0%} / pause {lines.pause:.0%} / kill {lines.kill:.0%}")
     print(f"cpu slots       {slots} ({slot_source})")
     print(f"session root    {cfg.session_root_path}")
     try:

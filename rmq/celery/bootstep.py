@@ -23,6 +23,9 @@ from rmq.core.runtime import Runtime, config_for, redis_url_for_app, runtime_bas
 from rmq.cpu.slots import detect_cpu_slots
 from rmq.memory.budget import detect_budget
 from rmq.memory.governor import Governor
+from rmq.memory.lines import lines_for
+from rmq.memory.pool_cgroups import choose_accounting
+from rmq.memory.probes import HostProbe
 from rmq.memory.proctree import set_child_subreaper
 from rmq.monitoring.snapshot import SnapshotBuilder
 
@@ -69,7 +72,14 @@ class GovernorStep(bootsteps.StartStopStep):
         for concern in default_concerns():
             concern.worker_boot(self.runtime, worker)
         atexit.register(self._remove_runtime_dir)
-        self.budget = detect_budget(self.config)
+        # Kernel accounting is chosen before the pool forks: each pool process moves itself into its
+        # cgroup before its first task (AdmissionGuard.process_start).
+        limit = detect_budget(self.config)
+        self.accounting = choose_accounting(limit.cgroup or HostProbe().memory_cgroup(), os.getpid(),
+                                            self.config.kernel_accounting, limit.cgroup is not None)
+        self.runtime.accounting = self.accounting
+        self.lines = lines_for(self.config, self.accounting.kernel)
+        self.budget = detect_budget(self.config, percent=self.lines.budget_percent)
         self.cpu_slots, self.cpu_source = _cpu_slots(self.config.cpu_slots)
         self.governor: Governor | None = None
         self.snapshots: SnapshotBuilder | None = None
@@ -84,7 +94,14 @@ class GovernorStep(bootsteps.StartStopStep):
         if not set_child_subreaper():
             log.warning("rmq could not make the worker a child subreaper: a task's double-forked "
                         "subprocesses escape its tree")
-        self.governor = Governor(self.config, self.budget, self.ledger, actuator, cpu_slots=self.cpu_slots)
+        events = None
+        if self.accounting.kernel:
+            from rmq.memory.kernel_events import open_kernel_events
+
+            assert self.accounting.pools is not None
+            events = open_kernel_events(self.accounting.pools.pools_cgroup)
+        self.governor = Governor(self.config, self.budget, self.ledger, actuator, cpu_slots=self.cpu_slots,
+                                 accounting=self.accounting, lines=self.lines, events=events)
         self.runtime.governor = self.governor
         self.snapshots = SnapshotBuilder(self.runtime, self.governor, getattr(worker, "hostname", None))
         self.runtime.snapshots = self.snapshots
@@ -109,10 +126,13 @@ class GovernorStep(bootsteps.StartStopStep):
         self._after_pool(worker)
         for concern in default_concerns():
             concern.worker_start(self.runtime)
+        info = self.governor.accounting_info()
         log.info(
-            "rmq governor started: budget %d bytes (%s), admit line %d, %d CPU slots (%s), every %.0f ms",
+            "rmq governor started: budget %d bytes (%s), admit line %d, %d CPU slots (%s), every %.0f ms; "
+            "accounting %s (%s); wake-ups %s; OOM hold %s",
             self.budget.budget_bytes, self.budget.source, self.governor.admit_line, self.cpu_slots,
-            self.cpu_source, self.config.monitor_interval * 1000,
+            self.cpu_source, self.config.monitor_interval * 1000, info["mode"], info["reason"],
+            info["wakeups"], "on" if info["oom_hold"] else f"off {info['oom_hold_reason']}".strip(),
         )
 
     def _after_pool(self, worker: Any) -> None:
@@ -173,6 +193,8 @@ class GovernorStep(bootsteps.StartStopStep):
         # at exit, after the pool's children are gone
         if os.getpid() == self.runtime.main_pid:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            if self.accounting.pools is not None:  # the pool cgroups left once their processes exited
+                self.accounting.pools.remove()
 
     def info(self, worker: Any) -> dict[str, Any]:
         if self.snapshots is None:

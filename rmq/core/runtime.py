@@ -78,6 +78,9 @@ class Runtime:
         self.snapshots: Any = None
         #: the governor, in the main process only (set by the bootstep)
         self.governor: Any = None
+        #: how memory is counted (:class:`~rmq.memory.pool_cgroups.Accounting`), chosen before the
+        #: pool forks so that each pool process can move itself into its cgroup; ``None``: /proc
+        self.accounting: Any = None
         forks.forget_in_children(self)
 
     def _forget_inherited(self) -> None:

@@ -23,13 +23,18 @@ from rmq.core.config import RmqConfig
 from rmq.core.ledger import KIND_MODEL, KIND_TASK, Control, Entry, Ledger
 from rmq.core.periodic import PeriodicThread
 from rmq.memory.budget import Budget
+from rmq.memory.lines import POLLING, Lines
 from rmq.memory.meter import ProcessTreeMeter, TreeReading
+from rmq.memory.pool_cgroups import Accounting
 from rmq.memory.pressure import Ladder
 from rmq.memory.treekill import TreeKiller, reap_pid, send_signal
 
 __all__ = ["Governor", "Actuator", "KillRecord"]
 
 log = logging.getLogger("rmq.memory.governor")
+
+#: how far the main process's share may move before the pools' cap follows it
+_REFIT_BYTES = 8 << 20
 
 
 class Actuator(Protocol):
@@ -56,6 +61,11 @@ class KillRecord:
     budget_bytes: int
     detected_at: float
     killed_at: float
+    #: what the task alone could have had on the idle worker (admit line minus the idle worker):
+    #: a task killed using less was crowded out by its neighbours, and is not out of budget
+    room_bytes: int = 0
+    #: what woke the governor for this kill ("threshold", "oom", ... or "sample")
+    woken_by: str = "sample"
 
 
 def _alive(pid: int) -> bool:
@@ -80,6 +90,9 @@ class Governor:
         alive: Callable[[int], bool] = _alive,
         signal_pid: Callable[[int, int], None] | None = None,
         reap: Callable[[int], bool] | None = None,
+        accounting: Accounting | None = None,
+        lines: Lines | None = None,
+        events: Any = None,
     ) -> None:
         self.config = config
         self.budget = budget
@@ -89,15 +102,28 @@ class Governor:
         self.cpu_slots = cpu_slots
         self.clock = clock
         self.alive = alive
+        self.accounting = accounting or Accounting("proc", "not chosen")
+        self.pools = self.accounting.pools
+        if self.pools is not None:  # a kill ends everything in the pool process's cgroup too
+            self.meter.extra_members = self.pools.members
+        self.lines = lines or POLLING
         self.ladder = Ladder(
             budget.budget_bytes,
-            config.unload_ratio,
-            config.unload_target_ratio,
-            config.pause_ratio,
-            config.resume_ratio,
-            config.kill_ratio,
+            self.lines.unload,
+            self.lines.unload_target,
+            self.lines.pause,
+            self.lines.resume,
+            self.lines.kill,
         )
-        self.admit_line = budget.line(config.admit_ratio)
+        self.admit_line = budget.line(self.lines.admit)
+        #: the kernel's memory events (:mod:`rmq.memory.kernel_events`), or ``None``: polling only
+        self.events = events
+        self.woken: list[str] = []
+        self.wakeups: dict[str, int] = {}
+        self.oom_held = False
+        self._swept_at = float("-inf")
+        #: what the worker's cgroup holds outside the pools' (the main process), when last fitted
+        self.own_bytes = 0
         self.kills: dict[str, KillRecord] = {}
         self.counters: dict[str, Any] = {"killed": 0, "unload_requests": 0, "pauses": 0, "dead_released": 0,
                                          "strays_killed": 0, "reaped": 0}
@@ -114,21 +140,72 @@ class Governor:
         self.ticks = 0
         self._killed_pids: dict[int, float] = {}
         self._seen_request = ledger.read_unload_request()[0]
-        self._loop = PeriodicThread("rmq-governor", self._timed_tick, self._interval, log, "governor tick")
+        self._loop = PeriodicThread(
+            "rmq-governor", self._timed_tick, self._interval, log, "governor tick",
+            waiter=self._wait if events is not None else None,
+            wake=events.close if events is not None else None,
+        )
         self.lock = threading.Lock()
 
     # the loop --------------------------------------------------------------
     def start(self) -> None:
-        """Sample every ``rmq_monitor_interval`` on a daemon thread."""
+        """Sample every ``rmq_monitor_interval`` on a daemon thread, and at once when the kernel says
+        memory crossed a line (kernel accounting)."""
+        if self.pools is not None:
+            self._fit_pools(force=True)
+        if self.events is not None:
+            self.events.set_thresholds(self._thresholds())
+            if self.config.oom_hold:
+                self.oom_held = self.events.hold_oom()
         self._loop.start()
 
     def stop(self) -> None:
-        """Stop the loop (waits for the current tick)."""
+        """Stop the loop (waits for the current tick), and give the kernel its OOM killer back."""
         self._loop.stop()
+        if self.events is not None:
+            self.events.release_oom()
+            self.oom_held = False
+        if self.pools is not None:
+            self.pools.sweep(set())
+
+    def _fit_pools(self, force: bool = False) -> None:
+        """Cap the pools' cgroup so that the worker reaches the kill line exactly when the pools
+        reach their cap: a burst is then held by the kernel at the kill line, where the governor
+        (outside the pools, never held) chooses the victim. Refitted as the main process grows."""
+        assert self.pools is not None and self.budget.cgroup is not None
+        worker, pools = self.budget.cgroup.usage_bytes(), self.pools.pools_cgroup.usage_bytes()
+        if worker is None or pools is None:
+            return
+        own = max(0, worker - pools)
+        if not force and abs(own - self.own_bytes) < _REFIT_BYTES:
+            return
+        self.own_bytes = own
+        cap = max(self.budget.line(self.lines.kill) - own, 0)
+        self.pools.set_pools_limit(cap)
+        if self.events is not None:
+            if self.pools.version == 2 and cap:  # v2 holds a burst by throttling just under the cap
+                self.events.set_high(max(1, cap - max(_REFIT_BYTES, cap // 50)))
+            if not force:
+                self.events.set_thresholds(self._thresholds())
+
+    def _thresholds(self) -> list[int]:
+        """Where the kernel wakes the governor: each line of the ladder, and the admit line, as the
+        pools' usage that puts the worker on it."""
+        ratios = {self.lines.admit, self.lines.unload, self.lines.pause, self.lines.kill}
+        return sorted(b for r in ratios if (b := self.budget.line(r) - self.own_bytes) > 0)
+
+    def _wait(self, timeout_s: float) -> None:
+        """Wait for the next sample, or less when the kernel reports a crossing or an OOM."""
+        woken = self.events.wait(timeout_s)
+        for reason in woken:
+            self.wakeups[reason] = self.wakeups.get(reason, 0) + 1
+        self.woken = list(woken)
 
     def _interval(self) -> float:
         # under pressure, sample faster so a runaway task overshoots less before the kill
-        return self.config.monitor_interval if self.zone == "ok" else min(self.config.monitor_interval, 0.05)
+        if self.zone == "ok" and not self.ladder.paused:
+            return self.config.monitor_interval
+        return min(self.config.monitor_interval, 0.02 if self.events is not None else 0.05)
 
     def _timed_tick(self) -> None:
         started = time.perf_counter()
@@ -142,13 +219,27 @@ class Governor:
     def tick(self) -> None:
         """Sample, publish readings, and act on the ladder."""
         now = self.clock()
+        woken, self.woken = self.woken, []
         pids = self.actuator.pool_pids()
         reading = self.meter.sample(pids)
         worker_bytes = reading.worker_bytes
+        kernel_usage: dict[int, int] = {}
         if self.budget.cgroup is not None:
             working_set = self.budget.cgroup.working_set_bytes()
             if working_set is not None:
-                worker_bytes = max(worker_bytes, working_set)
+                # the kernel's count is the truth where it counts each pool's tree; else the /proc
+                # estimate may see what the cgroup's file does not yet
+                worker_bytes = working_set if self.pools is not None else max(worker_bytes, working_set)
+        if self.pools is not None:
+            for pid in pids:
+                used = self.pools.usage(pid)
+                if used is not None:
+                    kernel_usage[pid] = used
+                    reading.children[pid] = used
+            if now - self._swept_at >= 1.0:
+                self._swept_at = now
+                self.pools.sweep(set(pids))
+                self._fit_pools()
         self.trees.tidy(reading, now)
         dropped = self.ledger.release_dead(self.alive)
         if dropped:
@@ -158,7 +249,9 @@ class Governor:
         entries = self.ledger.entries()
         usage = []
         for e in entries:
-            if e.pid in reading.rss:  # the pool process's growth, and everything its task started
+            if e.pid in kernel_usage:  # the kernel's count of the pool's cgroup since admission
+                usage.append((e, max(0, kernel_usage[e.pid] - e.start_rss)))
+            elif e.pid in reading.rss:  # the pool process's growth, and everything its task started
                 usage.append((e, max(0, reading.rss[e.pid] - e.start_rss) + reading.tree_bytes(e.pid)))
         for e, used in usage:
             e.used_bytes = used
@@ -207,23 +300,41 @@ class Governor:
             log.warning("rmq resuming: worker memory back to %.0f%% of the budget",
                         100 * worker_bytes / self.budget.budget_bytes)
             self.actuator.resume()
-        if step.kill:
-            self._kill_one(tasks, reading, worker_bytes, now)
+        # the kernel holds the pools at their cap (v1), or reached it (v2): kill now
+        under_oom = "oom" in woken or "max" in woken or (self.oom_held and self.events.under_oom())
+        if step.kill or under_oom:
+            killed = self._kill_one(tasks, reading, worker_bytes, now, woken[0] if woken else "sample",
+                                    urgent=under_oom)
+            if under_oom and not killed and self.oom_held:
+                # nothing rmq may kill frees the memory (the main process grew, or a process rmq does
+                # not govern): the kernel's OOM killer decides, as it would without rmq
+                log.error("rmq: the worker's cgroup is out of memory and no governed task can be killed; "
+                          "handing the choice back to the kernel's OOM killer")
+                self.events.release_oom()
+                self.oom_held = False
+        elif self.events is not None and self.config.oom_hold and not self.oom_held and step.zone == "ok":
+            self.oom_held = self.events.hold_oom()
 
-    def _kill_one(self, tasks: list[Entry], reading: TreeReading, worker_bytes: int, now: float) -> None:
+    def _kill_one(self, tasks: list[Entry], reading: TreeReading, worker_bytes: int, now: float,
+                  woken_by: str = "sample", urgent: bool = False) -> bool:
+        """Kill the task that exceeds its reservation the most (else the newest); ``True`` when a kill
+        was made or is still taking effect. ``urgent``: the kernel holds the cgroup at its limit."""
         # a process already killed is still counted until the pool reaps it: don't kill a second
-        # one for the same excess within one interval
+        # one for the same excess within one interval (under an OOM hold, once its memory is gone)
         for pid, at in list(self._killed_pids.items()):
             if pid not in reading.rss or now - at > 60:
                 del self._killed_pids[pid]
-        if any(now - at < 2.0 for at in self._killed_pids.values()):
-            return
+        if urgent:
+            if any(self._freeing(pid) for pid in self._killed_pids):
+                return True
+        elif any(now - at < 2.0 for at in self._killed_pids.values()):
+            return True
         main = os.getpid()
         candidates = [e for e in tasks if e.pid in reading.rss and e.pid != main and e.pid not in self._killed_pids]
         if not candidates:
             log.error("rmq: worker memory at %.0f%% of the budget and no governed task to kill",
                       100 * worker_bytes / self.budget.budget_bytes)
-            return
+            return False
         worst = max(candidates, key=lambda e: e.used_bytes - e.memory_bytes)
         if worst.used_bytes - worst.memory_bytes <= 0:
             worst = max(candidates, key=lambda e: e.started)
@@ -243,12 +354,16 @@ class Governor:
                     budget_bytes=self.budget.budget_bytes,
                     detected_at=now,
                     killed_at=self.clock(),
+                    room_bytes=max(0, self.admit_line - self.idle_bytes),
+                    woken_by=woken_by,
                 )
+                if self.pools is not None:  # the kernel's count of the whole tree
+                    self.kills[worst.task_id].observed_bytes = worst.used_bytes
                 ended = self.trees.kill(worst.pid, now)
         if not current:
             log.info("rmq: %s[%s] in pid %d ended before its kill; choosing again next tick",
                      worst.name, worst.task_id, worst.pid)
-            return
+            return False
         self._killed_pids[worst.pid] = now
         self.counters["killed"] += 1
         log.warning(
@@ -257,6 +372,13 @@ class Governor:
             f" and its {len(ended)} descendant(s) {sorted(ended)}" if ended else "",
             100 * worker_bytes / self.budget.budget_bytes, worst.used_bytes, worst.memory_bytes,
         )
+        return True
+
+    def _freeing(self, pid: int) -> bool:
+        """Whether a killed pool process's memory is still on its way out (its cgroup or process)."""
+        if self.pools is not None:
+            return bool(self.pools.members(pid))
+        return self.alive(pid)
 
     def pop_kill(self, task_id: str) -> KillRecord | None:
         """The kill record of ``task_id``, if the governor killed it (consumed once)."""
@@ -290,6 +412,24 @@ class Governor:
             "zone": self.zone,
             "admit_line_bytes": self.admit_line,
             "idle_bytes": self.idle_bytes,
+            "lines": {"source": self.lines.source, "admit": self.lines.admit, "unload": self.lines.unload,
+                      "pause": self.lines.pause, "kill": self.lines.kill},
+            "accounting": self.accounting_info(),
+        }
+
+    def accounting_info(self) -> dict[str, Any]:
+        """How memory is counted and how the governor is woken, with the reasons (stats, doctor)."""
+        events = self.events
+        return {
+            "mode": self.accounting.mode,
+            "reason": self.accounting.reason,
+            "wakeups": events.mode if events is not None else "polling",
+            "wakeups_reason": events.reason if events is not None else
+            f"sampling every {self.config.monitor_interval * 1000:.0f} ms",
+            "oom_hold": self.oom_held,
+            "oom_hold_reason": getattr(events, "hold_reason", "") if events is not None and not self.oom_held else "",
+            "woken": dict(self.wakeups),
+            "kernel_oom_kills": self.budget.cgroup.oom_kills() if self.budget.cgroup is not None else None,
         }
 
 

@@ -232,6 +232,7 @@ def test_kill_record_carries_the_figures_once(world: World) -> None:
     assert record == KillRecord(
         task_id="a", task_name="media.a", pid=11, observed_bytes=400 * MiB, declared_bytes=100 * MiB,
         budget_bytes=BUDGET, detected_at=detected, killed_at=detected,
+        room_bytes=world.gov.admit_line - world.gov.idle_bytes,
     )
     assert world.gov.pop_kill("a") is None
     assert world.gov.pop_kill("never-killed") is None
@@ -339,8 +340,10 @@ def test_memory_snapshot_schema(world: World) -> None:
     assert set(snap) == {
         "budget_bytes", "budget_source", "limit_bytes", "worker_bytes", "main_bytes", "children",
         "cgroup_working_set_bytes", "host_total_bytes", "host_available_bytes", "peak_bytes", "ratio",
-        "zone", "admit_line_bytes", "idle_bytes", "descendants", "strays",
+        "zone", "admit_line_bytes", "idle_bytes", "descendants", "strays", "lines", "accounting",
     }
+    assert snap["accounting"]["mode"] == "proc" and snap["accounting"]["wakeups"] == "polling"
+    assert snap["lines"]["source"] == "polling defaults" and snap["lines"]["kill"] == 0.95
     assert snap["budget_bytes"] == BUDGET and snap["budget_source"] == "configured"
     assert snap["worker_bytes"] == pct(0.8)
     assert snap["ratio"] == pytest.approx(0.8, abs=1e-3)
