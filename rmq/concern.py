@@ -51,6 +51,8 @@ class TaskContext:
             concerns (see :meth:`rss_before_body`), ``None`` until a concern asks.
         runtime: the worker's :class:`~rmq.core.runtime.Runtime` the task runs under (``None``:
             concerns look up the current one).
+        min_memory_bytes: the least this run reserves: what a memory kill of an earlier run saw
+            (header ``rmq_reserve``), else 0.
     """
 
     task_name: str
@@ -65,6 +67,7 @@ class TaskContext:
     rss_before: int | None = None
     rss_after: int | None = None
     runtime: Runtime | None = None
+    min_memory_bytes: int = 0
 
     def rss_before_body(self, probe: Callable[[], int] = own_rss_bytes) -> int:
         """This process's RSS before the body: read by the first concern that asks (on enter)."""

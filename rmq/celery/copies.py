@@ -28,13 +28,16 @@ from rmq.core.claims import claim_token
 from rmq.core.errors import Defer
 from rmq.core.ledger_layout import KIND_TASK, fit
 
-__all__ = ["DEFERRALS", "finished_copy", "is_copy", "release_claim", "rmq_headers", "run_copy", "run_original"]
+__all__ = ["DEFERRALS", "RESERVE", "finished_copy", "request_header", "is_copy", "release_claim", "rmq_headers",
+           "run_copy", "run_original"]
 
 log = logging.getLogger("rmq.celery.copies")
 
 #: the header every deferral sets: how many counted deferrals the task has had
 DEFERRALS = "rmq_deferrals"
-_REQUEST_HEADERS = (DEFERRALS, "rmq_kills")
+#: the least a re-run after a memory kill reserves: what the kill saw the task use
+RESERVE = "rmq_reserve"
+_REQUEST_HEADERS = (DEFERRALS, "rmq_kills", RESERVE)
 
 #: per pool thread, ``finished_copy.claim``: the task id whose run claim a copy that returned still
 #: holds; the task's ``after_return`` releases it once the outcome is stored, so that a copy waiting
@@ -46,14 +49,14 @@ def rmq_headers(source: Any) -> dict[str, Any]:
     """The ``rmq_*`` message headers of a request, a request dict or a headers dict."""
     if isinstance(source, dict):
         return {k: v for k, v in source.items() if isinstance(k, str) and k.startswith("rmq_") and v is not None}
-    found = {k: v for k in _REQUEST_HEADERS if (v := _request_header(source, k)) is not None}
+    found = {k: v for k in _REQUEST_HEADERS if (v := request_header(source, k)) is not None}
     headers = getattr(source, "headers", None)
     if headers:  # any other rmq_* header kept there
         found.update(rmq_headers(headers))
     return found
 
 
-def _request_header(request: Any, name: str) -> Any:
+def request_header(request: Any, name: str) -> Any:
     """One header of a task's request: Celery puts custom headers on the request as attributes,
     and keeps some in ``request.headers`` only."""
     value = getattr(request, name, None)
@@ -68,7 +71,7 @@ def is_copy(request: Any) -> bool:
     if (request.delivery_info or {}).get("redelivered"):
         return True
     # every deferral sets the header, 0 for the uncounted ones (rate limits, waiting copies)
-    return _request_header(request, DEFERRALS) is not None or bool(_request_header(request, "rmq_kills"))
+    return request_header(request, DEFERRALS) is not None or bool(request_header(request, "rmq_kills"))
 
 
 def run_original(task: Any, rt: Any, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -1,9 +1,12 @@
 """The request class of governed tasks, in the worker's main process. Celery glue.
 
 When a pool process dies under a governed task, Celery calls ``on_failure`` with
-``WorkerLostError``. If the governor killed it for memory, the task runs again with
-backoff up to ``rmq_memory_kill_retries`` times, then ends as ``FAILURE`` with
-:class:`~rmq.core.errors.MemoryBudgetExceeded`. Any other loss (a SIGKILL from outside, the
+``WorkerLostError``. If the governor killed it for memory, the task runs again, reserving at least
+what the kill saw it use (header ``rmq_reserve``). A task killed while using more than it could
+have had alone on the idle worker runs again with backoff up to ``rmq_memory_kill_retries`` times,
+then ends as ``FAILURE`` with :class:`~rmq.core.errors.MemoryBudgetExceeded`; one killed using
+less was crowded out by its neighbours, and runs again (up to ``_CROWDED_RUNS`` times), since its
+re-run now waits for the room it needs. Any other loss (a SIGKILL from outside, the
 kernel OOM killer) redelivers the message at once, at most ``rmq_worker_lost_retries``
 times, then ends as ``FAILURE`` with :class:`~rmq.core.errors.TaskProcessLost`: never lost,
 never an endless loop. The losses are counted in Redis when rmq has one, and always in the main
@@ -24,16 +27,20 @@ from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
-from rmq.celery.copies import rmq_headers
+from rmq.celery.copies import RESERVE, rmq_headers
 from rmq.celery.resend import resend
 from rmq.core import keys
 from rmq.core.claims import claim_token
 from rmq.core.errors import MemoryBudgetExceeded, TaskProcessLost
 from rmq.core.runtime import current
+from rmq.memory.learning import flush_learner, learner
 
 __all__ = ["GovernedRequest"]
 
 log = logging.getLogger("rmq.celery.request")
+
+#: re-runs of a task killed while it used no more than the idle worker's room: a loop guard only
+_CROWDED_RUNS = 10
 
 #: how long, and for how many task ids, the main process remembers lost runs
 _LOST_KEEP_S = 86400.0
@@ -85,7 +92,14 @@ class GovernedRequest(Request):
         if record is not None:
             kills = int(headers.get("rmq_kills", 0) or 0) + 1
             rt.stats.incr("killed_tasks")
-            if kills <= rt.config.memory_kill_retries and self._rerun(headers, kills, record.task_name):
+            crowded = 0 < record.observed_bytes <= record.room_bytes
+            runs = max(rt.config.memory_kill_retries, _CROWDED_RUNS) if crowded else rt.config.memory_kill_retries
+            # crowded out, it runs again once what it used fits; a runaway's reading would only
+            # teach its neighbours to fear it, and its re-run to wait for room that never comes
+            if crowded:
+                headers[RESERVE] = max(record.observed_bytes, int(headers.get(RESERVE, 0) or 0))
+                self._learn_kill(record.task_name, record.observed_bytes)
+            if kills <= runs and self._rerun(headers, kills, record.task_name, crowded):
                 task_ready(self)  # what Celery's on_failure does first: the request is no longer active
                 return None
             exceeded = MemoryBudgetExceeded(
@@ -110,10 +124,20 @@ class GovernedRequest(Request):
         except Exception as exc:  # it expires on its own
             log.debug("rmq could not release the run claim of %s[%s]: %r", self.task_name, self.id, exc)
 
-    def _rerun(self, headers: dict[str, Any], kills: int, name: str) -> bool:
+    @staticmethod
+    def _learn_kill(name: str, observed: int) -> None:
+        """What a killed run used is at least its peak: its neighbours' next runs reserve it too."""
+        rt = current()
+        if rt is None or observed <= 0:
+            return
+        learner(rt).observe(name, observed)
+        flush_learner(rt, force=True)
+
+    def _rerun(self, headers: dict[str, Any], kills: int, name: str, crowded: bool = False) -> bool:
         rt = current()
         assert rt is not None
-        countdown = rt.config.kill_backoff * (2 ** (kills - 1))
+        # crowded out: nothing to back off from, the re-run waits in admission for its room
+        countdown = rt.config.kill_backoff * (1 if crowded else 2 ** (kills - 1))
         headers = {**headers, "rmq_kills": kills}
         try:
             resend(self.task, self._context, countdown, headers)

@@ -17,7 +17,17 @@ from typing import Any
 from celery import Task, shared_task
 from celery.exceptions import Retry
 
-from rmq.celery.copies import DEFERRALS, finished_copy, is_copy, release_claim, rmq_headers, run_copy, run_original
+from rmq.celery.copies import (
+    DEFERRALS,
+    RESERVE,
+    finished_copy,
+    is_copy,
+    release_claim,
+    request_header,
+    rmq_headers,
+    run_copy,
+    run_original,
+)
 from rmq.celery.resend import resend
 from rmq.concern import Concern, TaskContext, current_context, set_current_context
 from rmq.core.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
@@ -100,6 +110,9 @@ class GovernedTask(Task):
             kwargs=kwargs,
             runtime=rt,
         )
+        reserve = request_header(request, RESERVE)
+        if reserve:  # a re-run after a memory kill: reserve at least what the kill saw
+            ctx.min_memory_bytes = int(reserve)
         ctx.state["argnames"] = self._rmq_argnames
         entered: list[Concern] = []
         set_current_context(ctx)

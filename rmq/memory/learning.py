@@ -2,7 +2,9 @@
 
 Pool processes buffer observations and write them at most once a second (one pipelined
 round trip), and read a task's learned value at most every ``ttl_s`` seconds, so learning
-costs no Redis round trip per task. Values survive worker restarts and are shared by all
+costs no Redis round trip per task. Until a task has a learned peak its runs wait alone, so the
+first peak of a task name is written at once, and an unknown one is read again every
+``unknown_ttl_s``. Values survive worker restarts and are shared by all
 workers on the same Redis.
 """
 
@@ -22,6 +24,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["PeakLearner", "flush_learner", "learner"]
 
+#: below this many observations the learned value is their maximum, not the quantile
+_FEW = 5
+
 log = logging.getLogger("rmq.memory.learning")
 
 
@@ -36,12 +41,14 @@ class PeakLearner:
         ttl_s: float = 5.0,
         flush_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        unknown_ttl_s: float = 0.1,
     ) -> None:
         self.client_factory = client_factory
         self.window = window
         self.q = q
         self.ttl_s = ttl_s
         self.flush_interval_s = flush_interval_s
+        self.unknown_ttl_s = unknown_ttl_s
         self.clock = clock
         self._pending: dict[str, list[int]] = {}
         self._cache: dict[str, tuple[int, float]] = {}
@@ -50,8 +57,10 @@ class PeakLearner:
 
     def observe(self, task_name: str, peak_bytes: int) -> None:
         """Buffer one observation; it reaches Redis within ``flush_interval_s``."""
-        with self._lock:
-            self._pending.setdefault(task_name, []).append(int(peak_bytes))
+        with self._lock:  # at least 1 byte: a learned 0 would read as unknown
+            self._pending.setdefault(task_name, []).append(max(1, int(peak_bytes)))
+        if not self._cache.get(task_name, (0, 0.0))[0]:  # its first peak: neighbours wait for it
+            self.flush(force=True)
 
     def flush(self, force: bool = False) -> None:
         """Write buffered observations (one pipelined round trip)."""
@@ -68,20 +77,23 @@ class PeakLearner:
                 pipe.lpush(key, *values)
                 pipe.ltrim(key, 0, self.window - 1)
             pipe.execute()
-            for name in pending:
-                self._cache.pop(name, None)
+            for name, values in pending.items():  # known now; read again at the next learned()
+                hit = self._cache.get(name)
+                self._cache[name] = ((hit[0] if hit else 0) or max(values), float("-inf"))
         except Exception as exc:  # learning is advisory: never fail a task for it
             log.warning("rmq could not store learned peaks: %s", exc)
 
     def learned(self, task_name: str) -> int:
-        """The ``q`` percentile of recent peaks of ``task_name`` (0 when none or unreachable)."""
+        """The ``q`` percentile of recent peaks of ``task_name`` (their maximum while there are fewer
+        than five; 0 when none or unreachable)."""
         now = self.clock()
         hit = self._cache.get(task_name)
-        if hit is not None and now - hit[1] < self.ttl_s:
+        if hit is not None and now - hit[1] < (self.ttl_s if hit[0] else self.unknown_ttl_s):
             return hit[0]
         try:
             raw = self.client_factory().lrange(keys.learned_peaks(task_name), 0, self.window - 1)
-            value = int(percentile([int(v) for v in raw], self.q))
+            # a few runs say little about the tail: their largest, until there are enough for a quantile
+            value = int(percentile([int(v) for v in raw], self.q if len(raw) >= _FEW else 1.0))
         except Exception as exc:
             log.warning("rmq could not read learned peaks of %s: %s", task_name, exc)
             value = hit[0] if hit else 0

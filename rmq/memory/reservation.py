@@ -4,14 +4,17 @@ A task that does not fit first asks every pool process to unload models, then wa
 to ``rmq_admission_wait`` (re-checking as the governor's readings change), then is
 deferred; so is a task that finds every slot of the ledger held. A task that could never fit
 on an idle worker fails at once with :class:`~rmq.core.errors.BudgetExceeded`; one without
-``memory=`` whose learned peak is larger than that runs alone instead. A task without
-``memory=`` is admitted with its learned peak (:mod:`rmq.memory.learning`), and only such tasks
-record their peaks (nothing reads the others'): the kernel's high-water mark of the process
-since admission, so a spike between two governor readings counts too.
+``memory=`` whose learned peak is larger than that runs alone instead. A task is admitted with
+its learned peak when it has one (:mod:`rmq.memory.learning`), whether it declared ``memory=`` or
+not, and one with neither runs alone until it has. Every successful run records its peak: the
+kernel's high-water mark since admission (of the pool process's cgroup under kernel accounting,
+else of the process and its largest waited-for subprocess), so a spike between two governor
+readings counts too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import shutil
@@ -26,19 +29,26 @@ from rmq.core.runtime import Runtime, current
 from rmq.core.selfmem import peak_rss_bytes, reset_peak_rss
 from rmq.memory.admission import Need, Verdict, judge
 from rmq.memory.learning import learner
+from rmq.memory.pool_cgroups import PoolCgroups
 from rmq.memory.proctree import TREE_ENV
 
 __all__ = ["AdmissionGuard"]
 
+log = logging.getLogger("rmq.memory.reservation")
+
 _POLL_S = 0.02
+#: how often a waiting task reads its learned peak again
+_RENEW_S = 0.1
+#: a need that stands for "the whole idle worker": cut to the idle room by ``_try_once``
+_ALONE = 1 << 62
 
 
 def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, learned: bool = False) -> Verdict:
     """One atomic step: judge ``need`` against the reservations and the governor's latest readings,
     and add ``entry`` when it fits.
 
-    A ``learned`` need (a task without ``memory=``) larger than what an idle worker admits is cut to
-    that room: learned peaks are shared by every worker on the Redis, whatever its budget, so one
+    A ``learned`` need (an estimate: a task without ``memory=``) larger than what an idle worker
+    admits is cut to that room: learned peaks are shared by every worker on the Redis, whatever its budget, so one
     learned on a bigger worker would otherwise fail the task here for ever. Cut, the task runs
     alone, and its peak on this worker is learned (docs/design.md#learning)."""
     disk = shutil.disk_usage(disk_root) if (need.disk_bytes and disk_root) else None
@@ -58,11 +68,19 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, l
 
 
 def _wait_for_room(ledger: Ledger, entry: Entry, need: Need, wait_s: float, disk_root: str | None,
-                   verdict: Verdict, learned: bool = False) -> Verdict:
-    """After a first ``verdict`` that did not fit: ask for unloads, then re-try until ``wait_s`` ends."""
+                   verdict: Verdict, learned: bool = False,
+                   renew: Callable[[], tuple[int, bool]] | None = None) -> Verdict:
+    """After a first ``verdict`` that did not fit: ask for unloads, then re-try until ``wait_s`` ends.
+    ``renew`` gives the reservation again (a peak learned meanwhile by a neighbour's run)."""
     deadline = time.monotonic() + wait_s
     asked_unload = False
+    renewed_at = time.monotonic()
     while not (verdict.admitted or verdict.never or time.monotonic() >= deadline):
+        if renew is not None and time.monotonic() - renewed_at >= _RENEW_S:
+            renewed_at = time.monotonic()
+            memory, learned = renew()
+            need = need._replace(memory_bytes=memory)
+            entry.memory_bytes = memory
         if verdict.resource in ("memory", "ledger") and not asked_unload:
             asked_unload = True
             # every pool process (this one too, through its watcher) unloads its share of one plan;
@@ -92,35 +110,66 @@ class AdmissionGuard(Concern):
         # what a task of this process execs carries its pool pid, so that the governor still counts
         # (and kills) a descendant that double-forked away from the tree (docs/design.md#task-trees)
         os.environ[TREE_ENV] = str(os.getpid())
+        pools = _pools(rt)
+        if pools is not None:  # before the first task: all it allocates is charged to its own cgroup
+            try:
+                pools.adopt(os.getpid())
+            except OSError as exc:
+                log.warning("rmq could not move pool process %d into %s: %s", os.getpid(),
+                            pools.path_for(os.getpid()), exc)
+
+    @staticmethod
+    def reservation(rt: Runtime, ctx: TaskContext) -> tuple[int, bool]:
+        """What to reserve for this run, and whether it is an estimate (``True``: cut to the idle
+        room rather than fail, docs/design.md#learning).
+
+        A learned peak refines a declaration both ways: under a generous ceiling it frees the rest
+        for neighbours, over a lying one it reserves what the task really takes. A re-run after a
+        memory kill reserves at least what the kill saw (``rmq_reserve``). A task with neither a
+        declaration nor a learned peak runs alone until its peak is known (``rmq_unknown_alone``).
+        """
+        declared = ctx.declaration.memory_bytes
+        learned = learner(rt).learned(ctx.task_name)
+        floor = ctx.min_memory_bytes
+        if learned:
+            return max(learned, floor, rt.config.default_task_memory), declared is None
+        if declared is not None:
+            return max(declared, floor), False
+        if rt.config.unknown_alone:
+            return _ALONE, True
+        return max(rt.config.default_task_memory, floor), True
 
     def enter(self, ctx: TaskContext) -> None:
         rt = ctx.runtime or current()
         if rt is None:
             return
         decl = ctx.declaration
-        memory = decl.memory_bytes
-        learning = memory is None
-        if memory is None:
-            memory = max(rt.config.default_task_memory, learner(rt).learned(ctx.task_name))
+        memory, estimate = self.reservation(rt, ctx)
         ctx.memory_bytes = memory
         need = Need(memory, decl.cpu_slots, decl.disk_bytes)
         disk_root = rt.config.session_root_path if decl.disk_bytes else None
         if disk_root:
             os.makedirs(disk_root, exist_ok=True)
+        pools = _pools(rt)
+        # kernel accounting: the task is measured from its pool cgroup's count, its peak by the kernel
+        start = pools.reset_peak(forks.pid()) if pools is not None else None
         entry = Entry(
             KIND_TASK, forks.pid(), memory, decl.cpu_slots, decl.disk_bytes,
-            task_id=ctx.task_id, name=ctx.task_name, start_rss=ctx.rss_before_body(),
+            task_id=ctx.task_id, name=ctx.task_name,
+            start_rss=_kernel_start(pools) if start is not None else ctx.rss_before_body(),
         )
-        v = _try_once(rt.ledger, entry, need, disk_root, learning)
+        v = _try_once(rt.ledger, entry, need, disk_root, estimate)
         if not v.admitted and not v.never:
-            v = _wait_for_room(rt.ledger, entry, need, rt.config.admission_wait, disk_root, v, learning)
+            renew = (lambda: self.reservation(rt, ctx)) if memory == _ALONE or estimate else None
+            v = _wait_for_room(rt.ledger, entry, need, rt.config.admission_wait, disk_root, v, estimate, renew)
         if v.admitted:
-            ctx.memory_bytes = entry.memory_bytes  # a learned need may have been cut to the idle worker's room
+            ctx.memory_bytes = entry.memory_bytes  # an estimate may have been cut to the idle worker's room
             ctx.state["admission"] = entry
-            if learning:  # the models it loads are not part of its peak; the kernel keeps the peak
-                ctx.state["models_loaded"] = self.model_bytes()
-                ctx.state["peak_reset"] = reset_peak_rss()
-                ctx.state["children_peak"] = _children_peak()
+            if start is not None:
+                ctx.state["kernel_start"] = start
+            ctx.state["models_loaded"] = self.model_bytes()
+            ctx.state["peak_reset"] = reset_peak_rss()
+            ctx.state["children_peak"] = _children_peak()
             rt.stats.incr("admitted")
             return
         if v.never:
@@ -134,19 +183,36 @@ class AdmissionGuard(Concern):
         if rt is None or entry is None:
             return
         peak_seen = rt.ledger.release(entry)  # the governor's peak reading of this reservation
-        if failed or ctx.declaration.memory_bytes is not None:  # only undeclared tasks are admitted by it
+        if failed:
             return
         # The kernel's high-water mark since admission catches a peak shorter than the governor's
         # interval; the RSS after the body is read before hygiene trims, so garbage the task left
         # behind counts too.
         kernel_peak = peak_rss_bytes() if ctx.state.pop("peak_reset", False) else None
-        own = max(ctx.rss_after_body() - entry.start_rss, (kernel_peak or 0) - entry.start_rss, 0)
+        own = max(ctx.rss_after_body() - ctx.rss_before_body(), (kernel_peak or 0) - ctx.rss_before_body(), 0)
         # a subprocess the task waited for: the kernel's high-water mark of the largest one, when it
         # rose during this task, on top of the process's own growth (the governor's tree reading may
         # have missed a short one between two samples)
         children = _children_peak()
         child_peak = children if children > ctx.state.pop("children_peak", children) else 0
         peak = max(own + child_peak, peak_seen or 0)
+        start = ctx.state.pop("kernel_start", None)
+        pools = _pools(rt)
+        if start is not None and pools is not None:  # the cgroup's own high-water mark: the whole tree
+            tree_peak = pools.peak(forks.pid())
+            if tree_peak is not None:
+                peak = max(peak, tree_peak - start)
         # models the task loaded hold their own reservations: not part of the task's peak
         peak = max(0, peak - (self.model_bytes() - ctx.state.pop("models_loaded", 0)))
         learner(rt).observe(ctx.task_name, peak)
+
+
+def _pools(rt: Runtime) -> PoolCgroups | None:
+    accounting = getattr(rt, "accounting", None)
+    return accounting.pools if accounting is not None else None
+
+
+def _kernel_start(pools: PoolCgroups | None) -> int:
+    """The pool cgroup's working set now: the kernel-accounted task is measured from it."""
+    got = pools.usage(forks.pid()) if pools is not None else None
+    return got or 0

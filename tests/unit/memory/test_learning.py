@@ -35,8 +35,30 @@ def test_unknown_task_has_learned_nothing(server) -> None:
     assert learner(server).learned("media.transcribe") == 0
 
 
+def test_the_first_peak_of_an_unknown_task_is_written_at_once(server) -> None:
+    # its runs wait alone until it is known: the neighbours must not wait for a throttled flush
+    lrn = learner(server)
+    assert lrn.learned("media.new") == 0
+    lrn.observe("media.new", 10 * MiB)
+    assert fakeredis.FakeRedis(server=server).llen(keys.learned_peaks("media.new")) == 1
+
+
+def test_an_unknown_value_is_read_again_soon_a_known_one_is_cached(server) -> None:
+    clock = Clock()
+    reader, writer = learner(server, clock, ttl_s=5.0, unknown_ttl_s=0.1), learner(server, clock)
+    assert reader.learned("t") == 0
+    writer.observe("t", 7 * MiB)
+    clock.t += 0.2
+    assert reader.learned("t") == 7 * MiB  # the unknown value was not kept for 5 s
+    writer.observe("t", 9 * MiB)
+    writer.flush(force=True)
+    clock.t += 1.0
+    assert reader.learned("t") == 7 * MiB  # a known value is cached for ttl_s
+
+
 def test_observations_reach_redis_on_flush_and_give_a_percentile(server) -> None:
     lrn = learner(server, q=0.95)
+    lrn._cache["media.transcribe"] = (1, 1000.0)  # known: observations wait for the flush
     for mib in range(1, 21):  # 1..20 MiB
         lrn.observe("media.transcribe", mib * MiB)
     assert fakeredis.FakeRedis(server=server).llen(keys.learned_peaks("media.transcribe")) == 0
@@ -57,6 +79,7 @@ def test_values_are_shared_with_another_learner(server) -> None:
 def test_flush_is_throttled_unless_forced(server) -> None:
     clock = Clock(1000.0)
     lrn = learner(server, clock, flush_interval_s=1.0)
+    lrn._cache["t"] = (1, clock.t)  # a known task: its observations are buffered
     lrn.observe("t", 1)
     lrn.flush()
     r = fakeredis.FakeRedis(server=server)

@@ -17,11 +17,12 @@ MiB = 1 << 20
 
 
 class RecordingLearner:
-    def __init__(self) -> None:
+    def __init__(self, peaks: dict[str, int] | None = None) -> None:
         self.observed: list[tuple[str, int]] = []
+        self.peaks = peaks or {}
 
     def learned(self, name: str) -> int:
-        return 0
+        return self.peaks.get(name, 0)
 
     def observe(self, name: str, peak: int) -> None:
         self.observed.append((name, peak))
@@ -50,16 +51,45 @@ def run(rt: Runtime, name: str, failed: bool = False, **declared) -> TaskContext
     return ctx
 
 
-def test_an_undeclared_task_is_admitted_with_the_default_and_records_its_peak(rt) -> None:
+def test_an_unknown_undeclared_task_runs_alone_and_records_its_peak(rt) -> None:
+    # no declaration and no learned peak: it holds all an idle worker admits (3500 - 100 MiB)
     ctx = run(rt, "app.undeclared")
-    assert ctx.memory_bytes == rt.config.default_task_memory
+    assert ctx.memory_bytes == 3400 * MiB
     assert rt.made("learner").observed == [("app.undeclared", 5 * MiB)]
 
 
-def test_a_declared_task_records_no_peak(rt) -> None:
+def test_an_unknown_undeclared_task_takes_the_default_when_told_not_to_run_alone(tmp_path) -> None:
+    ledger = Ledger(str(tmp_path / "rt"), create=True)
+    ledger.write_control(Control(0, 0, 100 * MiB, 4096 * MiB, 3500 * MiB, 100 * MiB, time.time(), "ok", 2, False))
+    runtime = Runtime(load_config({"rmq_unknown_alone": False}, environ={}), app=None,
+                      runtime_dir=str(tmp_path / "rt"), ledger=ledger, redis_url=None)
+    runtime._local["learner"] = RecordingLearner()
+    ctx = TaskContext("app.undeclared", "u-1", parse_declaration(), runtime.config, runtime=runtime)
+    AdmissionGuard().enter(ctx)
+    assert ctx.memory_bytes == runtime.config.default_task_memory
+    ledger.close()
+
+
+def test_a_learned_peak_refines_a_declaration_both_ways(rt) -> None:
+    # a generous ceiling (400 MiB, 300 used) frees the rest; a lying one (100 MiB) reserves the truth
+    rt._local["learner"] = RecordingLearner({"app.generous": 300 * MiB, "app.lying": 300 * MiB})
+    assert run(rt, "app.generous", memory="400MiB").memory_bytes == 300 * MiB
+    assert run(rt, "app.lying", memory="100MiB").memory_bytes == 300 * MiB
+    # without a learned peak, the declaration
+    assert run(rt, "app.declared", memory="64MiB").memory_bytes == 64 * MiB
+
+
+def test_a_rerun_after_a_memory_kill_reserves_at_least_what_the_kill_saw(rt) -> None:
+    ctx = TaskContext("app.lying", "l-1", parse_declaration(memory="100MiB"), rt.config, min_memory_bytes=250 * MiB)
+    AdmissionGuard().enter(ctx)
+    assert ctx.memory_bytes == 250 * MiB
+    AdmissionGuard().exit(ctx, failed=True)
+
+
+def test_a_declared_task_records_its_peak_too(rt) -> None:
     ctx = run(rt, "app.declared", memory="64MiB")
     assert ctx.memory_bytes == 64 * MiB
-    assert rt.made("learner").observed == []
+    assert rt.made("learner").observed == [("app.declared", 5 * MiB)]
 
 
 def test_a_failed_run_records_no_peak(rt) -> None:
