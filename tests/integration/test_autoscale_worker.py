@@ -133,7 +133,7 @@ def test_heavy_declarations_cap_growth_while_light_work_still_gets_processes(sca
     # (a prefetch of 4 per process lets the worker see light work behind the heavy backlog)
     w = start("6,1", extra=("--prefetch-multiplier=4",), autoscale_keepalive="30s", admission_wait="0.5s",
               defer_countdown="1s")
-    heavy = [client.tasks["scale.heavy"].delay(3.0, 40) for _ in range(6)]
+    heavy = [client.tasks["scale.heavy"].delay(3.0, 280) for _ in range(6)]  # honest: learned ~ declared
     wait_until(lambda: len(_procs(w)) >= 2, 15, what="a second process for the second heavy task")
     with _PoolSampler(w) as sampler:
         wait_until(lambda: _stats(client, w)["autoscaler"]["backlog"] >= 3, 10, what="heavy backlog")

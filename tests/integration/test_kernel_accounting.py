@@ -1,0 +1,185 @@
+"""Kernel accounting on real workers in real memory cgroups (docs/design.md#kernel-accounting):
+each pool process in a cgroup of its own, the kernel's count of each task tree, its wake-ups, and
+the burst held at the kill line while rmq chooses the victim. Skipped, with the reason, where this
+machine cannot create memory cgroups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rmq.testing.cgroups import MemoryCgroup, can_create
+from rmq.testing.worker import wait_until
+
+from .conftest import TESTS_DIR, taskapp_env
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+
+_why_not = can_create()
+
+
+@pytest.fixture
+def tree_app(redis_url):
+    if TESTS_DIR not in sys.path:
+        sys.path.insert(0, TESTS_DIR)
+    import treeapp  # noqa: F401  (registers its shared tasks)
+
+    from workers.app import make_app
+
+    app = make_app(broker=redis_url, backend=redis_url)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def cgroup_of():
+    """Memory cgroups for workers; removed after the test's workers have stopped (request this
+    fixture before ``start_worker``: fixtures are torn down in reverse order)."""
+    made: list[MemoryCgroup] = []
+
+    def make(limit_mib: int) -> MemoryCgroup:
+        cg = MemoryCgroup(limit_mib * MiB)
+        made.append(cg)
+        return cg
+
+    yield make
+    for cg in made:  # the worker fixture has stopped the workers by then
+        cg.remove()
+        assert not cg.path.exists(), f"{cg.path} left behind"
+
+
+def _stats(app, w) -> dict:
+    replies = app.control.inspect(destination=[w.node_name], timeout=3).stats() or {}
+    return replies[w.node_name]["rmq"]
+
+
+def _worker(start_worker, app, redis_url, cg: MemoryCgroup | None, concurrency: int, **rmq):
+    env = taskapp_env(redis_url, **rmq)
+    return start_worker(app, app="treeapp", env=env, concurrency=concurrency, prefix=cg.wrap() if cg else ())
+
+
+def _pids(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+needs_cgroups = pytest.mark.skipif(_why_not is not None, reason=_why_not or "")
+
+
+@needs_cgroups
+def test_each_pool_process_is_counted_by_the_kernel_with_its_subprocess(redis_url, tree_app, cgroup_of,
+                                                                        start_worker):
+    # Given a worker inside its own 1 GiB memory cgroup
+    cg = cgroup_of(1024)
+    w = _worker(start_worker, tree_app, redis_url, cg, concurrency=2)
+    accounting = _stats(tree_app, w)["memory"]["accounting"]
+    # Then it counts memory with the kernel and is woken by it, holding bursts at the kill line
+    assert accounting["mode"] == "cgroup-v1" and accounting["wakeups"] == "eventfd", accounting
+    assert accounting["oom_hold"] is True, accounting
+    pools = cg.path / f"rmq-{w.pid}-pools"
+    for pid in w.pool_pids():
+        assert str(pid) in (pools / f"pool-{pid}" / "cgroup.procs").read_text().split()
+    # When a task's 250 MiB lives in a subprocess
+    running = tree_app.tasks["tree.sub_hold"].delay(250, 2.0)
+    # Then the kernel's count of its pool process's tree holds it
+    def tree_bytes() -> int:
+        return max((int(v) for v in _stats(tree_app, w)["memory"]["children"].values()), default=0)
+    wait_until(lambda: tree_bytes() >= 240 * MiB, 10, what="the subprocess's 250 MiB in a pool's count")
+    assert running.get(timeout=30)["code"] == 0
+
+
+@needs_cgroups
+def test_an_undeclared_batch_that_does_not_fit_at_once_runs_without_a_kernel_oom_kill(
+    redis_url, tree_app, cgroup_of, start_worker
+):
+    # Given 8 undeclared tasks holding 200 MiB each in a subprocess, and a 768 MiB worker of 4 processes
+    cg = cgroup_of(768)
+    w = _worker(start_worker, tree_app, redis_url, cg, concurrency=4)
+    results = [tree_app.tasks["tree.sub_touch"].delay(200, 0.5) for _ in range(8)]
+    # Then every one succeeds, the kernel never kills, and the cgroup never reached its limit
+    assert all(r.get(timeout=60)["code"] == 0 for r in results)
+    assert cg.oom_kills() == 0
+    assert (cg.peak_bytes() or 0) < 768 * MiB
+    # and the peak the first run taught (the subprocess's 200 MiB) let the others run three at once
+    learned = _stats(tree_app, w)["memory"]
+    assert learned["accounting"]["kernel_oom_kills"] == 0
+
+
+@needs_cgroups
+def test_lying_declarations_are_rerun_at_their_learned_size_without_a_kernel_oom_kill(
+    redis_url, tree_app, cgroup_of, start_worker
+):
+    import redis
+
+    from rmq.core import keys
+
+    # Given 12 tasks that declare 64 MiB but hold 200 MiB in a subprocess, on 6 processes in 768 MiB
+    cg = cgroup_of(768)
+    w = _worker(start_worker, tree_app, redis_url, cg, concurrency=6, kill_backoff="0.2s")
+    results = [tree_app.tasks["tree.sub_hold"].delay(200, 0.5) for _ in range(12)]
+    # Then every one succeeds: those crowded out by their neighbours ran again
+    assert all(r.get(timeout=90)["code"] == 0 for r in results)
+    # the kernel never killed: rmq chose, and the burst waited at the kill line meanwhile
+    assert cg.oom_kills() == 0
+    stats = _stats(tree_app, w)
+    assert stats["counters"]["killed"] >= 1, stats["counters"]
+    assert stats["memory"]["accounting"]["woken"].get("threshold", 0) >= 1
+    # and what a run really takes is learned: later runs reserve it, not the declaration
+    peaks = [int(v) for v in redis.Redis.from_url(redis_url).lrange(keys.learned_peaks("tree.sub_hold"), 0, -1)]
+    assert peaks and max(peaks) >= 190 * MiB, peaks
+
+
+@needs_cgroups
+def test_a_runaway_subprocess_ends_as_a_memory_kill_with_its_whole_cgroup(
+    redis_url, tree_app, cgroup_of, start_worker, tmp_path
+):
+    cg = cgroup_of(768)
+    w = _worker(start_worker, tree_app, redis_url, cg, concurrency=2, memory_kill_retries=1, kill_backoff="0.2s")
+    pid_file = tmp_path / "pids"
+    bad = tree_app.tasks["tree.sub_grow"].delay(str(pid_file), 40, 0.05, 3000)
+    try:
+        bad.get(timeout=60, propagate=False)
+        assert bad.state == "FAILURE" and type(bad.result).__name__ == "MemoryBudgetExceeded", repr(bad.result)
+        pids = _pids(pid_file)
+        assert len(pids) == 4, pids  # two runs: a pool process and its subprocess each
+        wait_until(lambda: not any(_running(p) for p in pids), 5, what=f"the trees {pids} to be gone")
+        assert cg.oom_kills() == 0
+        assert _stats(tree_app, w)["counters"]["killed"] == 2
+    finally:
+        for pid in _pids(pid_file):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def test_without_a_cgroup_of_its_own_the_worker_counts_proc_trees_and_says_why(
+    redis_url, tree_app, cgroup_of, start_worker
+):
+    # A worker whose memory cgroup has no limit of its own (here, the test's) falls back to /proc
+    w = _worker(start_worker, tree_app, redis_url, None, concurrency=1)
+    accounting = _stats(tree_app, w)["memory"]["accounting"]
+    assert accounting["mode"] == "proc" and accounting["wakeups"] == "polling", accounting
+    assert accounting["reason"], accounting
+    if _why_not is None:  # and so does one told not to use the kernel's, inside a cgroup
+        cg = cgroup_of(512)
+        w2 = _worker(start_worker, tree_app, redis_url, cg, concurrency=1, kernel_accounting=False)
+        off = _stats(tree_app, w2)["memory"]["accounting"]
+        assert off["mode"] == "proc" and "rmq_kernel_accounting" in off["reason"], off
+        assert not (cg.path / f"rmq-{w2.pid}-pools").exists()
