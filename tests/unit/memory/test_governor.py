@@ -7,6 +7,7 @@ so what pool processes would read from the control block is checked too.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -448,3 +449,128 @@ def test_a_task_that_ended_before_the_kill_is_not_killed_for_its_successor(tmp_p
         proc.stdin.close()
         proc.stdout.close()
         world.ledger.close()
+
+
+# --- kernel accounting (docs/design.md#kernel-accounting) ------------------------------------------
+class FakeEvents:
+    """The kernel's memory events, as :class:`~rmq.memory.kernel_events.KernelEvents` gives them."""
+
+    mode, reason, hold_reason = "eventfd", "fake", None
+
+    def __init__(self) -> None:
+        self.thresholds: list[int] = []
+        self.held = False
+        self.oom = False
+        self.high: list[int] = []
+        self.closed = threading.Event()
+
+    def set_thresholds(self, thresholds) -> None:
+        self.thresholds = list(thresholds)
+
+    def set_high(self, value: int) -> None:
+        self.high.append(value)
+
+    def hold_oom(self) -> bool:
+        self.held = True
+        return True
+
+    def release_oom(self) -> None:
+        self.held = False
+
+    def under_oom(self) -> bool:
+        return self.oom
+
+    def wait(self, timeout_s: float) -> list[str]:
+        self.closed.wait(timeout_s)  # the tests tick by hand: the loop only waits
+        return []
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def _kernel_world(tmp_path: Path):
+    from rmq.memory.lines import KERNEL
+    from rmq.memory.pool_cgroups import choose_accounting
+
+    cg_path = tmp_path / "cg"
+    cg_path.mkdir()
+    (cg_path / "memory.limit_in_bytes").write_text(str(BUDGET))
+    cgroup = CgroupMemory(1, cg_path, BUDGET)
+    acc = choose_accounting(cgroup, MAIN)
+    assert acc.pools is not None
+    ledger = Ledger(str(tmp_path / "rt"), create=True)
+    actuator, meter, events = FakeActuator([11, 12]), FakeMeter(), FakeEvents()
+
+    def kernel(worker: int, pools: dict[int, int]) -> None:
+        (cg_path / "memory.usage_in_bytes").write_text(str(worker))
+        (cg_path / "memory.stat").write_text("total_inactive_file 0\n")
+        fill_root = acc.pools.root
+        (fill_root / "memory.usage_in_bytes").write_text(str(sum(pools.values())))
+        for pid, used in pools.items():
+            d = acc.pools.path_for(pid)
+            d.mkdir(exist_ok=True)
+            (d / "memory.usage_in_bytes").write_text(str(used))
+            (d / "memory.stat").write_text("total_inactive_file 0\n")
+            (d / "cgroup.procs").write_text(f"{pid}\n")
+
+    kernel(100 * MiB, {11: 10 * MiB, 12: 10 * MiB})
+    gov = Governor(load_config({"rmq_monitor_interval": "1h"}, {}), Budget(BUDGET, "cgroup-v1", BUDGET, cgroup),
+                   ledger, actuator,
+                   meter=meter, clock=Clock(), alive=lambda pid: True, signal_pid=lambda pid, sig: None,
+                   reap=lambda pid: False, accounting=acc, lines=KERNEL, events=events)
+    return gov, ledger, actuator, meter, events, kernel, acc
+
+
+def test_kernel_accounting_reads_the_kernels_counts_caps_the_pools_and_holds_bursts(tmp_path) -> None:
+    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    try:
+        gov.start()
+        # the pools are capped so that the worker reaches the kill line (0.98) when they reach the cap:
+        # the main process's share is the worker's count less the pools' (100 - 20 MiB)
+        assert (acc.pools.root / "memory.limit_in_bytes").read_text() == str(int(BUDGET * 0.98) - 80 * MiB)
+        assert events.held and events.thresholds == sorted(
+            int(BUDGET * r) - 80 * MiB for r in {0.93, 0.90, 0.95, 0.98})
+        # a task in pool 11 measured from its cgroup's count at admission
+        ledger.try_add(Entry(KIND_TASK, 11, 100 * MiB, task_id="a", name="media.a", start_rss=10 * MiB),
+                       lambda _: True)
+        ledger.try_add(Entry(KIND_TASK, 12, 100 * MiB, task_id="b", name="media.b", start_rss=10 * MiB),
+                       lambda _: True)
+        # /proc would see far more (shared pages counted twice); the kernel's count is the reading
+        meter.children = {11: 700 * MiB, 12: 700 * MiB}
+        kernel(600 * MiB, {11: 310 * MiB, 12: 210 * MiB})
+        gov.tick()
+        assert ledger.read_control().worker_bytes == 600 * MiB
+        assert {e.task_id: e.used_bytes for e in ledger.entries()} == {"a": 300 * MiB, "b": 200 * MiB}
+        assert actuator.kills() == []
+        # when the kernel holds the pools at their cap, the governor kills at once, the worst first
+        events.oom = True
+        kernel(900 * MiB, {11: 510 * MiB, 12: 310 * MiB})
+        gov.tick()
+        assert actuator.kills() == [11]
+        record = gov.pop_kill("a")
+        assert record is not None and record.observed_bytes == 500 * MiB
+        assert record.room_bytes == int(BUDGET * 0.93) - gov.idle_bytes
+        # and not a second one while the first one's memory is still in its cgroup
+        gov.tick()
+        assert actuator.kills() == [11]
+    finally:
+        gov.stop()
+        ledger.close()
+    assert not events.held  # the kernel's OOM killer is given back on stop
+
+
+def test_with_nothing_to_kill_the_choice_goes_back_to_the_kernel(tmp_path) -> None:
+    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    try:
+        gov.start()
+        events.oom = True  # held at the cap, and no governed task runs
+        kernel(990 * MiB, {11: 10 * MiB, 12: 10 * MiB})
+        gov.tick()
+        assert actuator.kills() == [] and not events.held and gov.accounting_info()["oom_hold"] is False
+        events.oom = False  # back in the ok zone: held again
+        kernel(100 * MiB, {11: 10 * MiB, 12: 10 * MiB})
+        gov.tick()
+        assert events.held
+    finally:
+        gov.stop()
+        ledger.close()
