@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from rmq.memory.probes import HostProbe
+from rmq.memory.probes import CgroupMemory, HostProbe
 
 __all__ = ["MemoryCgroup", "can_create"]
 
@@ -48,6 +48,10 @@ class MemoryCgroup:
     def wrap(self) -> list[str]:
         """An argv prefix that moves the process into this cgroup, then execs the rest."""
         return ["sh", "-c", f"echo $$ > {shlex.quote(str(self.procs_file))} && exec \"$@\"", "sh"]
+
+    def cgroup_memory(self) -> CgroupMemory:
+        """This cgroup as :class:`~rmq.memory.probes` describes one (version, path, limit)."""
+        return CgroupMemory(self.version, self.path, self.limit_bytes)
 
     def oom_kills(self) -> int:
         """Kernel OOM kills inside this cgroup so far."""
