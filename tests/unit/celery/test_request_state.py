@@ -42,7 +42,8 @@ def killed_request(monkeypatch):
     set_current(rt)  # type: ignore[arg-type]
     monkeypatch.setattr(GovernedRequest, "_release_run_claim", lambda self: None)
     requeued: list[int] = []
-    monkeypatch.setattr(GovernedRequest, "_rerun", lambda self, headers, n, name, crowded=False: requeued.append(n) or True)
+    monkeypatch.setattr(GovernedRequest, "_rerun",
+                        lambda self, headers, n, name, crowded=False: requeued.append(n) or True)
     state.task_accepted(request)
     yield request, requeued
     set_current(None)
