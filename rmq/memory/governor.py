@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,6 +31,9 @@ from rmq.memory.treekill import TreeKiller, reap_pid, send_signal
 __all__ = ["Governor", "Actuator", "KillRecord"]
 
 log = logging.getLogger("rmq.memory.governor")
+
+#: kills the snapshot lists (``memory.recent_kills``), newest last; older ones stay counted in ``killed``
+RECENT_KILLS = 20
 
 
 class Actuator(Protocol):
@@ -99,6 +103,8 @@ class Governor:
         )
         self.admit_line = budget.line(config.admit_ratio)
         self.kills: dict[str, KillRecord] = {}
+        #: the last kills with their figures, for people (``kills`` is consumed by the request handler)
+        self.recent_kills: deque[dict[str, Any]] = deque(maxlen=RECENT_KILLS)
         self.counters: dict[str, Any] = {"killed": 0, "unload_requests": 0, "pauses": 0, "dead_released": 0,
                                          "strays_killed": 0, "reaped": 0}
         #: ends killed tasks' whole trees, and reaps what the main process adopted
@@ -234,7 +240,7 @@ class Governor:
         with self.ledger.locked():
             current = self.ledger.holds_unlocked(worst)
             if current:
-                self.kills[worst.task_id] = KillRecord(
+                record = self.kills[worst.task_id] = KillRecord(
                     task_id=worst.task_id,
                     task_name=worst.name,
                     pid=worst.pid,
@@ -251,6 +257,12 @@ class Governor:
             return
         self._killed_pids[worst.pid] = now
         self.counters["killed"] += 1
+        with self.lock:
+            self.recent_kills.append({
+                "task_id": record.task_id, "task_name": record.task_name, "pid": record.pid,
+                "observed_bytes": record.observed_bytes, "declared_bytes": record.declared_bytes,
+                "budget_bytes": record.budget_bytes, "worker_bytes": worker_bytes, "time": time.time(),
+            })
         log.warning(
             "rmq killing %s[%s] in pid %d%s: worker at %.0f%% of the budget, task uses %d bytes, declared %d",
             worst.name, worst.task_id, worst.pid,
@@ -269,7 +281,9 @@ class Governor:
         with self.lock:
             last = self.last
             peak = self.peak_bytes
+            recent_kills = list(self.recent_kills)
         budget = self.budget
+        cfg = self.config
         vm = psutil.virtual_memory()
         working_set = budget.cgroup.working_set_bytes() if budget.cgroup is not None else None
         return {
@@ -290,6 +304,10 @@ class Governor:
             "zone": self.zone,
             "admit_line_bytes": self.admit_line,
             "idle_bytes": self.idle_bytes,
+            "line_ratios": {"admit": cfg.admit_ratio, "unload": cfg.unload_ratio, "pause": cfg.pause_ratio,
+                            "resume": cfg.resume_ratio, "kill": cfg.kill_ratio},
+            "oom_kills": budget.cgroup.oom_kills() if budget.cgroup is not None else None,
+            "recent_kills": recent_kills,
         }
 
 
