@@ -1,4 +1,4 @@
-"""The ``rmq`` command: worker profiles, doctor, status, cleanup, demo."""
+"""The ``rmq`` command: worker profiles, Flower with rmq's pages, doctor, status, cleanup, demo."""
 
 from __future__ import annotations
 
@@ -89,6 +89,15 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     os.execv(sys.executable, argv)
     return 0  # pragma: no cover
+
+
+def cmd_flower(args: argparse.Namespace, extra: list[str]) -> int:
+    """``celery flower`` with rmq's Resources pages; Flower's own options pass through."""
+    from rmq.celery.flower import run_flower
+
+    name = _app_name(args.app)
+    _config(_load_app(name))  # a bad app or configuration: one line, before Flower starts
+    return run_flower(name, extra)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -233,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("-A", "--app")
     w.add_argument("--profile", choices=PROFILES, default="all")
     w.add_argument("--dry-run", action="store_true", help="print the celery command instead of running it")
+    f = sub.add_parser("flower", help="Flower with rmq's Resources pages (Flower's options pass through)",
+                       allow_abbrev=False)
+    f.add_argument("-A", "--app")
     d = sub.add_parser("doctor", help="detected limits, config check, broker reachability")
     d.add_argument("-A", "--app")
     c = sub.add_parser("cleanup", help="clean this host's session root")
@@ -258,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rmq`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] == "worker":
+    if argv and argv[0] in ("worker", "flower"):
         args, extra = parser.parse_known_args(argv)
-        return cmd_worker(args, extra)
+        return (cmd_worker if args.command == "worker" else cmd_flower)(args, extra)
     args = parser.parse_args(argv)
     handlers = {"doctor": cmd_doctor, "cleanup": cmd_cleanup, "status": cmd_status, "demo": cmd_demo}
     return handlers[args.command](args)

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +36,9 @@ log = logging.getLogger("rmq.memory.governor")
 
 #: how far the main process's share may move before the pools' cap follows it
 _REFIT_BYTES = 8 << 20
+
+#: kills the snapshot lists (``memory.recent_kills``), newest last; older ones stay counted in ``killed``
+RECENT_KILLS = 20
 
 
 class Actuator(Protocol):
@@ -125,6 +129,8 @@ class Governor:
         #: what the worker's cgroup holds outside the pools' (the main process), when last fitted
         self.own_bytes = 0
         self.kills: dict[str, KillRecord] = {}
+        #: the last kills with their figures, for people (``kills`` is consumed by the request handler)
+        self.recent_kills: deque[dict[str, Any]] = deque(maxlen=RECENT_KILLS)
         self.counters: dict[str, Any] = {"killed": 0, "unload_requests": 0, "pauses": 0, "dead_released": 0,
                                          "strays_killed": 0, "reaped": 0}
         #: ends killed tasks' whole trees, and reaps what the main process adopted
@@ -345,7 +351,7 @@ class Governor:
         with self.ledger.locked():
             current = self.ledger.holds_unlocked(worst)
             if current:
-                self.kills[worst.task_id] = KillRecord(
+                record = self.kills[worst.task_id] = KillRecord(
                     task_id=worst.task_id,
                     task_name=worst.name,
                     pid=worst.pid,
@@ -366,6 +372,12 @@ class Governor:
             return False
         self._killed_pids[worst.pid] = now
         self.counters["killed"] += 1
+        with self.lock:
+            self.recent_kills.append({
+                "task_id": record.task_id, "task_name": record.task_name, "pid": record.pid,
+                "observed_bytes": record.observed_bytes, "declared_bytes": record.declared_bytes,
+                "budget_bytes": record.budget_bytes, "worker_bytes": worker_bytes, "time": time.time(),
+            })
         log.warning(
             "rmq killing %s[%s] in pid %d%s: worker at %.0f%% of the budget, task uses %d bytes, declared %d",
             worst.name, worst.task_id, worst.pid,
@@ -391,6 +403,7 @@ class Governor:
         with self.lock:
             last = self.last
             peak = self.peak_bytes
+            recent_kills = list(self.recent_kills)
         budget = self.budget
         vm = psutil.virtual_memory()
         working_set = budget.cgroup.working_set_bytes() if budget.cgroup is not None else None
@@ -412,9 +425,12 @@ class Governor:
             "zone": self.zone,
             "admit_line_bytes": self.admit_line,
             "idle_bytes": self.idle_bytes,
-            "lines": {"source": self.lines.source, "admit": self.lines.admit, "unload": self.lines.unload,
-                      "pause": self.lines.pause, "kill": self.lines.kill},
             "accounting": self.accounting_info(),
+            "lines_source": self.lines.source,
+            "line_ratios": {"admit": self.lines.admit, "unload": self.lines.unload, "pause": self.lines.pause,
+                            "resume": self.lines.resume, "kill": self.lines.kill},
+            "oom_kills": budget.cgroup.oom_kills() if budget.cgroup is not None else None,
+            "recent_kills": recent_kills,
         }
 
     def accounting_info(self) -> dict[str, Any]:

@@ -82,3 +82,36 @@ def memory_phases(phases: list, step_mib: int = 4) -> list:
         reached.append(round(ratio, 3))
         time.sleep(hold_s)
     return reached
+
+
+@governed_task(memory="64MiB", name="m.hold_ratio_until")
+def hold_ratio_until(ratio: float, redis_url: str, release_key: str, max_s: float = 60.0) -> float:
+    """Grow until the worker's measured memory is at ``ratio`` of its budget, then hold it until
+    ``release_key`` exists in Redis at ``redis_url`` (at most ``max_s``). Returns the ratio reached."""
+    import redis
+
+    rt = current()
+    assert rt is not None
+    client = redis.Redis.from_url(redis_url)
+    budget = rt.ledger.read_control().budget_bytes
+    blocks: list[bytearray] = []
+    reached = _fresh_ratio(rt, time.time())
+    deadline = time.time() + 30
+    while reached < ratio and time.time() < deadline:
+        n = max(1, int((ratio - reached) * budget / 2 / (4 * MiB)))  # halve the distance, then step
+        blocks.extend(_touch(4 * MiB) for _ in range(n))
+        reached = _fresh_ratio(rt, time.time())
+    until = time.time() + max_s
+    while not client.exists(release_key) and time.time() < until:
+        time.sleep(0.05)
+    return round(reached, 3)
+
+
+@governed_task(memory="32MiB", name="m.runaway")
+def runaway(step_mib: int = 32) -> None:
+    """Allocates without bound, far past what it declared, until the governor kills it."""
+    blocks = []
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        blocks.append(_touch(step_mib * MiB))
+        time.sleep(0.05)

@@ -3,7 +3,8 @@ including imports inside functions and under ``if TYPE_CHECKING:``, relative imp
 
 Dependencies point down: rmq.core imports nothing of rmq above it; rmq.concern only rmq.core; the resource
 packages import core, concern and each other only along named, acyclic edges; rmq/celery/ (and the cli)
-may import anything in rmq. Only rmq/celery/ imports Celery, kombu or billiard; nothing imports
+may import anything in rmq. Only rmq/celery/ imports Celery, kombu or billiard, and only its flower/
+package (rmq's pages in Flower) imports Flower or Tornado; nothing imports
 rmq.testing, the reference app, the tests or the scripts; no import cycle, also none hidden in a function.
 
 The rules are data (below): adjust them here, not in the checks. Each check lists every violation with
@@ -30,6 +31,10 @@ CELERY_IMPORT_ALLOWED = {
     "rmq.cli": "the rmq command loads the user's Celery app (-A) and runs celery's worker/beat",
     "rmq.testing": "helpers for users' own tests (start a worker, ...); nothing in rmq imports them",
 }
+
+#: third-party packages of the Flower dashboard, importable only by rmq's pages in it (rmq/celery/flower/)
+FLOWER_PACKAGES = frozenset({"flower", "tornado"})
+FLOWER_GLUE = "rmq.celery.flower"
 
 #: top-level names of the repository's other trees, which the library must never import
 FORBIDDEN_TOP_LEVEL = {
@@ -324,6 +329,16 @@ def test_only_the_celery_package_imports_celery_kombu_or_billiard():
         and not any(_under(imp.importer, allowed) for allowed in CELERY_IMPORT_ALLOWED)
     ]
     _fail_with(violations, "imports of celery/kombu/billiard outside rmq/celery/")
+
+
+def test_only_rmqs_flower_pages_import_flower_or_tornado():
+    violations = [
+        f"{imp.place()}: {imp.importer} imports {imp.target}"
+        for imp in IMPORTS
+        if imp.target.split(".")[0] in FLOWER_PACKAGES and not _under(imp.importer, FLOWER_GLUE)
+    ]
+    _fail_with(violations, f"imports of flower/tornado outside {FLOWER_GLUE}")
+    assert any(_under(imp.importer, FLOWER_GLUE) and imp.target.split(".")[0] == "flower" for imp in IMPORTS)
 
 
 def test_nothing_outside_rmq_testing_imports_it():

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("command", [["status"], ["doctor"], ["cleanup", "--dry-run"], ["worker", "--dry-run"]])
+@pytest.mark.parametrize("command", [["status"], ["doctor"], ["cleanup", "--dry-run"], ["worker", "--dry-run"],
+                                     ["flower", "--port=0"]])
 def test_without_an_app_the_command_says_so_in_one_line_and_exits_2(command: list[str], tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RMQ_APP"}
     proc = subprocess.run([sys.executable, "-m", "rmq.cli", *command], cwd=tmp_path, env=env,

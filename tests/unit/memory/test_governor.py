@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -239,6 +240,40 @@ def test_kill_record_carries_the_figures_once(world: World) -> None:
     assert world.gov.pop_kill("never-killed") is None
 
 
+def test_recent_kills_stay_in_the_snapshot_after_the_record_is_consumed(world: World) -> None:
+    world.gov.recent_kills = deque(maxlen=2)  # keeps the last RECENT_KILLS (20); two show the bound
+    before = time.time()
+    for pid, task in ((11, "a"), (12, "b"), (13, "c")):
+        world.reserve(pid, task, 100 * MiB, start_rss=50 * MiB)
+        world.meter.children = {pid: 400 * MiB}
+        world.at(pct(0.96), dt=3.0)  # past the 2 s between two kills
+        assert world.gov.pop_kill(task) is not None  # the request handler consumed it
+        world.ledger.release_dead(lambda p, pid=pid: p != pid)
+        world.meter.children = {}
+    kills = world.gov.memory_snapshot()["recent_kills"]
+    assert [k["task_id"] for k in kills] == ["b", "c"]  # the newest, oldest first
+    assert kills[-1] == {
+        "task_id": "c", "task_name": "media.c", "pid": 13, "observed_bytes": 400 * MiB,
+        "declared_bytes": 100 * MiB, "budget_bytes": BUDGET, "worker_bytes": pct(0.96),
+        "time": kills[-1]["time"],
+    }
+    assert before <= kills[0]["time"] <= kills[1]["time"] <= time.time()
+    assert world.gov.counters["killed"] == 3
+
+
+def test_the_snapshot_reports_kernel_oom_kills_of_the_cgroup(tmp_path: Path) -> None:
+    cg_dir = tmp_path / "cg"
+    cg_dir.mkdir()
+    (cg_dir / "memory.current").write_text(str(pct(0.3)))
+    (cg_dir / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n")
+    w = World(tmp_path, Budget(BUDGET, "cgroup-v2", BUDGET, CgroupMemory(2, cg_dir, BUDGET)))
+    try:
+        w.at(pct(0.3))
+        assert w.gov.memory_snapshot()["oom_kills"] == 2
+    finally:
+        w.ledger.close()
+
+
 def test_kill_the_newest_when_no_task_exceeds_its_declaration(world: World) -> None:
     world.reserve(11, "old", 500 * MiB, start_rss=0, started=100.0)
     world.reserve(12, "new", 500 * MiB, start_rss=0, started=200.0)
@@ -341,10 +376,13 @@ def test_memory_snapshot_schema(world: World) -> None:
     assert set(snap) == {
         "budget_bytes", "budget_source", "limit_bytes", "worker_bytes", "main_bytes", "children",
         "cgroup_working_set_bytes", "host_total_bytes", "host_available_bytes", "peak_bytes", "ratio",
-        "zone", "admit_line_bytes", "idle_bytes", "descendants", "strays", "lines", "accounting",
+        "zone", "admit_line_bytes", "idle_bytes", "descendants", "strays", "line_ratios", "oom_kills",
+        "recent_kills", "accounting", "lines_source",
     }
     assert snap["accounting"]["mode"] == "proc" and snap["accounting"]["wakeups"] == "polling"
-    assert snap["lines"]["source"] == "polling defaults" and snap["lines"]["kill"] == 0.95
+    assert snap["lines_source"] == "polling defaults"
+    assert snap["line_ratios"] == {"admit": 0.85, "unload": 0.80, "pause": 0.85, "resume": 0.75, "kill": 0.95}
+    assert snap["oom_kills"] is None and snap["recent_kills"] == []  # no cgroup, no kill
     assert snap["budget_bytes"] == BUDGET and snap["budget_source"] == "configured"
     assert snap["worker_bytes"] == pct(0.8)
     assert snap["ratio"] == pytest.approx(0.8, abs=1e-3)
