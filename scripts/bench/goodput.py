@@ -411,11 +411,14 @@ def report(runs: list[Run], fp: Footprints | None, args: argparse.Namespace) -> 
         else:
             ok, at_once = f"{r.succeeded}/{r.tasks}", f"{r.max_at_once} / {r.fit}"
         makespan = "-" if r.makespan_s is None else f"{r.makespan_s:.1f}" + ("*" if r.lost else "")
+        ratio = "-" if x is None else f"{x:.2f}x" if r.succeeded == r.tasks else f"({x:.2f}x)"
         print(f"| {case_title(r.row, args)} | {SIDE_LABELS[r.side]} | {ok} | {r.oom_kills} | {makespan} | "
-              f"{'-' if x is None else f'{x:.2f}x'} | {mib(r.peak_bytes)} | {r.accounting if r.side == 'rmq' else '-'} "
+              f"{ratio} | {mib(r.peak_bytes)} | {r.accounting if r.side == 'rmq' else '-'} "
               f"| {r.runs} | {at_once} | {failures or '-'} |")
     if any(r.lost for r in runs):
         print("\n\\* a run with lost tasks: its makespan counts the tasks that ended only")
+    if any(r.succeeded < r.tasks and r.x_ideal is not None for r in runs if r.row != "unbounded"):
+        print("\n(x) in brackets: not every task succeeded, so the run did less work than the ideal assumes")
     if fp is not None:
         print_ideals(runs, fp, args)
     print_unbounded(runs)
