@@ -73,6 +73,36 @@ class MemoryCgroup:
         except (OSError, ValueError):
             return None
 
+    def usage_bytes(self) -> int | None:
+        """The cgroup's usage now, page cache included (v1 ``memory.usage_in_bytes``, v2 ``memory.current``)."""
+        name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
+        try:
+            return int((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def working_set_bytes(self) -> int | None:
+        """Usage minus inactive file cache, as rmq's own probe reads it."""
+        return CgroupMemory(self.version, self.path, self.limit_bytes).working_set_bytes()
+
+    def reset_peak(self) -> bool:
+        """Restart the kernel's peak from the usage now; False where the kernel cannot (v2 before 6.12)."""
+        try:
+            if self.version == 1:
+                (self.path / "memory.max_usage_in_bytes").write_text("0")
+            else:
+                (self.path / "memory.peak").write_text("reset")
+            return True
+        except OSError:
+            return False
+
+    def pids(self) -> list[int]:
+        """The processes in the cgroup now."""
+        try:
+            return [int(line) for line in self.procs_file.read_text().split()]
+        except (OSError, ValueError):
+            return []
+
     def remove(self, timeout: float = 10.0) -> None:
         """Remove the cgroup once its processes are gone."""
         deadline = time.monotonic() + timeout

@@ -86,15 +86,18 @@ def client_app(url: str) -> Any:
 
 
 def start_worker(app: Any, mode: str, url: str, queue: str, concurrency: int, prefix: list[str] | None = None,
-                 fixes: list[str] | tuple[str, ...] = (), **rmq: object) -> WorkerProcess:
-    """A ``-A benchapp`` worker in ``mode`` on ``queue``, ready (answers a ping).
+                 fixes: list[str] | tuple[str, ...] = (), app_module: str = "benchapp",
+                 env: dict[str, str] | None = None, **rmq: object) -> WorkerProcess:
+    """A ``-A benchapp`` worker (or ``-A app_module``, another task app of this folder) in ``mode`` on
+    ``queue``, ready (answers a ping).
 
-    ``fixes`` are benchapp's opt-in patches of rmq (``BENCH_FIX``); ``rmq`` are ``RMQ_*`` settings.
+    ``fixes`` are benchapp's opt-in patches of rmq (``BENCH_FIX``); ``env`` more environment for the
+    task app; ``rmq`` are ``RMQ_*`` settings.
     """
     env = {"RMQ_BROKER_URL": url, "RMQ_RESULT_BACKEND": url, "BENCH_MODE": mode, "BENCH_FIX": ",".join(fixes),
-           "PYTHONPATH": os.pathsep.join([HERE, ROOT])}
+           "PYTHONPATH": os.pathsep.join([HERE, ROOT]), **(env or {})}
     env.update({f"RMQ_{k.upper()}": str(v) for k, v in rmq.items()})
-    w = WorkerProcess(app="benchapp", env=env, queues=[queue], concurrency=concurrency, cwd=ROOT,
+    w = WorkerProcess(app=app_module, env=env, queues=[queue], concurrency=concurrency, cwd=ROOT,
                       prefix=prefix or (), loglevel=os.environ.get("BENCH_WORKER_LOGLEVEL", "WARNING"),
                       hostname=f"bench-{mode}-{uuid.uuid4().hex[:6]}@%h")
     w.start()
