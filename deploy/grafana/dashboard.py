@@ -61,9 +61,9 @@ ROWS: list[tuple[str, list[Panel]]] = [
     ("Queues", [
         Panel("Messages waiting per queue", "Depth of each queue, all priority lists summed (rmq exporter).",
               [(f"sum by (queue) (rmq_queue_messages{{{Q}}})", "{{queue}}")]),
-        Panel("Messages waiting per priority", "On Redis each priority step is a list of its own; RabbitMQ "
-              "reports one figure (priority=\"all\").",
-              [(f"sum by (queue, priority) (rmq_queue_messages{{{Q}}})", "{{queue}} p{{priority}}")]),
+        Panel("Messages waiting per priority", "Priority lists holding messages: on Redis each priority step "
+              "is a list of its own; RabbitMQ reports one figure (priority=\"all\").",
+              [(f"sum by (queue, priority) (rmq_queue_messages{{{Q}}}) > 0", "{{queue}} p{{priority}}")]),
         Panel("Consumers per queue", "Workers consuming each queue (a paused worker still counts).",
               [('sum by (queue) (rmq_queue_consumer{job="rmq-workers", queue=~"$queue"})', "{{queue}}")]),
     ]),
