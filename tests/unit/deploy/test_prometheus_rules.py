@@ -61,3 +61,20 @@ def test_a_broken_rule_fails_its_unit_test(promtool, tmp_path):
     out = subprocess.run([promtool, "test", "rules", "rules_test.yml"], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert out.returncode != 0 and "RmqMemoryNearKillLine" in out.stdout + out.stderr
+
+
+def test_the_example_scrape_config_passes_promtool_check(promtool):
+    out = subprocess.run([promtool, "check", "config", "prometheus.yml"], capture_output=True, text=True,
+                         timeout=60, cwd=RULES_DIR)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_scrape_configs_name_the_jobs_the_rules_and_dashboard_select():
+    # Debian's promtool is built without Kubernetes discovery: the Kubernetes variant is checked as data
+    for name in ("prometheus.yml", "prometheus-kubernetes.yml"):
+        with open(os.path.join(RULES_DIR, name)) as fh:
+            config = yaml.safe_load(fh)
+        assert [job["job_name"] for job in config["scrape_configs"]] == ["rmq-workers", "rmq-exporter"], name
+        assert config["rule_files"] == ["rules.yml"]
+    rules = open(RULES).read()
+    assert 'job="rmq-workers"' in rules and 'job="rmq-exporter"' in rules
