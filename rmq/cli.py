@@ -1,4 +1,5 @@
-"""The ``rmq`` command: worker profiles, Flower with rmq's pages, doctor, status, cleanup, demo."""
+"""The ``rmq`` command: worker profiles, Flower with rmq's pages, doctor, status, cleanup, the cluster
+exporter, demo."""
 
 from __future__ import annotations
 
@@ -223,6 +224,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from rmq.monitoring.cluster import configured_queues, load_view, queue_depths_by_priority
+    from rmq.monitoring.exporter import QueueCollector, start_exporter
+    from rmq.monitoring.metrics import stop_metrics_server
+
+    app = _load_app(args.app)
+    _config(app)
+
+    def names() -> set[str]:
+        found = set(configured_queues(app)) | set(args.queue or ())
+        try:  # the monitor's view knows the queues workers consume (on RabbitMQ nothing else does)
+            found |= set(((load_view(app) or {}).get("queues")) or {})
+        except Exception:  # no view to read: the configured queues still answer
+            pass
+        return found
+
+    collector = QueueCollector(lambda queues: queue_depths_by_priority(app, queues, discover=True), names)
+    try:
+        server, _, port = start_exporter(collector, args.port, args.addr)
+    except OSError as exc:
+        exit_with_line(f"cannot listen on {args.addr}:{args.port}: {exc}")
+    print(f"rmq exporter on http://{args.addr}:{port}/metrics", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    stop_metrics_server(server)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import importlib
 
@@ -258,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--live", action="store_true", help="ask the workers now instead of reading the monitor's view")
     s.add_argument("--interval", type=float, default=2.0)
+    e = sub.add_parser("exporter", help="serve the cluster's Prometheus metrics: queue depths per priority")
+    e.add_argument("-A", "--app")
+    e.add_argument("--port", type=int, default=9809, help="0 picks a free port (printed)")
+    e.add_argument("--addr", default="127.0.0.1", help="address to listen on (0.0.0.0 for a Prometheus elsewhere)")
+    e.add_argument("--queue", action="append", help="a queue to report besides the configured ones (repeatable)")
     m = sub.add_parser("demo", help="run the reference media pipeline on an embedded Redis")
     m.add_argument("--broker", help="use this broker (redis://...) instead of an embedded Redis")
     m.add_argument("--sessions", type=int, default=3)
@@ -274,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         return (cmd_worker if args.command == "worker" else cmd_flower)(args, extra)
     args = parser.parse_args(argv)
-    handlers = {"doctor": cmd_doctor, "cleanup": cmd_cleanup, "status": cmd_status, "demo": cmd_demo}
+    handlers = {"doctor": cmd_doctor, "cleanup": cmd_cleanup, "status": cmd_status, "demo": cmd_demo,
+                "exporter": cmd_exporter}
     return handlers[args.command](args)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -26,6 +27,18 @@ class CeleryActuator:
         self._is_paused = False
         #: when unacked messages were last touched (monotonic), by the event loop or the keeper thread
         self.last_touch = time.monotonic()
+        self._paused_total_s = 0.0
+        self._paused_at: float | None = None
+        # a scrape reads both while the event loop updates them: a torn read could count a pause
+        # twice, and the counter would go down on the next scrape
+        self._paused_lock = threading.Lock()
+
+    @property
+    def paused_seconds(self) -> float:
+        """Seconds the worker has spent paused since it started, the current pause included."""
+        with self._paused_lock:
+            paused_at, total = self._paused_at, self._paused_total_s
+        return total + (time.monotonic() - paused_at if paused_at is not None else 0.0)
 
     @property
     def is_paused(self) -> bool:
@@ -38,6 +51,23 @@ class CeleryActuator:
         except AttributeError:
             return []
         return [p.pid for p in procs if p.pid and p.pid != os.getpid()]
+
+    def pool_slots(self) -> dict[int, int]:
+        """pid -> the pool process's index: billiard gives a replacement the index of the process it
+        replaces, so metrics labelled by it do not change when processes are recycled."""
+        try:
+            procs = list(self.worker.pool._pool._pool)
+        except AttributeError:
+            return {}
+        return {p.pid: int(p.index) for p in procs
+                if p.pid and p.pid != os.getpid() and getattr(p, "index", None) is not None}
+
+    def consumed_queues(self) -> list[str]:
+        """The queues this worker consumes; while paused, those it will consume again on resume."""
+        if self._is_paused:
+            return list(self.paused_queues)
+        task_consumer = getattr(getattr(self.worker, "consumer", None), "task_consumer", None)
+        return sorted(q.name for q in list(getattr(task_consumer, "queues", None) or ()))
 
     def pause(self) -> None:
         self.want_paused = True
@@ -62,11 +92,17 @@ class CeleryActuator:
             for name in self.paused_queues:
                 consumer.cancel_task_queue(name)
             self._is_paused = True
+            with self._paused_lock:
+                self._paused_at = time.monotonic()
         else:
             for name in self.paused_queues:
                 consumer.add_task_queue(name)
             self.paused_queues = []
             self._is_paused = False
+            with self._paused_lock:
+                if self._paused_at is not None:
+                    self._paused_total_s += time.monotonic() - self._paused_at
+                    self._paused_at = None
 
     def touch_unacked(self) -> None:
         """On Redis, keep this worker's unacked messages fresh so that a short visibility

@@ -25,11 +25,14 @@ from rmq.core.routing import transport_kind
 from rmq.core.runtime import config_for, redis_url_for_app
 from rmq.monitoring.alerts import AlertEngine, Sink
 from rmq.monitoring.cluster_checks import active_cluster_alerts, cluster_alerts
-from rmq.monitoring.queues import redis_queue_depth
+from rmq.monitoring.queues import redis_priority_depths
 from rmq.monitoring.sinks import EventSender, default_sinks
 from rmq.monitoring.webhook import WebhookSender
 
-__all__ = ["collect_cluster_view", "load_or_collect", "load_view", "queue_depths", "tracked_queues"]
+__all__ = [
+    "collect_cluster_view", "configured_queues", "load_or_collect", "load_view", "queue_depths",
+    "queue_depths_by_priority", "tracked_queues",
+]
 
 log = logging.getLogger("rmq.monitoring.cluster")
 
@@ -93,6 +96,21 @@ def queue_depths(app: Any, names: Iterable[str], discover: bool = False) -> dict
     broker has bindings for are added when they hold messages (a task routed to a queue no
     worker ever consumed). Raises the broker's connection errors when it cannot be reached.
     """
+    return {q: sum(steps.values()) for q, steps in queue_depths_by_priority(app, names, discover).items()}
+
+
+#: the ``priority`` of a RabbitMQ queue's depth: the broker tells only the total
+ALL_PRIORITIES = "all"
+
+
+def queue_depths_by_priority(
+    app: Any, names: Iterable[str], discover: bool = False
+) -> dict[str, dict[str, int]]:
+    """Like :func:`queue_depths`, per priority: ``{queue: {priority: messages}}``.
+
+    On Redis the priority is kombu's step (the list the message waits in: ``"0"``, ``"3"``, ...);
+    on RabbitMQ one entry, :data:`ALL_PRIORITIES`, since a passive declare tells only the total.
+    """
     names = list(names)
     with app.connection_for_read() as conn:
         conn.ensure_connection(max_retries=1, timeout=3)
@@ -100,17 +118,19 @@ def queue_depths(app: Any, names: Iterable[str], discover: bool = False) -> dict
             channel = conn.default_channel
             steps = channel.priority_steps
             extra = sorted(_redis_declared(channel) - set(names)) if discover else []
-            out = {q: redis_queue_depth(channel.client, q, channel.sep, steps) for q in names + extra}
-            return {q: depth for q, depth in out.items() if q in names or depth}
-        out_amqp: dict[str, int | None] = {}
+            out = {q: redis_priority_depths(channel.client, q, channel.sep, steps) for q in names + extra}
+            return {q: {str(p): n for p, n in by_step.items()} for q, by_step in out.items()
+                    if q in names or any(n > 0 for n in by_step.values())}
+        out_amqp: dict[str, dict[str, int]] = {}
         channel = conn.channel()
         try:
             for q in names:
                 try:
-                    out_amqp[q] = int(channel.queue_declare(queue=q, passive=True).message_count)
+                    count = int(channel.queue_declare(queue=q, passive=True).message_count)
                 except conn.channel_errors:  # not declared: nothing waits (the error closed the channel)
-                    out_amqp[q] = 0
+                    count = 0
                     channel = conn.channel()
+                out_amqp[q] = {ALL_PRIORITIES: count}
         finally:
             with contextlib.suppress(*conn.channel_errors, *conn.connection_errors):
                 channel.close()
@@ -152,7 +172,8 @@ def _gather(app: Any, timeout: float) -> tuple[dict[str, Any], dict[str, list[st
     return workers, {q: sorted(h) for q, h in consumers.items()}
 
 
-def _configured_queues(app: Any) -> list[str]:
+def configured_queues(app: Any) -> list[str]:
+    """The app's default queue, rmq's heavy queue and the queues of ``task_queues``."""
     names = [app.conf.task_default_queue or "celery", config_for(app).heavy_queue]
     for q in app.conf.task_queues or ():
         name = getattr(q, "name", q if isinstance(q, str) else None)
@@ -210,7 +231,7 @@ def collect_cluster_view(
                 view["errors"].append(f"previous view: {type(exc).__name__}: {exc}")
                 log.warning("rmq monitor could not read the previous cluster view", exc_info=True)
         paused = [q for snap in workers.values() for q in (snap or {}).get("paused_queues") or ()]
-        names = tracked_queues(consumers, _configured_queues(app), paused, previous)
+        names = tracked_queues(consumers, configured_queues(app), paused, previous)
         try:
             view["queues"] = queue_depths(app, names, discover=True)
         except Exception as exc:  # the broker is down: the workers' part of the view still helps

@@ -7,6 +7,11 @@ counters appear without code changes; a few known maps become labels (``deferred
 ``reason``, ``http`` by ``client``, model ``evictions`` by ``reason``, ``rate_limits`` and
 ``concurrency`` by ``limit``). Gauges come from the ``memory``, ``cpu``, ``disk`` and
 ``network`` sections and the per-process gauges the same way.
+
+Labels stay put when pool processes are recycled: per-process gauges carry the pool slot
+(``process="0"``, ``"1"``, ...; a replacement takes the slot of the process it replaces), never a
+pid, and counters are summed over the worker's processes, dead ones included. The list of metrics:
+``docs/operations.md#prometheus``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ LABELLED: dict[tuple[str, ...], str] = {
 }
 GAUGE_SECTIONS = ("memory", "cpu", "disk", "network")
 ZONES = ("ok", "unload", "pause", "kill")
+#: numbers of the gauge sections that only grow: exported as counters (``rmq_memory_oom_kills_total``)
+SECTION_COUNTERS = {("memory", "oom_kills"): "Kernel OOM kills in the worker's memory cgroup"}
 
 
 def _name(*parts: str) -> str:
@@ -49,6 +56,17 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
+
+
+def _slots(snap: Mapping[str, Any]) -> Callable[[Any], str]:
+    """pid -> the ``process`` label: the pool slot, or ``pid-N`` when the pool does not tell."""
+    known = snap.get("pool_slots") or {}
+
+    def label(pid: Any) -> str:
+        slot = known.get(str(pid))
+        return str(slot) if slot is not None else f"pid-{pid}"
+
+    return label
 
 
 class _Families:
@@ -108,12 +126,15 @@ class SnapshotCollector:
             out.gauge("snapshot_timestamp_seconds", "When the snapshot was taken", t)
         for section in GAUGE_SECTIONS:
             for key, raw in (snap.get(section) or {}).items():
+                if (section, key) in SECTION_COUNTERS:
+                    continue
                 if (value := _number(raw)) is not None:
                     out.gauge(f"{section}_{key}", f"{section}.{key} from the governor", value)
         memory = snap.get("memory") or {}
+        slots = _slots(snap)
         for pid, raw in (memory.get("children") or {}).items():
             if (value := _number(raw)) is not None:
-                out.gauge("memory_child_bytes", "Memory of one pool process", value, pid=str(pid))
+                out.gauge("memory_child_bytes", "Memory of one pool process", value, process=slots(pid))
         if memory.get("budget_source"):
             out.gauge(
                 "memory_budget_source", "Where the budget came from", 1, source=str(memory["budget_source"])
@@ -121,6 +142,21 @@ class SnapshotCollector:
         if memory.get("zone"):
             for zone in ZONES:
                 out.gauge("memory_zone", "1 for the current pressure zone", memory["zone"] == zone, zone=zone)
+        for line, raw in (memory.get("lines") or {}).items():
+            if (value := _number(raw)) is not None:
+                out.gauge("memory_line_bytes", "A line of the pressure ladder, in bytes", value, line=str(line))
+        accounting = memory.get("accounting") or "proc"
+        if isinstance(accounting, Mapping):
+            accounting = accounting.get("mode") or "proc"
+        out.gauge("memory_accounting_info", "1 for how the worker's memory is measured", 1, mode=str(accounting))
+        for (section, key), doc in SECTION_COUNTERS.items():
+            if (value := _number((snap.get(section) or {}).get(key))) is not None:
+                out.add("counter", _name(section, key), doc, value, {})
+        if (value := _number(snap.get("paused_seconds"))) is not None:
+            out.add("counter", _name("paused_seconds"), "Seconds the worker has spent paused", value, {})
+        for q in snap.get("consumed_queues") or ():
+            out.gauge("queue_consumer", "1 for each queue the worker consumes (paused ones included)", 1,
+                      queue=str(q))
         out.gauge("paused", "1 while the worker has paused its queues", bool(snap.get("paused")))
         for q in snap.get("paused_queues") or ():
             out.gauge("queue_paused", "1 for each paused queue", 1, queue=str(q))
@@ -132,21 +168,22 @@ class SnapshotCollector:
         for name in snap.get("alerts") or ():
             out.gauge("alert_active", "1 for each alert in effect", 1, alert=str(name))
         for pid, gauges in (snap.get("processes") or {}).items():
+            process = slots(pid)
             for key, raw in (gauges or {}).items():
                 if isinstance(raw, list):  # e.g. the models a pool process holds
-                    out.gauge(f"{key}_loaded", f"Entries of {key} in a pool process", len(raw), pid=str(pid))
+                    out.gauge(f"{key}_loaded", f"Entries of {key} in a pool process", len(raw), process=process)
                     sizes = [_number(i.get("size_bytes")) for i in raw if isinstance(i, Mapping)]
                     if any(size is not None for size in sizes):
                         total = sum(size or 0.0 for size in sizes)
-                        out.gauge(f"{key}_bytes", f"Bytes of {key} in a pool process", total, pid=str(pid))
+                        out.gauge(f"{key}_bytes", f"Bytes of {key} in a pool process", total, process=process)
                 elif isinstance(raw, Mapping):  # e.g. hygiene: baseline_bytes, growth_bytes, ...
                     for field, inner in raw.items():
                         if (value := _number(inner)) is not None:
                             out.gauge(
-                                f"{key}_{field}", f"{key}.{field} of a pool process", value, pid=str(pid)
+                                f"{key}_{field}", f"{key}.{field} of a pool process", value, process=process
                             )
                 elif (value := _number(raw)) is not None:
-                    out.gauge(f"process_{key}", f"{key} of a pool process", value, pid=str(pid))
+                    out.gauge(f"process_{key}", f"{key} of a pool process", value, process=process)
 
     def _counters(
         self,

@@ -20,6 +20,7 @@ import psutil
 from rmq.core import procstats
 from rmq.core.runtime import Runtime
 from rmq.memory.governor import Governor
+from rmq.memory.probes import CgroupMemory, HostProbe
 
 __all__ = ["SnapshotBuilder"]
 
@@ -39,6 +40,41 @@ class SnapshotBuilder:
         self._lock = threading.Lock()
         self._net_lock = threading.Lock()
         psutil.cpu_percent(None)  # prime the CPU reading
+        #: the worker's memory cgroup, limited or not, for the kernel's OOM-kill count
+        budget = getattr(governor, "budget", None)  # a test's stand-in governor may have none
+        self._cgroup: CgroupMemory | None = budget.cgroup if budget is not None else None
+        if self._cgroup is None:
+            try:
+                self._cgroup = HostProbe().memory_cgroup()
+            except (OSError, ValueError):  # no readable cgroup: the count stays 0
+                self._cgroup = None
+
+    def _memory(self) -> dict[str, Any]:
+        """The governor's memory section, with the ladder's lines and the kernel's OOM kills."""
+        memory = self.governor.memory_snapshot()
+        config, budget = self.rt.config, getattr(self.governor, "budget", None)
+        if budget is not None:
+            ratios = {"admit": config.admit_ratio, "unload": config.unload_ratio,
+                      "unload_target": config.unload_target_ratio, "pause": config.pause_ratio,
+                      "resume": config.resume_ratio, "kill": config.kill_ratio}
+            memory.setdefault("lines", {name: budget.line(ratio) for name, ratio in ratios.items()})
+        if "oom_kills" not in memory:
+            try:
+                memory["oom_kills"] = self._cgroup.oom_kills() if self._cgroup is not None else 0
+            except (OSError, ValueError):
+                memory["oom_kills"] = 0
+        return memory
+
+    def _pool(self) -> dict[str, Any]:
+        """What the actuator tells of the pool and the consumer (a fake actuator may tell nothing)."""
+        act = self.governor.actuator
+        slots = getattr(act, "pool_slots", None)
+        queues = getattr(act, "consumed_queues", None)
+        return {
+            "pool_slots": {str(pid): slot for pid, slot in (slots() if slots else {}).items()},
+            "consumed_queues": list(queues() if queues else []),
+            "paused_seconds": round(float(getattr(act, "paused_seconds", 0.0)), 3),
+        }
 
     def _network(self) -> dict[str, float]:
         now = time.monotonic()
@@ -120,7 +156,7 @@ class SnapshotBuilder:
             "hostname": self.hostname,
             "pid": os.getpid(),
             "time": time.time(),
-            "memory": gov.memory_snapshot(),
+            "memory": self._memory(),
             "cpu": {
                 "slots": gov.cpu_slots,
                 "slots_used": cpu_used,
@@ -131,6 +167,7 @@ class SnapshotBuilder:
             "network": self._network(),
             "paused": bool(getattr(gov.actuator, "is_paused", gov.paused)),
             "paused_queues": list(getattr(gov.actuator, "paused_queues", [])),
+            **self._pool(),
             "reservations": [e.as_dict() for e in entries],
             "processes": {str(pid): d.get("gauges", {}) for pid, d in files.items() if pid in live},
             "counters": counters,

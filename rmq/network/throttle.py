@@ -54,11 +54,22 @@ def throttle(
         )
     deadline = time.monotonic() + max_wait_s
     caller = secrets.token_hex(8)  # one turn for the whole wait
+    slept = 0.0
     while (wait := limiter.acquire(name, parsed, caller)) > 0:
         if wait > deadline - time.monotonic():
+            _count_wait(rt, name, slept)
             count_outcome(rt, name, "denied")
             raise Defer(f"rate limit {name!r} ({parsed}) has no token within {max_wait_s:g}s",
                         countdown_s=wait, kind="rate_limit")
         time.sleep(wait)
+        slept += wait
+    _count_wait(rt, name, slept)
     count_outcome(rt, name, "granted")
     yield
+
+
+def _count_wait(rt: Any, name: str, slept: float) -> None:
+    """Add the seconds slept waiting for a token to ``rate_limits.<name>.wait_s`` (the dashboard's
+    rate-limit waits; a wait that ends in a deferral counts too)."""
+    if rt is not None and slept > 0:
+        rt.stats.incr("rate_limits", name, "wait_s", n=slept)

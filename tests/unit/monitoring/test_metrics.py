@@ -26,12 +26,18 @@ SNAPSHOT: dict[str, Any] = {
         "cgroup_working_set_bytes": None,
         "ratio": 0.75,
         "zone": "unload",
+        "lines": {"unload": 3 << 30, "kill": 4 << 30},
+        "oom_kills": 2,
+        "accounting": "cgroup",
     },
     "cpu": {"slots": 4, "slots_used": 3, "percent": 71.5, "load1": 2.5},
     "disk": {"root": "/srv/sessions", "total_bytes": 100, "used_bytes": 50, "free_bytes": 50, "ratio": 0.5},
     "network": {"sent_bytes_per_s": 1024, "recv_bytes_per_s": 2048},
     "paused": True,
     "paused_queues": ["heavy"],
+    "consumed_queues": ["heavy"],
+    "paused_seconds": 12.5,
+    "pool_slots": {"101": 0, "102": 1},
     "reservations": [{"pid": 101, "task_id": "t1", "memory_bytes": 512, "cpu_slots": 1, "disk_bytes": 0}],
     "processes": {
         "101": {"models": [{"name": "bert", "size_bytes": 400}], "hygiene": {"baseline_bytes": 5000}}
@@ -95,7 +101,13 @@ def test_scrape_shows_snapshot_counters_and_gauges(served):
     assert m["rmq_memory_budget_bytes"][()] == 4 << 30
     assert m["rmq_memory_worker_bytes"][()] == 3 << 30
     assert m["rmq_memory_ratio"][()] == 0.75
-    assert m["rmq_memory_child_bytes"] == {(("pid", "101"),): 1 << 30, (("pid", "102"),): 2 << 30}
+    # per-process gauges carry the pool slot, which a recycled process's replacement keeps
+    assert m["rmq_memory_child_bytes"] == {(("process", "0"),): 1 << 30, (("process", "1"),): 2 << 30}
+    assert m["rmq_memory_line_bytes"] == {(("line", "unload"),): 3 << 30, (("line", "kill"),): 4 << 30}
+    assert m["rmq_memory_oom_kills_total"][()] == 2 and "rmq_memory_oom_kills" not in m
+    assert m["rmq_memory_accounting_info"] == {(("mode", "cgroup"),): 1}
+    assert m["rmq_paused_seconds_total"][()] == 12.5
+    assert m["rmq_queue_consumer"] == {(("queue", "heavy"),): 1}
     assert m["rmq_memory_zone"][(("zone", "unload"),)] == 1
     assert m["rmq_memory_zone"][(("zone", "ok"),)] == 0
     assert "rmq_memory_cgroup_working_set_bytes" not in m  # None is absent, not 0
@@ -107,11 +119,31 @@ def test_scrape_shows_snapshot_counters_and_gauges(served):
     assert m["rmq_paused"][()] == 1
     assert m["rmq_reservations"][()] == 1
     assert m["rmq_alert_active"] == {(("alert", "memory"),): 1}
-    assert m["rmq_models_loaded"] == {(("pid", "101"),): 1}
-    assert m["rmq_models_bytes"] == {(("pid", "101"),): 400}
-    assert m["rmq_hygiene_baseline_bytes"] == {(("pid", "101"),): 5000}
+    assert m["rmq_models_loaded"] == {(("process", "0"),): 1}
+    assert m["rmq_models_bytes"] == {(("process", "0"),): 400}
+    assert m["rmq_hygiene_baseline_bytes"] == {(("process", "0"),): 5000}
     assert m["rmq_rate_limits_granted_total"] == {(("limit", "api"),): 4}
     assert m["rmq_reserved_memory_bytes"][()] == 512
+
+
+def test_a_replacement_process_keeps_the_slot_label_and_unknown_slots_fall_back_to_the_pid(served):
+    holder, port = served
+    # Given the process in slot 0 was recycled: pid 103 replaced pid 101 in the same slot
+    snap = holder["snapshot"]
+    snap["memory"]["children"] = {"103": 5 << 20, "102": 2 << 30, "104": 1 << 20}
+    snap["pool_slots"] = {"103": 0, "102": 1}
+    snap["processes"] = {"103": {"models": []}}
+
+    m = scrape(port)
+
+    # Then the series of slot 0 goes on under the same label; a process the pool does not list shows its pid
+    assert m["rmq_memory_child_bytes"] == {
+        (("process", "0"),): 5 << 20, (("process", "1"),): 2 << 30, (("process", "pid-104"),): 1 << 20
+    }
+    assert m["rmq_models_loaded"] == {(("process", "0"),): 0}
+    # and a snapshot without an accounting mode reports /proc accounting
+    del snap["memory"]["accounting"]
+    assert scrape(port)["rmq_memory_accounting_info"] == {(("mode", "proc"),): 1}
 
 
 def test_each_scrape_reads_a_fresh_snapshot_and_new_counters_appear_without_code(served):

@@ -47,3 +47,15 @@ def test_throttle_in_a_worker_uses_its_redis_and_counts(client, install_runtime)
     with pytest.raises(Defer), throttle("api", "1/m"):
         pass
     assert rt.stats.counters["rate_limits"]["api"] == {"granted": 1, "denied": 1}
+
+
+def test_throttle_in_a_worker_counts_the_seconds_it_waited_for_a_token(client, install_runtime):
+    rt = install_runtime(client, throttle_max_wait="2s")
+    for _ in range(5):
+        with throttle("api", "5/s"):
+            pass
+    assert "wait_s" not in rt.stats.counters["rate_limits"]["api"]  # tokens at hand: no wait
+    with throttle("api", "5/s"):
+        pass
+    counted = rt.stats.counters["rate_limits"]["api"]
+    assert counted["granted"] == 6 and 0.5 < counted["wait_s"] < 1.5
