@@ -21,10 +21,11 @@ Cases (``--rows``), each ``--tasks`` (24) tasks touching ``--task-mib`` (300) Mi
   after that the last one was seen alive (polled every 10 ms for up to 5 s).
 
 Measured from outside, per run: succeeded / failed (exception types) / lost (not terminal by
-``--deadline``); task runs (starts, redeliveries and re-runs included); kernel OOM kills (the cgroup's
-``oom_kill`` counter); makespan (first send -> last terminal state); the kernel's peak usage of the
-cgroup (``memory.max_usage_in_bytes`` / ``memory.peak``); most task bodies running at once; processes
-left in the cgroup once the worker stopped (the bench SIGKILLs them by pid); rmq's accounting mode
+``--deadline``); tasks whose terminal state changed later or that ran again after succeeding; task
+runs (starts, redeliveries and re-runs included); kernel OOM kills (the cgroup's ``oom_kill``
+counter); makespan (first send -> last terminal state); the kernel's peak usage of the cgroup
+(``memory.max_usage_in_bytes`` / ``memory.peak``); most task bodies running at once; processes left
+in the cgroup once the worker stopped (the bench SIGKILLs them by pid); rmq's accounting mode
 (``inspect stats``: ``rmq.memory.accounting``, ``-`` where the worker does not report one).
 
 The physical ideal: how many tasks fit at once in the limit minus the idle worker, times the hold.
@@ -124,6 +125,8 @@ class Run:
     worker_died: bool = False
     left_behind: list[int] = field(default_factory=list)
     lost_detail: list[str] = field(default_factory=list)
+    changed: int = 0  # tasks whose terminal state changed later
+    reran: int = 0  # succeeded tasks that started again after their successful run
     final_state: str = ""
     children: list[int] = field(default_factory=list)
     alive_at_end: list[int] = field(default_factory=list)
@@ -319,6 +322,13 @@ def run_case(row: str, side: str, args: argparse.Namespace, url: str, fp: Footpr
         run.max_at_once = max_overlap(spans)
         run.lost = n - len(done)
         run.runs = sum(client.llen(f"goodput:starts:{i}") for i in ids)
+        # exactly one terminal state: none changes afterwards, no success is followed by another run
+        for i, meta in task_states(client, list(done)).items():
+            if meta["status"] != done[i]["status"]:
+                run.changed += 1
+            elif meta["status"] == "SUCCESS":
+                starts = [json.loads(x)["t"] for x in client.lrange(f"goodput:starts:{i}", 0, -1)]
+                run.reran += any(t > meta["result"]["started"] for t in starts)
         for i in ids:
             if i not in done:
                 meta = task_states(client, [i])[i]
@@ -404,8 +414,10 @@ def report(runs: list[Run], fp: Footprints | None, args: argparse.Namespace) -> 
         failures = ", ".join(f"{k} x{v}" for k, v in r.errors.items())
         if r.lost:
             failures += (", " if failures else "") + f"{r.lost} lost"
-        if r.worker_died:
-            failures += (", " if failures else "") + "worker died"
+        for count, what in ((r.changed, "changed state after a terminal one"), (r.reran, "ran again after success"),
+                            (int(r.worker_died), "worker died")):
+            if count:
+                failures += (", " if failures else "") + f"{count} {what}"
         if r.row == "unbounded":
             ok, at_once = r.final_state, "-"
         else:
