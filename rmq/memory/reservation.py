@@ -160,8 +160,9 @@ class AdmissionGuard(Concern):
         )
         v = _try_once(rt.ledger, entry, need, disk_root, estimate)
         if not v.admitted and not v.never:
-            renew = (lambda: self.reservation(rt, ctx)) if memory == _ALONE or estimate else None
-            v = _wait_for_room(rt.ledger, entry, need, rt.config.admission_wait, disk_root, v, estimate, renew)
+            # a peak learned meanwhile (a neighbour of the same name ended) applies to a waiting run too
+            v = _wait_for_room(rt.ledger, entry, need, rt.config.admission_wait, disk_root, v, estimate,
+                               lambda: self.reservation(rt, ctx))
         if v.admitted:
             ctx.memory_bytes = entry.memory_bytes  # an estimate may have been cut to the idle worker's room
             ctx.state["admission"] = entry

@@ -189,6 +189,9 @@ class Footprints:
     subprocess: int
     idle: int
     peak_restarted: bool
+    #: how long one task alone took, start to memory freed (row -> seconds): the hold plus touching,
+    #: freeing and starting a child, which no scheduler can save
+    task_s: dict[str, float] = field(default_factory=dict)
 
 
 def measure_footprints(args: argparse.Namespace, url: str) -> Footprints:
@@ -201,6 +204,7 @@ def measure_footprints(args: argparse.Namespace, url: str) -> Footprints:
     cg = MemoryCgroup(args.limit)
     w = None
     grown: dict[str, int] = {}
+    took: dict[str, float] = {}
     restarted = True
     idle = 0
     try:
@@ -214,12 +218,15 @@ def measure_footprints(args: argparse.Namespace, url: str) -> Footprints:
             if meta["status"] != "SUCCESS":
                 raise RuntimeError(f"the footprint's {row} task ended {meta['status']}: {meta.get('result')}")
             grown[row] = (cg.peak_bytes() or 0) - before
+            result = meta.get("result") or {}
+            if isinstance(result, dict) and "started" in result:
+                took[row] = float(result["freed"]) - float(result["started"])
             client.delete(f"celery-task-meta-{r.id}", f"goodput:starts:{r.id}", f"goodput:children:{r.id}")
     finally:
         finish(w, cg)
         client.delete(queue)
         app.close()
-    return Footprints(grown["honest"], grown["subprocess"], idle, restarted)
+    return Footprints(grown["honest"], grown["subprocess"], idle, restarted, took)
 
 
 def alive(children: list[dict]) -> list[int]:
@@ -241,8 +248,10 @@ def accounting_of(stats: dict) -> str:
     value = (stats.get("memory") or {}).get("accounting")
     if value is None or value == "":
         return "-"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, dict):  # rmq's own: the mode, its wake-ups, whether bursts are held, its wakes
+        woken = ", ".join(f"{k} {v}" for k, v in (value.get("woken") or {}).items()) or "none"
+        hold = "OOM hold" if value.get("oom_hold") else "no OOM hold"
+        return f"{value.get('mode')} / {value.get('wakeups')} / {hold} / woken: {woken}"
     return str(value)
 
 
@@ -375,6 +384,15 @@ def print_ideals(runs: list[Run], fp: Footprints, args: argparse.Namespace) -> N
           f"in-process {mib(fp.in_process)} MiB, in a subprocess {mib(fp.subprocess)} MiB. Per run: idle = the "
           f"run's own worker's cgroup usage once ready, before any task; fit = min(-c {args.concurrency}, "
           f"floor(({mib(args.limit)} - idle) / footprint)); ideal = ceil({args.tasks} / fit) x {args.hold:g} s.")
+    if fp.task_s:
+        took = ", ".join(f"{row} {s:.2f} s" for row, s in fp.task_s.items())
+        print(f"One task alone took (start to memory freed) {took}: at that task time instead of the hold, the "
+              "ideal is ceil(N / fit) x that, and each run's makespan against it is:")
+        for r in runs:
+            task_s = fp.task_s.get("subprocess" if r.row == "subprocess" else "honest")
+            if r.row != "unbounded" and r.fit and task_s and r.makespan_s:
+                at = math.ceil(r.tasks / r.fit) * task_s
+                print(f"- {r.row}, {SIDE_LABELS[r.side]}: {r.makespan_s:.1f} s / {at:.1f} s = {r.makespan_s / at:.2f}x")
     for r in runs:
         if r.row == "unbounded":
             continue
