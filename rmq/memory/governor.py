@@ -326,11 +326,11 @@ class Governor:
         """Kill the task that exceeds its reservation the most (else the newest); ``True`` when a kill
         was made or is still taking effect. ``urgent``: the kernel holds the cgroup at its limit."""
         # a process already killed is still counted until the pool reaps it: don't kill a second
-        # one for the same excess within one interval (under an OOM hold, once its memory is gone)
+        # one for the same excess within 2 s (under kernel accounting: until its cgroup is empty)
         for pid, at in list(self._killed_pids.items()):
             if pid not in reading.rss or now - at > 60:
                 del self._killed_pids[pid]
-        if urgent:
+        if urgent or self.pools is not None:  # the kernel says when a killed tree's memory is gone
             if any(self._freeing(pid) for pid in self._killed_pids):
                 return True
         elif any(now - at < 2.0 for at in self._killed_pids.values()):
