@@ -50,15 +50,19 @@ class SnapshotBuilder:
                 self._cgroup = None
 
     def _memory(self) -> dict[str, Any]:
-        """The governor's memory section, with the ladder's lines and the kernel's OOM kills."""
+        """The governor's memory section, with the ladder's lines in bytes and the kernel's OOM kills."""
         memory = self.governor.memory_snapshot()
         config, budget = self.rt.config, getattr(self.governor, "budget", None)
-        if budget is not None:
-            ratios = {"admit": config.admit_ratio, "unload": config.unload_ratio,
-                      "unload_target": config.unload_target_ratio, "pause": config.pause_ratio,
-                      "resume": config.resume_ratio, "kill": config.kill_ratio}
-            memory.setdefault("lines", {name: budget.line(ratio) for name, ratio in ratios.items()})
-        if "oom_kills" not in memory:
+        if budget is not None and "lines" not in memory:
+            # the governor's own lines when it reports them (they follow its accounting mode), else the config's
+            ratios = memory.get("line_ratios")
+            if not isinstance(ratios, dict):
+                ratios = {"admit": config.admit_ratio, "unload": config.unload_ratio,
+                          "unload_target": config.unload_target_ratio, "pause": config.pause_ratio,
+                          "resume": config.resume_ratio, "kill": config.kill_ratio}
+            memory["lines"] = {name: budget.line(ratio) for name, ratio in ratios.items()
+                               if isinstance(ratio, int | float)}
+        if memory.get("oom_kills") is None:  # the governor counts only a limited cgroup's; any cgroup counts here
             try:
                 memory["oom_kills"] = self._cgroup.oom_kills() if self._cgroup is not None else 0
             except (OSError, ValueError):

@@ -168,6 +168,8 @@ def test_dashboard_queries_return_series_and_rules_fire_on_real_workers(
                        what=f"{name} firing for the heavy worker")
         assert not _firing(prom, "RmqMemoryNearKillLine", instance=f"127.0.0.1:{light_port}")
         assert prom.query(f'rmq_memory_zone{{instance="{heavy_instance}", zone="pause"}} == 1')
+        wait_until(lambda: prom.query(f'rmq_paused_seconds_total{{instance="{heavy_instance}"}} > 1'), 10,
+                   interval=0.5, what="the heavy worker's paused seconds counting")
 
         # And every query of the dashboard returns series from these scrapes
         def empty() -> list[str]:
@@ -215,3 +217,38 @@ def _render_png(prom: PrometheusServer, path: str, heavy_instance: str, started:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.render(prom.url, path, highlight=heavy_instance, seconds=time.time() - started)
+
+
+def _scrape(port: int) -> dict[str, dict[tuple, float]]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[tuple, float]] = {}
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_per_process_series_keep_their_labels_when_pool_processes_are_recycled(redis_url, start_worker):
+    queue = f"ops-recycle-{uuid.uuid4().hex[:6]}"
+    app = _client(redis_url, queue)
+    port = free_port()
+    # Given a worker whose pool processes are replaced after every task
+    w = start_worker(app, app="opsapp", queues=[queue], concurrency=2, extra_args=["--max-tasks-per-child=1"],
+                     env={**taskapp_env(redis_url, memory_budget="600MiB", metrics_port=port), "RMQ_APP_QUEUE": queue})
+    first = set(w.pool_pids())
+    # When six tasks run, so that every pool process is replaced several times
+    for i in range(6):
+        assert app.tasks["ops.noop"].delay(i).get(timeout=30) == i
+    wait_until(lambda: w.pool_pids() and not set(w.pool_pids()) & first, 20, what="every pool process replaced")
+
+    # Then the per-process series are still those of slots 0 and 1, and the counters kept every task
+    def settled() -> dict | None:
+        m = _scrape(port)
+        slots = {dict(labels)["process"] for labels in m.get("rmq_memory_child_bytes", {})}
+        return m if slots == {"0", "1"} and m["rmq_admitted_total"][()] == 6 else None
+
+    m = wait_until(settled, 15, interval=0.3, what="slot labels 0 and 1 and 6 admissions")
+    assert not any("pid" in dict(labels) for name, series in m.items() if name != "rmq_info" for labels in series)
