@@ -205,16 +205,20 @@ class Ledger:
         m = self._map
         flags = m[self._flags]
         unpack, size, find = SUMMED.unpack_from, SLOT.size, flags.find  # locals: this runs per task, per slot
-        n = unused = cpu = disk = 0
+        n = unused = cpu = disk = models = 0
         i = find(1)
         while i >= 0:
             kind, memory, slots, disk_bytes, used, peak = unpack(m, HEADER_SIZE + i * size)
             n += 1
-            unused += max(0, memory - (peak if kind == KIND_MODEL else used))  # ledger_layout._unused, inlined
+            if kind == KIND_MODEL:
+                unused += max(0, memory - peak)  # ledger_layout._unused, inlined
+                models += memory
+            else:
+                unused += max(0, memory - used)
             cpu += slots
             disk += disk_bytes
             i = find(1, i + 1)
-        return Reserved(n, unused, cpu, disk)
+        return Reserved(n, unused, cpu, disk, models)
 
     def entries(self) -> list[Entry]:
         """All reservations, read under the lock."""

@@ -129,13 +129,15 @@ class Reserved(NamedTuple):
     unused_bytes: int = 0
     cpu_slots: int = 0
     disk_bytes: int = 0
+    #: what resident models reserve: an idle worker still holds them
+    model_bytes: int = 0
 
     @classmethod
     def of(cls, entries: Iterable[Entry]) -> Reserved:
         """The sums over ``entries``."""
         entries = list(entries)
         return cls(len(entries), sum(e.unused_bytes for e in entries), sum(e.cpu_slots for e in entries),
-                   sum(e.disk_bytes for e in entries))
+                   sum(e.disk_bytes for e in entries), sum(e.memory_bytes for e in entries if e.kind == KIND_MODEL))
 
 
 class Control(NamedTuple):

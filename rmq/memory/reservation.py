@@ -54,10 +54,13 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, l
     disk = shutil.disk_usage(disk_root) if (need.disk_bytes and disk_root) else None
     with ledger.locked():  # the readings are published under the same lock as the reservations' usage
         worker, idle, admit_line, budget, cpu_slots = ledger.admission_readings()
-        if learned and 0 < admit_line - idle < need.memory_bytes:
-            need = need._replace(memory_bytes=admit_line - idle)
+        reserved = ledger.reserved_unlocked()
+        # alone: the idle worker, and the models resident in it (a pinned one never leaves)
+        alone = admit_line - idle - reserved.model_bytes
+        if learned and 0 < alone < need.memory_bytes:
+            need = need._replace(memory_bytes=alone)
             entry.memory_bytes = need.memory_bytes
-        v = judge(need, ledger.reserved_unlocked(), worker, idle, admit_line, budget, cpu_slots,
+        v = judge(need, reserved, worker, idle, admit_line, budget, cpu_slots,
                   disk.free if disk else None, disk.used + disk.free if disk else None)
         if v.admitted:
             try:
@@ -131,10 +134,12 @@ class AdmissionGuard(Concern):
         declared = ctx.declaration.memory_bytes
         learned = learner(rt).learned(ctx.task_name)
         floor = ctx.min_memory_bytes
+        # what a kill saw is an estimate too: more than the idle room now (models came in since), it
+        # runs alone rather than fail
         if learned:
-            return max(learned, floor, rt.config.default_task_memory), declared is None
+            return max(learned, floor, rt.config.default_task_memory), declared is None or floor > 0
         if declared is not None:
-            return max(declared, floor), False
+            return max(declared, floor), floor > 0
         if rt.config.unknown_alone:
             return _ALONE, True
         return max(rt.config.default_task_memory, floor), True

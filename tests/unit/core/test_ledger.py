@@ -158,7 +158,7 @@ def test_reserved_sums_read_from_the_table_match_the_entries(ledger: Ledger) -> 
         reserved = ledger.reserved_unlocked()
     assert reserved == Reserved.of(ledger.entries())
     assert reserved == Reserved(reservations=3, unused_bytes=100 * MiB + 100 * MiB + 20 * MiB, cpu_slots=2,
-                                disk_bytes=5 * MiB)
+                                disk_bytes=5 * MiB, model_bytes=120 * MiB)
 
 
 def test_full_ledger_raises(ledger: Ledger) -> None:
