@@ -142,7 +142,8 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
         for i in range(sessions):
             session_id, lang = f"demo{i}", LANGS[i % len(LANGS)]
             res = pipeline.pipeline(session_id, lang, app=app, text=sentence(i)).apply_async()
-            steps, node = [], res
+            steps: list[Any] = []
+            node = res
             while node is not None:
                 tracked[node.id] = node
                 steps.insert(0, node)
