@@ -107,7 +107,7 @@ def print_sessions(result: DemoResult) -> None:
         if s.translation:
             match = f"  (phrasebook match {s.match:.0%})" if s.match is not None else ""
             print(f"  translation  : {s.translation}{match}")
-        if s.file:
+        if s.file or s.invalid:
             what = f"{s.seconds:.2f} s of audio" if s.seconds is not None else f"NOT VALID AUDIO: {s.invalid}"
             print(f"  output       : {s.file} ({format_bytes(s.file_bytes)} opus, {what}, decoded with ffmpeg)")
 

@@ -215,12 +215,12 @@ def encode(self: Any, session_id: str, rounds: int = 40) -> dict[str, Any]:
                 "cpu_s": round(time.process_time() - started, 3)}
     done = audio.encode("speech.wav", "speech.opus", cwd=self.session_dir)
     seconds = audio.decoded_seconds(done.path)
-    kept: Path = done.path
+    kept = None  # without an output directory the file goes with the session directory
     out_dir = os.environ.get("RMQ_PIPELINE_OUTPUT_DIR")
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        kept = Path(shutil.copy2(done.path, Path(out_dir) / f"{session_id}.opus"))
-    return {"step": "encode", "pid": os.getpid(), "mode": "real", "file": str(kept), "format": "opus",
+        kept = str(shutil.copy2(done.path, Path(out_dir) / f"{session_id}.opus"))
+    return {"step": "encode", "pid": os.getpid(), "mode": "real", "file": kept, "format": "opus",
             "bytes": done.size_bytes, "seconds": round(seconds, 3), "encode_s": round(done.seconds, 3)}
 
 
