@@ -39,6 +39,12 @@ STEPS = ("ingest", "transcribe", "translate", "synthesize", "encode")
 #: Synthetic: the models (200 MiB + 3 x 250 MiB) do not all fit.
 BUDGETS = {"real": "640MiB", "synthetic": "1.2GiB"}
 
+#: real mode: each pool process's model cache keeps 4 models (``rmq_models_max_count``): the pinned
+#: recogniser, the speech detector and two of the four voices. The voices (a few MiB each) would all
+#: fit the memory budget; in the cache they do not, so they are unloaded and loaded again as the
+#: sessions need them.
+MODELS_PER_PROCESS = 4
+
 
 def _pick_mode(synthetic: bool) -> str:
     if synthetic:
@@ -106,6 +112,8 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
             "RMQ_BROKER_URL": broker,
             "RMQ_RESULT_BACKEND": broker,
             "RMQ_MEMORY_BUDGET": os.environ.get("RMQ_MEMORY_BUDGET", BUDGETS[result.mode]),
+            **({"RMQ_MODELS_MAX_COUNT": os.environ.get("RMQ_MODELS_MAX_COUNT", str(MODELS_PER_PROCESS))}
+               if result.mode == "real" else {}),
             "RMQ_SESSION_ROOT": os.path.join(workdir, "sessions"),
             "RMQ_RUNTIME_DIR": os.path.join(workdir, "run"),
             "RMQ_TRANSLATE_URL": api.url,
@@ -134,8 +142,10 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
 
         app = make_app(broker=broker, backend=broker)
         worker.wait_ready(app, timeout=60)
+        cap = env.get("RMQ_MODELS_MAX_COUNT")
         print(f"rmq demo: worker {worker.node_name} (pid {worker.pid}) and beat (pid {beat.pid}) are up; "
-              f"{result.mode} pipeline, memory budget {env['RMQ_MEMORY_BUDGET']}")
+              f"{result.mode} pipeline, memory budget {env['RMQ_MEMORY_BUDGET']}"
+              + (f", at most {cap} models per process" if cap else ""))
 
         tracked: dict[str, Any] = {}
         chains: list[tuple[str, str, list[Any]]] = []
