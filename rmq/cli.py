@@ -264,7 +264,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo = importlib.import_module("workers.demo").run_demo
 
     try:
-        return run_demo(broker=args.broker, sessions=args.sessions, plain=args.plain, timeout=args.timeout)
+        return run_demo(broker=args.broker, sessions=args.sessions, plain=args.plain, timeout=args.timeout,
+                        synthetic=args.synthetic, output=args.output)
     except KeyboardInterrupt:  # before the demo started anything, or after it cleaned up
         return 130
 
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sessions", type=int, default=3)
     m.add_argument("--plain", action="store_true", help="plain lines instead of the live view")
     m.add_argument("--timeout", type=float, default=240.0)
+    m.add_argument("--synthetic", action="store_true",
+                   help="run the synthetic pipeline (real memory, no real models) even with the media extra")
+    m.add_argument("--output", metavar="DIR", help="keep the encoded audio files in DIR")
     return parser
 
 

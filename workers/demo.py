@@ -2,9 +2,13 @@
 
 Starts what it needs as subprocesses (an embedded Redis unless ``--broker`` is given, a
 governed worker, celery beat, a fake translation API), runs several sessions through
-ingest -> transcribe -> translate -> synthesize -> encode plus one runaway task, shows the
-worker's state while it runs, prints a summary, and stops everything it started.
-Every model and workload is synthetic: real memory, CPU and disk, no real weights.
+ingest -> transcribe -> translate -> synthesize -> encode and one runaway task, shows the
+worker's state while it runs, prints each session's results and a summary, and stops everything
+it started.
+
+The pipeline is real when the ``media`` extra is installed (speech synthesised, detected,
+recognised, translated, synthesised again and encoded by ``ffmpeg``; see ``workers.pipeline``),
+synthetic with ``--synthetic`` or without the extra (real memory, CPU and disk, no real models).
 """
 
 from __future__ import annotations
@@ -17,68 +21,56 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
-from rmq.core.units import format_bytes
 from rmq.testing.redis import EmbeddedRedis
 from rmq.testing.worker import WorkerProcess
+from workers.demo_report import DemoResult, SessionReport, print_sessions, print_summary, view
 
 __all__ = ["run_demo", "DemoResult"]
 
 TERMINAL = ("SUCCESS", "FAILURE", "REVOKED")
 LANGS = ("de", "fr", "es")
+STEPS = ("ingest", "transcribe", "translate", "synthesize", "encode")
+
+#: the worker's memory budget by mode. Real: room for two pool processes, each with the pinned
+#: recogniser, the speech detector and its voices, and an ffmpeg at a time; the runaway crosses the
+#: unload line (0.80) on its way to the kill line (0.95), so that the idle models are unloaded for real.
+#: Synthetic: the models (200 MiB + 3 x 250 MiB) do not all fit.
+BUDGETS = {"real": "640MiB", "synthetic": "1.2GiB"}
+
+#: real mode: each pool process's model cache keeps 4 models (``rmq_models_max_count``): the pinned
+#: recogniser, the speech detector and two of the four voices. The voices (a few MiB each) would all
+#: fit the memory budget; in the cache they do not, so they are unloaded and loaded again as the
+#: sessions need them.
+MODELS_PER_PROCESS = 4
 
 
-@dataclass
-class DemoResult:
-    """What the demo saw, for the summary and for tests."""
+def _pick_mode(synthetic: bool) -> str:
+    if synthetic:
+        return "synthetic"
+    from workers.speech import missing_media
 
-    states: Counter = field(default_factory=Counter)
-    unaccounted: list[str] = field(default_factory=list)
-    runaway: str = ""
-    snapshot: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def ok(self) -> bool:
-        return not self.unaccounted
-
-
-def _view(snapshot: dict[str, Any], states: Counter, depths: dict[str, int], plain: bool) -> Any:
-    mem = snapshot.get("memory", {})
-    counters = snapshot.get("counters", {})
-    models = {pid: [m.get("name") for m in (g.get("models") or [])]
-              for pid, g in (snapshot.get("processes") or {}).items()}
-    ratio = mem.get("ratio", 0.0) or 0.0
-    line = (f"memory {format_bytes(mem.get('worker_bytes'))} / {format_bytes(mem.get('budget_bytes'))} "
-            f"({ratio:.0%}, {mem.get('zone', '?')})  queues {depths}  tasks {dict(states)}  "
-            f"deferred {sum((counters.get('deferred') or {}).values())} killed {counters.get('killed', 0)}  "
-            f"models {models}")
-    if plain:
-        return line
-    from rich.table import Table
-
-    from rmq.monitoring.status import memory_bar
-
-    table = Table(title="rmq demo (synthetic workloads: real memory, no real models)", expand=True)
-    table.add_column("what", style="bold")
-    table.add_column("state")
-    table.add_row("memory", f"{memory_bar(ratio, 30)} {format_bytes(mem.get('worker_bytes'))} / "
-                  f"{format_bytes(mem.get('budget_bytes'))} ({ratio:.0%}) zone={mem.get('zone')}")
-    table.add_row("peak", f"{format_bytes(mem.get('peak_bytes'))}")
-    table.add_row("queues", ", ".join(f"{q}={n}" for q, n in depths.items()))
-    for pid, names in sorted(models.items()):
-        table.add_row(f"models pid {pid}", ", ".join(n for n in names if n) or "-")
-    table.add_row("tasks", ", ".join(f"{k}={v}" for k, v in sorted(states.items())))
-    deferred = counters.get("deferred") or {}
-    table.add_row("governor", f"admitted={counters.get('admitted', 0)} deferred={dict(deferred)} "
-                  f"killed={counters.get('killed', 0)} unload requests={counters.get('unload_requests', 0)} "
-                  f"paused={snapshot.get('paused')}")
-    return table
+    missing = missing_media()
+    if missing:
+        print(f"rmq demo: the media extra is not installed (missing {', '.join(missing)}): running the "
+              f"SYNTHETIC pipeline; pip install 'rmq[media]' for the real one")
+        return "synthetic"
+    return "real"
 
 
-def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, timeout: float = 240.0) -> int:
-    """Run the demo; returns the process exit status (non-zero when a task is unaccounted for).
+def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, timeout: float = 240.0,
+             synthetic: bool = False, output: str | None = None) -> int:
+    """Run the demo; returns the process exit status (non-zero when a task is unaccounted for or an
+    encoded file is not valid audio).
+
+    Args:
+        broker: a broker URL; None starts an embedded Redis.
+        sessions: how many sessions to run.
+        plain: plain lines instead of the live view.
+        timeout: how long to wait for the tasks (in real mode: for the sessions, then the runaway), in seconds.
+        synthetic: run the synthetic pipeline even when the media extra is installed.
+        output: keep the encoded files in this directory (default: a temporary one, removed).
 
     After a Ctrl-C or SIGTERM it returns 130 with both signals still ignored: a second press that lands
     after the cleanup must not turn the exit status into death by signal.
@@ -98,7 +90,7 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
     old_term = signal.signal(signal.SIGTERM, on_signal)
     old_int = signal.signal(signal.SIGINT, on_signal)
     plain = plain or not sys.stdout.isatty()
-    result = DemoResult()
+    result = DemoResult(mode=_pick_mode(synthetic))
     t0 = time.monotonic()
     try:
         if broker is None:
@@ -115,14 +107,19 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
 
         api = start_in_thread(rate="5/s")
         print(f"rmq demo: fake translation API on {api.url} (rate limited to 5/s on its side)")
+        out_dir = os.path.abspath(output) if output else os.path.join(workdir, "out")
         env = {
             "RMQ_BROKER_URL": broker,
             "RMQ_RESULT_BACKEND": broker,
-            "RMQ_MEMORY_BUDGET": os.environ.get("RMQ_MEMORY_BUDGET", "1.2GiB"),
+            "RMQ_MEMORY_BUDGET": os.environ.get("RMQ_MEMORY_BUDGET", BUDGETS[result.mode]),
+            **({"RMQ_MODELS_MAX_COUNT": os.environ.get("RMQ_MODELS_MAX_COUNT", str(MODELS_PER_PROCESS))}
+               if result.mode == "real" else {}),
             "RMQ_SESSION_ROOT": os.path.join(workdir, "sessions"),
             "RMQ_RUNTIME_DIR": os.path.join(workdir, "run"),
             "RMQ_TRANSLATE_URL": api.url,
             "RMQ_KILL_BACKOFF": "0.5s",
+            "RMQ_PIPELINE_MODE": result.mode,
+            "RMQ_PIPELINE_OUTPUT_DIR": out_dir,
             "RMQ_DEMO_WHISPER_SIZE": os.environ.get("RMQ_DEMO_WHISPER_SIZE", "200MiB"),
             "RMQ_DEMO_VOICE_SIZE": os.environ.get("RMQ_DEMO_VOICE_SIZE", "250MiB"),
             "RMQ_CLEANUP_INTERVAL": "20s",
@@ -141,29 +138,47 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
         )
         import workers.pipeline as pipeline
         from workers.app import make_app
+        from workers.phrasebook import sentence
 
         app = make_app(broker=broker, backend=broker)
         worker.wait_ready(app, timeout=60)
-        print(f"rmq demo: worker {worker.node_name} (pid {worker.pid}) and beat (pid {beat.pid}) are up")
+        cap = env.get("RMQ_MODELS_MAX_COUNT")
+        print(f"rmq demo: worker {worker.node_name} (pid {worker.pid}) and beat (pid {beat.pid}) are up; "
+              f"{result.mode} pipeline, memory budget {env['RMQ_MEMORY_BUDGET']}"
+              + (f", at most {cap} models per process" if cap else ""))
 
         tracked: dict[str, Any] = {}
+        chains: list[tuple[str, str, list[Any]]] = []
         for i in range(sessions):
-            res = pipeline.pipeline(f"demo{i}", LANGS[i % len(LANGS)], app=app).apply_async()
+            session_id, lang = f"demo{i}", LANGS[i % len(LANGS)]
+            res = pipeline.pipeline(session_id, lang, app=app, text=sentence(i)).apply_async()
+            steps: list[Any] = []
             node = res
             while node is not None:
                 tracked[node.id] = node
+                steps.insert(0, node)
                 node = node.parent
-        runaway = app.tasks["pipeline.runaway"].delay()
-        tracked[runaway.id] = runaway
-        result.runaway = runaway.id
-        print(f"rmq demo: {sessions} sessions x 5 steps and 1 runaway task sent ({len(tracked)} tasks)")
+            chains.append((session_id, lang, steps))
+        # the real runaway follows the sessions, so that it finds their voices loaded and idle: they are
+        # what the governor unloads on its way. The synthetic models are big enough to be unloaded
+        # during the sessions, and the synthetic runaway runs beside them, as the demo always did.
+        runaway_after = result.mode == "real"
+        what = "an ffmpeg that holds all it decodes" if result.mode == "real" else "Python allocating"
+
+        def send_runaway() -> str:
+            runaway = app.tasks["pipeline.runaway"].delay()
+            tracked[runaway.id] = runaway
+            result.runaway = runaway.id
+            return str(runaway.id)
+
+        if not runaway_after:
+            send_runaway()
+        print(f"rmq demo: {sessions} sessions x {len(STEPS)} steps sent ({len(tracked)} tasks); the runaway "
+              f"task ({what}, declared 128 MiB) {'follows once they are done' if runaway_after else 'too'}")
 
         from rmq.monitoring.queues import redis_queue_depth
 
         client = app.connection_for_write().channel().client if broker.startswith("redis") else None
-
-        def states() -> Counter:
-            return Counter(app.AsyncResult(tid).state for tid in tracked)
 
         def snapshot() -> dict[str, Any]:
             replies = app.control.inspect(destination=[worker.node_name], timeout=1.0).stats() or {}
@@ -174,34 +189,44 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
                 return {}
             return {q: redis_queue_depth(client, q) for q in ("celery", "rmq.heavy")}
 
-        deadline = time.monotonic() + timeout
+        def settled(tid: str) -> bool:
+            # steps after a failed step never run: they are accounted for as skipped
+            return app.AsyncResult(tid).state in TERMINAL or _skipped(app, tracked[tid])
+
         snap: dict[str, Any] = {}
 
-        def done(current: Counter) -> bool:
-            waiting = [tid for tid in tracked if app.AsyncResult(tid).state not in TERMINAL]
-            # steps after a failed step never run: they are accounted for as skipped
-            return all(_skipped(app, tracked[t]) for t in waiting)
+        def watch(ids: list[str]) -> None:
+            nonlocal snap
+            deadline = time.monotonic() + timeout
 
-        if plain:
-            while time.monotonic() < deadline:
-                current = states()
+            def frame() -> Any:
+                nonlocal snap
                 snap = snapshot() or snap
-                print(_view(snap, current, depths(), plain=True), flush=True)
-                if done(current):
-                    break
-                time.sleep(2.0)
-        else:
+                states = Counter(app.AsyncResult(tid).state for tid in tracked)
+                return view(result.mode, snap, states, depths(), plain)
+
+            if plain:
+                while time.monotonic() < deadline:
+                    print(frame(), flush=True)
+                    if all(settled(t) for t in ids):
+                        return
+                    time.sleep(2.0)
+                return
             from rich.console import Console
             from rich.live import Live
 
-            with Live(_view({}, Counter(), {}, plain=False), console=Console(), refresh_per_second=4) as live:
+            with Live(view(result.mode, snap, Counter(), {}, plain=False), console=Console(),
+                      refresh_per_second=4) as live:
                 while time.monotonic() < deadline:
-                    current = states()
-                    snap = snapshot() or snap
-                    live.update(_view(snap, current, depths(), plain=False))
-                    if done(current):
-                        break
+                    live.update(frame())
+                    if all(settled(t) for t in ids):
+                        return
                     time.sleep(0.5)
+
+        watch(list(tracked))
+        if runaway_after:
+            print("rmq demo: sessions done; runaway task sent")
+            watch([send_runaway()])
         time.sleep(1.5)  # counters of pool processes are flushed every second
         result.snapshot = snapshot() or snap
         for tid, res in tracked.items():
@@ -212,9 +237,13 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
                 result.states["SKIPPED (upstream failed)"] += 1
             else:
                 result.unaccounted.append(f"{tid} {state}")
+        result.sessions = [_report(app, session_id, lang, steps) for session_id, lang, steps in chains]
         runaway_res = app.AsyncResult(result.runaway)
         result.seconds = time.monotonic() - t0
-        _summary(result, runaway_res)
+        print_sessions(result)
+        print_summary(result, runaway_res)
+        if output:
+            print(f"rmq demo: the encoded files are in {out_dir}")
         app.close()
     except KeyboardInterrupt:
         interrupted = True
@@ -253,27 +282,31 @@ def _skipped(app: Any, res: Any) -> bool:
     return False
 
 
-def _summary(result: DemoResult, runaway: Any) -> None:
-    snap = result.snapshot
-    mem = snap.get("memory", {})
-    counters = snap.get("counters", {})
-    models = counters.get("models") or {}
-    sessions = counters.get("sessions") or {}
-    budget = mem.get("budget_bytes") or 0
-    peak = mem.get("peak_bytes") or 0
-    print("\n=== rmq demo summary (synthetic workloads) ===")
-    print(f"tasks by final state : {dict(result.states)}")
-    print(f"unaccounted tasks    : {len(result.unaccounted)} {result.unaccounted[:5]}")
-    print(f"runaway task         : {runaway.state} {type(runaway.result).__name__ if runaway.result else ''}: "
-          f"{runaway.result}")
-    print(f"deferrals            : {dict(counters.get('deferred') or {})}")
-    print(f"kills                : {counters.get('killed', 0)}")
-    print(f"model unloads        : {dict(models.get('evictions') or {})} "
-          f"(loads {models.get('loads', 0)}, hits {models.get('hits', 0)})")
-    print(f"sessions             : {dict(sessions)}; cleaned by beat: {counters.get('sessions_cleaned', 0)}")
-    print(f"peak memory          : {format_bytes(peak)} of a {format_bytes(budget)} budget "
-          f"({(peak / budget if budget else 0):.0%}) - {'within' if peak <= budget else 'OVER'} the budget")
-    print(f"took                 : {result.seconds:.0f}s")
-    print("every task accounted for" if result.ok() else "SOME TASKS ARE UNACCOUNTED FOR")
+def _report(app: Any, session_id: str, lang: str, steps: list[Any]) -> SessionReport:
+    """A session's results from its steps' results; the output file is checked here, independently
+    of the encode task, by decoding it."""
+    report = SessionReport(session_id, lang)
+    results: dict[str, Any] = {}
+    for name, node in zip(STEPS, steps, strict=True):
+        res = app.AsyncResult(node.id)
+        if res.state == "FAILURE" and not report.failed:
+            report.failed = f"{name}: {type(res.result).__name__}: {res.result}"
+        elif res.state == "SUCCESS" and isinstance(res.result, dict):
+            results[name] = res.result
+    if results.get("ingest", {}).get("mode") != "real":
+        return report
+    report.said = results["ingest"].get("text", "")
+    if "transcribe" in results:
+        report.heard, report.wer = results["transcribe"]["text"], results["transcribe"]["wer"]
+    if "translate" in results:
+        report.translation, report.match = results["translate"]["text"], results["translate"].get("match")
+    if "encode" in results:
+        from workers.audio import decoded_seconds
 
-
+        report.file = results["encode"]["file"] or ""
+        report.file_bytes = results["encode"]["bytes"]
+        try:
+            report.seconds = decoded_seconds(report.file)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            report.invalid = str(exc) or type(exc).__name__
+    return report

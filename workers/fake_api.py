@@ -1,10 +1,13 @@
 """A local fake translation API, rate limited on its side, for tests and the demo.
 
-``POST /translate {"text": ..., "target": ...}`` answers ``{"translation": ..., "synthetic": true}``
-(the text reversed when ``target`` is ``"reverse"``, else upper-cased). Beyond ``--rate`` (a fixed
-window per period, the way many real APIs count) it answers 429 with ``Retry-After`` (seconds to the
-next window, at least 1, or ``--retry-after``); with ``--fail-rate p`` an accepted request answers
-503 with probability ``p``; ``--latency s`` delays every answer. HTTP/1.1 with keep-alive.
+``POST /translate {"text": ..., "target": ...}`` answers ``{"translation": ..., "synthetic": true}``:
+for ``de``, ``fr`` and ``es`` the stored translation of the closest sentence of the phrasebook
+(``workers.phrasebook``) with its ``"match"`` (1.0: the same words), as a translation memory does;
+the text reversed when ``target`` is ``"reverse"``; else, or with no close sentence, upper-cased.
+Beyond ``--rate`` (a fixed window per period, the way many real APIs count) it answers 429 with
+``Retry-After`` (seconds to the next window, at least 1, or ``--retry-after``); with ``--fail-rate p``
+an accepted request answers 503 with probability ``p``; ``--latency s`` delays every answer. HTTP/1.1
+with keep-alive.
 
 ``GET /stats`` (JSON) and ``POST /reset`` are control endpoints, never counted. Everything else
 counts: requests per one-second wall-clock window and in any sliding second, connections opened
@@ -34,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
 from rmq.core.units import Rate, parse_rate
+from workers import phrasebook
 
 __all__ = ["FakeApi", "main", "start_in_thread"]
 
@@ -139,8 +143,12 @@ def _translate(body: bytes) -> tuple[int, dict[str, Any]]:
             raise TypeError("text must be a string")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return 400, {"error": f"expected JSON {{'text': str, 'target': str}}: {exc}"}
-    translation = text[::-1] if target == "reverse" else text.upper()
-    return 200, {"translation": translation, "target": target, "synthetic": True}
+    if target == "reverse":
+        return 200, {"translation": text[::-1], "target": target, "synthetic": True}
+    found = phrasebook.translate(text, target)
+    if found is not None:
+        return 200, {"translation": found[0], "target": target, "match": round(found[1], 3), "synthetic": True}
+    return 200, {"translation": text.upper(), "target": target, "synthetic": True}
 
 
 class _Handler(BaseHTTPRequestHandler):
