@@ -27,6 +27,7 @@ from rmq.core.setting_values import (
     optional,
     percent,
     redis_url_value,
+    share,
     size,
     size_or_zero,
     string,
@@ -107,7 +108,7 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "priorities": (True, boolean),
     # kernel-grade governance (docs/design.md#kernel-accounting)
     "kernel_accounting": (True, boolean),
-    "unknown_alone": (True, boolean),
+    "unknown_share": (0.5, share),
     "oom_hold": (True, boolean),
 }
 
@@ -177,7 +178,7 @@ class RmqConfig:
     autoscaler: bool
     priorities: bool
     kernel_accounting: bool
-    unknown_alone: bool
+    unknown_share: float
     oom_hold: bool
     #: the keys the user gave (in the conf or the environment), for defaults that depend on the machine
     explicit: frozenset[str] = field(default=frozenset(), compare=False)

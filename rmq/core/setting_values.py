@@ -30,6 +30,7 @@ __all__ = [
     "optional",
     "percent",
     "redis_url_value",
+    "share",
     "size",
     "size_or_zero",
     "string",
@@ -124,6 +125,17 @@ def fraction(v: object, w: str) -> float:
     kind = "a fraction in [0, 1)"
     f = parse_number(v, w, kind)
     if not 0.0 <= f < 1.0:
+        raise ConfigError(f"{w} must be {kind}, got {shown(v)}")
+    return f
+
+
+def share(v: object, w: str) -> float:
+    """A share in [0, 1], as a fraction or a percentage (``0.5``, ``"50%"``)."""
+    kind = "a share in [0, 1] like 0.5 or '50%'"
+    f = parse_number(v, w, kind, percent=True)
+    if isinstance(v, str) and v.strip().endswith("%"):
+        f /= 100.0
+    if not 0.0 <= f <= 1.0:
         raise ConfigError(f"{w} must be {kind}, got {shown(v)}")
     return f
 

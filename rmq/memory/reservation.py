@@ -6,7 +6,7 @@ deferred; so is a task that finds every slot of the ledger held. A task that cou
 on an idle worker fails at once with :class:`~rmq.core.errors.BudgetExceeded`; one without
 ``memory=`` whose learned peak is larger than that runs alone instead. A task is admitted with
 its learned peak when it has one (:mod:`rmq.memory.learning`), whether it declared ``memory=`` or
-not, and one with neither runs alone until it has. Every successful run records its peak: the
+not, and one with neither reserves a share of the idle worker until it has. Every successful run records its peak: the
 kernel's high-water mark since admission (of the pool process's cgroup under kernel accounting,
 else of the process and its largest waited-for subprocess), so a spike between two governor
 readings counts too.
@@ -39,11 +39,13 @@ log = logging.getLogger("rmq.memory.reservation")
 _POLL_S = 0.02
 #: how often a waiting task reads its learned peak again
 _RENEW_S = 0.1
-#: a need that stands for "the whole idle worker": cut to the idle room by ``_try_once``
-_ALONE = 1 << 62
+#: a need that stands for "a share of the idle worker" (a task nothing is known of): worked out by
+#: ``_try_once`` from the readings of the moment
+_UNKNOWN = 1 << 62
 
 
-def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, learned: bool = False) -> Verdict:
+def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, learned: bool = False,
+              share: float = 1.0) -> Verdict:
     """One atomic step: judge ``need`` against the reservations and the governor's latest readings,
     and add ``entry`` when it fits.
 
@@ -58,7 +60,7 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, l
         # alone: the idle worker, and the models resident in it (a pinned one never leaves)
         alone = admit_line - idle - reserved.model_bytes
         if learned and 0 < alone < need.memory_bytes:
-            need = need._replace(memory_bytes=alone)
+            need = need._replace(memory_bytes=max(1, int(alone * share)) if need.memory_bytes == _UNKNOWN else alone)
             entry.memory_bytes = need.memory_bytes
         v = judge(need, reserved, worker, idle, admit_line, budget, cpu_slots,
                   disk.free if disk else None, disk.used + disk.free if disk else None)
@@ -72,7 +74,7 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, l
 
 def _wait_for_room(ledger: Ledger, entry: Entry, need: Need, wait_s: float, disk_root: str | None,
                    verdict: Verdict, learned: bool = False,
-                   renew: Callable[[], tuple[int, bool]] | None = None) -> Verdict:
+                   renew: Callable[[], tuple[int, bool]] | None = None, share: float = 1.0) -> Verdict:
     """After a first ``verdict`` that did not fit: ask for unloads, then re-try until ``wait_s`` ends.
     ``renew`` gives the reservation again (a peak learned meanwhile by a neighbour's run)."""
     deadline = time.monotonic() + wait_s
@@ -90,7 +92,7 @@ def _wait_for_room(ledger: Ledger, entry: Entry, need: Need, wait_s: float, disk
             # a full ledger is most often full of resident models, and unloading frees their slots
             ledger.request_unload(min(need.memory_bytes, entry.memory_bytes) - verdict.available)
         time.sleep(_POLL_S)
-        verdict = _try_once(ledger, entry, need, disk_root, learned)
+        verdict = _try_once(ledger, entry, need, disk_root, learned, share)
     return verdict
 
 
@@ -129,19 +131,20 @@ class AdmissionGuard(Concern):
         A learned peak refines a declaration both ways: under a generous ceiling it frees the rest
         for neighbours, over a lying one it reserves what the task really takes. A re-run after a
         memory kill reserves at least what the kill saw (``rmq_reserve``). A task with neither a
-        declaration nor a learned peak runs alone until its peak is known (``rmq_unknown_alone``).
+        declaration nor a learned peak reserves ``rmq_unknown_share`` of what the idle worker admits
+        until its peak is known.
         """
         declared = ctx.declaration.memory_bytes
         learned = learner(rt).learned(ctx.task_name)
         floor = ctx.min_memory_bytes
-        # what a kill saw is an estimate too: more than the idle room now (models came in since), it
-        # runs alone rather than fail
+        # a learned peak, like what a kill saw, is an estimate: more than the idle room now (learned on
+        # a bigger worker, or models came in since), the task runs alone rather than fail or wait
         if learned:
-            return max(learned, floor, rt.config.default_task_memory), declared is None or floor > 0
+            return max(learned, floor, rt.config.default_task_memory), True
         if declared is not None:
             return max(declared, floor), floor > 0
-        if rt.config.unknown_alone:
-            return _ALONE, True
+        if rt.config.unknown_share:
+            return _UNKNOWN, True
         return max(rt.config.default_task_memory, floor), True
 
     def enter(self, ctx: TaskContext) -> None:
@@ -163,11 +166,12 @@ class AdmissionGuard(Concern):
             task_id=ctx.task_id, name=ctx.task_name,
             start_rss=_kernel_start(pools) if start is not None else ctx.rss_before_body(),
         )
-        v = _try_once(rt.ledger, entry, need, disk_root, estimate)
+        share = rt.config.unknown_share
+        v = _try_once(rt.ledger, entry, need, disk_root, estimate, share)
         if not v.admitted and not v.never:
             # a peak learned meanwhile (a neighbour of the same name ended) applies to a waiting run too
             v = _wait_for_room(rt.ledger, entry, need, rt.config.admission_wait, disk_root, v, estimate,
-                               lambda: self.reservation(rt, ctx))
+                               lambda: self.reservation(rt, ctx), share)
         if v.admitted:
             ctx.memory_bytes = entry.memory_bytes  # an estimate may have been cut to the idle worker's room
             ctx.state["admission"] = entry
@@ -208,8 +212,9 @@ class AdmissionGuard(Concern):
             tree_peak = pools.peak(forks.pid())
             if tree_peak is not None:
                 peak = max(peak, tree_peak - start)
-        # models the task loaded hold their own reservations: not part of the task's peak
-        peak = max(0, peak - (self.model_bytes() - ctx.state.pop("models_loaded", 0)))
+        # models the task loaded hold their own reservations: not part of the task's peak (models
+        # unloaded meanwhile freed memory the task's peak never counted: nothing to add back)
+        peak = max(0, peak - max(0, self.model_bytes() - ctx.state.pop("models_loaded", 0)))
         learner(rt).observe(ctx.task_name, peak)
 
 

@@ -17,12 +17,17 @@ def _load_libc() -> ctypes.CDLL | None:
     if _libc is False:
         _libc = None
         if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            # glibc's soname first: find_library runs ldconfig in a forked child, which a pool
+            # process holding models pays for, and whose peak RSS (the parent's pages at the fork)
+            # the kernel then reports as a subprocess's peak of the running task
+            for name in ("libc.so.6", None):
+                try:
+                    lib = ctypes.CDLL(name or ctypes.util.find_library("c") or "libc.so.6")
+                except OSError:
+                    continue
                 if hasattr(lib, "malloc_trim"):
                     _libc = lib
-            except OSError:
-                _libc = None
+                    break
     return _libc  # type: ignore[return-value]
 
 

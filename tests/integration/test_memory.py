@@ -66,13 +66,16 @@ def test_admission_keeps_the_worker_inside_its_budget_and_plain_celery_does_not(
                      concurrency=6)
     wait_until(lambda: _stats(test_app, w)["memory"]["idle_bytes"] > 0, 10, what="an idle reading")
     mem = _stats(test_app, w)["memory"]
-    expected = (mem["admit_line_bytes"] - mem["idle_bytes"]) // (400 * MiB)
-    assert expected >= 2, mem
+    room = mem["admit_line_bytes"] - mem["idle_bytes"]
+    declared_fit, real_fit = room // (400 * MiB), room // (300 * MiB)
+    assert declared_fit >= 2, mem
     with _Sampler(w) as sampler:
         results = [test_app.tasks["t.touch400"].delay(300, 1.0) for _ in range(24)]
         done = [r.get(timeout=180) for r in results]
     assert len(done) == 24
-    assert _max_overlap(done) == expected, (expected, _max_overlap(done))
+    # as many run at once as their declarations allow, and more once their real peak (300 MiB, not
+    # the declared 400) is learned, never more than that
+    assert declared_fit <= _max_overlap(done) <= real_fit, (declared_fit, real_fit, _max_overlap(done))
     assert sampler.peak <= budget, f"peak {sampler.peak / MiB:.0f} MiB over the budget"
     w.stop()
 

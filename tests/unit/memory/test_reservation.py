@@ -51,17 +51,17 @@ def run(rt: Runtime, name: str, failed: bool = False, **declared) -> TaskContext
     return ctx
 
 
-def test_an_unknown_undeclared_task_runs_alone_and_records_its_peak(rt) -> None:
-    # no declaration and no learned peak: it holds all an idle worker admits (3500 - 100 MiB)
+def test_an_unknown_undeclared_task_takes_half_the_idle_worker_and_records_its_peak(rt) -> None:
+    # no declaration and no learned peak: it holds half of what an idle worker admits (3500 - 100 MiB)
     ctx = run(rt, "app.undeclared")
-    assert ctx.memory_bytes == 3400 * MiB
+    assert ctx.memory_bytes == 1700 * MiB
     assert rt.made("learner").observed == [("app.undeclared", 5 * MiB)]
 
 
-def test_an_unknown_undeclared_task_takes_the_default_when_told_not_to_run_alone(tmp_path) -> None:
+def test_an_unknown_undeclared_task_takes_the_default_with_no_share(tmp_path) -> None:
     ledger = Ledger(str(tmp_path / "rt"), create=True)
     ledger.write_control(Control(0, 0, 100 * MiB, 4096 * MiB, 3500 * MiB, 100 * MiB, time.time(), "ok", 2, False))
-    runtime = Runtime(load_config({"rmq_unknown_alone": False}, environ={}), app=None,
+    runtime = Runtime(load_config({"rmq_unknown_share": 0}, environ={}), app=None,
                       runtime_dir=str(tmp_path / "rt"), ledger=ledger, redis_url=None)
     runtime._local["learner"] = RecordingLearner()
     ctx = TaskContext("app.undeclared", "u-1", parse_declaration(), runtime.config, runtime=runtime)
