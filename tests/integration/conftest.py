@@ -75,3 +75,43 @@ def worker_env(broker: str, backend: str | None = None, **rmq: object) -> dict[s
     for key, value in rmq.items():
         env[f"RMQ_{key.upper()}"] = str(value)
     return env
+
+
+@pytest.fixture
+def tree_app(redis_url):
+    """A client of ``treeapp`` (tasks whose memory lives in subprocesses) on the test's Redis."""
+    import sys
+
+    if TESTS_DIR not in sys.path:
+        sys.path.insert(0, TESTS_DIR)
+    import treeapp  # noqa: F401  (registers its shared tasks)
+
+    from workers.app import make_app
+
+    app = make_app(broker=redis_url, backend=redis_url)
+    yield app
+    app.close()
+
+
+def rmq_stats_of(app, w) -> dict:
+    """The ``rmq`` part of worker ``w``'s ``inspect stats``."""
+    replies = app.control.inspect(destination=[w.node_name], timeout=3).stats() or {}
+    return replies[w.node_name]["rmq"]
+
+
+def pids_in(path) -> list[int]:
+    """The pids a task wrote to ``path``, one per line (none when it wrote nothing yet)."""
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

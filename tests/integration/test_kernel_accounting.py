@@ -7,35 +7,19 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-from pathlib import Path
 
-import psutil
 import pytest
 
 from rmq.testing.cgroups import MemoryCgroup, can_create
 from rmq.testing.worker import wait_until
 
-from .conftest import TESTS_DIR, taskapp_env
+from .conftest import pids_in, rmq_stats_of, running, taskapp_env
 
 pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
 
 _why_not = can_create()
-
-
-@pytest.fixture
-def tree_app(redis_url):
-    if TESTS_DIR not in sys.path:
-        sys.path.insert(0, TESTS_DIR)
-    import treeapp  # noqa: F401  (registers its shared tasks)
-
-    from workers.app import make_app
-
-    app = make_app(broker=redis_url, backend=redis_url)
-    yield app
-    app.close()
 
 
 @pytest.fixture
@@ -55,28 +39,9 @@ def cgroup_of():
         assert not cg.path.exists(), f"{cg.path} left behind"
 
 
-def _stats(app, w) -> dict:
-    replies = app.control.inspect(destination=[w.node_name], timeout=3).stats() or {}
-    return replies[w.node_name]["rmq"]
-
-
 def _worker(start_worker, app, redis_url, cg: MemoryCgroup | None, concurrency: int, **rmq):
     env = taskapp_env(redis_url, **rmq)
     return start_worker(app, app="treeapp", env=env, concurrency=concurrency, prefix=cg.wrap() if cg else ())
-
-
-def _pids(path: Path) -> list[int]:
-    try:
-        return [int(x) for x in path.read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 needs_cgroups = pytest.mark.skipif(_why_not is not None, reason=_why_not or "")
@@ -88,20 +53,20 @@ def test_each_pool_process_is_counted_by_the_kernel_with_its_subprocess(redis_ur
     # Given a worker inside its own 1 GiB memory cgroup
     cg = cgroup_of(1024)
     w = _worker(start_worker, tree_app, redis_url, cg, concurrency=2)
-    accounting = _stats(tree_app, w)["memory"]["accounting"]
+    accounting = rmq_stats_of(tree_app, w)["memory"]["accounting"]
     # Then it counts memory with the kernel and is woken by it, holding bursts at the kill line
     assert accounting["mode"] == "cgroup-v1" and accounting["wakeups"] == "eventfd", accounting
     assert accounting["oom_hold"] is True, accounting
     pools = cg.path / f"rmq-{w.pid}-pools"
-    for pid in w.pool_pids():
+    for pid in w.poolpids_in():
         assert str(pid) in (pools / f"pool-{pid}" / "cgroup.procs").read_text().split()
     # When a task's 250 MiB lives in a subprocess
-    running = tree_app.tasks["tree.sub_hold"].delay(250, 2.0)
+    holder = tree_app.tasks["tree.sub_hold"].delay(250, 2.0)
     # Then the kernel's count of its pool process's tree holds it
     def tree_bytes() -> int:
-        return max((int(v) for v in _stats(tree_app, w)["memory"]["children"].values()), default=0)
+        return max((int(v) for v in rmq_stats_of(tree_app, w)["memory"]["children"].values()), default=0)
     wait_until(lambda: tree_bytes() >= 240 * MiB, 10, what="the subprocess's 250 MiB in a pool's count")
-    assert running.get(timeout=30)["code"] == 0
+    assert holder.get(timeout=30)["code"] == 0
 
 
 @needs_cgroups
@@ -117,7 +82,7 @@ def test_an_undeclared_batch_that_does_not_fit_at_once_runs_without_a_kernel_oom
     assert cg.oom_kills() == 0
     assert (cg.peak_bytes() or 0) < 768 * MiB
     # and the peak the first run taught (the subprocess's 200 MiB) let the others run three at once
-    learned = _stats(tree_app, w)["memory"]
+    learned = rmq_stats_of(tree_app, w)["memory"]
     assert learned["accounting"]["kernel_oom_kills"] == 0
 
 
@@ -137,7 +102,7 @@ def test_lying_declarations_are_rerun_at_their_learned_size_without_a_kernel_oom
     assert all(r.get(timeout=90)["code"] == 0 for r in results)
     # the kernel never killed: rmq chose, and the burst waited at the kill line meanwhile
     assert cg.oom_kills() == 0
-    stats = _stats(tree_app, w)
+    stats = rmq_stats_of(tree_app, w)
     assert stats["counters"]["killed"] >= 1, stats["counters"]
     assert stats["memory"]["accounting"]["woken"].get("threshold", 0) >= 1
     # and what a run really takes is learned: later runs reserve it, not the declaration
@@ -156,13 +121,13 @@ def test_a_runaway_subprocess_ends_as_a_memory_kill_with_its_whole_cgroup(
     try:
         bad.get(timeout=60, propagate=False)
         assert bad.state == "FAILURE" and type(bad.result).__name__ == "MemoryBudgetExceeded", repr(bad.result)
-        pids = _pids(pid_file)
+        pids = pids_in(pid_file)
         assert len(pids) == 4, pids  # two runs: a pool process and its subprocess each
-        wait_until(lambda: not any(_running(p) for p in pids), 5, what=f"the trees {pids} to be gone")
+        wait_until(lambda: not any(running(p) for p in pids), 5, what=f"the trees {pids} to be gone")
         assert cg.oom_kills() == 0
-        assert _stats(tree_app, w)["counters"]["killed"] == 2
+        assert rmq_stats_of(tree_app, w)["counters"]["killed"] == 2
     finally:
-        for pid in _pids(pid_file):
+        for pid in pids_in(pid_file):
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -174,12 +139,12 @@ def test_without_a_cgroup_of_its_own_the_worker_counts_proc_trees_and_says_why(
 ):
     # A worker whose memory cgroup has no limit of its own (here, the test's) falls back to /proc
     w = _worker(start_worker, tree_app, redis_url, None, concurrency=1)
-    accounting = _stats(tree_app, w)["memory"]["accounting"]
+    accounting = rmq_stats_of(tree_app, w)["memory"]["accounting"]
     assert accounting["mode"] == "proc" and accounting["wakeups"] == "polling", accounting
     assert accounting["reason"], accounting
     if _why_not is None:  # and so does one told not to use the kernel's, inside a cgroup
         cg = cgroup_of(512)
         w2 = _worker(start_worker, tree_app, redis_url, cg, concurrency=1, kernel_accounting=False)
-        off = _stats(tree_app, w2)["memory"]["accounting"]
+        off = rmq_stats_of(tree_app, w2)["memory"]["accounting"]
         assert off["mode"] == "proc" and "rmq_kernel_accounting" in off["reason"], off
         assert not (cg.path / f"rmq-{w2.pid}-pools").exists()

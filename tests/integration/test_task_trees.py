@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 
 import psutil
@@ -13,45 +12,11 @@ import pytest
 
 from rmq.testing.worker import wait_until
 
-from .conftest import TESTS_DIR, taskapp_env
+from .conftest import pids_in, rmq_stats_of, running, taskapp_env
 
 pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def tree_app(redis_url):
-    """A client of ``treeapp`` (tasks whose memory lives in subprocesses) on the test's Redis."""
-    if TESTS_DIR not in sys.path:
-        sys.path.insert(0, TESTS_DIR)
-    import treeapp  # noqa: F401  (registers its shared tasks)
-
-    from workers.app import make_app
-
-    app = make_app(broker=redis_url, backend=redis_url)
-    yield app
-    app.close()
-
-
-def _stats(app, w) -> dict:
-    replies = app.control.inspect(destination=[w.node_name], timeout=3).stats() or {}
-    return replies[w.node_name]["rmq"]
-
-
-def _pids(path: Path) -> list[int]:
-    try:
-        return [int(x) for x in path.read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _zombies_under(pid: int) -> list[int]:
@@ -81,13 +46,13 @@ def test_a_subprocesss_memory_is_in_the_reading_and_admission_waits_for_it(redis
     # Given a worker with a 1 GiB budget (admit line 870 MiB) and a task that declares 64 MiB but
     # holds 500 MiB in a subprocess it runs
     w = _worker(start_worker, tree_app, redis_url, memory_budget="1GiB")
-    wait_until(lambda: _stats(tree_app, w)["memory"]["idle_bytes"] > 0, 10, what="an idle reading")
-    idle = _stats(tree_app, w)["memory"]["idle_bytes"]
+    wait_until(lambda: rmq_stats_of(tree_app, w)["memory"]["idle_bytes"] > 0, 10, what="an idle reading")
+    idle = rmq_stats_of(tree_app, w)["memory"]["idle_bytes"]
     holder = tree_app.tasks["tree.sub_hold"].delay(500, 4.0)
 
     # When the subprocess holds its memory
     def tree_seen():
-        mem = _stats(tree_app, w)["memory"]
+        mem = rmq_stats_of(tree_app, w)["memory"]
         trees = [sum(t.values()) for t in (mem.get("descendants") or {}).values()]
         return mem if trees and max(trees) > 450 * MiB else None
 
@@ -95,7 +60,7 @@ def test_a_subprocesss_memory_is_in_the_reading_and_admission_waits_for_it(redis
     # Then the worker's reading, the pool process's figure and the reservation's use all count it
     assert mem["worker_bytes"] > idle + 450 * MiB, mem
     assert max(mem["children"].values()) > 450 * MiB, mem
-    res = [r for r in _stats(tree_app, w)["reservations"] if r["task_id"] == holder.id]
+    res = [r for r in rmq_stats_of(tree_app, w)["reservations"] if r["task_id"] == holder.id]
     assert res and res[0]["used_bytes"] > 450 * MiB, res
     # and a 400 MiB task that does not fit beside it waits until the subprocess's 4 s hold is over (its
     # memory is gone as the subprocess exits, a moment before the holder's body returns)
@@ -119,13 +84,13 @@ def test_a_runaway_subprocess_fails_its_task_and_nothing_of_its_tree_is_left(
         assert bad.state == "FAILURE"
         assert type(bad.result).__name__ == "MemoryBudgetExceeded", repr(bad.result)
         # and no process of either run's tree runs any more, nor waits as a zombie under the worker
-        pids = _pids(pid_file)
+        pids = pids_in(pid_file)
         assert len(pids) == 4, pids  # two pool processes, two subprocesses
-        wait_until(lambda: not any(_running(p) for p in pids), 5, what=f"the tree {pids} to be gone")
+        wait_until(lambda: not any(running(p) for p in pids), 5, what=f"the tree {pids} to be gone")
         wait_until(lambda: not _zombies_under(w.pid), 5, what="no zombie under the worker")
-        assert _stats(tree_app, w)["counters"]["killed"] == 2
+        assert rmq_stats_of(tree_app, w)["counters"]["killed"] == 2
     finally:
-        _end(_pids(pid_file))
+        _end(pids_in(pid_file))
 
 
 def test_a_daemon_that_leaves_its_session_and_double_forks_is_killed_with_its_task(
@@ -142,12 +107,12 @@ def test_a_daemon_that_leaves_its_session_and_double_forks_is_killed_with_its_ta
         # Then the task ends as a memory kill, and the daemons of both runs are dead and reaped
         assert bad.state == "FAILURE"
         assert type(bad.result).__name__ == "MemoryBudgetExceeded", repr(bad.result)
-        pids = _pids(pid_file)
+        pids = pids_in(pid_file)
         assert len(pids) == 6, pids  # per run: the pool process, the launcher, the daemon
-        wait_until(lambda: not any(_running(p) for p in pids), 5, what=f"the tree {pids} to be gone")
+        wait_until(lambda: not any(running(p) for p in pids), 5, what=f"the tree {pids} to be gone")
         wait_until(lambda: not _zombies_under(w.pid), 5, what="no zombie under the worker")
     finally:
-        _end(_pids(pid_file))
+        _end(pids_in(pid_file))
 
 
 def test_daemons_a_task_leaves_are_adopted_by_the_worker_and_reaped_when_they_end(
@@ -160,15 +125,15 @@ def test_daemons_a_task_leaves_are_adopted_by_the_worker_and_reaped_when_they_en
         assert [tree_app.tasks["tree.short_daemon"].delay(str(pid_file), 1.5).get(timeout=30)
                 for _ in range(3)] == [0, 0, 0]
         daemon_file = Path(f"{pid_file}.daemon")
-        daemons = wait_until(lambda: len(p := _pids(daemon_file)) == 3 and p, 5, what="the daemons")
+        daemons = wait_until(lambda: len(p := pids_in(daemon_file)) == 3 and p, 5, what="the daemons")
         # Then while they run they belong to the worker (its main process is their subreaper)
-        alive = [p for p in daemons if _running(p)]
+        alive = [p for p in daemons if running(p)]
         assert alive, "the daemons ended before the check"
         assert all(psutil.Process(p).ppid() == w.pid for p in alive), [
             (p, psutil.Process(p).ppid()) for p in alive]
         # and once they end, the worker reaps them: nothing is left, not even a zombie
         wait_until(lambda: not any(psutil.pid_exists(p) for p in daemons), 10, what="the daemons to be reaped")
         wait_until(lambda: not _zombies_under(w.pid), 5, what="no zombie under the worker")
-        assert _stats(tree_app, w)["counters"]["reaped"] >= 3
+        assert rmq_stats_of(tree_app, w)["counters"]["reaped"] >= 3
     finally:
-        _end(_pids(pid_file) + _pids(Path(f"{pid_file}.daemon")))
+        _end(pids_in(pid_file) + pids_in(Path(f"{pid_file}.daemon")))
