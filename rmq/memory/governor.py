@@ -343,7 +343,10 @@ class Governor:
             return False
         worst = max(candidates, key=lambda e: e.used_bytes - e.memory_bytes)
         if worst.used_bytes - worst.memory_bytes <= 0:
-            worst = max(candidates, key=lambda e: e.started)
+            # nobody exceeds what it reserved: the newest loses the least work; but with the kernel
+            # holding the pools at their cap, the largest frees the most at once (the newest is
+            # often a re-run that has only just started, and killing it again frees nothing)
+            worst = max(candidates, key=(lambda e: e.used_bytes) if urgent else (lambda e: e.started))
         # The choice was made on the ledger as read at the start of the tick: the task may have ended
         # since and its process taken the next one. Check, and kill, under the ledger's lock, so that
         # no new reservation is admitted in between; a stale choice waits for the next tick's reading.

@@ -612,3 +612,22 @@ def test_with_nothing_to_kill_the_choice_goes_back_to_the_kernel(tmp_path) -> No
     finally:
         gov.stop()
         ledger.close()
+
+
+def test_held_at_the_cap_with_nobody_over_their_reservation_the_largest_is_killed(tmp_path) -> None:
+    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    try:
+        gov.start()
+        # an older task using 300 MiB of its 310, and a re-run just started (40 of its 310)
+        ledger.try_add(Entry(KIND_TASK, 11, 310 * MiB, task_id="old", name="media.a", start_rss=10 * MiB,
+                             started=1.0), lambda _: True)
+        ledger.try_add(Entry(KIND_TASK, 12, 310 * MiB, task_id="new", name="media.a", start_rss=10 * MiB,
+                             started=2.0), lambda _: True)
+        meter.children = {11: 310 * MiB, 12: 50 * MiB}
+        events.oom = True
+        kernel(900 * MiB, {11: 310 * MiB, 12: 50 * MiB})
+        gov.tick()
+        assert actuator.kills() == [11]  # not the newest: killing it again would free nothing
+    finally:
+        gov.stop()
+        ledger.close()
