@@ -113,10 +113,24 @@ class WorkerProcess:
             return ""
 
     def wait_ready(self, client_app: Any, timeout: float = 60.0) -> WorkerProcess:
-        """Wait until the worker answers a ping (and its pool is up)."""
+        """Wait until the worker answers a ping (and its pool is up).
+
+        A ping sent before the worker listens is lost and costs its whole reply timeout, so at INFO
+        level or below the log is watched for Celery's ``<node> ready.`` line (written once the
+        remote-control consumer is up) and the ping follows it; without that line (a quieter
+        log level), a ping goes out every second.
+        """
+        announces = self.loglevel.upper() in ("DEBUG", "INFO")
+        announcement = f"{self.node_name} ready."
+        last_ping = [-1e9]
+
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            now = time.monotonic()
+            if now - last_ping[0] < 1.0 and not (announces and announcement in self.log()):
+                return False
+            last_ping[0] = now
             try:
                 replies = client_app.control.ping(destination=[self.node_name], timeout=0.5) or []
             except (OSError, *client_app.connection_for_write().connection_errors):
@@ -125,7 +139,7 @@ class WorkerProcess:
                 return False
             return bool(replies) and len(self.pool_pids()) >= min(1, self.concurrency)
 
-        wait_until(ready, timeout, interval=0.2, what=f"worker {self.node_name} to answer")
+        wait_until(ready, timeout, interval=0.05, what=f"worker {self.node_name} to answer")
         return self
 
     def pool_pids(self) -> list[int]:
@@ -161,19 +175,26 @@ class WorkerProcess:
         base = runtime_base(self.env.get("RMQ_RUNTIME_DIR") or os.environ.get("RMQ_RUNTIME_DIR"))
         return glob.glob(os.path.join(base, runtime_dir_prefix(self.proc.pid) + "*"))
 
+    def request_stop(self) -> None:
+        """Send SIGTERM (a warm shutdown) without waiting: several workers then stop side by side,
+        each taking its own time (a pool process lingers a second after it exits)."""
+        if self.proc is None:
+            return
+        self.pool_pids()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 15.0) -> int | None:
         """Warm shutdown (SIGTERM), then SIGKILL; also ends pool processes left behind, by PID, and
         removes the runtime directory of a worker that was killed."""
         if self.proc is None:
             return None
-        self.pool_pids()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        self.request_stop()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
         for pid in self._known_children:
             try:
                 os.kill(pid, signal.SIGKILL)

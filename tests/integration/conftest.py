@@ -14,9 +14,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 pytestmark = pytest.mark.integration
 
 
+def _finish(workers: list[WorkerProcess]) -> None:
+    for w in workers:
+        kept = w.finish()
+        if kept:
+            print(f"  worker log kept: {kept}")
+
+
+@pytest.fixture(scope="session")
+def _stopping_workers() -> Iterator[list[WorkerProcess]]:
+    """Workers asked to stop at the end of the previous test that used ``start_worker``."""
+    stopping: list[WorkerProcess] = []
+    yield stopping
+    _finish(stopping)
+
+
 @pytest.fixture
-def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
-    """Start ``WorkerProcess``es that are stopped (by PID) when the test ends."""
+def start_worker(_stopping_workers: list[WorkerProcess]) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``WorkerProcess``es that are stopped (by PID) when the test ends.
+
+    A warm shutdown takes an idle worker about 1.5 s (each pool process lingers a second after it
+    exits), so the test's workers are only sent SIGTERM when it ends, side by side, and waited for
+    (``finish``: SIGKILL after 15 s, leftover children, runtime directories, logs) when the next
+    test that starts workers ends, or at the end of the session. They stop consuming at once, and
+    each test has its own Redis database or RabbitMQ queue.
+    """
     started: list[WorkerProcess] = []
 
     def start(client_app=None, wait: bool = True, **kwargs) -> WorkerProcess:
@@ -29,9 +51,10 @@ def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
 
     yield start
     for w in started:
-        kept = w.finish()
-        if kept:
-            print(f"  worker log kept: {kept}")
+        w.request_stop()
+    previous = list(_stopping_workers)  # they had this whole test to stop
+    _stopping_workers[:] = started
+    _finish(previous)
 
 
 TESTS_DIR = os.path.join(ROOT, "tests", "integration")
