@@ -57,6 +57,12 @@ def start_worker(_stopping_workers: list[WorkerProcess]) -> Iterator[Callable[..
     _finish(previous)
 
 
+def ready(client_app, *workers: WorkerProcess) -> None:
+    """Wait for workers started with ``wait=False``: they start (import, fork) side by side."""
+    for w in workers:
+        w.wait_ready(client_app)
+
+
 TESTS_DIR = os.path.join(ROOT, "tests", "integration")
 
 
