@@ -73,6 +73,9 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = ""
         self._known_children: set[int] = set()
+        #: the warm shutdown did not end within ``stop``'s timeout: the worker was SIGKILLed
+        self.stop_timed_out = False
+        self._stop_requested = False
 
     @property
     def node_name(self) -> str:
@@ -96,6 +99,7 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         """Start the subprocess (logs go to a temporary file, see ``log()``)."""
+        self._stop_requested = self.stop_timed_out = False
         fd, self.log_path = tempfile.mkstemp(prefix="rmq-worker-", suffix=".log")
         env = {**os.environ, **self.env}
         self.proc = subprocess.Popen(
@@ -178,8 +182,9 @@ class WorkerProcess:
     def request_stop(self) -> None:
         """Send SIGTERM (a warm shutdown) without waiting: several workers then stop side by side,
         each taking its own time (a pool process lingers a second after it exits)."""
-        if self.proc is None:
+        if self.proc is None or self._stop_requested:
             return
+        self._stop_requested = True  # once: a second SIGTERM is not what a user sends
         self.pool_pids()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -193,6 +198,7 @@ class WorkerProcess:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.stop_timed_out = True
             self.proc.kill()
             self.proc.wait(5)
         for pid in self._known_children:
@@ -213,10 +219,11 @@ class WorkerProcess:
 
     def finish(self) -> str | None:
         """Stop (as :meth:`stop`) and delete the log. With ``RMQ_KEEP_WORKER_LOGS`` set to a directory
-        (or ``1``: ``<tmp>/rmq-worker-logs``) a copy is kept there first; returns its path."""
+        (or ``1``: ``<tmp>/rmq-worker-logs``) a copy is kept there first, and always (in
+        ``<tmp>/rmq-worker-logs``) when the warm shutdown timed out; returns its path."""
         self.stop()
         kept = None
-        keep = os.environ.get("RMQ_KEEP_WORKER_LOGS")
+        keep = os.environ.get("RMQ_KEEP_WORKER_LOGS") or ("1" if self.stop_timed_out else "")
         if keep and self.log_path and os.path.exists(self.log_path):
             directory = keep if keep not in ("1", "true", "yes") else os.path.join(tempfile.gettempdir(),
                                                                                  "rmq-worker-logs")

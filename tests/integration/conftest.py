@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -17,7 +18,10 @@ pytestmark = pytest.mark.integration
 def _finish(workers: list[WorkerProcess]) -> None:
     for w in workers:
         kept = w.finish()
-        if kept:
+        if w.stop_timed_out:  # in the warnings summary: a slow warm shutdown is a finding, not noise
+            warnings.warn(f"worker {w.node_name} did not stop within 15 s of SIGTERM and was killed; log: {kept}",
+                          stacklevel=1)
+        elif kept:
             print(f"  worker log kept: {kept}")
 
 
