@@ -110,7 +110,7 @@ def test_pause_leaves_messages_in_redis_for_another_worker_and_resumes(redis_url
     client = redis_lib.Redis.from_url(redis_url)
     a = start_worker(test_app, app="taskapp", env=taskapp_env(redis_url, memory_budget="800MiB"),
                      concurrency=2, hostname="pauser@%h")
-    hold = test_app.tasks["t.hold_until_ratio"].delay(0.87, 6.0)
+    hold = test_app.tasks["t.hold_until_ratio"].delay(0.87, 4.0)
     wait_until(lambda: _stats(test_app, a)["paused"], 20, what="worker A to pause")
     noops = [test_app.tasks["workers.noop"].delay(i) for i in range(4)]
     time.sleep(1.0)  # A must not fetch while paused: the messages stay in Redis
