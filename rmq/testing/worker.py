@@ -73,6 +73,9 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = ""
         self._known_children: set[int] = set()
+        #: the warm shutdown did not end within ``stop``'s timeout: the worker was SIGKILLed
+        self.stop_timed_out = False
+        self._stop_requested = False
 
     @property
     def node_name(self) -> str:
@@ -96,6 +99,7 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         """Start the subprocess (logs go to a temporary file, see ``log()``)."""
+        self._stop_requested = self.stop_timed_out = False
         fd, self.log_path = tempfile.mkstemp(prefix="rmq-worker-", suffix=".log")
         env = {**os.environ, **self.env}
         self.proc = subprocess.Popen(
@@ -113,10 +117,24 @@ class WorkerProcess:
             return ""
 
     def wait_ready(self, client_app: Any, timeout: float = 60.0) -> WorkerProcess:
-        """Wait until the worker answers a ping (and its pool is up)."""
+        """Wait until the worker answers a ping (and its pool is up).
+
+        A ping sent before the worker listens is lost and costs its whole reply timeout, so at INFO
+        level or below the log is watched for Celery's ``<node> ready.`` line (written once the
+        remote-control consumer is up) and the ping follows it; without that line (a quieter
+        log level), a ping goes out every second.
+        """
+        announces = self.loglevel.upper() in ("DEBUG", "INFO")
+        announcement = f"{self.node_name} ready."
+        last_ping = [-1e9]
+
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            now = time.monotonic()
+            if now - last_ping[0] < 1.0 and not (announces and announcement in self.log()):
+                return False
+            last_ping[0] = now
             try:
                 replies = client_app.control.ping(destination=[self.node_name], timeout=0.5) or []
             except (OSError, *client_app.connection_for_write().connection_errors):
@@ -125,7 +143,7 @@ class WorkerProcess:
                 return False
             return bool(replies) and len(self.pool_pids()) >= min(1, self.concurrency)
 
-        wait_until(ready, timeout, interval=0.2, what=f"worker {self.node_name} to answer")
+        wait_until(ready, timeout, interval=0.05, what=f"worker {self.node_name} to answer")
         return self
 
     def pool_pids(self) -> list[int]:
@@ -161,19 +179,28 @@ class WorkerProcess:
         base = runtime_base(self.env.get("RMQ_RUNTIME_DIR") or os.environ.get("RMQ_RUNTIME_DIR"))
         return glob.glob(os.path.join(base, runtime_dir_prefix(self.proc.pid) + "*"))
 
+    def request_stop(self) -> None:
+        """Send SIGTERM (a warm shutdown) without waiting: several workers then stop side by side,
+        each taking its own time (a pool process lingers a second after it exits)."""
+        if self.proc is None or self._stop_requested:
+            return
+        self._stop_requested = True  # once: a second SIGTERM is not what a user sends
+        self.pool_pids()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 15.0) -> int | None:
         """Warm shutdown (SIGTERM), then SIGKILL; also ends pool processes left behind, by PID, and
         removes the runtime directory of a worker that was killed."""
         if self.proc is None:
             return None
-        self.pool_pids()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        self.request_stop()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop_timed_out = True
+            self.proc.kill()
+            self.proc.wait(5)
         for pid in self._known_children:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -192,10 +219,11 @@ class WorkerProcess:
 
     def finish(self) -> str | None:
         """Stop (as :meth:`stop`) and delete the log. With ``RMQ_KEEP_WORKER_LOGS`` set to a directory
-        (or ``1``: ``<tmp>/rmq-worker-logs``) a copy is kept there first; returns its path."""
+        (or ``1``: ``<tmp>/rmq-worker-logs``) a copy is kept there first, and always (in
+        ``<tmp>/rmq-worker-logs``) when the warm shutdown timed out; returns its path."""
         self.stop()
         kept = None
-        keep = os.environ.get("RMQ_KEEP_WORKER_LOGS")
+        keep = os.environ.get("RMQ_KEEP_WORKER_LOGS") or ("1" if self.stop_timed_out else "")
         if keep and self.log_path and os.path.exists(self.log_path):
             directory = keep if keep not in ("1", "true", "yes") else os.path.join(tempfile.gettempdir(),
                                                                                  "rmq-worker-logs")

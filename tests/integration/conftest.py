@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -14,9 +15,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 pytestmark = pytest.mark.integration
 
 
+def _finish(workers: list[WorkerProcess]) -> None:
+    for w in workers:
+        kept = w.finish()
+        if w.stop_timed_out:  # in the warnings summary: a slow warm shutdown is a finding, not noise
+            warnings.warn(f"worker {w.node_name} did not stop within 15 s of SIGTERM and was killed; log: {kept}",
+                          stacklevel=1)
+        elif kept:
+            print(f"  worker log kept: {kept}")
+
+
+@pytest.fixture(scope="session")
+def _stopping_workers() -> Iterator[list[WorkerProcess]]:
+    """Workers asked to stop at the end of the previous test that used ``start_worker``."""
+    stopping: list[WorkerProcess] = []
+    yield stopping
+    _finish(stopping)
+
+
 @pytest.fixture
-def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
-    """Start ``WorkerProcess``es that are stopped (by PID) when the test ends."""
+def start_worker(_stopping_workers: list[WorkerProcess]) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``WorkerProcess``es that are stopped (by PID) when the test ends.
+
+    A warm shutdown takes an idle worker about 1.5 s (each pool process lingers a second after it
+    exits), so the test's workers are only sent SIGTERM when it ends, side by side, and waited for
+    (``finish``: SIGKILL after 15 s, leftover children, runtime directories, logs) when the next
+    test that starts workers ends, or at the end of the session. They stop consuming at once, and
+    each test has its own Redis database or RabbitMQ queue.
+    """
     started: list[WorkerProcess] = []
 
     def start(client_app=None, wait: bool = True, **kwargs) -> WorkerProcess:
@@ -29,9 +55,16 @@ def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
 
     yield start
     for w in started:
-        kept = w.finish()
-        if kept:
-            print(f"  worker log kept: {kept}")
+        w.request_stop()
+    previous = list(_stopping_workers)  # they had this whole test to stop
+    _stopping_workers[:] = started
+    _finish(previous)
+
+
+def ready(client_app, *workers: WorkerProcess) -> None:
+    """Wait for workers started with ``wait=False``: they start (import, fork) side by side."""
+    for w in workers:
+        w.wait_ready(client_app)
 
 
 TESTS_DIR = os.path.join(ROOT, "tests", "integration")

@@ -18,6 +18,7 @@ from celery.signals import worker_init, worker_process_init
 
 import workers.tasks  # noqa: F401  (the reference tasks)
 from rmq import governed_task
+from rmq.celery.recycle import request_recycle
 from workers.app import make_app
 
 app = make_app()
@@ -49,14 +50,25 @@ def _seen(request: Any) -> dict[str, Any]:
 
 
 @governed_task(memory="64MiB", name="d.long", bind=True)
-def long(self: Any, seconds: float) -> dict:
-    """Counts its body in ``bodies:<task id>``, then sleeps."""
+def long(self: Any, seconds: float, rerun_seconds: float | None = None) -> dict:
+    """Counts its body in ``bodies:<task id>``, then sleeps (``rerun_seconds`` on a second body, if given)."""
     r = _redis()
-    r.incr(f"bodies:{self.request.id}")
+    body = r.incr(f"bodies:{self.request.id}")
     r.rpush(f"ran_on:{self.request.id}", self.request.hostname or "")
     started = time.time()
-    time.sleep(seconds)
+    time.sleep(seconds if body == 1 or rerun_seconds is None else rerun_seconds)
     return {"pid": os.getpid(), "started": started, "ended": time.time()}
+
+
+@governed_task(memory="64MiB", name="d.recycled", bind=True)
+def recycled(self: Any, seconds: float, ask: bool) -> dict:
+    """Counts its body in ``bodies:<task id>``; with ``ask``, has rmq recycle its process after it (as
+    the hygiene guard does for a leak); then sleeps."""
+    r = _redis()
+    r.incr(f"bodies:{self.request.id}")
+    requested = request_recycle("test", suspect_task=self.name) if ask else False
+    time.sleep(seconds)
+    return {"pid": os.getpid(), "requested": requested}
 
 
 @governed_task(memory="64MiB", concurrency={"d_permit": 1}, name="d.permit", bind=True)

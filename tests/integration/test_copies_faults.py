@@ -20,7 +20,7 @@ import redis as redis_lib
 
 from rmq.testing.worker import wait_until
 
-from .conftest import ROOT, TESTS_DIR
+from .conftest import ROOT, TESTS_DIR, ready
 from .test_reliability import _rabbitmqctl, close_amqp_connections, outcome, runs, soak, soak_env, wait_terminal
 
 pytestmark = pytest.mark.integration
@@ -58,8 +58,9 @@ def bodies(client: redis_lib.Redis, tid: str) -> int:
 def test_a_copy_arriving_at_another_worker_while_the_original_runs_waits_for_it(own_redis, start_worker):
     # Given two workers on two queues, and a long original running on the first
     app = soak.client_app(own_redis, "qa")
-    a = start_worker(app, app="soakapp", env=fault_env(own_redis, queue="qa"), concurrency=2)
-    b = start_worker(app, app="soakapp", env=fault_env(own_redis, queue="qb"), concurrency=2)
+    a = start_worker(app, app="soakapp", env=fault_env(own_redis, queue="qa"), concurrency=2, wait=False)
+    b = start_worker(app, app="soakapp", env=fault_env(own_redis, queue="qb"), concurrency=2, wait=False)
+    ready(app, a, b)
     client = redis_lib.Redis.from_url(own_redis)
     tid = f"orig-{uuid.uuid4().hex[:8]}"
     app.tasks["soak.sleep"].apply_async((4.0,), task_id=tid, queue="qa")
@@ -87,11 +88,13 @@ def test_a_run_claim_stays_held_for_a_body_longer_than_its_ttl(own_redis, start_
     # claim's TTL (a solo pool is refused: docs/design.md#pools)
     app = soak.client_app(own_redis, "qa")
     env = {"visibility_timeout": "2s"}  # the claim TTL is then its floor, 10 s
-    start_worker(app, app="soakapp", env=fault_env(own_redis, queue="qa", **env), concurrency=1)
-    b = start_worker(app, app="soakapp", env=fault_env(own_redis, queue="qb", **env), concurrency=2)
+    a = start_worker(app, app="soakapp", env=fault_env(own_redis, queue="qa", **env), concurrency=1, wait=False)
+    b = start_worker(app, app="soakapp", env=fault_env(own_redis, queue="qb", **env), concurrency=2, wait=False)
+    ready(app, a, b)
     client = redis_lib.Redis.from_url(own_redis)
     tid = f"long-{uuid.uuid4().hex[:8]}"
-    app.tasks["soak.sleep"].apply_async((15.0,), task_id=tid, queue="qa", headers={"rmq_deferrals": 0})
+    # (the body ends 2 s after the copy arrives: the copy finds the claim held, waits, and is dropped)
+    app.tasks["soak.sleep"].apply_async((13.0,), task_id=tid, queue="qa", headers={"rmq_deferrals": 0})
     started = float(wait_until(lambda: runs(client, tid), 20, what="the copy to start")[0][0])
     # When another copy arrives after the claim's TTL has passed since the run started
     wait_until(lambda: time.time() > started + 11.0, 15, what="11 s of the run")
@@ -174,7 +177,7 @@ def test_a_task_whose_process_is_killed_from_outside_runs_again_within_half_a_se
     client = redis_lib.Redis.from_url(own_redis)
     gaps = []
     for _ in range(5):
-        tid = app.tasks["soak.sleep"].apply_async((1.5,)).id
+        tid = app.tasks["soak.sleep"].apply_async((1.0,)).id
         first = wait_until(lambda: runs(client, tid), 20, what="the task to start")[0]  # noqa: B023
         # When its pool process is SIGKILLed from outside (as the kernel's OOM killer does)
         killed_at = time.time()
@@ -194,7 +197,7 @@ def test_a_task_whose_process_is_killed_from_outside_runs_again_within_half_a_se
 
 # -- acceptance 3: broker connections dropped longer than the visibility timeout -----------------
 
-FAST_RESTORE = {"visibility_timeout": "5s", "unacked_restore_interval": "1s"}
+FAST_RESTORE = {"visibility_timeout": "3s", "unacked_restore_interval": "1s"}
 
 
 def dropped_copies(app, workers) -> int:
@@ -217,18 +220,19 @@ def assert_every_body_ran_once(client: redis_lib.Redis, ids: list[str], queue: s
 
 
 def test_redis_connections_of_two_workers_dropped_longer_than_the_visibility_timeout(own_redis, start_worker):
-    # Given two workers (visibility timeout 5 s) running long tasks, with free processes for copies
+    # Given two workers (visibility timeout 3 s) running long tasks, with free processes for copies
     app = soak.client_app(own_redis, "celery")
     env = fault_env(own_redis, **FAST_RESTORE)
-    workers = [start_worker(app, app="soakapp", env=env, concurrency=3) for _ in range(2)]
+    workers = [start_worker(app, app="soakapp", env=env, concurrency=3, wait=False) for _ in range(2)]
+    ready(app, *workers)
     client = redis_lib.Redis.from_url(own_redis)
-    ids = [app.tasks["soak.sleep"].apply_async((18.0,)).id for _ in range(4)]
+    ids = [app.tasks["soak.sleep"].apply_async((13.0,)).id for _ in range(4)]
     wait_until(lambda: all(runs(client, i) for i in ids), 30, what="the long tasks to start")
     time.sleep(1.0)
     # When every client connection is killed and the server pauses for longer than the visibility timeout
     admin = redis_lib.Redis.from_url(own_redis)
     killed = int(admin.client_kill_filter(_type="normal", skipme=True))
-    admin.execute_command("CLIENT", "PAUSE", 7000, "ALL")
+    admin.execute_command("CLIENT", "PAUSE", 5000, "ALL")
     admin.close()
     assert killed >= 2
     # the test's own connection was killed too; a new one waits out the pause
@@ -252,11 +256,12 @@ def test_rabbitmq_connections_of_two_workers_closed_while_long_tasks_run(amqp_ur
 
     # Given two workers on RabbitMQ running long tasks, with free processes for copies
     app = make_app(broker=amqp_url, backend=own_redis, queue=queue)
-    workers = [start_worker(app, app="soakapp", env=soak_env(amqp_url, own_redis, queue), concurrency=3)
+    workers = [start_worker(app, app="soakapp", env=soak_env(amqp_url, own_redis, queue), concurrency=3, wait=False)
                for _ in range(2)]
+    ready(app, *workers)
     client = redis_lib.Redis.from_url(own_redis)
     try:
-        ids = [app.send_task("soak.sleep", (12.0,), queue=queue).id for _ in range(4)]
+        ids = [app.send_task("soak.sleep", (8.0,), queue=queue).id for _ in range(4)]
         wait_until(lambda: all(runs(client, i) for i in ids), 30, what="the long tasks to start")
         time.sleep(1.0)
         # When the broker closes both workers' connections (their unacknowledged messages are re-queued)

@@ -7,7 +7,7 @@ import pytest
 from rmq.testing.worker import wait_until
 from workers.fake_api import start_in_thread
 
-from .conftest import taskapp_env
+from .conftest import ready, taskapp_env
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,8 @@ def test_two_workers_share_one_rate_reuse_connections_and_count_bytes(redis_url,
     app = make_app(broker=redis_url, backend=redis_url)
     try:
         env = {**taskapp_env(redis_url, max_deferrals=100), "HTTPAPP_URL": api.url}
-        workers = [start_worker(app, app="httpapp", env=env, concurrency=2) for _ in range(2)]
+        workers = [start_worker(app, app="httpapp", env=env, concurrency=2, wait=False) for _ in range(2)]
+        ready(app, *workers)
         results = [app.tasks["h.call"].delay(i) for i in range(20)]
         done = [r.get(timeout=120) for r in results]
         assert [d["translation"] for d in done] == [f"hello {i}"[::-1] for i in range(20)]

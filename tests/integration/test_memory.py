@@ -70,14 +70,14 @@ def test_admission_keeps_the_worker_inside_its_budget_and_plain_celery_does_not(
     declared_fit, real_fit = room // (400 * MiB), room // (300 * MiB)
     assert declared_fit >= 2, mem
     with _Sampler(w) as sampler:
-        results = [test_app.tasks["t.touch400"].delay(300, 1.0) for _ in range(24)]
+        results = [test_app.tasks["t.touch400"].delay(300, 1.0) for _ in range(4 * real_fit)]
         done = [r.get(timeout=180) for r in results]
-    assert len(done) == 24
+    assert len(done) == 4 * real_fit
     # as many run at once as their declarations allow, and more once their real peak (300 MiB, not
     # the declared 400) is learned, never more than that
     assert declared_fit <= _max_overlap(done) <= real_fit, (declared_fit, real_fit, _max_overlap(done))
     assert sampler.peak <= budget, f"peak {sampler.peak / MiB:.0f} MiB over the budget"
-    w.stop()
+    w.request_stop()  # the samplers read one worker's tree each; this one need not be gone
 
     # plain Celery, same pool size, same workload: goes past the same budget
     plain = start_worker(test_app, app="taskapp", env=taskapp_env(redis_url), concurrency=6)
@@ -113,7 +113,7 @@ def test_pause_leaves_messages_in_redis_for_another_worker_and_resumes(redis_url
     client = redis_lib.Redis.from_url(redis_url)
     a = start_worker(test_app, app="taskapp", env=taskapp_env(redis_url, memory_budget="800MiB"),
                      concurrency=2, hostname="pauser@%h")
-    hold = test_app.tasks["t.hold_until_ratio"].delay(0.87, 6.0)
+    hold = test_app.tasks["t.hold_until_ratio"].delay(0.87, 4.0)
     wait_until(lambda: _stats(test_app, a)["paused"], 20, what="worker A to pause")
     noops = [test_app.tasks["workers.noop"].delay(i) for i in range(4)]
     time.sleep(1.0)  # A must not fetch while paused: the messages stay in Redis

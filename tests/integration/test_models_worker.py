@@ -183,7 +183,9 @@ def model_app(redis_url):
 def test_pressure_unloads_lru_unpinned_models_everywhere_and_never_leased_ones(redis_url, model_app, start_worker):
     w = start_worker(
         model_app, app="modelapp", concurrency=2,
-        env=taskapp_env(redis_url, memory_budget=BUDGET, model_load_wait="3s", defer_countdown="1s"),
+        # a governor reading every 100 ms: mt.pressure grows 8 MiB per reading (~18 of them)
+        env=taskapp_env(redis_url, memory_budget=BUDGET, model_load_wait="1500ms", defer_countdown="1s",
+                        monitor_interval="100ms"),
     )  # fmt: skip
     bench = Bench(model_app, w, redis_url)
     with log_on_failure(w):

@@ -21,7 +21,7 @@ from rmq.monitoring.worker_monitor import CpuProbe
 from rmq.testing.redis import free_port
 from rmq.testing.worker import wait_until
 
-from .conftest import ROOT, TESTS_DIR, taskapp_env
+from .conftest import ROOT, TESTS_DIR, ready, taskapp_env
 
 pytestmark = pytest.mark.integration
 
@@ -176,8 +176,10 @@ def test_memory_alert_is_raised_once_per_crossing_to_log_event_webhook_and_signa
     events = _Events(app)
     try:
         # Given a worker alerting at 50 % of its budget, re-arming below 40 %, with a 1 s cool-down
+        # (a governor reading every 100 ms: the task reaches each level in a few readings)
         env = taskapp_env(redis_url, memory_budget=BUDGET, alert_memory_ratio=0.5, alert_hysteresis=0.1,
-                          alert_cooldown="1s", alert_webhook=f"http://127.0.0.1:{hook.server_port}/hook")
+                          alert_cooldown="1s", alert_webhook=f"http://127.0.0.1:{hook.server_port}/hook",
+                          monitor_interval="100ms")
         w = start_worker(app, app="monitorapp", concurrency=1,
                          env={**env, "MONITOR_SIGNAL_FILE": str(signal_file)})
         assert events.seen_any.wait(15), "the event receiver saw no worker event"
@@ -188,8 +190,8 @@ def test_memory_alert_is_raised_once_per_crossing_to_log_event_webhook_and_signa
             return _rmq(app, w)["alerting"]["evaluations"]
 
         # When memory crosses 50 %, stays, dips to 46 % (within the hysteresis) and crosses again
-        # (each phase holds for 2.5 s: at least two evaluations, one a second)
-        reached = phases.delay([[0.56, 2.5], [0.46, 2.5], [0.56, 2.5]]).get(timeout=90)
+        # (each phase holds for 2 s: at least one evaluation, one a second, of a reading inside it)
+        reached = phases.delay([[0.56, 2.0], [0.46, 2.0], [0.56, 2.0]]).get(timeout=90)
         assert reached[0] >= 0.56 and 0.40 < reached[1] <= 0.46 and reached[2] >= 0.56, reached
         done = evaluations()
         wait_until(lambda: evaluations() >= done + 2, 10, what="two more alert evaluations")
@@ -213,7 +215,7 @@ def test_memory_alert_is_raised_once_per_crossing_to_log_event_webhook_and_signa
         assert w.log().count("rmq alert memory on") == 1
 
         # When memory fell below 40 % (the task ended) and crosses again, a second alert is raised
-        result = phases.delay([[0.56, 4.0]])
+        result = phases.delay([[0.56, 3.0]])
 
         def alerting() -> dict | None:
             snap = _rmq(app, w)
@@ -246,9 +248,10 @@ def test_rmq_status_after_the_monitor_lists_live_workers_and_queue_depths(redis_
     extra = f"mon-{unique}"
     env = taskapp_env(redis_url, memory_budget=BUDGET)
     a = start_worker(app, app="monitorapp", concurrency=1, env=env, queues=["celery"],
-                     hostname=f"mon-a-{unique}@%h")
+                     hostname=f"mon-a-{unique}@%h", wait=False)
     b = start_worker(app, app="monitorapp", concurrency=1, env=env, queues=["celery", extra],
-                     hostname=f"mon-b-{unique}@%h")
+                     hostname=f"mon-b-{unique}@%h", wait=False)
+    ready(app, a, b)
     # Given a beat monitor run (the rmq.monitor task, run by a worker)
     app.send_task("rmq.monitor", kwargs={"timeout": 2.0}).get(timeout=30)
     # Then rmq status --json lists both workers and the queues they consume

@@ -161,7 +161,7 @@ def assert_ran_once_and_the_copy_was_dropped(app, w, client: redis_lib.Redis, ti
 
 # -- R2 -----------------------------------------------------------------------------------------
 
-FAST_RESTORE = {"visibility_timeout": "5s", "unacked_restore_interval": "1s"}
+FAST_RESTORE = {"visibility_timeout": "2s", "unacked_restore_interval": "1s"}
 
 
 def test_unacknowledged_tasks_of_a_killed_worker_run_again_within_seconds_of_a_restart(own_redis, start_worker):
@@ -170,7 +170,7 @@ def test_unacknowledged_tasks_of_a_killed_worker_run_again_within_seconds_of_a_r
     w = start_worker(app, app="soakapp", env=env, concurrency=2)
     client = redis_lib.Redis.from_url(own_redis)
     # Given two tasks running on a worker
-    ids = [app.tasks["soak.sleep"].apply_async((4.0,)).id for _ in range(2)]
+    ids = [app.tasks["soak.sleep"].apply_async((2.0,)).id for _ in range(2)]
     wait_until(lambda: all(runs(client, i) for i in ids), 20, what="both tasks to start")
     # When the whole worker is SIGKILLed (and its orphaned pool processes are ended by PID)
     w.kill()
@@ -184,7 +184,7 @@ def test_unacknowledged_tasks_of_a_killed_worker_run_again_within_seconds_of_a_r
     wait_until(lambda: all(len(runs(client, i)) >= 2 for i in ids), 40, what="the re-runs")
     rerun_at = max(float(runs(client, i)[1][0]) for i in ids)
     print(f"\nR2: re-run {rerun_at - restarted_at:.1f} s after the restart, {rerun_at - killed_at:.1f} s after "
-          f"the kill (visibility timeout 5 s, restore every 1 s)")
+          f"the kill (visibility timeout 2 s, restore every 1 s)")
     assert rerun_at - killed_at < 20, "unacknowledged tasks took too long to come back"
     wait_terminal(client, ids, 20)
     r = outcome(client, ids)
@@ -194,12 +194,12 @@ def test_unacknowledged_tasks_of_a_killed_worker_run_again_within_seconds_of_a_r
 
 
 def test_a_task_longer_than_the_visibility_timeout_runs_once_on_a_live_worker(own_redis, start_worker):
-    # Given a 5 s visibility timeout and a free pool process that could take a redelivered copy
+    # Given a 2 s visibility timeout and a free pool process that could take a redelivered copy
     app = soak.client_app(own_redis, "celery")
     start_worker(app, app="soakapp", env=soak_env(own_redis, **FAST_RESTORE), concurrency=2)
     client = redis_lib.Redis.from_url(own_redis)
-    # When a task runs for almost three visibility timeouts
-    tid = app.tasks["soak.sleep"].apply_async((13.0,)).id
+    # When a task runs for three visibility timeouts
+    tid = app.tasks["soak.sleep"].apply_async((6.0,)).id
     wait_terminal(client, [tid], 40)
     # Then it ran exactly once: the live worker kept its unacknowledged message fresh
     assert len(runs(client, tid)) == 1, soak.diagnose(client, "celery", tid)

@@ -116,6 +116,34 @@ def test_a_task_re_run_after_a_memory_kill_keeps_its_headers_links_and_trace(red
     assert int(r.get("marks:grow")) == 1
 
 
+def test_a_task_re_run_after_a_memory_kill_on_rabbitmq_keeps_its_headers_links_and_trace(
+        amqp_url, redis_url, drain_app, unique, start_worker):
+    from workers.app import make_app
+
+    r = redis_lib.Redis.from_url(redis_url)
+    queue = f"rerun-{unique}"
+    app = make_app(broker=amqp_url, backend=redis_url, queue=queue)
+    try:
+        env = {**_otel_env(redis_url, memory_budget="700MiB", kill_backoff="0.2s"), "RMQ_BROKER_URL": amqp_url,
+               "RMQ_RESULT_BACKEND": redis_url, "RMQ_APP_QUEUE": queue}
+        w = start_worker(app, app="drainapp", env=env, concurrency=1)
+        # When a task that grows far over its declaration on its first run is killed for memory
+        res = _send(app, "d.grow", (900, 0.5), f"marks:{queue}")
+        assert res.get(timeout=60)["pid"] > 0
+        assert "after memory kill 1" in w.log(), w.log()[-3000:]
+        # Then the re-run, published to RabbitMQ again, saw the message as it was sent
+        runs = _runs(r, res.id)
+        assert len(runs) == 2
+        for run in runs:
+            _assert_same_message(run, res.id, app.thread_oid, 7)
+        wait_until(lambda: r.get(f"marks:{queue}"), 10, what="the link callback")
+        traces = wait_until(lambda: r.lrange(f"otel:{res.id}", 0, -1), 10, what="the re-run's span")
+        assert {t.decode() for t in traces} == {TRACE_ID}
+        assert int(r.get(f"marks:{queue}")) == 1
+    finally:
+        app.close()
+
+
 def test_a_redelivery_after_a_lost_process_keeps_its_headers(redis_url, drain_app, start_worker):
     r = redis_lib.Redis.from_url(redis_url)
     # the killed run's permit is freed when its lease lapses (rmq_concurrency_lease, 30 s by default)

@@ -137,7 +137,7 @@ def test_one_beat_run_cleans_every_workers_own_root(redis_url, session_app, star
 
     # A dry run from the command line lists both hosts' candidates and removes nothing
     out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "control", "rmq_cleanup", "true", "--json", "-t", "4"],
+        [sys.executable, "-m", "celery", "-A", "workers.app", "control", "rmq_cleanup", "true", "--json", "-t", "3"],
         env={**os.environ, **worker_env(redis_url)}, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr
@@ -146,8 +146,9 @@ def test_one_beat_run_cleans_every_workers_own_root(redis_url, session_app, star
         assert dry[w.node_name]["dry_run"] is True and dry[w.node_name]["removed"] == 2
     assert all((root / f"session_{key}-old1").exists() for key, root in roots.items())
 
-    # When beat's rmq.cleanup_sessions runs once (on one of the workers)
-    result = session_app.tasks["rmq.cleanup_sessions"].delay().get(timeout=60)
+    # When beat's rmq.cleanup_sessions runs once (on one of the workers; it collects replies until none
+    # came for its timeout, 8 s by default, and both workers reply at once)
+    result = session_app.tasks["rmq.cleanup_sessions"].delay(timeout=3.0).get(timeout=60)
 
     # Then each worker cleaned its own root and the result lists both with counts and bytes
     assert {w.node_name for w in workers.values()} <= set(result["workers"])
