@@ -92,10 +92,11 @@ class GovernedRequest(Request):
         if record is not None:
             kills = int(headers.get("rmq_kills", 0) or 0) + 1
             rt.stats.incr("killed_tasks")
-            # crowded out: it used no more than it could have had alone, and, on a re-run that reserved
-            # what it used before, no more than this run reserved (past that, it is a runaway)
+            # crowded out: killed beside other tasks while it used no more than it could have had
+            # alone, and, on a re-run that reserved what it used before, no more than this run
+            # reserved (past that, it is a runaway)
             before = int(headers.get(RESERVE, 0) or 0)
-            crowded = 0 < record.observed_bytes <= record.room_bytes and (
+            crowded = record.neighbours > 0 and 0 < record.observed_bytes <= record.room_bytes and (
                 not before or record.observed_bytes <= record.declared_bytes)
             runs = max(rt.config.memory_kill_retries, _CROWDED_RUNS) if crowded else rt.config.memory_kill_retries
             # crowded out, it runs again once what it used fits; a runaway's reading would only

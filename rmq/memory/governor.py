@@ -37,6 +37,12 @@ log = logging.getLogger("rmq.memory.governor")
 #: how far the main process's share may move before the pools' cap follows it
 _REFIT_BYTES = 8 << 20
 
+#: how far the admit line steps down after a kill that found nobody over their reservation (what
+#: admission let in did not fit: page cache, interpreters, the pools themselves), and how fast it
+#: comes back
+_ADMIT_STEP = 32 << 20
+_ADMIT_RECOVERY_PER_S = 1 << 20
+
 #: kills the snapshot lists (``memory.recent_kills``), newest last; older ones stay counted in ``killed``
 RECENT_KILLS = 20
 
@@ -70,6 +76,8 @@ class KillRecord:
     room_bytes: int = 0
     #: what woke the governor for this kill ("threshold", "oom", ... or "sample")
     woken_by: str = "sample"
+    #: other tasks running when it was killed: alone, a task is never crowded out
+    neighbours: int = 0
 
 
 def _alive(pid: int) -> bool:
@@ -120,6 +128,9 @@ class Governor:
             self.lines.kill,
         )
         self.admit_line = budget.line(self.lines.admit)
+        #: bytes taken off the admit line after kills with nobody over their reservation
+        self.admit_penalty = 0.0
+        self._penalty_at = clock()
         #: the kernel's memory events (:mod:`rmq.memory.kernel_events`), or ``None``: polling only
         self.events = events
         self.woken: list[str] = []
@@ -286,7 +297,7 @@ class Governor:
                 unload_bytes=self.unload_bytes,
                 worker_bytes=worker_bytes,
                 budget_bytes=self.budget.budget_bytes,
-                admit_line_bytes=self.admit_line,
+                admit_line_bytes=self._admit_line_now(now),
                 idle_bytes=self.idle_bytes,
                 sample_time=time.time(),
                 zone=step.zone,
@@ -328,7 +339,10 @@ class Governor:
         # a process already killed is still counted until the pool reaps it: don't kill a second
         # one for the same excess within 2 s (under kernel accounting: until its cgroup is empty)
         for pid, at in list(self._killed_pids.items()):
-            if pid not in reading.rss or now - at > 60:
+            # under kernel accounting a killed tree's memory is gone when its cgroup is empty, which
+            # can be after the pool process itself is (its subprocesses still exiting)
+            gone = pid not in reading.rss and not (self.pools is not None and self._freeing(pid))
+            if gone or now - at > 60:
                 del self._killed_pids[pid]
         if urgent or self.pools is not None:  # the kernel says when a killed tree's memory is gone
             if any(self._freeing(pid) for pid in self._killed_pids):
@@ -347,6 +361,10 @@ class Governor:
             # holding the pools at their cap, the largest frees the most at once (the newest is
             # often a re-run that has only just started, and killing it again frees nothing)
             worst = max(candidates, key=(lambda e: e.used_bytes) if urgent else (lambda e: e.started))
+            if urgent:  # what admission let in does not fit: admit less for a while
+                self.admit_penalty = min(self.admit_penalty + _ADMIT_STEP, self.budget.budget_bytes / 4)
+                log.warning("rmq: held at the cap with every task within its reservation; the admit line "
+                            "steps down by %d MiB for a while", int(self.admit_penalty) >> 20)
         # The choice was made on the ledger as read at the start of the tick: the task may have ended
         # since and its process taken the next one. Check, and kill, under the ledger's lock, so that
         # no new reservation is admitted in between; a stale choice waits for the next tick's reading.
@@ -365,6 +383,7 @@ class Governor:
                     killed_at=self.clock(),
                     room_bytes=max(0, self.admit_line - self.idle_bytes),
                     woken_by=woken_by,
+                    neighbours=len(tasks) - 1,
                 )
                 if self.pools is not None:  # the kernel's count of the whole tree
                     self.kills[worst.task_id].observed_bytes = worst.used_bytes
@@ -388,6 +407,14 @@ class Governor:
             100 * worker_bytes / self.budget.budget_bytes, worst.used_bytes, worst.memory_bytes,
         )
         return True
+
+    def _admit_line_now(self, now: float) -> int:
+        """The admit line, less what kills with nobody over their reservation took off it (it comes
+        back at ``_ADMIT_RECOVERY_PER_S``)."""
+        if self.admit_penalty:
+            self.admit_penalty = max(0.0, self.admit_penalty - (now - self._penalty_at) * _ADMIT_RECOVERY_PER_S)
+        self._penalty_at = now
+        return self.admit_line - int(self.admit_penalty)
 
     def _freeing(self, pid: int) -> bool:
         """Whether a killed pool process's memory is still on its way out (its cgroup or process)."""

@@ -58,7 +58,7 @@ def test_each_pool_process_is_counted_by_the_kernel_with_its_subprocess(redis_ur
     assert accounting["mode"] == "cgroup-v1" and accounting["wakeups"] == "eventfd", accounting
     assert accounting["oom_hold"] is True, accounting
     pools = cg.path / f"rmq-{w.pid}-pools"
-    for pid in w.poolpids_in():
+    for pid in w.pool_pids():
         assert str(pid) in (pools / f"pool-{pid}" / "cgroup.procs").read_text().split()
     # When a task's 250 MiB lives in a subprocess
     holder = tree_app.tasks["tree.sub_hold"].delay(250, 2.0)

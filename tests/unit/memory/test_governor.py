@@ -234,7 +234,7 @@ def test_kill_record_carries_the_figures_once(world: World) -> None:
     assert record == KillRecord(
         task_id="a", task_name="media.a", pid=11, observed_bytes=400 * MiB, declared_bytes=100 * MiB,
         budget_bytes=BUDGET, detected_at=detected, killed_at=detected,
-        room_bytes=world.gov.admit_line - world.gov.idle_bytes,
+        room_bytes=world.gov.admit_line - world.gov.idle_bytes, neighbours=0,
     )
     assert world.gov.pop_kill("a") is None
     assert world.gov.pop_kill("never-killed") is None
@@ -628,6 +628,11 @@ def test_held_at_the_cap_with_nobody_over_their_reservation_the_largest_is_kille
         kernel(900 * MiB, {11: 310 * MiB, 12: 50 * MiB})
         gov.tick()
         assert actuator.kills() == [11]  # not the newest: killing it again would free nothing
+        # and what admission let in did not fit: it admits less for a while
+        events.oom = False
+        kernel(600 * MiB, {11: 10 * MiB, 12: 50 * MiB})
+        gov.tick()
+        assert ledger.read_control().admit_line_bytes == gov.admit_line - 32 * MiB
     finally:
         gov.stop()
         ledger.close()
