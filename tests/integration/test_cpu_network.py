@@ -149,9 +149,9 @@ def _start_all(start_worker, client_app, n: int, **kwargs) -> list:
 def test_rate_limit_holds_across_three_workers_without_holding_pool_slots(cn_app, cn_env, start_worker):
     # Given three separate workers (2 pool processes each) sharing the limit "x" = 5/s
     workers = _start_all(start_worker, cn_app, 3, concurrency=2, env=cn_env(max_deferrals=100))
-    # When 60 limited tasks are sent, then 12 unlimited ones
+    # When 40 limited tasks are sent, then 12 unlimited ones
     sent = time.time()
-    limited = [cn_app.tasks["cn.limited"].delay() for _ in range(60)]
+    limited = [cn_app.tasks["cn.limited"].delay() for _ in range(40)]
     free = [cn_app.tasks["cn.unlimited"].delay(0.1) for _ in range(12)]
     free_done = [r.get(timeout=30) for r in free]
     done = [r.get(timeout=60) for r in limited]
@@ -168,7 +168,7 @@ def test_rate_limit_holds_across_three_workers_without_holding_pool_slots(cn_app
     # and the waiting tasks held no pool slot: the unlimited ones, sent last, were done long before
     batch_s = max(grants) / 1e6 - sent
     free_s = max(f["ended"] for f in free_done) - sent
-    assert batch_s > 10.5  # 60 at 5/s
+    assert batch_s > 6.5  # 40 at 5/s
     assert free_s < batch_s / 2, (free_s, batch_s)
     print(f"\nrate limit, 3 workers: worst window {_worst_window(grants, 1_000_000)}/5 grants "
           f"({_worst_window([d['started_us'] for d in done], 1_000_000)} task starts), max lag "
