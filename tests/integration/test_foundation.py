@@ -86,6 +86,7 @@ def test_worker_inside_a_memory_cgroup_sees_the_cgroup_limit(redis_url, redis_ap
     if reason:
         pytest.skip(reason)
     cg = MemoryCgroup(1536 * 1024**2)
+    w = None
     try:
         w = start_worker(redis_app, env=worker_env(redis_url), concurrency=1, prefix=cg.wrap())
         stats = redis_app.control.inspect(destination=[w.node_name], timeout=5).stats()[w.node_name]["rmq"]
@@ -98,8 +99,9 @@ def test_worker_inside_a_memory_cgroup_sees_the_cgroup_limit(redis_url, redis_ap
         assert mem["budget_bytes"] == 1536 * 1024**2
         assert mem["lines_source"] == "kernel wake-up defaults"
         assert mem["cgroup_working_set_bytes"] is not None
-        w.stop()
     finally:
+        if w is not None:  # stopped here, not by the fixture, so that its cgroup can go too
+            w.stop()
         cg.remove()
 
 
