@@ -49,18 +49,22 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, l
     """One atomic step: judge ``need`` against the reservations and the governor's latest readings,
     and add ``entry`` when it fits.
 
-    A ``learned`` need (an estimate: a task without ``memory=``) larger than what an idle worker
-    admits is cut to that room: learned peaks are shared by every worker on the Redis, whatever its budget, so one
-    learned on a bigger worker would otherwise fail the task here for ever. Cut, the task runs
-    alone, and its peak on this worker is learned (docs/design.md#learning)."""
+    A ``learned`` need (an estimate) larger than what an idle worker admits beside its resident models
+    is cut to that room: learned peaks are shared by every worker on the Redis, whatever its budget,
+    so one learned on a bigger worker would otherwise fail the task here for ever. Cut, the task runs
+    alone, and its peak on this worker is learned (docs/design.md#learning). A task nothing is known
+    of (``_UNKNOWN``) takes ``share`` of that room."""
     disk = shutil.disk_usage(disk_root) if (need.disk_bytes and disk_root) else None
     with ledger.locked():  # the readings are published under the same lock as the reservations' usage
         worker, idle, admit_line, budget, cpu_slots = ledger.admission_readings()
         reserved = ledger.reserved_unlocked()
         # alone: the idle worker, and the models resident in it (a pinned one never leaves)
         alone = admit_line - idle - reserved.model_bytes
-        if learned and 0 < alone < need.memory_bytes:
-            need = need._replace(memory_bytes=max(1, int(alone * share)) if need.memory_bytes == _UNKNOWN else alone)
+        if learned and need.memory_bytes == _UNKNOWN:  # its share of what there is, however little
+            need = need._replace(memory_bytes=max(1, int(max(0, alone) * share)))
+            entry.memory_bytes = need.memory_bytes
+        elif learned and 0 < alone < need.memory_bytes:
+            need = need._replace(memory_bytes=alone)
             entry.memory_bytes = need.memory_bytes
         v = judge(need, reserved, worker, idle, admit_line, budget, cpu_slots,
                   disk.free if disk else None, disk.used + disk.free if disk else None)

@@ -184,3 +184,21 @@ def test_a_task_that_finds_the_ledger_full_is_deferred_not_failed(tmp_path) -> N
     assert caught.value.kind == "ledger"
     assert ledger.read_unload_request()[0] == 1  # resident models are asked to make room
     ledger.close()
+
+
+def test_an_unknown_task_on_a_worker_full_of_pinned_models_waits_instead_of_failing(tmp_path) -> None:
+    from rmq.core.errors import Defer
+    from rmq.core.ledger import KIND_MODEL, Entry
+
+    ledger = Ledger(str(tmp_path / "rt"), create=True)
+    # idle worker 100 MiB, admit line 3500 MiB, and a resident model reserving all the rest
+    ledger.write_control(Control(0, 0, 3500 * MiB, 4096 * MiB, 3500 * MiB, 100 * MiB, time.time(), "ok", 2, False))
+    assert ledger.try_add(Entry(KIND_MODEL, 1, 3400 * MiB, task_id="model:m", name="model:m"), lambda _: True)
+    runtime = Runtime(load_config({"rmq_admission_wait": "0s"}, environ={}), app=None,
+                      runtime_dir=str(tmp_path / "rt"), ledger=ledger, redis_url=None)
+    runtime._local["learner"] = RecordingLearner()
+    ctx = TaskContext("app.unknown", "u-1", parse_declaration(), runtime.config, runtime=runtime)
+    with pytest.raises(Defer) as caught:  # not BudgetExceeded for an absurd size: no room now
+        AdmissionGuard().enter(ctx)
+    assert caught.value.kind == "memory"
+    ledger.close()
