@@ -274,7 +274,8 @@ class Governor:
             e.used_bytes = used
             e.peak_used_bytes = max(e.peak_used_bytes, used)
         tasks = [e for e in entries if e.kind == KIND_TASK]
-        if not tasks:
+        self._forget_freed(reading, now)
+        if not tasks and not self._killed_pids:  # a killed tree still freeing is not the idle worker
             models = sum(e.memory_bytes for e in entries if e.kind == KIND_MODEL)
             self.idle_bytes = max(0, worker_bytes - models)
         with self.lock:
@@ -338,12 +339,7 @@ class Governor:
         was made or is still taking effect. ``urgent``: the kernel holds the cgroup at its limit."""
         # a process already killed is still counted until the pool reaps it: don't kill a second
         # one for the same excess within 2 s (under kernel accounting: until its cgroup is empty)
-        for pid, at in list(self._killed_pids.items()):
-            # under kernel accounting a killed tree's memory is gone when its cgroup is empty, which
-            # can be after the pool process itself is (its subprocesses still exiting)
-            gone = pid not in reading.rss and not (self.pools is not None and self._freeing(pid))
-            if gone or now - at > 60:
-                del self._killed_pids[pid]
+        self._forget_freed(reading, now)
         if urgent or self.pools is not None:  # the kernel says when a killed tree's memory is gone
             if any(self._freeing(pid) for pid in self._killed_pids):
                 return True
@@ -407,6 +403,14 @@ class Governor:
             100 * worker_bytes / self.budget.budget_bytes, worst.used_bytes, worst.memory_bytes,
         )
         return True
+
+    def _forget_freed(self, reading: TreeReading, now: float) -> None:
+        """Drop the killed pool processes whose memory is gone: the process (and, under kernel
+        accounting, its cgroup: its subprocesses may still be exiting), or a minute."""
+        for pid, at in list(self._killed_pids.items()):
+            gone = pid not in reading.rss and not (self.pools is not None and self._freeing(pid))
+            if gone or now - at > 60:
+                del self._killed_pids[pid]
 
     def _admit_line_now(self, now: float) -> int:
         """The admit line, less what kills with nobody over their reservation took off it (it comes
