@@ -118,18 +118,22 @@ class PoolCgroups:
     def set_pools_limit(self, limit_bytes: int) -> bool:
         """Cap the pools together at ``limit_bytes`` (the worker's limit less the main process's
         share); ``False`` when the kernel refuses (under what they use now, say)."""
-        name = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
-        try:
-            (self.root / name).write_text(str(limit_bytes))
-            if self.version == 1:
-                try:  # no swap to hide in
-                    (self.root / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
-                except OSError:
-                    pass
-            return True
-        except OSError as exc:
-            log.debug("rmq could not cap the pools' cgroup at %d: %s", limit_bytes, exc)
-            return False
+        if self.version == 2:
+            files = ["memory.max"]
+        else:  # v1 keeps memory+swap >= memory at every step: raise it first, lower it last
+            current = self.pools_limit()  # None: unlimited, so this lowers it
+            raising = current is not None and current < limit_bytes
+            files = ["memory.memsw.limit_in_bytes", "memory.limit_in_bytes"]
+            files = files if raising else files[::-1]
+        for name in files:
+            try:
+                (self.root / name).write_text(str(limit_bytes))
+            except OSError as exc:
+                if name == "memory.memsw.limit_in_bytes":  # no swap accounting here: nothing to hide in
+                    continue
+                log.debug("rmq could not cap the pools' cgroup at %d: %s", limit_bytes, exc)
+                return False
+        return True
 
     def path_for(self, pool_pid: int) -> Path:
         return self.root / f"{self.prefix}{pool_pid}"

@@ -148,3 +148,21 @@ def test_without_a_cgroup_of_its_own_the_worker_counts_proc_trees_and_says_why(
         off = rmq_stats_of(tree_app, w2)["memory"]["accounting"]
         assert off["mode"] == "proc" and "rmq_kernel_accounting" in off["reason"], off
         assert not (cg.path / f"rmq-{w2.pid}-pools").exists()
+
+
+@needs_cgroups
+def test_the_pools_cap_follows_the_main_process_both_ways_swap_included(cgroup_of):
+    from rmq.memory.pool_cgroups import PoolCgroups
+
+    cg = cgroup_of(1024)
+    pools = PoolCgroups(cg.cgroup_memory(), os.getpid())
+    pools.prepare()
+    try:
+        for mib in (900, 950, 800, 990):  # down from unlimited, up, down, up
+            assert pools.set_pools_limit(mib * MiB)
+            caps = [int((pools.root / f).read_text()) for f in ("memory.limit_in_bytes",
+                                                                "memory.memsw.limit_in_bytes")
+                    if (pools.root / f).exists()]
+            assert caps and all(c == mib * MiB for c in caps), (mib, caps)
+    finally:
+        pools.remove()
