@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from rmq.testing.processes import terminate
 from rmq.testing.redis import free_port
 
 __all__ = ["PrometheusServer", "ensure_prometheus", "prometheus_binaries"]
@@ -159,13 +160,7 @@ class PrometheusServer:
 
     def stop(self) -> None:
         """Stop the server by PID and remove its directory."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         self.proc = None
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -23,6 +23,7 @@ import pytest
 import redis as redis_lib
 from tornado.websocket import websocket_connect
 
+from rmq.testing.processes import terminate
 from rmq.testing.redis import free_port
 from rmq.testing.worker import wait_until
 
@@ -79,13 +80,7 @@ class _RmqFlower:
             return None  # not listening yet
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         os.unlink(self.log_path)
 
 
@@ -145,13 +140,7 @@ class _Browser:
             fh.write(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
