@@ -78,6 +78,8 @@ class GovernorStep(bootsteps.StartStopStep):
         self.accounting = choose_accounting(limit.cgroup or HostProbe().memory_cgroup(), os.getpid(),
                                             self.config.kernel_accounting, limit.cgroup is not None)
         self.runtime.accounting = self.accounting
+        if self.accounting.pools is not None:
+            self.accounting.pools.adopt_at_fork(os.getpid())
         self.lines = lines_for(self.config, self.accounting.kernel)
         self.budget = detect_budget(self.config, percent=self.lines.budget_percent)
         self.cpu_slots, self.cpu_source = _cpu_slots(self.config.cpu_slots)

@@ -37,6 +37,17 @@ log = logging.getLogger("rmq.memory.governor")
 #: how far the main process's share may move before the pools' cap follows it
 _REFIT_BYTES = 8 << 20
 
+#: how long the main process's largest share counts for the pools' cap: the share dips each time the
+#: pool replaces a process (the old one's pages, charged beside the main process, are freed) and
+#: comes back as the new one starts; a cap raised into the dip would be filled by the tasks at once,
+#: and the main process's share, growing back, would then find the worker's cgroup full
+_OWN_WINDOW_S = 10.0
+
+#: the pools this close to their cap count as held: the kernel charges memory in batches (32 pages
+#: per CPU), so the count can stop short of the cap, where a wake-up set exactly at it never fires,
+#: and the kernel first spends tens of ms reclaiming before it declares the cgroup out of memory
+_AT_CAP_BYTES = 1 << 20
+
 #: how far the admit line steps down after a kill that found nobody over their reservation (what
 #: admission let in did not fit: page cache, interpreters, the pools themselves), and how fast it
 #: comes back
@@ -139,6 +150,9 @@ class Governor:
         self._swept_at = float("-inf")
         #: what the worker's cgroup holds outside the pools' (the main process), when last fitted
         self.own_bytes = 0
+        self._own_seen: deque[tuple[float, int]] = deque()
+        #: the pools' usage at which they count as held at their cap (0: no cap)
+        self.held_at_bytes = 0
         self.kills: dict[str, KillRecord] = {}
         #: the last kills with their figures, for people (``kills`` is consumed by the request handler)
         self.recent_kills: deque[dict[str, Any]] = deque(maxlen=RECENT_KILLS)
@@ -188,28 +202,43 @@ class Governor:
     def _fit_pools(self, force: bool = False) -> None:
         """Cap the pools' cgroup so that the worker reaches the kill line exactly when the pools
         reach their cap: a burst is then held by the kernel at the kill line, where the governor
-        (outside the pools, never held) chooses the victim. Refitted as the main process grows."""
+        (outside the pools, never held) chooses the victim. Refitted as the main process grows, and
+        as it shrinks only once it has stayed smaller for ``_OWN_WINDOW_S``."""
         assert self.pools is not None and self.budget.cgroup is not None
         worker, pools = self.budget.cgroup.usage_bytes(), self.pools.pools_cgroup.usage_bytes()
         if worker is None or pools is None:
             return
-        own = max(0, worker - pools)
-        if not force and abs(own - self.own_bytes) < _REFIT_BYTES:
+        now = self.clock()
+        self._own_seen.append((now, max(0, worker - pools)))
+        while self._own_seen[0][0] < now - _OWN_WINDOW_S:
+            self._own_seen.popleft()
+        own = max(o for _, o in self._own_seen)  # lowered at once, raised once the window forgets
+        # the main process's growth comes off the pools' cap at the next tick (it eats the room above
+        # the kill line); a shrink gives room back only in steps worth a write
+        if not force and not (own > self.own_bytes + _AT_CAP_BYTES or own < self.own_bytes - _REFIT_BYTES):
+            return
+        # never under what the pools hold now: the kernel would reclaim in the writing thread (this
+        # one) before it refuses, and with anonymous memory and no swap there is nothing to reclaim.
+        # The worker's kill line stops the pools meanwhile.
+        cap = max(self.budget.line(self.lines.kill) - own, pools, 0)
+        if not self.pools.set_pools_limit(cap):
             return
         self.own_bytes = own
-        cap = max(self.budget.line(self.lines.kill) - own, 0)
-        self.pools.set_pools_limit(cap)
+        self.held_at_bytes = max(0, cap - _AT_CAP_BYTES)
         if self.events is not None:
             if self.pools.version == 2 and cap:  # v2 holds a burst by throttling just under the cap
-                self.events.set_high(max(1, cap - max(_REFIT_BYTES, cap // 50)))
+                self.held_at_bytes = max(1, cap - max(_REFIT_BYTES, cap // 50))
+                self.events.set_high(self.held_at_bytes)
             if not force:
                 self.events.set_thresholds(self._thresholds())
 
     def _thresholds(self) -> list[int]:
         """Where the kernel wakes the governor: each line of the ladder, and the admit line, as the
-        pools' usage that puts the worker on it."""
-        ratios = {self.lines.admit, self.lines.unload, self.lines.pause, self.lines.kill}
-        return sorted(b for r in ratios if (b := self.budget.line(r) - self.own_bytes) > 0)
+        pools' usage that puts the worker on it; the kill line where the pools count as held."""
+        ratios = {self.lines.admit, self.lines.unload, self.lines.pause}
+        wakes = {b for r in ratios if (b := self.budget.line(r) - self.own_bytes) > 0}
+        wakes.add(self.held_at_bytes or self.budget.line(self.lines.kill) - self.own_bytes)
+        return sorted(b for b in wakes if b > 0)
 
     def _wait(self, timeout_s: float) -> None:
         """Wait for the next sample, or less when the kernel reports a crossing or an OOM."""
@@ -225,6 +254,8 @@ class Governor:
         return min(self.config.monitor_interval, 0.02 if self.events is not None else 0.05)
 
     def _timed_tick(self) -> None:
+        if not self.ticks and self.events is not None:
+            _raise_own_priority()
         started = time.perf_counter()
         try:
             self.tick()
@@ -256,7 +287,7 @@ class Governor:
             if now - self._swept_at >= 1.0:
                 self._swept_at = now
                 self.pools.sweep(set(pids))
-                self._fit_pools()
+            self._fit_pools()  # every tick: a stale cap would hold the pools short of the kill line
         self.trees.tidy(reading, now)
         dropped = self.ledger.release_dead(self.alive)
         if dropped:
@@ -319,7 +350,10 @@ class Governor:
                         100 * worker_bytes / self.budget.budget_bytes)
             self.actuator.resume()
         # the kernel holds the pools at their cap (v1), or reached it (v2): kill now
-        under_oom = "oom" in woken or "max" in woken or (self.oom_held and self.events.under_oom())
+        # held (or about to be) by the kernel: kill now, below the kill line by the worker's reading if
+        # need be. Read now, not taken from the wake-up: an OOM event read after a kill already freed
+        # the memory is stale, and would cost a second task its run.
+        under_oom = self._held()
         if step.kill or under_oom:
             killed = self._kill_one(tasks, reading, worker_bytes, now, woken[0] if woken else "sample",
                                     urgent=under_oom)
@@ -332,6 +366,16 @@ class Governor:
                 self.oom_held = False
         elif self.events is not None and self.config.oom_hold and not self.oom_held and step.zone == "ok":
             self.oom_held = self.events.hold_oom()
+
+    def _held(self) -> bool:
+        """Whether the kernel holds the pools at their cap now (or is about to: within a charge
+        batch of it), so that their allocations wait for a kill."""
+        if self.pools is None:
+            return False
+        if self.events is not None and self.oom_held and self.events.under_oom():
+            return True
+        used = self.pools.pools_cgroup.usage_bytes()
+        return bool(self.held_at_bytes) and used is not None and used >= self.held_at_bytes
 
     def _kill_one(self, tasks: list[Entry], reading: TreeReading, worker_bytes: int, now: float,
                   woken_by: str = "sample", urgent: bool = False) -> bool:
@@ -481,6 +525,18 @@ class Governor:
             "woken": dict(self.wakeups),
             "kernel_oom_kills": self.budget.cgroup.oom_kills() if self.budget.cgroup is not None else None,
         }
+
+
+def _raise_own_priority() -> None:
+    """Run the calling thread (the governor's) at nice -10 where the worker may (``CAP_SYS_NICE``):
+    with the kernel holding a burst, the kill decision waits for this thread to get a CPU, which on a
+    busy machine is shared with the very tasks that are bursting (earlyoom raises its own priority
+    for the same reason). The thread sleeps between the kernel's wake-ups, so this takes no CPU from
+    the tasks."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -10)
+    except OSError:
+        pass
 
 
 def kill_pid(pid: int) -> None:

@@ -150,6 +150,27 @@ class PoolCgroups:
                 pass
         (path / "cgroup.procs").write_text(str(pool_pid))
 
+    def adopt_at_fork(self, parent_pid: int) -> None:
+        """Have each process that ``parent_pid`` (the worker's main process) forks from now on move
+        into its own cgroup at once, in the child, before it runs any of the pool's start-up.
+
+        Pages are charged to the cgroup of the process that first touches them, and cgroups never
+        move a charge later: a pool process that moved itself only on its first task left its
+        start-up (about 6 MiB each, copied on write from the main process: 35 MiB for 6 processes)
+        charged beside the main process, outside the pools' cap, where it came and went as the pool
+        replaced processes and ate the room above the kill line. A process its pool process forks (a
+        task's subprocess) stays in the pool's cgroup: only children of ``parent_pid`` move."""
+
+        def _moved_in_child() -> None:
+            if os.getppid() != parent_pid:
+                return
+            try:
+                self.adopt(os.getpid())
+            except OSError:  # the pool process tries again on start, and says why it could not
+                pass
+
+        os.register_at_fork(after_in_child=_moved_in_child)
+
     # readings -------------------------------------------------------------
     def _cgroup(self, pool_pid: int) -> CgroupMemory:
         return CgroupMemory(self.version, self.path_for(pool_pid), None)

@@ -43,6 +43,17 @@ def send_signal(pid: int, signum: int) -> None:
         pass
 
 
+def _hasten(pid: int) -> None:
+    """Give a process about to be killed the CPU first: its memory comes back only once it has run
+    its exit, and beside busy neighbours (often the very tasks waiting for that memory) a dying
+    300 MiB process took 35-105 ms to go, 0-20 ms at nice -20 (scripts/bench/kernel_reaction.py,
+    burst). Needs ``CAP_SYS_NICE``; without it the kill goes ahead at the process's own priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, -20)
+    except OSError:
+        pass
+
+
 def reap_pid(pid: int) -> bool:
     """Reap ``pid`` if it is an ended child of this process."""
     try:
@@ -80,7 +91,8 @@ class TreeKiller:
         The tree is stopped first (``SIGSTOP``), top down, and read again once stopped, so that no
         member forks a process this kill misses, and the pool process cannot store a result of its
         own when a subprocess it waits for dies. Then the pool process is killed first, so that the
-        task ends as a memory kill, not as a failed subprocess."""
+        task ends as a memory kill, not as a failed subprocess. Each gets the CPU first on its way
+        out (:func:`_hasten`)."""
         self.killed[pool_pid] = now
         members = [p for p in self.meter.tree_now(pool_pid) if p != pool_pid]
         for pid in [pool_pid, *members]:
@@ -89,6 +101,8 @@ class TreeKiller:
             if pid not in members and pid != pool_pid:
                 self.signal(pid, signal.SIGSTOP)
                 members.append(pid)
+        for pid in [pool_pid, *members]:
+            _hasten(pid)
         self.actuator.kill(pool_pid)
         for pid in members:
             self.signal(pid, signal.SIGKILL)

@@ -566,8 +566,10 @@ def test_kernel_accounting_reads_the_kernels_counts_caps_the_pools_and_holds_bur
         # the pools are capped so that the worker reaches the kill line (0.985) when they reach the cap:
         # the main process's share is the worker's count less the pools' (100 - 20 MiB)
         assert (acc.pools.root / "memory.limit_in_bytes").read_text() == str(int(BUDGET * 0.985) - 80 * MiB)
+        # woken at each line, and at the kill line a charge batch short of the cap, where the kernel's
+        # count may stop
         assert events.held and events.thresholds == sorted(
-            int(BUDGET * r) - 80 * MiB for r in {0.96, 0.93, 0.97, 0.985})
+            [int(BUDGET * r) - 80 * MiB for r in {0.96, 0.93, 0.97}] + [int(BUDGET * 0.985) - 81 * MiB])
         # a task in pool 11 measured from its cgroup's count at admission
         ledger.try_add(Entry(KIND_TASK, 11, 100 * MiB, task_id="a", name="media.a", start_rss=10 * MiB),
                        lambda _: True)
@@ -597,6 +599,56 @@ def test_kernel_accounting_reads_the_kernels_counts_caps_the_pools_and_holds_bur
     assert not events.held  # the kernel's OOM killer is given back on stop
 
 
+def test_pools_a_charge_batch_short_of_their_cap_are_held_and_a_stale_oom_event_kills_nobody(tmp_path) -> None:
+    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    try:
+        gov.start()
+        cap = int(BUDGET * 0.985) - 80 * MiB
+        for pid, task_id in ((11, "a"), (12, "b")):
+            ledger.try_add(Entry(KIND_TASK, pid, 100 * MiB, task_id=task_id, name="media.a", start_rss=10 * MiB),
+                           lambda _: True)
+        meter.children = {11: 500 * MiB, 12: 300 * MiB}
+        # the kernel reports no OOM yet (it is still reclaiming), and the worker's reading is under the
+        # kill line; but the pools are within a charge batch of their cap: their allocations wait
+        kernel(80 * MiB + cap - MiB // 2, {11: cap - 300 * MiB, 12: 300 * MiB - MiB // 2})
+        gov.tick()
+        assert actuator.kills() == [11]
+        # the OOM event that this burst raised, read once the kill freed the memory: nobody else dies
+        kernel(600 * MiB, {11: 10 * MiB, 12: 300 * MiB})
+        (acc.pools.path_for(11) / "cgroup.procs").write_text("")
+        gov.woken = ["oom"]
+        gov.tick()
+        assert actuator.kills() == [11]
+    finally:
+        gov.stop()
+        ledger.close()
+
+
+def test_the_pools_cap_follows_the_main_process_down_only_once_it_stayed_smaller(tmp_path) -> None:
+    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    limit = acc.pools.root / "memory.limit_in_bytes"
+    try:
+        gov.start()
+        assert limit.read_text() == str(int(BUDGET * 0.985) - 80 * MiB)
+        # the main process's share grows (the pool replaced a process): the cap comes down at once
+        kernel(140 * MiB, {11: 10 * MiB, 12: 10 * MiB})
+        gov.tick()
+        assert limit.read_text() == str(int(BUDGET * 0.985) - 120 * MiB)
+        # it dips (an old process's pages freed) and grows back within seconds: the cap stays, so that
+        # the tasks never fill a dip the main process needs back
+        kernel(80 * MiB, {11: 10 * MiB, 12: 10 * MiB})
+        gov.clock.t += 5
+        gov.tick()
+        assert limit.read_text() == str(int(BUDGET * 0.985) - 120 * MiB)
+        # smaller for the whole window: the room goes back to the pools
+        gov.clock.t += 6
+        gov.tick()
+        assert limit.read_text() == str(int(BUDGET * 0.985) - 60 * MiB)
+    finally:
+        gov.stop()
+        ledger.close()
+
+
 def test_with_nothing_to_kill_the_choice_goes_back_to_the_kernel(tmp_path) -> None:
     gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
     try:
@@ -605,8 +657,9 @@ def test_with_nothing_to_kill_the_choice_goes_back_to_the_kernel(tmp_path) -> No
         kernel(990 * MiB, {11: 10 * MiB, 12: 10 * MiB})
         gov.tick()
         assert actuator.kills() == [] and not events.held and gov.accounting_info()["oom_hold"] is False
-        events.oom = False  # back in the ok zone: held again
+        events.oom = False  # back in the ok zone (and the pools' cap back to the main process's share): held again
         kernel(100 * MiB, {11: 10 * MiB, 12: 10 * MiB})
+        gov.clock.t += 11
         gov.tick()
         assert events.held
     finally:

@@ -135,3 +135,41 @@ def test_kernel_lines_apply_unless_the_user_chose_lines() -> None:
     assert (mine.kill, mine.admit, mine.pause, mine.source) == (0.97, 0.85, 0.85, "configured")
     # the budget counts as a line: a user's 80 % stays 80 %
     assert lines_for(load_config({}, {"RMQ_MEMORY_BUDGET": "80%"}), kernel=True).budget_percent == 0.80
+
+
+_FORKS = """
+import os, sys
+from pathlib import Path
+from rmq.memory.pool_cgroups import choose_accounting
+from rmq.memory.probes import CgroupMemory
+
+cg = Path(sys.argv[1])
+pools = choose_accounting(CgroupMemory(1, cg, 1536 << 20), os.getpid()).pools
+pools.adopt_at_fork(os.getpid())
+child = os.fork()
+if child == 0:  # a pool process: it forks a task's subprocess in turn
+    grandchild = os.fork()
+    if grandchild == 0:
+        os._exit(0)
+    os.waitpid(grandchild, 0)
+    print(grandchild, flush=True)
+    os._exit(0)
+os.waitpid(child, 0)
+print(child, flush=True)
+"""
+
+
+def test_processes_the_main_process_forks_move_into_their_own_cgroup_at_once_and_theirs_stay(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    cg = v1_tree(tmp_path).path
+    # a process of its own: the fork hook cannot be taken back, and must not follow this test's process
+    out = subprocess.run([sys.executable, "-c", _FORKS, str(cg)], capture_output=True, text=True, timeout=30,
+                         check=True).stdout.split()
+    grandchild, child = int(out[0]), int(out[1])
+    pools = next(cg.glob("rmq-*-pools"))
+    # the pool process was moved in the child, before anything it ran could be charged beside the main
+    # process; the subprocess it forked is not moved out of its pool's cgroup
+    assert (pools / f"pool-{child}" / "cgroup.procs").read_text() == str(child)
+    assert not (pools / f"pool-{grandchild}").exists()
