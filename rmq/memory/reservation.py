@@ -45,7 +45,7 @@ _UNKNOWN = 1 << 62
 
 
 def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, learned: bool = False,
-              share: float = 1.0) -> Verdict:
+              share: float = 1.0, worker_now: Callable[[], int | None] | None = None) -> Verdict:
     """One atomic step: judge ``need`` against the reservations and the governor's latest readings,
     and add ``entry`` when it fits.
 
@@ -53,10 +53,18 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, l
     is cut to that room: learned peaks are shared by every worker on the Redis, whatever its budget,
     so one learned on a bigger worker would otherwise fail the task here for ever. Cut, the task runs
     alone, and its peak on this worker is learned (docs/design.md#learning). A task nothing is known
-    of (``_UNKNOWN``) takes ``share`` of that room."""
+    of (``_UNKNOWN``) takes ``share`` of that room.
+
+    ``worker_now`` reads the worker's memory afresh (the kernel's count, under kernel accounting) in
+    place of the governor's last reading: memory a neighbour freed when it ended then admits the
+    next task at once, not at the governor's next sample. A neighbour's growth since that sample is
+    in the fresh count while its reservation still counts as unused: double, so on the safe side."""
     disk = shutil.disk_usage(disk_root) if (need.disk_bytes and disk_root) else None
+    fresh = worker_now() if worker_now is not None else None
     with ledger.locked():  # the readings are published under the same lock as the reservations' usage
         worker, idle, admit_line, budget, cpu_slots = ledger.admission_readings()
+        if fresh is not None:
+            worker = fresh
         reserved = ledger.reserved_unlocked()
         # alone: the idle worker, and the models resident in it (a pinned one never leaves)
         alone = admit_line - idle - reserved.model_bytes
@@ -78,9 +86,11 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, l
 
 def _wait_for_room(ledger: Ledger, entry: Entry, need: Need, wait_s: float, disk_root: str | None,
                    verdict: Verdict, learned: bool = False,
-                   renew: Callable[[], tuple[int, bool]] | None = None, share: float = 1.0) -> Verdict:
+                   renew: Callable[[], tuple[int, bool]] | None = None, share: float = 1.0,
+                   worker_now: Callable[[], int | None] | None = None) -> Verdict:
     """After a first ``verdict`` that did not fit: ask for unloads, then re-try until ``wait_s`` ends.
-    ``renew`` gives the reservation again (a peak learned meanwhile by a neighbour's run)."""
+    ``renew`` gives the reservation again (a peak learned meanwhile by a neighbour's run);
+    ``worker_now`` reads the worker's memory afresh for each re-try (see :func:`_try_once`)."""
     deadline = time.monotonic() + wait_s
     asked_unload = False
     renewed_at = time.monotonic()
@@ -96,7 +106,7 @@ def _wait_for_room(ledger: Ledger, entry: Entry, need: Need, wait_s: float, disk
             # a full ledger is most often full of resident models, and unloading frees their slots
             ledger.request_unload(min(need.memory_bytes, entry.memory_bytes) - verdict.available)
         time.sleep(_POLL_S)
-        verdict = _try_once(ledger, entry, need, disk_root, learned, share)
+        verdict = _try_once(ledger, entry, need, disk_root, learned, share, worker_now)
     return verdict
 
 
@@ -175,7 +185,8 @@ class AdmissionGuard(Concern):
         if not v.admitted and not v.never:
             # a peak learned meanwhile (a neighbour of the same name ended) applies to a waiting run too
             v = _wait_for_room(rt.ledger, entry, need, rt.config.admission_wait, disk_root, v, estimate,
-                               lambda: self.reservation(rt, ctx), share)
+                               lambda: self.reservation(rt, ctx), share,
+                               _fresh_for_known(rt, pools, ctx.task_name) if pools is not None else None)
         if v.admitted:
             ctx.memory_bytes = entry.memory_bytes  # an estimate may have been cut to the idle worker's room
             ctx.state["admission"] = entry
@@ -225,6 +236,19 @@ class AdmissionGuard(Concern):
 def _pools(rt: Runtime) -> PoolCgroups | None:
     accounting = getattr(rt, "accounting", None)
     return accounting.pools if accounting is not None else None
+
+
+def _fresh_for_known(rt: Runtime, pools: PoolCgroups, task_name: str) -> Callable[[], int | None]:
+    """The kernel's count of the worker, read afresh, for a task whose peak its own runs taught; else
+    ``None`` (the governor's last reading). A declaration may lie and an unknown task may be large:
+    admitted the moment a neighbour's memory came back, such a run would take it before the peak a
+    kill or a neighbour's run just taught reaches it (read again every 0.1 s while it waits), and
+    grow into the cap; waiting for the governor's next reading gives it that time."""
+
+    def read() -> int | None:
+        return pools.worker.working_set_bytes() if learner(rt).learned(task_name) else None
+
+    return read
 
 
 def _kernel_start(pools: PoolCgroups | None) -> int:
