@@ -133,6 +133,8 @@ class Run:
     alive_after_watch: list[int] = field(default_factory=list)
     tree_gone_after_s: float | None = None
     wall_s: float = 0.0
+    #: each success's start, end and memory freed, in s after the first send (for timelines in --json)
+    spans: list[tuple[float, float, float]] = field(default_factory=list)
 
     @property
     def x_ideal(self) -> float | None:
@@ -317,6 +319,7 @@ def run_case(row: str, side: str, args: argparse.Namespace, url: str, fp: Footpr
             if meta["status"] == "SUCCESS":
                 run.succeeded += 1
                 spans.append((result["started"], result["ended"]))
+                run.spans.append((result["started"] - t0, result["ended"] - t0, result["freed"] - t0))
             else:
                 run.failed += 1
                 exc = (result or {}).get("exc_type", meta["status"]) if isinstance(result, dict) else meta["status"]
