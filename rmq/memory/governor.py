@@ -34,19 +34,26 @@ __all__ = ["Governor", "Actuator", "KillRecord"]
 
 log = logging.getLogger("rmq.memory.governor")
 
-#: how far the main process's share may move before the pools' cap follows it
-_REFIT_BYTES = 8 << 20
+#: how far the main process's share moves before the pools' cap follows it
+_REFIT_STEP_BYTES = 1 << 20
+
+#: a dip of the main process's share larger than this is a pool process replaced (see ``_OWN_WINDOW_S``)
+_DIP_BYTES = 8 << 20
+
+#: v2: how far under the pools' cap ``memory.high`` throttles them (at least; 2 % of the cap above 400 MiB)
+_HIGH_MARGIN_BYTES = 8 << 20
 
 #: how long the main process's largest share counts for the pools' cap: the share dips each time the
 #: pool replaces a process (the old one's pages, charged beside the main process, are freed) and
 #: comes back as the new one starts; a cap raised into the dip would be filled by the tasks at once,
 #: and the main process's share, growing back, would then find the worker's cgroup full
-_OWN_WINDOW_S = 10.0
+_OWN_WINDOW_S = 3.0
 
 #: the pools this close to their cap count as held: the kernel charges memory in batches (32 pages
-#: per CPU), so the count can stop short of the cap, where a wake-up set exactly at it never fires,
-#: and the kernel first spends tens of ms reclaiming before it declares the cgroup out of memory
-_AT_CAP_BYTES = 1 << 20
+#: per CPU, 256 KiB on two), so the count can stop short of the cap, where a wake-up set exactly at
+#: it never fires, and the kernel first spends tens of ms reclaiming before it declares the cgroup
+#: out of memory
+_AT_CAP_BYTES = 512 << 10
 
 #: how far the admit line steps down after a kill that found nobody over their reservation (what
 #: admission let in did not fit: page cache, interpreters, the pools themselves), and how fast it
@@ -208,14 +215,16 @@ class Governor:
         worker, pools = self.budget.cgroup.usage_bytes(), self.pools.pools_cgroup.usage_bytes()
         if worker is None or pools is None:
             return
-        now = self.clock()
-        self._own_seen.append((now, max(0, worker - pools)))
+        now, own = self.clock(), max(0, worker - pools)
+        self._own_seen.append((now, own))
         while self._own_seen[0][0] < now - _OWN_WINDOW_S:
             self._own_seen.popleft()
-        own = max(o for _, o in self._own_seen)  # lowered at once, raised once the window forgets
-        # the main process's growth comes off the pools' cap at the next tick (it eats the room above
-        # the kill line); a shrink gives room back only in steps worth a write
-        if not force and not (own > self.own_bytes + _AT_CAP_BYTES or own < self.own_bytes - _REFIT_BYTES):
+        largest = max(o for _, o in self._own_seen)
+        if largest - own > _DIP_BYTES:  # a dip (a pool process replaced): the cap waits for it to pass
+            own = largest
+        # the cap follows the share to the MiB (the worker should reach the kill line, not stop short
+        # of it), but not every page of it: each refit rewrites the kernel's wake-up thresholds
+        if not force and abs(own - self.own_bytes) < _REFIT_STEP_BYTES:
             return
         # never under what the pools hold now: the kernel would reclaim in the writing thread (this
         # one) before it refuses, and with anonymous memory and no swap there is nothing to reclaim.
@@ -227,7 +236,7 @@ class Governor:
         self.held_at_bytes = max(0, cap - _AT_CAP_BYTES)
         if self.events is not None:
             if self.pools.version == 2 and cap:  # v2 holds a burst by throttling just under the cap
-                self.held_at_bytes = max(1, cap - max(_REFIT_BYTES, cap // 50))
+                self.held_at_bytes = max(1, cap - max(_HIGH_MARGIN_BYTES, cap // 50))
                 self.events.set_high(self.held_at_bytes)
             if not force:
                 self.events.set_thresholds(self._thresholds())
@@ -251,7 +260,14 @@ class Governor:
         # under pressure, sample faster so a runaway task overshoots less before the kill
         if self.zone == "ok" and not self.ladder.paused:
             return self.config.monitor_interval
-        return min(self.config.monitor_interval, 0.02 if self.events is not None else 0.05)
+        if self.events is None:
+            return min(self.config.monitor_interval, 0.05)
+        # v1's thresholds wake the governor at every line, either way: between them only a kill taking
+        # effect needs a fast look. Ticking every 20 ms through a steady, full worker (four tasks at
+        # 96 % sit in the unload zone for their whole run) took CPU from the very tasks it governs.
+        if self.events.mode == "eventfd" and self.zone != "kill" and not self._killed_pids and not self.paused:
+            return self.config.monitor_interval
+        return min(self.config.monitor_interval, 0.02)
 
     def _timed_tick(self) -> None:
         if not self.ticks and self.events is not None:

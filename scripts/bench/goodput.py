@@ -418,10 +418,11 @@ def print_ideals(runs: list[Run], fp: Footprints, args: argparse.Namespace) -> N
         if r.row == "unbounded":
             continue
         fpt = fp.subprocess if r.row == "subprocess" else fp.in_process
-        ideal = "-" if r.ideal_s is None else f"{r.ideal_s:g} s"
+        ideal = "-" if r.ideal_s is None else f"{r.ideal_s:.1f} s"
         print(f"- {r.row}, {SIDE_LABELS[r.side]}: idle {mib(r.idle_bytes)} MiB (working set "
-              f"{mib(r.idle_working_set_bytes)}; {mib(r.idle_after_bytes)} once the tasks ended), fit floor(({mib(args.limit)} - {mib(r.idle_bytes)}) / {mib(fpt)}) "
-              f"-> {r.fit}, ideal {ideal}; run took {r.wall_s:.0f} s with the worker's start and stop")
+              f"{mib(r.idle_working_set_bytes)}; {mib(r.idle_after_bytes)} once the tasks ended), fit "
+              f"floor(({mib(args.limit)} - {mib(r.idle_bytes)}) / {mib(fpt)}) -> {r.fit}, ideal {ideal}; "
+              f"run took {r.wall_s:.0f} s with the worker's start and stop")
 
 
 def print_unbounded(runs: list[Run]) -> None:

@@ -116,14 +116,18 @@ class CaseRun:
 
 def analyse(samples: list[tuple[float, int, frozenset[int]]], recent: list[dict], line: int) -> list[Kill]:
     kills = []
-    for k in recent:
+    previous = float("-inf")
+    for k in sorted(recent, key=lambda k: float(k["time"])):
         pid, at = int(k["pid"]), float(k["time"])
         # the process gone: the first sample after the kill record without it
         gone = next((t for t, _, pids in samples if t >= at - 0.05 and pid not in pids), None)
-        # the crossing: the last time before the kill the count went from under the line to on it
+        # the crossing: the last time before the kill, and since the previous kill, the count went
+        # from under the line to on it (a crossing of an earlier episode is not this kill's)
         crossed_at = None
-        below = True
+        below = previous == float("-inf")  # after a kill, the count must first be seen under the line
         for t, usage, _ in samples:
+            if t <= previous:
+                continue
             if t > at:
                 break
             if usage >= line - AT_LINE:
@@ -136,6 +140,7 @@ def analyse(samples: list[tuple[float, int, frozenset[int]]], recent: list[dict]
         gap = int(k["worker_bytes"]) - near[1] if near is not None and k.get("worker_bytes") is not None else None
         reaction = gone - crossed_at if gone is not None and crossed_at is not None else None
         kills.append(Kill(pid, reaction, gap, crossed_at is not None))
+        previous = at
     return kills
 
 

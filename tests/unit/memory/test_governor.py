@@ -569,7 +569,7 @@ def test_kernel_accounting_reads_the_kernels_counts_caps_the_pools_and_holds_bur
         # woken at each line, and at the kill line a charge batch short of the cap, where the kernel's
         # count may stop
         assert events.held and events.thresholds == sorted(
-            [int(BUDGET * r) - 80 * MiB for r in {0.97, 0.93, 0.98}] + [int(BUDGET * 0.985) - 81 * MiB])
+            [int(BUDGET * r) - 80 * MiB for r in {0.97, 0.93, 0.98}] + [int(BUDGET * 0.985) - 80 * MiB - 512 * 1024])
         # a task in pool 11 measured from its cgroup's count at admission
         ledger.try_add(Entry(KIND_TASK, 11, 100 * MiB, task_id="a", name="media.a", start_rss=10 * MiB),
                        lambda _: True)
@@ -610,7 +610,7 @@ def test_pools_a_charge_batch_short_of_their_cap_are_held_and_a_stale_oom_event_
         meter.children = {11: 500 * MiB, 12: 300 * MiB}
         # the kernel reports no OOM yet (it is still reclaiming), and the worker's reading is under the
         # kill line; but the pools are within a charge batch of their cap: their allocations wait
-        kernel(80 * MiB + cap - MiB // 2, {11: cap - 300 * MiB, 12: 300 * MiB - MiB // 2})
+        kernel(80 * MiB + cap - MiB // 4, {11: cap - 300 * MiB, 12: 300 * MiB - MiB // 4})
         gov.tick()
         assert actuator.kills() == [11]
         # the OOM event that this burst raised, read once the kill freed the memory: nobody else dies
@@ -637,11 +637,11 @@ def test_the_pools_cap_follows_the_main_process_down_only_once_it_stayed_smaller
         # it dips (an old process's pages freed) and grows back within seconds: the cap stays, so that
         # the tasks never fill a dip the main process needs back
         kernel(80 * MiB, {11: 10 * MiB, 12: 10 * MiB})
-        gov.clock.t += 5
+        gov.clock.t += 1
         gov.tick()
         assert limit.read_text() == str(int(BUDGET * 0.985) - 120 * MiB)
         # smaller for the whole window: the room goes back to the pools
-        gov.clock.t += 6
+        gov.clock.t += 3
         gov.tick()
         assert limit.read_text() == str(int(BUDGET * 0.985) - 60 * MiB)
     finally:
