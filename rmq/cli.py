@@ -116,7 +116,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     # what a worker started here would choose; nothing is created or moved
     accounting = choose_accounting(limit.cgroup or HostProbe().memory_cgroup(), os.getpid(),
                                    cfg.kernel_accounting, limit.cgroup is not None, dry_run=True)
-    lines = lines_for(cfg, accounting.kernel)
+    lines = lines_for(cfg, accounting.kernel, limit.limit_bytes)
     budget = detect_budget(cfg, percent=lines.budget_percent)
     slots, slot_source = (cfg.cpu_slots, "configured") if cfg.cpu_slots else detect_cpu_slots()
     ok = True

@@ -80,7 +80,7 @@ class GovernorStep(bootsteps.StartStopStep):
         self.runtime.accounting = self.accounting
         if self.accounting.pools is not None:
             self.accounting.pools.adopt_at_fork(os.getpid())
-        self.lines = lines_for(self.config, self.accounting.kernel)
+        self.lines = lines_for(self.config, self.accounting.kernel, limit.limit_bytes)
         self.budget = detect_budget(self.config, percent=self.lines.budget_percent)
         self.cpu_slots, self.cpu_source = _cpu_slots(self.config.cpu_slots)
         self.governor: Governor | None = None

@@ -14,7 +14,16 @@ from dataclasses import dataclass, replace
 
 from rmq.core.config import RmqConfig
 
-__all__ = ["Lines", "POLLING", "KERNEL", "LINE_KEYS", "lines_for"]
+__all__ = ["Lines", "POLLING", "KERNEL", "LINE_KEYS", "kernel_lines", "lines_for"]
+
+MiB = 1 << 20
+
+#: the least room above the kernel kill line, and between it and the admit line: the main process's
+#: share of the worker's cgroup grows after each pool process it forks (its copy-on-write pages),
+#: by 5-10 MiB within a second when kills replace several, and the pools' cap cannot be lowered
+#: under what they hold meanwhile. 1.5 % of a 768 MiB worker (11.5 MiB) was too little: the main
+#: process's next page then went to the kernel's OOM killer.
+KERNEL_MIN_MARGIN_BYTES = 24 * MiB
 
 #: the keys a user sets to choose lines themselves
 LINE_KEYS = frozenset({"memory_budget", "admit_ratio", "unload_ratio", "unload_target_ratio",
@@ -45,10 +54,27 @@ POLLING = Lines(0.90, 0.85, 0.80, 0.70, 0.85, 0.75, 0.95, "polling defaults")
 KERNEL = Lines(1.00, 0.97, 0.93, 0.85, 0.98, 0.93, 0.985, "kernel wake-up defaults")
 
 
-def lines_for(config: RmqConfig, kernel: bool) -> Lines:
-    """The lines a worker uses: the kernel set with kernel accounting unless the user chose lines."""
-    if kernel and not (config.explicit & LINE_KEYS):
+def kernel_lines(limit_bytes: int | None) -> Lines:
+    """The kernel set for a worker whose cgroup's limit is ``limit_bytes``: :data:`KERNEL`, with the
+    margins above the kill and the admit lines widened to at least ``KERNEL_MIN_MARGIN_BYTES`` on a
+    small worker (under 1.6 GiB)."""
+    base = 1 - KERNEL.kill
+    if not limit_bytes or limit_bytes * base >= KERNEL_MIN_MARGIN_BYTES:
         return KERNEL
+    margin = min(0.1, KERNEL_MIN_MARGIN_BYTES / limit_bytes)
+    unload = min(KERNEL.unload, 1 - 2 * margin - 0.04)
+    return replace(
+        KERNEL, kill=1 - margin, admit=1 - 2 * margin, pause=1 - margin * (1 - KERNEL.pause) / base,
+        unload=unload, resume=unload, unload_target=min(KERNEL.unload_target, unload - 0.08),
+        source=f"kernel wake-up defaults, margins of {KERNEL_MIN_MARGIN_BYTES // MiB} MiB",
+    )
+
+
+def lines_for(config: RmqConfig, kernel: bool, limit_bytes: int | None = None) -> Lines:
+    """The lines a worker uses: the kernel set (for a cgroup limit of ``limit_bytes``) with kernel
+    accounting unless the user chose lines."""
+    if kernel and not (config.explicit & LINE_KEYS):
+        return kernel_lines(limit_bytes)
     kind, value = config.memory_budget
     return replace(
         POLLING,

@@ -68,6 +68,9 @@ class PoolCgroups:
         #: the cgroup every pool cgroup lives in
         self.root = worker.path / f"rmq-{main_pid}-pools"
         self._peak_files: dict[int, int] = {}
+        #: the process that :meth:`adopt` last moved, in this process's copy (a pool process asks
+        #: whether it is in its cgroup before each task)
+        self.adopted_pid = 0
 
     # setting up ---------------------------------------------------------
     def check(self) -> None:
@@ -149,6 +152,7 @@ class PoolCgroups:
             except OSError:
                 pass
         (path / "cgroup.procs").write_text(str(pool_pid))
+        self.adopted_pid = pool_pid
 
     def adopt_at_fork(self, parent_pid: int) -> None:
         """Have each process that ``parent_pid`` (the worker's main process) forks from now on move

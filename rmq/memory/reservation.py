@@ -173,6 +173,8 @@ class AdmissionGuard(Concern):
         if disk_root:
             os.makedirs(disk_root, exist_ok=True)
         pools = _pools(rt)
+        if pools is not None:
+            _in_own_cgroup(rt, pools)
         # kernel accounting: the task is measured from its pool cgroup's count, its peak by the kernel
         start = pools.reset_peak(forks.pid()) if pools is not None else None
         entry = Entry(
@@ -249,6 +251,23 @@ def _fresh_for_known(rt: Runtime, pools: PoolCgroups, task_name: str) -> Callabl
         return pools.worker.working_set_bytes() if learner(rt).learned(task_name) else None
 
     return read
+
+
+def _in_own_cgroup(rt: Runtime, pools: PoolCgroups) -> None:
+    """Make sure this pool process is in its cgroup before a task runs, or defer the task.
+
+    Moving in can fail: the kernel makes a cgroup with memory charged where the process is, and
+    next to pools held at their cap that fails (``ENOMEM``). A task run from outside the pools'
+    cgroup is outside their cap too: its memory fills the worker's cgroup beside the main process,
+    and the worker's limit, not rmq, then chooses a victim (the kernel's OOM killer)."""
+    pid = forks.pid()
+    if pools.adopted_pid == pid:
+        return
+    try:
+        pools.adopt(pid)
+    except OSError as exc:  # counted as deferred.cgroup
+        raise Defer(f"its pool process could not move into its memory cgroup yet ({exc.strerror or exc})",
+                    rt.config.defer_countdown, kind="cgroup") from exc
 
 
 def _kernel_start(pools: PoolCgroups | None) -> int:

@@ -202,3 +202,30 @@ def test_an_unknown_task_on_a_worker_full_of_pinned_models_waits_instead_of_fail
         AdmissionGuard().enter(ctx)
     assert caught.value.kind == "memory"
     ledger.close()
+
+
+class StuckPools:
+    """Pool cgroups the kernel will not make yet (``ENOMEM`` beside pools held at their cap)."""
+
+    adopted_pid = 0
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    def adopt(self, pid: int) -> None:
+        self.tries += 1
+        raise OSError(12, "Cannot allocate memory")
+
+
+def test_a_pool_process_outside_its_cgroup_defers_its_task_instead_of_running_it_uncapped(rt) -> None:
+    from rmq.core.errors import Defer
+    from rmq.memory.pool_cgroups import Accounting
+
+    pools = StuckPools()
+    rt.accounting = Accounting("cgroup-v1", "fake", pools)  # type: ignore[arg-type]
+    ctx = TaskContext("media.encode", "e-1", parse_declaration(memory="64MiB"), rt.config)
+    with pytest.raises(Defer) as raised:
+        AdmissionGuard().enter(ctx)
+    # it tried again, reserved nothing, and the task waits in the queue (counted as deferred.cgroup)
+    assert pools.tries == 1 and raised.value.kind == "cgroup" and "Cannot allocate memory" in raised.value.reason
+    assert rt.ledger.entries() == []
