@@ -156,18 +156,164 @@ def idle_cost(client: Any, workers: dict[str, WorkerProcess], idle_s: float) -> 
     return out
 
 
+# --compare install: plain app against the same app with install(), as users compare them
+USER_KINDS = {"noop": ("soakapp.noop", []), "cpu5": ("soakapp.cpu", [5.0])}
+#: commands the bench itself sends while a round is measured (its result polling), left out of the counts
+BENCH_COMMANDS = ("exists", "info", "config|resetstat", "config")
+
+
+def redis_commands(rc: redis_lib.Redis) -> dict[str, int]:
+    """``INFO commandstats``: command -> calls since the last ``CONFIG RESETSTAT``."""
+    out = {}
+    for key, value in rc.info("commandstats").items():
+        name = key.removeprefix("cmdstat_")
+        calls = value["calls"] if isinstance(value, dict) else int(str(value).split("calls=")[1].split(",")[0])
+        out[name] = calls
+    return out
+
+
+def user_round(url: str, rc: redis_lib.Redis, side: str, kind: str, n: int, concurrency: int, prefetch: int,
+               skip: int, timeout_s: float = 300.0, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One round of ``--compare install``: fill the default queue with ``n`` tasks from the side's
+    own app (its ``apply_async``: router, priorities), start a fresh worker as a user starts it
+    (no ``-Q``), measure from the ``skip``-th result (first imports and pool processes' first tasks
+    left out) to the last: throughput, CPU per task of the main process and the pool, and Redis
+    commands per task (``INFO commandstats``, the bench's own polling left out)."""
+    import subprocess
+
+    name, args = USER_KINDS[kind]
+    prefix = f"ovh{uuid.uuid4().hex[:10]}"
+    env = {"RMQ_BROKER_URL": url, "RMQ_RESULT_BACKEND": url, "SOAK_MODE": f"user-{side}",
+           "SOAK_PREFETCH": str(prefetch), "PYTHONPATH": os.pathsep.join([TESTS_DIR, ROOT]), **(extra_env or {})}
+    subprocess.run([sys.executable, "-c", "import soakapp; soakapp.fill_main()"], check=True, cwd=ROOT,
+                   env={**os.environ, **env, "SOAK_FILL_N": str(n), "SOAK_FILL_PREFIX": prefix,
+                        "SOAK_FILL_TASK": name, "SOAK_FILL_ARGS": json.dumps(args)})
+    keys = [f"{META}{prefix}-{i}" for i in range(n)]
+    w = WorkerProcess(app="soakapp", env=env, concurrency=concurrency, cwd=ROOT, loglevel="WARNING",
+                      hostname=f"ovh-{side}-{uuid.uuid4().hex[:6]}@%h")
+    polls = 0
+    try:
+        w.start()
+        deadline = time.monotonic() + timeout_s
+
+        def wait_for(key_set: list[str]) -> None:
+            nonlocal polls
+            while rc.exists(*key_set) < len(key_set):
+                polls += 1
+                if w.proc is not None and w.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited with {w.proc.returncode}:\n{w.log()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{side} {kind} round: {rc.exists(*keys)}/{n} done")
+                time.sleep(0.02)
+
+        wait_for([keys[skip]])
+        rc.config_resetstat()
+        polls = 0
+        t_snap = time.time()
+        cpu0 = cpu_seconds(w.pid)
+        wait_for(keys[-16:])
+        wait_for(keys)
+        cpu1 = cpu_seconds(w.pid)
+        commands = redis_commands(rc)
+    finally:
+        w.finish()
+    commands["exists"] = commands.get("exists", 0) - polls
+    for c in BENCH_COMMANDS[1:]:
+        commands.pop(c, None)
+    raws = rc.mget(keys)
+    dates = sorted(_date(raw) for raw in raws)
+    statuses = {json.loads(raw)["status"] for raw in raws}
+    rc.delete(*keys)
+    if statuses != {"SUCCESS"}:
+        raise RuntimeError(f"{side} {kind} round ended with {statuses}")
+    after = sum(1 for d in dates if d > t_snap)  # tasks done inside the CPU and command window
+    span = dates[-1] - dates[skip]
+    return {"worker": (n - 1 - skip) / span if span > 0 else float("nan"),
+            "main_ms": 1000 * (cpu1[0] - cpu0[0]) / max(after, 1),
+            "pool_ms": 1000 * (cpu1[1] - cpu0[1]) / max(after, 1),
+            "commands": {c: v / max(after, 1) for c, v in commands.items() if v > 0}}
+
+
+def compare_install(url: str, args: argparse.Namespace) -> int:
+    """``--compare install``: every (concurrency, prefetch, kind) cell, rounds interleaved across cells
+    and sides, a fresh worker per round; prints each round, then the summary and where the difference goes."""
+    kinds = [k for k in args.kinds.split(",") if k]
+    concs = [int(c) for c in str(args.concurrency).split(",")]
+    prefetches = [int(p) for p in str(args.prefetch).split(",")]
+    cells = [(c, p, k) for k in kinds for c in concs for p in prefetches]
+    rc = redis_lib.Redis.from_url(url)
+    sides = ("plain", "rmq")
+    results: dict[tuple, dict[str, list[dict[str, Any]]]] = {cell: {s: [] for s in sides} for cell in cells}
+    skip = max(100, args.tasks // 10)
+    print(f"P1 as users see it: a plain app (@app.task) against the same app with rmq.install(app) and "
+          f"@governed_task(), nothing else given to either; fresh worker per round started without -Q, prefork; "
+          f"{args.tasks} tasks per round (the first {skip} left out), {args.rounds} rounds, interleaved; Redis {url}",
+          flush=True)
+    print(f"  {'cell':>16}  {'round':>5}  {'plain/s':>8}  {'rmq/s':>8}  {'ratio':>6}  "
+          f"{'CPU ms/task main+pool plain':>27}  {'rmq':>11}  {'Redis cmds/task plain':>21}  {'rmq':>5}")
+    for r in range(args.rounds):
+        for cell in cells:
+            c, p, kind = cell
+            n = args.tasks if kind == "noop" else max(args.tasks // 2, 4 * skip)
+            order = sides if r % 2 == 0 else sides[::-1]
+            got = {s: user_round(url, rc, s, kind, n, c, p, skip) for s in order}
+            for s in sides:
+                results[cell][s].append(got[s])
+            a, b = got["plain"], got["rmq"]
+            print(f"  {f'-c {c} pf {p} {kind}':>16}  {r + 1:>5}  {a['worker']:>8.0f}  {b['worker']:>8.0f}  "
+                  f"{b['worker'] / a['worker']:>6.3f}  {a['main_ms']:>19.2f} + {a['pool_ms']:<5.2f}  "
+                  f"{b['main_ms']:>5.2f} + {b['pool_ms']:<5.2f}  {sum(a['commands'].values()):>21.2f}  "
+                  f"{sum(b['commands'].values()):>5.2f}", flush=True)
+    print("\nP1 summary, install() as users see it (floor: every ratio >= 0.95, aim 0.98)")
+    print(f"  {'cell':>16}  {'plain median':>12}  {'rmq median':>10}  {'ratio of medians':>16}  "
+          f"{'median paired ratio':>19}  {'CPU ms/task main+pool plain':>27}  {'rmq':>11}")
+    ok = True
+    for cell in cells:
+        c, p, kind = cell
+        pl, gv = results[cell]["plain"], results[cell]["rmq"]
+        ratio = statistics.median(x["worker"] for x in gv) / statistics.median(x["worker"] for x in pl)
+        paired = statistics.median(b["worker"] / a["worker"] for a, b in zip(pl, gv, strict=True))
+        ok = ok and ratio >= 0.95
+        med = {s: (statistics.median(x["main_ms"] for x in v), statistics.median(x["pool_ms"] for x in v))
+               for s, v in (("plain", pl), ("rmq", gv))}
+        print(f"  {f'-c {c} pf {p} {kind}':>16}  {statistics.median(x['worker'] for x in pl):>12.0f}  "
+              f"{statistics.median(x['worker'] for x in gv):>10.0f}  {ratio:>16.3f}  {paired:>19.3f}  "
+              f"{med['plain'][0]:>19.2f} + {med['plain'][1]:<5.2f}  {med['rmq'][0]:>5.2f} + {med['rmq'][1]:<5.2f}")
+    print("\nRedis commands per task (median over rounds; INFO commandstats, the bench's polling left out)")
+    for cell in cells:
+        c, p, kind = cell
+        names = sorted({k for s in sides for x in results[cell][s] for k in x["commands"]})
+        med = {s: {k: statistics.median(x["commands"].get(k, 0.0) for x in results[cell][s]) for k in names}
+               for s in sides}
+        shown_names = [k for k in names if max(med["plain"][k], med["rmq"][k]) >= 0.005]
+        detail = ", ".join(f"{k} {med['plain'][k]:.2f}/{med['rmq'][k]:.2f}" for k in shown_names)
+        print(f"  {f'-c {c} pf {p} {kind}':>16}  total plain {sum(med['plain'].values()):.2f} / rmq "
+              f"{sum(med['rmq'].values()):.2f}: {detail}")
+    print("\nPASS" if ok else "\nMISS: see the figures above")
+    return 0 if ok else 1
+
+
 def main() -> int:
     from soak import private_redis  # scripts/soak.py
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--tasks", type=int, default=3000, help="tasks per round")
     parser.add_argument("--rounds", type=int, default=11, help="rounds per mode and kind")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--prefetch", type=int, default=4,
-                        help="worker_prefetch_multiplier of both (4: Celery's default and rmq's light profile)")
+    parser.add_argument("--concurrency", default="8", help="with --compare install, a list: 2,8")
+    parser.add_argument("--prefetch", default="4",
+                        help="worker_prefetch_multiplier of both (4: Celery's default and rmq's light profile); "
+                             "with --compare install, a list: 1,4")
     parser.add_argument("--kinds", default="noop,cpu5")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of the idle CPU window (P6); 0 skips")
+    parser.add_argument("--compare", choices=("path", "install"), default="path",
+                        help="path (default): the governed task path alone, same broker settings on both sides; "
+                             "install: a plain app against the same app with install(), nothing else given")
     args = parser.parse_args()
+    if args.compare == "install":
+        url = os.environ.get("RMQ_BENCH_REDIS_URL")
+        with contextlib.nullcontext(url) if url else private_redis() as url:
+            return compare_install(url, args)
+    args.concurrency, args.prefetch = int(args.concurrency), int(args.prefetch)
     kinds = [k for k in args.kinds.split(",") if k]
     import soakapp
 
