@@ -235,20 +235,19 @@ if MODE == "rmq":
         return "done"
 
 elif MODE in ("user-rmq", "user-plain", "user-installonly"):
+    import json
+
+    # SOAK_TASK_OPTS (JSON), a profiling aid: the bench itself gives no option to either side
+    task_opts = json.loads(os.environ.get("SOAK_TASK_OPTS") or "{}")
     app = user_app(MODE != "user-plain", BROKER, os.environ.get("RMQ_RESULT_BACKEND", BROKER),
                    int(os.environ.get("SOAK_PREFETCH", "4")))
     app.set_current()
     if MODE == "user-rmq":
         from rmq import governed_task
 
-        import json
-
-        # SOAK_TASK_OPTS (JSON), a profiling aid: the bench itself gives no option to either side
-        user_task = governed_task(**json.loads(os.environ.get("SOAK_TASK_OPTS") or "{}"))
+        user_task = governed_task(**task_opts)
     else:
-        import json
-
-        user_task = app.task(**json.loads(os.environ.get("SOAK_TASK_OPTS") or "{}"))
+        user_task = app.task(**task_opts)
 
     @user_task
     def noop() -> None:
@@ -390,3 +389,66 @@ if os.environ.get("SOAK_CPROFILE_MAIN"):  # profiling aid: CPU-time cProfile of 
         if p is not None:
             p.disable()
             p.dump_stats(os.path.join(os.environ["SOAK_CPROFILE_MAIN"], f"main-{os.getpid()}.prof"))
+
+
+if os.environ.get("SOAK_THREAD_CPU"):  # profiling aid: CPU seconds of each thread, main and pool processes
+    import json as _json
+    import threading as _threading
+
+    from celery import signals as _tsignals
+
+    def _dump_threads(kind: str) -> None:
+        out = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for t in _threading.enumerate():
+            try:
+                with open(f"/proc/self/task/{t.native_id}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                out[f"{t.name}"] = out.get(t.name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, ValueError, TypeError):
+                pass
+        path = os.path.join(os.environ["SOAK_THREAD_CPU"], f"{kind}-{os.getpid()}.json")
+        with open(path, "w") as fh:
+            _json.dump(out, fh)
+
+    _tsignals.worker_shutdown.connect(lambda **_: _dump_threads("main"), weak=False)
+    _tsignals.worker_process_shutdown.connect(lambda **_: _dump_threads("pool"), weak=False)
+
+
+if os.environ.get("SOAK_CALL_CPU"):  # profiling aid: CPU time inside GovernedTask.__call__ / after_return per task
+    import json as _cjson
+
+    from celery import signals as _csignals
+
+    from rmq.celery.task import GovernedTask as _GT
+
+    _acc = {"call": 0.0, "after": 0.0, "n": 0}
+    _orig_call, _orig_after = _GT.__call__, _GT.after_return
+
+    def _timed_call(self: Any, *a: Any, **k: Any) -> Any:
+        t0 = time.thread_time()
+        try:
+            return _orig_call(self, *a, **k)
+        finally:
+            _acc["call"] += time.thread_time() - t0
+            _acc["n"] += 1
+
+    def _timed_after(self: Any, *a: Any, **k: Any) -> Any:
+        t0 = time.thread_time()
+        try:
+            return _orig_after(self, *a, **k)
+        finally:
+            _acc["after"] += time.thread_time() - t0
+
+    _GT.__call__, _GT.after_return = _timed_call, _timed_after
+
+    @_csignals.worker_process_shutdown.connect(weak=False)
+    def _call_dump(**_: Any) -> None:
+        with open(os.path.join(os.environ["SOAK_CALL_CPU"], f"call-{os.getpid()}.json"), "w") as fh:
+            _cjson.dump({**_acc, "total": time.process_time()}, fh)
+
+
+if os.environ.get("SOAK_IMPORT"):  # profiling aid: a module to import into the worker (instrumentation)
+    import importlib
+
+    importlib.import_module(os.environ["SOAK_IMPORT"])
