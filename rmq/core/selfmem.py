@@ -1,16 +1,27 @@
 """This process's resident set size, cheaply enough to read several times per task, and its peak.
 
 Opening a file of ``/proc/self`` costs about 40 us (5-10 us hot, more in a busy pool process); a
-descriptor kept open and re-read with ``os.pread`` (``statm`` about 1 us, ``status`` about 3 us) or
-written with ``os.write`` (``clear_refs``, under 1 us) costs a system call. Each read at offset 0
-makes the kernel generate the file again. ``/proc/self`` is resolved when the file is opened, so a
-forked child must not reuse its parent's descriptors: the child closes them right after the fork
-and opens its own on first use.
+descriptor kept open and re-read with ``os.pread`` (``statm`` about 1 us, ``status`` about 3 us hot,
+12 us in a busy pool process) or written with ``os.write`` (``clear_refs``, under 1 us) costs a
+system call. Each read at offset 0 makes the kernel generate the file again. ``/proc/self`` is
+resolved when the file is opened, so a forked child must not reuse its parent's descriptors: the
+child closes them right after the fork and opens its own on first use.
+
+The peak: in a process forked from this interpreter (a pool process), ``getrusage``'s
+``ru_maxrss`` (0.3 us) is the kernel's high-water mark of this process's RSS, which
+``clear_refs`` resets, as ``VmHWM`` is: the kernel takes the larger of the two with the
+process's ``signal->maxrss``, which starts at 0 in a forked child and changes only at an
+``exec`` or when the last thread exits. ``ru_maxrss`` reads the RSS counters without summing
+their per-CPU parts, so it can be up to about 200 KiB under ``VmHWM``. A process that was
+``exec``'d (the worker's main process) keeps the image before the ``exec`` in ``signal->maxrss``
+and reads ``VmHWM``.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import sys
 
 __all__ = ["own_rss_bytes", "peak_rss_bytes", "reset_peak_rss"]
 
@@ -32,7 +43,14 @@ def _fd(path: str, flags: int) -> int:
     return fd
 
 
+#: this process was forked from this interpreter: ``ru_maxrss`` is its own peak (see above)
+_forked = False
+_RUSAGE_PEAK = sys.platform.startswith("linux")  # ru_maxrss in KiB, and clear_refs resets it
+
+
 def _forget_inherited() -> None:
+    global _forked
+    _forked = True
     for fd in list(_fds.values()):
         try:
             os.close(fd)  # the parent's /proc entries
@@ -66,6 +84,8 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int | None:
     """This process's RSS high-water mark (``VmHWM``, since the last :func:`reset_peak_rss`), or None."""
+    if _forked and _RUSAGE_PEAK:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     try:
         text = os.pread(_fd(_STATUS, os.O_RDONLY), _STATUS_READ, 0)
         at = text.index(b"VmHWM:")

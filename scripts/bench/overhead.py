@@ -172,8 +172,15 @@ def redis_commands(rc: redis_lib.Redis) -> dict[str, int]:
     return out
 
 
+def redis_cpu(rc: redis_lib.Redis) -> float:
+    """CPU seconds the Redis server used so far (``INFO cpu``, user + system)."""
+    info = rc.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def user_round(url: str, rc: redis_lib.Redis, side: str, kind: str, n: int, concurrency: int, prefetch: int,
-               skip: int, timeout_s: float = 300.0, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+               skip: int, timeout_s: float = 300.0, extra_env: dict[str, str] | None = None,
+               queues: list[str] | None = None) -> dict[str, Any]:
     """One round of ``--compare install``: fill the default queue with ``n`` tasks from the side's
     own app (its ``apply_async``: router, priorities), start a fresh worker as a user starts it
     (no ``-Q``), measure from the ``skip``-th result (first imports and pool processes' first tasks
@@ -189,7 +196,7 @@ def user_round(url: str, rc: redis_lib.Redis, side: str, kind: str, n: int, conc
                    env={**os.environ, **env, "SOAK_FILL_N": str(n), "SOAK_FILL_PREFIX": prefix,
                         "SOAK_FILL_TASK": name, "SOAK_FILL_ARGS": json.dumps(args)})
     keys = [f"{META}{prefix}-{i}" for i in range(n)]
-    w = WorkerProcess(app="soakapp", env=env, concurrency=concurrency, cwd=ROOT, loglevel="WARNING",
+    w = WorkerProcess(app="soakapp", env=env, concurrency=concurrency, cwd=ROOT, loglevel="WARNING", queues=queues,
                       hostname=f"ovh-{side}-{uuid.uuid4().hex[:6]}@%h")
     polls = 0
     try:
@@ -210,10 +217,10 @@ def user_round(url: str, rc: redis_lib.Redis, side: str, kind: str, n: int, conc
         rc.config_resetstat()
         polls = 0
         t_snap = time.time()
-        cpu0 = cpu_seconds(w.pid)
+        cpu0, redis0 = cpu_seconds(w.pid), redis_cpu(rc)
         wait_for(keys[-16:])
         wait_for(keys)
-        cpu1 = cpu_seconds(w.pid)
+        cpu1, redis1 = cpu_seconds(w.pid), redis_cpu(rc)
         commands = redis_commands(rc)
     finally:
         w.finish()
@@ -231,7 +238,17 @@ def user_round(url: str, rc: redis_lib.Redis, side: str, kind: str, n: int, conc
     return {"worker": (n - 1 - skip) / span if span > 0 else float("nan"),
             "main_ms": 1000 * (cpu1[0] - cpu0[0]) / max(after, 1),
             "pool_ms": 1000 * (cpu1[1] - cpu0[1]) / max(after, 1),
+            "redis_ms": 1000 * (redis1 - redis0) / max(after, 1),  # the bench's polling is in it too
             "commands": {c: v / max(after, 1) for c, v in commands.items() if v > 0}}
+
+
+#: --compare install sides: what each worker's app is (soakapp ``SOAK_MODE=user-<side>``)
+SIDES = {"plain": "@app.task, no rmq", "installed": "rmq.install(app) with @app.task (install() alone)",
+         "rmq": "rmq.install(app) with @governed_task()"}
+
+
+def _cell(c: int, p: int, kind: str) -> str:
+    return f"-c {c} pf {p} {kind}"
 
 
 def compare_install(url: str, args: argparse.Namespace) -> int:
@@ -240,17 +257,20 @@ def compare_install(url: str, args: argparse.Namespace) -> int:
     kinds = [k for k in args.kinds.split(",") if k]
     concs = [int(c) for c in str(args.concurrency).split(",")]
     prefetches = [int(p) for p in str(args.prefetch).split(",")]
+    sides = ["plain", *(["installed"] if args.install_only else []), "rmq"]
+    others = sides[1:]
     cells = [(c, p, k) for k in kinds for c in concs for p in prefetches]
     rc = redis_lib.Redis.from_url(url)
-    sides = ("plain", "rmq")
     results: dict[tuple, dict[str, list[dict[str, Any]]]] = {cell: {s: [] for s in sides} for cell in cells}
     skip = max(100, args.tasks // 10)
-    print(f"P1 as users see it: a plain app (@app.task) against the same app with rmq.install(app) and "
-          f"@governed_task(), nothing else given to either; fresh worker per round started without -Q, prefork; "
-          f"{args.tasks} tasks per round (the first {skip} left out), {args.rounds} rounds, interleaved; Redis {url}",
-          flush=True)
-    print(f"  {'cell':>16}  {'round':>5}  {'plain/s':>8}  {'rmq/s':>8}  {'ratio':>6}  "
-          f"{'CPU ms/task main+pool plain':>27}  {'rmq':>11}  {'Redis cmds/task plain':>21}  {'rmq':>5}")
+    print(f"P1 as users see it: a plain app against the same app with rmq.install(app), nothing else given to "
+          f"either; a fresh worker per round, started without -Q, prefork; {args.tasks} tasks per round "
+          f"(cpu5: {max(args.tasks // 2, 4 * skip)}), the first {skip} left out; {args.rounds} rounds, cells and "
+          f"sides interleaved; Redis {url}", flush=True)
+    for side in sides:
+        print(f"  {side}: {SIDES[side]}")
+    print(f"  {'cell':>16}  {'round':>5}  " + "  ".join(f"{s + '/s':>10}" for s in sides) + "  " +
+          "  ".join(f"{s + '/plain':>15}" for s in others) + "  CPU ms/task main+pool, Redis commands/task")
     for r in range(args.rounds):
         for cell in cells:
             c, p, kind = cell
@@ -259,36 +279,37 @@ def compare_install(url: str, args: argparse.Namespace) -> int:
             got = {s: user_round(url, rc, s, kind, n, c, p, skip) for s in order}
             for s in sides:
                 results[cell][s].append(got[s])
-            a, b = got["plain"], got["rmq"]
-            print(f"  {f'-c {c} pf {p} {kind}':>16}  {r + 1:>5}  {a['worker']:>8.0f}  {b['worker']:>8.0f}  "
-                  f"{b['worker'] / a['worker']:>6.3f}  {a['main_ms']:>19.2f} + {a['pool_ms']:<5.2f}  "
-                  f"{b['main_ms']:>5.2f} + {b['pool_ms']:<5.2f}  {sum(a['commands'].values()):>21.2f}  "
-                  f"{sum(b['commands'].values()):>5.2f}", flush=True)
-    print("\nP1 summary, install() as users see it (floor: every ratio >= 0.95, aim 0.98)")
-    print(f"  {'cell':>16}  {'plain median':>12}  {'rmq median':>10}  {'ratio of medians':>16}  "
-          f"{'median paired ratio':>19}  {'CPU ms/task main+pool plain':>27}  {'rmq':>11}")
+            print(f"  {_cell(*cell):>16}  {r + 1:>5}  " + "  ".join(f"{got[s]['worker']:>10.0f}" for s in sides) +
+                  "  " + "  ".join(f"{got[s]['worker'] / got['plain']['worker']:>15.3f}" for s in others) + "  " +
+                  ", ".join(f"{s} {got[s]['main_ms']:.2f}+{got[s]['pool_ms']:.2f} {got[s]['redis_ms']:.2f} "
+                            f"{sum(got[s]['commands'].values()):.1f}" for s in sides), flush=True)
+    med = statistics.median
+    print("\nP1 summary, install() as users see it (floor: every ratio rmq/plain >= 0.95, aim 0.98)")
+    print(f"  {'cell':>16}  " + "  ".join(f"{s + ' median/s':>16}" for s in sides) + "  " +
+          "  ".join(f"{s + '/plain: of medians, paired':>32}" for s in others))
     ok = True
     for cell in cells:
-        c, p, kind = cell
-        pl, gv = results[cell]["plain"], results[cell]["rmq"]
-        ratio = statistics.median(x["worker"] for x in gv) / statistics.median(x["worker"] for x in pl)
-        paired = statistics.median(b["worker"] / a["worker"] for a, b in zip(pl, gv, strict=True))
-        ok = ok and ratio >= 0.95
-        med = {s: (statistics.median(x["main_ms"] for x in v), statistics.median(x["pool_ms"] for x in v))
-               for s, v in (("plain", pl), ("rmq", gv))}
-        print(f"  {f'-c {c} pf {p} {kind}':>16}  {statistics.median(x['worker'] for x in pl):>12.0f}  "
-              f"{statistics.median(x['worker'] for x in gv):>10.0f}  {ratio:>16.3f}  {paired:>19.3f}  "
-              f"{med['plain'][0]:>19.2f} + {med['plain'][1]:<5.2f}  {med['rmq'][0]:>5.2f} + {med['rmq'][1]:<5.2f}")
-    print("\nRedis commands per task (median over rounds; INFO commandstats, the bench's polling left out)")
+        res = results[cell]
+        line = f"  {_cell(*cell):>16}  " + "  ".join(f"{med(x['worker'] for x in res[s]):>16.0f}" for s in sides)
+        for s in others:
+            ratio = med(x["worker"] for x in res[s]) / med(x["worker"] for x in res["plain"])
+            paired = med(b["worker"] / a["worker"] for a, b in zip(res["plain"], res[s], strict=True))
+            line += f"  {ratio:>23.3f}, {paired:>6.3f}"
+            if s == "rmq":
+                ok = ok and ratio >= 0.95
+        print(line)
+    print("\nWhere the difference goes, per task (medians over rounds): CPU ms of the worker's main process and of "
+          "its pool, CPU ms of the Redis server, Redis commands (INFO commandstats, the bench's polling left out)")
     for cell in cells:
-        c, p, kind = cell
-        names = sorted({k for s in sides for x in results[cell][s] for k in x["commands"]})
-        med = {s: {k: statistics.median(x["commands"].get(k, 0.0) for x in results[cell][s]) for k in names}
-               for s in sides}
-        shown_names = [k for k in names if max(med["plain"][k], med["rmq"][k]) >= 0.005]
-        detail = ", ".join(f"{k} {med['plain'][k]:.2f}/{med['rmq'][k]:.2f}" for k in shown_names)
-        print(f"  {f'-c {c} pf {p} {kind}':>16}  total plain {sum(med['plain'].values()):.2f} / rmq "
-              f"{sum(med['rmq'].values()):.2f}: {detail}")
+        res = results[cell]
+        names = sorted({k for s in sides for x in res[s] for k in x["commands"]})
+        print(f"  {_cell(*cell)}")
+        for s in sides:
+            cmds = {k: med(x["commands"].get(k, 0.0) for x in res[s]) for k in names}
+            detail = ", ".join(f"{k} {v:.2f}" for k, v in cmds.items() if v >= 0.005)
+            main, pool = med(x["main_ms"] for x in res[s]), med(x["pool_ms"] for x in res[s])
+            print(f"    {s:>9}: main {main:.3f}, pool {pool:.3f}, Redis {med(x['redis_ms'] for x in res[s]):.3f} ms; "
+                  f"{sum(cmds.values()):.2f} commands: {detail}")
     print("\nPASS" if ok else "\nMISS: see the figures above")
     return 0 if ok else 1
 
@@ -308,6 +329,8 @@ def main() -> int:
     parser.add_argument("--compare", choices=("path", "install"), default="path",
                         help="path (default): the governed task path alone, same broker settings on both sides; "
                              "install: a plain app against the same app with install(), nothing else given")
+    parser.add_argument("--install-only", action="store_true",
+                        help="with --compare install, a third side: install() with plain @app.task tasks")
     args = parser.parse_args()
     if args.compare == "install":
         url = os.environ.get("RMQ_BENCH_REDIS_URL")

@@ -6,7 +6,8 @@
   record every run in Redis (:func:`record_start`, :func:`record_done`), so a test sees re-runs.
 - ``user-rmq`` / ``user-plain``: the overhead bench as users compare (``--compare install``): an app
   with a broker, a backend and ``SOAK_PREFETCH`` and nothing else (:func:`user_app`); ``user-rmq``
-  adds ``rmq.install(app)`` and ``@governed_task()`` (no declaration), ``user-plain`` has ``@app.task``.
+  adds ``rmq.install(app)`` and ``@governed_task()`` (no declaration), ``user-plain`` has ``@app.task``,
+  ``user-installed`` has ``rmq.install(app)`` with ``@app.task`` (what install() costs alone).
   ``python -c 'import soakapp; soakapp.fill_main()'`` sends tasks from such an app, as its users do.
 - ``bench-rmq`` / ``bench-plain``: the overhead bench of the governed task path. The same Celery settings for both
   (:func:`bench_conf`: prefork, acks_late, reject on worker lost, prefetch ``SOAK_PREFETCH``, the
@@ -106,6 +107,10 @@ def user_app(governed: bool, broker: str, backend: str | None = None, prefetch: 
     app = Celery("overhead", broker=broker, backend=backend or broker, set_as_current=False)
     app.conf.update(worker_prefetch_multiplier=prefetch, worker_hijack_root_logger=False,
                     broker_connection_retry_on_startup=True)
+    if os.environ.get("SOAK_USER_CONF"):  # a profiling aid (JSON): the bench itself gives nothing more
+        import json
+
+        app.conf.update(json.loads(os.environ["SOAK_USER_CONF"]))
     if governed:
         import rmq
 
@@ -234,7 +239,7 @@ if MODE == "rmq":
         record_done(self.request)
         return "done"
 
-elif MODE in ("user-rmq", "user-plain", "user-installonly"):
+elif MODE in ("user-rmq", "user-plain", "user-installed"):
     import json
 
     # SOAK_TASK_OPTS (JSON), a profiling aid: the bench itself gives no option to either side
