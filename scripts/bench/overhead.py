@@ -1,7 +1,26 @@
 #!/usr/bin/env python3
 """What rmq costs (docs/guarantees.md#p1 and #p6). Plain Celery and rmq side by side in one run, interleaved.
 
-P1 (throughput): two real ``celery worker`` subprocesses on the same Redis, with the same settings
+P1 as users see it (``--compare install``): a plain app against the same app with ``rmq.install(app)``,
+nothing else given to either (``tests/integration/soakapp.py`` ``user_app``: a broker, a backend and
+the prefetch multiplier), so that everything ``install()`` changes counts: Redis priority lists, the
+heavy queue, the visibility timeout and its restore loop, ``acks_late``, the router. ``plain`` has
+``@app.task`` no-ops (``noop``) and 5 ms busy loops (``cpu5``), ``rmq`` the same functions as
+``@governed_task()`` (no declaration); ``--install-only`` adds ``installed``, ``install()`` with the
+plain ``@app.task`` tasks (what ``install()`` costs without the governed path), and ``--variant``
+sides price one setting (``--variant 'steps10={"conf": {"broker_transport_options": {"priority_steps":
+[0,1,2,3,4,5,6,7,8,9]}}}'``, ``--variant 'heavy={"queues": ["celery", "rmq.heavy"]}'``). Every
+``--concurrency`` x ``--prefetch`` x ``--kinds`` cell (lists), rounds interleaved across cells and
+sides. A round fills the default queue from the side's own app (its ``apply_async``: router,
+priorities), then starts a fresh worker as users start it (``celery -A app worker``, no ``-Q``), and
+measures from the tenth result on (first imports and first tasks left out) to the last: throughput
+((N - 1 - skipped) / (last - first counted ``date_done``)), CPU per task of the worker's main process,
+its pool and the Redis server, and Redis commands per task (``INFO commandstats`` after ``CONFIG
+RESETSTAT``, the bench's result polling left out). One worker runs at a time. Printed: every round,
+the medians, each side's ratio to plain (of medians, and the median of paired rounds; floor 0.95),
+and where the difference goes.
+
+The governed task path alone (the default, ``--compare path``): two real ``celery worker`` subprocesses on the same Redis, with the same settings
 (``tests/integration/soakapp.py`` ``bench_conf``: prefork, ``--concurrency``, prefetch multiplier,
 ``acks_late`` + reject on worker lost, the broker transport options rmq sets, no events) run the same
 tasks: ``bench-plain`` as plain ``app.task``s, ``bench-rmq`` with ``rmq.install(app)`` and
@@ -32,6 +51,8 @@ minus plain, main and pool together, <= 2 %); also the governor's own accounting
 
 Usage: scripts/bench/overhead.py [--tasks 3000] [--rounds 11] [--concurrency 8] [--prefetch 4]
                                  [--kinds noop,cpu5,sleep5] [--idle 30]
+       scripts/bench/overhead.py --compare install [--install-only] [--variant NAME=JSON]
+                                 --concurrency 2,8 --prefetch 1,4 --kinds noop,cpu5 [--rounds 6]
 Redis: RMQ_BENCH_REDIS_URL, else a private ``redis-server`` on a free port.
 """
 
@@ -258,6 +279,24 @@ def compare_install(url: str, args: argparse.Namespace) -> int:
     concs = [int(c) for c in str(args.concurrency).split(",")]
     prefetches = [int(p) for p in str(args.prefetch).split(",")]
     sides = ["plain", *(["installed"] if args.install_only else []), "rmq"]
+    # --variant NAME=JSON: another side, an app of ``mode`` (default: installed) with ``conf`` added to its
+    # Celery config and started with -Q ``queues``: the price of one setting, side by side with the rest
+    variants: dict[str, dict[str, Any]] = {}
+    for spec in args.variant or ():
+        name, _, raw = spec.partition("=")
+        variants[name] = json.loads(raw or "{}")
+        sides.append(name)
+    describe = {**SIDES, **{k: f"{v.get('mode', 'installed')} + {json.dumps({x: v[x] for x in v if x != 'mode'})}"
+                            for k, v in variants.items()}}
+
+    def run(side: str, kind: str, n: int, c: int, p: int) -> dict[str, Any]:
+        v = variants.get(side)
+        if v is None:
+            return user_round(url, rc, side, kind, n, c, p, skip)
+        env = {"SOAK_USER_CONF": json.dumps(v["conf"])} if v.get("conf") else {}
+        return user_round(url, rc, v.get("mode", "installed"), kind, n, c, p, skip, extra_env=env,
+                          queues=v.get("queues"))
+
     others = sides[1:]
     cells = [(c, p, k) for k in kinds for c in concs for p in prefetches]
     rc = redis_lib.Redis.from_url(url)
@@ -268,7 +307,7 @@ def compare_install(url: str, args: argparse.Namespace) -> int:
           f"(cpu5: {max(args.tasks // 2, 4 * skip)}), the first {skip} left out; {args.rounds} rounds, cells and "
           f"sides interleaved; Redis {url}", flush=True)
     for side in sides:
-        print(f"  {side}: {SIDES[side]}")
+        print(f"  {side}: {describe[side]}")
     print(f"  {'cell':>16}  {'round':>5}  " + "  ".join(f"{s + '/s':>10}" for s in sides) + "  " +
           "  ".join(f"{s + '/plain':>15}" for s in others) + "  CPU ms/task main+pool, Redis commands/task")
     for r in range(args.rounds):
@@ -276,7 +315,7 @@ def compare_install(url: str, args: argparse.Namespace) -> int:
             c, p, kind = cell
             n = args.tasks if kind == "noop" else max(args.tasks // 2, 4 * skip)
             order = sides if r % 2 == 0 else sides[::-1]
-            got = {s: user_round(url, rc, s, kind, n, c, p, skip) for s in order}
+            got = {s: run(s, kind, n, c, p) for s in order}
             for s in sides:
                 results[cell][s].append(got[s])
             print(f"  {_cell(*cell):>16}  {r + 1:>5}  " + "  ".join(f"{got[s]['worker']:>10.0f}" for s in sides) +
@@ -331,6 +370,9 @@ def main() -> int:
                              "install: a plain app against the same app with install(), nothing else given")
     parser.add_argument("--install-only", action="store_true",
                         help="with --compare install, a third side: install() with plain @app.task tasks")
+    parser.add_argument("--variant", action="append", metavar="NAME=JSON",
+                        help='with --compare install, another side: {"mode": "installed" (default), "rmq" or '
+                             '"plain", "conf": {Celery settings added}, "queues": [-Q]}; repeatable')
     args = parser.parse_args()
     if args.compare == "install":
         url = os.environ.get("RMQ_BENCH_REDIS_URL")
