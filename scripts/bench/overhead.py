@@ -23,7 +23,8 @@ and where the difference goes.
 The governed task path alone (the default, ``--compare path``): two real ``celery worker``
 subprocesses on the same Redis, with the same settings (``tests/integration/soakapp.py``
 ``bench_conf``: prefork, ``--concurrency``, prefetch multiplier, ``acks_late`` + reject on worker
-lost, the broker transport options rmq sets, no events) run the same tasks: ``bench-plain`` as plain ``app.task``s, ``bench-rmq`` with ``rmq.install(app)`` and
+lost, the broker transport options rmq sets, no events) run the same tasks: ``bench-plain`` as
+plain ``app.task``s, ``bench-rmq`` with ``rmq.install(app)`` and
 ``@governed_task(memory="16MiB")`` (declared, so no learning read). Each round fills a fresh queue
 with ``--tasks`` messages while no worker consumes it, then tells one worker to consume it
 (``add_consumer``) and waits for every result. Throughput per round = (N - 1) / (last - first
