@@ -23,6 +23,11 @@ Test-only switches (environment of the worker):
 
 - ``SOAK_CPROFILE=<dir>``: each pool process writes a CPU-time cProfile to ``<dir>`` when it exits;
   the bench-rmq task ``ovh.profile_guards`` profiles the guard chain inside a pool process.
+- ``SOAK_CPROFILE_MAIN=<dir>``: the worker's main thread writes a CPU-time cProfile to ``<dir>`` at shutdown.
+- ``SOAK_IMPORT=<module>``: a module imported into the worker, e.g. ``pathtiming`` (CPU and wall time of
+  each part of the governed path, per pool process).
+- ``SOAK_TASK_OPTS`` / ``SOAK_USER_CONF`` (JSON, ``user-*`` modes): task options / Celery settings added
+  (``overhead.py --variant`` uses the second).
 """
 
 from __future__ import annotations
@@ -394,63 +399,6 @@ if os.environ.get("SOAK_CPROFILE_MAIN"):  # profiling aid: CPU-time cProfile of 
         if p is not None:
             p.disable()
             p.dump_stats(os.path.join(os.environ["SOAK_CPROFILE_MAIN"], f"main-{os.getpid()}.prof"))
-
-
-if os.environ.get("SOAK_THREAD_CPU"):  # profiling aid: CPU seconds of each thread, main and pool processes
-    import json as _json
-    import threading as _threading
-
-    from celery import signals as _tsignals
-
-    def _dump_threads(kind: str) -> None:
-        out = {}
-        tick = os.sysconf("SC_CLK_TCK")
-        for t in _threading.enumerate():
-            try:
-                with open(f"/proc/self/task/{t.native_id}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-                out[f"{t.name}"] = out.get(t.name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-            except (OSError, IndexError, ValueError, TypeError):
-                pass
-        path = os.path.join(os.environ["SOAK_THREAD_CPU"], f"{kind}-{os.getpid()}.json")
-        with open(path, "w") as fh:
-            _json.dump(out, fh)
-
-    _tsignals.worker_shutdown.connect(lambda **_: _dump_threads("main"), weak=False)
-    _tsignals.worker_process_shutdown.connect(lambda **_: _dump_threads("pool"), weak=False)
-
-
-if os.environ.get("SOAK_CALL_CPU"):  # profiling aid: CPU time inside GovernedTask.__call__ / after_return per task
-    import json as _cjson
-
-    from celery import signals as _csignals
-
-    from rmq.celery.task import GovernedTask as _GT
-
-    _acc = {"call": 0.0, "after": 0.0, "n": 0}
-    _orig_call, _orig_after = _GT.__call__, _GT.after_return
-
-    def _timed_call(self: Any, *a: Any, **k: Any) -> Any:
-        t0 = time.thread_time()
-        try:
-            return _orig_call(self, *a, **k)
-        finally:
-            _acc["call"] += time.thread_time() - t0
-            _acc["n"] += 1
-
-    def _timed_after(self: Any, *a: Any, **k: Any) -> Any:
-        t0 = time.thread_time()
-        try:
-            return _orig_after(self, *a, **k)
-        finally:
-            _acc["after"] += time.thread_time() - t0
-
-    _GT.__call__, _GT.after_return = _timed_call, _timed_after
-
-    @_csignals.worker_process_shutdown.connect(weak=False)
-    def _call_dump(**_: Any) -> None:
-        with open(os.path.join(os.environ["SOAK_CALL_CPU"], f"call-{os.getpid()}.json"), "w") as fh:
-            _cjson.dump({**_acc, "total": time.process_time()}, fh)
 
 
 if os.environ.get("SOAK_IMPORT"):  # profiling aid: a module to import into the worker (instrumentation)
