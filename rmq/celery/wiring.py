@@ -8,7 +8,7 @@ from celery import signals
 from kombu import Queue
 
 from rmq.celery.task import GovernedTask
-from rmq.core.routing import to_wire_priority, transport_kind
+from rmq.core.routing import REDIS_PRIORITY_STEPS, to_wire_priority, transport_kind
 from rmq.core.runtime import config_for
 
 __all__ = ["install", "router"]
@@ -40,7 +40,7 @@ def _configure(app: Any) -> None:
     kind = transport_kind(app)
     options = dict(conf.broker_transport_options or {})
     if kind == "redis" and cfg.priorities:
-        options.setdefault("priority_steps", list(range(10)))
+        options.setdefault("priority_steps", list(REDIS_PRIORITY_STEPS))
         options.setdefault("sep", ":")
         options.setdefault("queue_order_strategy", "priority")
     if kind == "redis":
@@ -95,6 +95,48 @@ def _declare_heavy_queue(app: Any, heavy: str) -> None:
         amqp.__dict__.pop("queues")
 
 
+def _heavy_bound(app: Any, heavy: str) -> list[str]:
+    """The names of ``app``'s tasks whose messages can go to the ``heavy`` queue: by rmq's router
+    (a heavy declaration), the task's own ``queue``, or the app's routes for the task's name. A
+    route that cannot be worked out without a real call (a router that raises) counts as heavy."""
+    bound = []
+    router = app.amqp.router
+    for name, task in list(app.tasks.items()):
+        if name.startswith("celery."):
+            continue
+        if getattr(task, "queue", None) == heavy:
+            bound.append(name)
+            continue
+        try:
+            queue = router.route({}, name, (), {}, task_type=task).get("queue")
+        except Exception:  # a user's router that needs real arguments: assume it may choose the heavy queue
+            bound.append(name)
+            continue
+        if getattr(queue, "name", queue) == heavy:
+            bound.append(name)
+    return bound
+
+
+def consume_heavy_only_if_needed(worker: Any) -> None:
+    """A worker started without ``-Q`` consumes the heavy queue only when one of its tasks can go there.
+
+    On Redis each consumed queue adds its priority lists to the BRPOP the worker sends for every
+    message; a worker whose tasks never go to the heavy queue would pay that for nothing (and could
+    not run a heavy task anyway: Celery drops a message of a task it does not know). ``-Q`` and
+    ``-X`` keep their meaning: with ``-Q`` the worker consumes what it names.
+    """
+    app = getattr(worker, "app", None)
+    if app is None or not getattr(app, "_rmq_installed", False):
+        return
+    queues = app.amqp.queues
+    heavy = config_for(app).heavy_queue
+    if queues._consume_from is not None or heavy not in queues.consume_from:
+        return  # -Q given, or -X rmq.heavy: what the command line says
+    if _heavy_bound(app, heavy):
+        return
+    queues.deselect([heavy])  # as -X does; the banner's [queues] shows it (logging is not set up yet)
+
+
 def _connect_signals() -> None:
     global _signals_connected
     if _signals_connected:
@@ -102,6 +144,11 @@ def _connect_signals() -> None:
     _signals_connected = True
     from rmq.celery.child import on_process_exit, on_process_start
     from rmq.core.runtime import current
+
+    # after -Q/-X are applied and the task modules imported, before the consumer starts
+    @signals.worker_init.connect(weak=False)
+    def _worker_init(sender: Any = None, **_: Any) -> None:
+        consume_heavy_only_if_needed(sender)
 
     @signals.worker_process_init.connect(weak=False)
     def _child_start(**_: Any) -> None:

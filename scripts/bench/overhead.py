@@ -1,10 +1,30 @@
 #!/usr/bin/env python3
 """What rmq costs (docs/guarantees.md#p1 and #p6). Plain Celery and rmq side by side in one run, interleaved.
 
-P1 (throughput): two real ``celery worker`` subprocesses on the same Redis, with the same settings
-(``tests/integration/soakapp.py`` ``bench_conf``: prefork, ``--concurrency``, prefetch multiplier,
-``acks_late`` + reject on worker lost, the broker transport options rmq sets, no events) run the same
-tasks: ``bench-plain`` as plain ``app.task``s, ``bench-rmq`` with ``rmq.install(app)`` and
+P1 as users see it (``--compare install``): a plain app against the same app with ``rmq.install(app)``,
+nothing else given to either (``tests/integration/soakapp.py`` ``user_app``: a broker, a backend and
+the prefetch multiplier), so that everything ``install()`` changes counts: Redis priority lists, the
+heavy queue, the visibility timeout and its restore loop, ``acks_late``, the router. ``plain`` has
+``@app.task`` no-ops (``noop``) and 5 ms busy loops (``cpu5``), ``rmq`` the same functions as
+``@governed_task()`` (no declaration); ``--install-only`` adds ``installed``, ``install()`` with the
+plain ``@app.task`` tasks (what ``install()`` costs without the governed path), and ``--variant``
+sides price one setting (``--variant 'steps10={"conf": {"broker_transport_options": {"priority_steps":
+[0,1,2,3,4,5,6,7,8,9]}}}'``, ``--variant 'heavy={"queues": ["celery", "rmq.heavy"]}'``). Every
+``--concurrency`` x ``--prefetch`` x ``--kinds`` cell (lists), rounds interleaved across cells and
+sides. A round fills the default queue from the side's own app (its ``apply_async``: router,
+priorities), then starts a fresh worker as users start it (``celery -A app worker``, no ``-Q``), and
+measures from the tenth result on (first imports and first tasks left out) to the last: throughput
+((N - 1 - skipped) / (last - first counted ``date_done``)), CPU per task of the worker's main process,
+its pool and the Redis server, and Redis commands per task (``INFO commandstats`` after ``CONFIG
+RESETSTAT``, the bench's result polling left out). One worker runs at a time. Printed: every round,
+the medians, each side's ratio to plain (of medians, and the median of paired rounds; floor 0.95),
+and where the difference goes.
+
+The governed task path alone (the default, ``--compare path``): two real ``celery worker``
+subprocesses on the same Redis, with the same settings (``tests/integration/soakapp.py``
+``bench_conf``: prefork, ``--concurrency``, prefetch multiplier, ``acks_late`` + reject on worker
+lost, the broker transport options rmq sets, no events) run the same tasks: ``bench-plain`` as
+plain ``app.task``s, ``bench-rmq`` with ``rmq.install(app)`` and
 ``@governed_task(memory="16MiB")`` (declared, so no learning read). Each round fills a fresh queue
 with ``--tasks`` messages while no worker consumes it, then tells one worker to consume it
 (``add_consumer``) and waits for every result. Throughput per round = (N - 1) / (last - first
@@ -32,6 +52,8 @@ minus plain, main and pool together, <= 2 %); also the governor's own accounting
 
 Usage: scripts/bench/overhead.py [--tasks 3000] [--rounds 11] [--concurrency 8] [--prefetch 4]
                                  [--kinds noop,cpu5,sleep5] [--idle 30]
+       scripts/bench/overhead.py --compare install [--install-only] [--variant NAME=JSON]
+                                 --concurrency 2,8 --prefetch 1,4 --kinds noop,cpu5 [--rounds 6]
 Redis: RMQ_BENCH_REDIS_URL, else a private ``redis-server`` on a free port.
 """
 
@@ -156,18 +178,208 @@ def idle_cost(client: Any, workers: dict[str, WorkerProcess], idle_s: float) -> 
     return out
 
 
+# --compare install: plain app against the same app with install(), as users compare them
+USER_KINDS = {"noop": ("soakapp.noop", []), "cpu5": ("soakapp.cpu", [5.0])}
+#: commands the bench itself sends while a round is measured (its result polling), left out of the counts
+BENCH_COMMANDS = ("exists", "info", "config|resetstat", "config")
+
+
+def redis_commands(rc: redis_lib.Redis) -> dict[str, int]:
+    """``INFO commandstats``: command -> calls since the last ``CONFIG RESETSTAT``."""
+    out = {}
+    for key, value in rc.info("commandstats").items():
+        name = key.removeprefix("cmdstat_")
+        calls = value["calls"] if isinstance(value, dict) else int(str(value).split("calls=")[1].split(",")[0])
+        out[name] = calls
+    return out
+
+
+def redis_cpu(rc: redis_lib.Redis) -> float:
+    """CPU seconds the Redis server used so far (``INFO cpu``, user + system)."""
+    info = rc.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def user_round(url: str, rc: redis_lib.Redis, side: str, kind: str, n: int, concurrency: int, prefetch: int,
+               skip: int, timeout_s: float = 300.0, extra_env: dict[str, str] | None = None,
+               queues: list[str] | None = None) -> dict[str, Any]:
+    """One round of ``--compare install``: fill the default queue with ``n`` tasks from the side's
+    own app (its ``apply_async``: router, priorities), start a fresh worker as a user starts it
+    (no ``-Q``), measure from the ``skip``-th result (first imports and pool processes' first tasks
+    left out) to the last: throughput, CPU per task of the main process and the pool, and Redis
+    commands per task (``INFO commandstats``, the bench's own polling left out)."""
+    import subprocess
+
+    name, args = USER_KINDS[kind]
+    prefix = f"ovh{uuid.uuid4().hex[:10]}"
+    env = {"RMQ_BROKER_URL": url, "RMQ_RESULT_BACKEND": url, "SOAK_MODE": f"user-{side}",
+           "SOAK_PREFETCH": str(prefetch), "PYTHONPATH": os.pathsep.join([TESTS_DIR, ROOT]), **(extra_env or {})}
+    subprocess.run([sys.executable, "-c", "import soakapp; soakapp.fill_main()"], check=True, cwd=ROOT,
+                   env={**os.environ, **env, "SOAK_FILL_N": str(n), "SOAK_FILL_PREFIX": prefix,
+                        "SOAK_FILL_TASK": name, "SOAK_FILL_ARGS": json.dumps(args)})
+    keys = [f"{META}{prefix}-{i}" for i in range(n)]
+    w = WorkerProcess(app="soakapp", env=env, concurrency=concurrency, cwd=ROOT, loglevel="WARNING", queues=queues,
+                      hostname=f"ovh-{side}-{uuid.uuid4().hex[:6]}@%h")
+    polls = 0
+    try:
+        w.start()
+        deadline = time.monotonic() + timeout_s
+
+        def wait_for(key_set: list[str]) -> None:
+            nonlocal polls
+            while rc.exists(*key_set) < len(key_set):
+                polls += 1
+                if w.proc is not None and w.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited with {w.proc.returncode}:\n{w.log()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{side} {kind} round: {rc.exists(*keys)}/{n} done")
+                time.sleep(0.02)
+
+        wait_for([keys[skip]])
+        rc.config_resetstat()
+        polls = 0
+        t_snap = time.time()
+        cpu0, redis0 = cpu_seconds(w.pid), redis_cpu(rc)
+        wait_for(keys[-16:])
+        wait_for(keys)
+        cpu1, redis1 = cpu_seconds(w.pid), redis_cpu(rc)
+        commands = redis_commands(rc)
+    finally:
+        w.finish()
+    commands["exists"] = commands.get("exists", 0) - polls
+    for c in BENCH_COMMANDS[1:]:
+        commands.pop(c, None)
+    raws = rc.mget(keys)
+    dates = sorted(_date(raw) for raw in raws)
+    statuses = {json.loads(raw)["status"] for raw in raws}
+    rc.delete(*keys)
+    if statuses != {"SUCCESS"}:
+        raise RuntimeError(f"{side} {kind} round ended with {statuses}")
+    after = sum(1 for d in dates if d > t_snap)  # tasks done inside the CPU and command window
+    span = dates[-1] - dates[skip]
+    return {"worker": (n - 1 - skip) / span if span > 0 else float("nan"),
+            "main_ms": 1000 * (cpu1[0] - cpu0[0]) / max(after, 1),
+            "pool_ms": 1000 * (cpu1[1] - cpu0[1]) / max(after, 1),
+            "redis_ms": 1000 * (redis1 - redis0) / max(after, 1),  # the bench's polling is in it too
+            "commands": {c: v / max(after, 1) for c, v in commands.items() if v > 0}}
+
+
+#: --compare install sides: what each worker's app is (soakapp ``SOAK_MODE=user-<side>``)
+SIDES = {"plain": "@app.task, no rmq", "installed": "rmq.install(app) with @app.task (install() alone)",
+         "rmq": "rmq.install(app) with @governed_task()"}
+
+
+def _cell(c: int, p: int, kind: str) -> str:
+    return f"-c {c} pf {p} {kind}"
+
+
+def compare_install(url: str, args: argparse.Namespace) -> int:
+    """``--compare install``: every (concurrency, prefetch, kind) cell, rounds interleaved across cells
+    and sides, a fresh worker per round; prints each round, then the summary and where the difference goes."""
+    kinds = [k for k in args.kinds.split(",") if k]
+    concs = [int(c) for c in str(args.concurrency).split(",")]
+    prefetches = [int(p) for p in str(args.prefetch).split(",")]
+    sides = ["plain", *(["installed"] if args.install_only else []), "rmq"]
+    # --variant NAME=JSON: another side, an app of ``mode`` (default: installed) with ``conf`` added to its
+    # Celery config and started with -Q ``queues``: the price of one setting, side by side with the rest
+    variants: dict[str, dict[str, Any]] = {}
+    for spec in args.variant or ():
+        name, _, raw = spec.partition("=")
+        variants[name] = json.loads(raw or "{}")
+        sides.append(name)
+    describe = {**SIDES, **{k: f"{v.get('mode', 'installed')} + {json.dumps({x: v[x] for x in v if x != 'mode'})}"
+                            for k, v in variants.items()}}
+
+    def run(side: str, kind: str, n: int, c: int, p: int) -> dict[str, Any]:
+        v = variants.get(side)
+        if v is None:
+            return user_round(url, rc, side, kind, n, c, p, skip)
+        env = {"SOAK_USER_CONF": json.dumps(v["conf"])} if v.get("conf") else {}
+        return user_round(url, rc, v.get("mode", "installed"), kind, n, c, p, skip, extra_env=env,
+                          queues=v.get("queues"))
+
+    others = sides[1:]
+    cells = [(c, p, k) for k in kinds for c in concs for p in prefetches]
+    rc = redis_lib.Redis.from_url(url)
+    results: dict[tuple, dict[str, list[dict[str, Any]]]] = {cell: {s: [] for s in sides} for cell in cells}
+    skip = max(100, args.tasks // 10)
+    print(f"P1 as users see it: a plain app against the same app with rmq.install(app), nothing else given to "
+          f"either; a fresh worker per round, started without -Q, prefork; {args.tasks} tasks per round "
+          f"(cpu5: {max(args.tasks // 2, 4 * skip)}), the first {skip} left out; {args.rounds} rounds, cells and "
+          f"sides interleaved; Redis {url}", flush=True)
+    for side in sides:
+        print(f"  {side}: {describe[side]}")
+    print(f"  {'cell':>16}  {'round':>5}  " + "  ".join(f"{s + '/s':>10}" for s in sides) + "  " +
+          "  ".join(f"{s + '/plain':>15}" for s in others) + "  CPU ms/task main+pool, Redis commands/task")
+    for r in range(args.rounds):
+        for cell in cells:
+            c, p, kind = cell
+            n = args.tasks if kind == "noop" else max(args.tasks // 2, 4 * skip)
+            order = sides if r % 2 == 0 else sides[::-1]
+            got = {s: run(s, kind, n, c, p) for s in order}
+            for s in sides:
+                results[cell][s].append(got[s])
+            print(f"  {_cell(*cell):>16}  {r + 1:>5}  " + "  ".join(f"{got[s]['worker']:>10.0f}" for s in sides) +
+                  "  " + "  ".join(f"{got[s]['worker'] / got['plain']['worker']:>15.3f}" for s in others) + "  " +
+                  ", ".join(f"{s} {got[s]['main_ms']:.2f}+{got[s]['pool_ms']:.2f} {got[s]['redis_ms']:.2f} "
+                            f"{sum(got[s]['commands'].values()):.1f}" for s in sides), flush=True)
+    med = statistics.median
+    print("\nP1 summary, install() as users see it (floor: every ratio rmq/plain >= 0.95, aim 0.98)")
+    print(f"  {'cell':>16}  " + "  ".join(f"{s + ' median/s':>16}" for s in sides) + "  " +
+          "  ".join(f"{s + '/plain: of medians, paired':>32}" for s in others))
+    ok = True
+    for cell in cells:
+        res = results[cell]
+        line = f"  {_cell(*cell):>16}  " + "  ".join(f"{med(x['worker'] for x in res[s]):>16.0f}" for s in sides)
+        for s in others:
+            ratio = med(x["worker"] for x in res[s]) / med(x["worker"] for x in res["plain"])
+            paired = med(b["worker"] / a["worker"] for a, b in zip(res["plain"], res[s], strict=True))
+            line += f"  {ratio:>23.3f}, {paired:>6.3f}"
+            if s == "rmq":
+                ok = ok and ratio >= 0.95
+        print(line)
+    print("\nWhere the difference goes, per task (medians over rounds): CPU ms of the worker's main process and of "
+          "its pool, CPU ms of the Redis server, Redis commands (INFO commandstats, the bench's polling left out)")
+    for cell in cells:
+        res = results[cell]
+        names = sorted({k for s in sides for x in res[s] for k in x["commands"]})
+        print(f"  {_cell(*cell)}")
+        for s in sides:
+            cmds = {k: med(x["commands"].get(k, 0.0) for x in res[s]) for k in names}
+            detail = ", ".join(f"{k} {v:.2f}" for k, v in cmds.items() if v >= 0.005)
+            main, pool = med(x["main_ms"] for x in res[s]), med(x["pool_ms"] for x in res[s])
+            print(f"    {s:>9}: main {main:.3f}, pool {pool:.3f}, Redis {med(x['redis_ms'] for x in res[s]):.3f} ms; "
+                  f"{sum(cmds.values()):.2f} commands: {detail}")
+    print("\nPASS" if ok else "\nMISS: see the figures above")
+    return 0 if ok else 1
+
+
 def main() -> int:
     from soak import private_redis  # scripts/soak.py
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--tasks", type=int, default=3000, help="tasks per round")
     parser.add_argument("--rounds", type=int, default=11, help="rounds per mode and kind")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--prefetch", type=int, default=4,
-                        help="worker_prefetch_multiplier of both (4: Celery's default and rmq's light profile)")
+    parser.add_argument("--concurrency", default="8", help="with --compare install, a list: 2,8")
+    parser.add_argument("--prefetch", default="4",
+                        help="worker_prefetch_multiplier of both (4: Celery's default and rmq's light profile); "
+                             "with --compare install, a list: 1,4")
     parser.add_argument("--kinds", default="noop,cpu5")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of the idle CPU window (P6); 0 skips")
+    parser.add_argument("--compare", choices=("path", "install"), default="path",
+                        help="path (default): the governed task path alone, same broker settings on both sides; "
+                             "install: a plain app against the same app with install(), nothing else given")
+    parser.add_argument("--install-only", action="store_true",
+                        help="with --compare install, a third side: install() with plain @app.task tasks")
+    parser.add_argument("--variant", action="append", metavar="NAME=JSON",
+                        help='with --compare install, another side: {"mode": "installed" (default), "rmq" or '
+                             '"plain", "conf": {Celery settings added}, "queues": [-Q]}; repeatable')
     args = parser.parse_args()
+    if args.compare == "install":
+        url = os.environ.get("RMQ_BENCH_REDIS_URL")
+        with contextlib.nullcontext(url) if url else private_redis() as url:
+            return compare_install(url, args)
+    args.concurrency, args.prefetch = int(args.concurrency), int(args.prefetch)
     kinds = [k for k in args.kinds.split(",") if k]
     import soakapp
 

@@ -4,7 +4,12 @@
 
 - ``rmq`` (default): the reference app (``workers.app.make_app``) with governed ``soak.*`` tasks that
   record every run in Redis (:func:`record_start`, :func:`record_done`), so a test sees re-runs.
-- ``bench-rmq`` / ``bench-plain``: the overhead bench. The same Celery settings for both
+- ``user-rmq`` / ``user-plain``: the overhead bench as users compare (``--compare install``): an app
+  with a broker, a backend and ``SOAK_PREFETCH`` and nothing else (:func:`user_app`); ``user-rmq``
+  adds ``rmq.install(app)`` and ``@governed_task()`` (no declaration), ``user-plain`` has ``@app.task``,
+  ``user-installed`` has ``rmq.install(app)`` with ``@app.task`` (what install() costs alone).
+  ``python -c 'import soakapp; soakapp.fill_main()'`` sends tasks from such an app, as its users do.
+- ``bench-rmq`` / ``bench-plain``: the overhead bench of the governed task path. The same Celery settings for both
   (:func:`bench_conf`: prefork, acks_late, reject on worker lost, prefetch ``SOAK_PREFETCH``, the
   broker transport options rmq sets, no events, no started state); ``bench-rmq`` adds
   ``rmq.install(app)`` and governed ``ovh.*`` tasks that declare their memory, ``bench-plain`` has
@@ -18,6 +23,11 @@ Test-only switches (environment of the worker):
 
 - ``SOAK_CPROFILE=<dir>``: each pool process writes a CPU-time cProfile to ``<dir>`` when it exits;
   the bench-rmq task ``ovh.profile_guards`` profiles the guard chain inside a pool process.
+- ``SOAK_CPROFILE_MAIN=<dir>``: the worker's main thread writes a CPU-time cProfile to ``<dir>`` at shutdown.
+- ``SOAK_IMPORT=<module>``: a module imported into the worker, e.g. ``pathtiming`` (CPU and wall time of
+  each part of the governed path, per pool process).
+- ``SOAK_TASK_OPTS`` / ``SOAK_USER_CONF`` (JSON, ``user-*`` modes): task options / Celery settings added
+  (``overhead.py --variant`` uses the second).
 """
 
 from __future__ import annotations
@@ -88,6 +98,43 @@ def bench_app(governed: bool, broker: str, backend: str | None = None, prefetch:
     else:
         app.conf.update(transport if transport is not None else rmq_transport_conf(broker))
     return app
+
+
+def user_app(governed: bool, broker: str, backend: str | None = None, prefetch: int = 4) -> Any:
+    """An app as a user writes it: a broker, a backend and the prefetch multiplier, with or without
+    ``rmq.install(app)``. Nothing else is given to either side (what ``install()`` changes counts).
+
+    ``worker_hijack_root_logger`` and ``broker_connection_retry_on_startup`` only keep the bench's
+    logs quiet; they change nothing on the task path.
+    """
+    from celery import Celery
+
+    app = Celery("overhead", broker=broker, backend=backend or broker, set_as_current=False)
+    app.conf.update(worker_prefetch_multiplier=prefetch, worker_hijack_root_logger=False,
+                    broker_connection_retry_on_startup=True)
+    if os.environ.get("SOAK_USER_CONF"):  # a profiling aid (JSON): the bench itself gives nothing more
+        import json
+
+        app.conf.update(json.loads(os.environ["SOAK_USER_CONF"]))
+    if governed:
+        import rmq
+
+        rmq.install(app)
+    return app
+
+
+def fill_main() -> None:
+    """Send ``SOAK_FILL_N`` tasks ``SOAK_FILL_TASK`` (args ``SOAK_FILL_ARGS``, JSON) with ids
+    ``<SOAK_FILL_PREFIX>-<i>``, through the task's own ``apply_async`` (router, priorities), one producer."""
+    import json
+
+    n = int(os.environ["SOAK_FILL_N"])
+    prefix = os.environ["SOAK_FILL_PREFIX"]
+    args = tuple(json.loads(os.environ.get("SOAK_FILL_ARGS", "[]")))
+    task = app.tasks[os.environ["SOAK_FILL_TASK"]]
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            task.apply_async(args, task_id=f"{prefix}-{i}", producer=producer)
 
 
 _redis: redis_lib.Redis | None = None
@@ -196,6 +243,31 @@ if MODE == "rmq":
                 os.kill(os.getpid(), 9)
         record_done(self.request)
         return "done"
+
+elif MODE in ("user-rmq", "user-plain", "user-installed"):
+    import json
+
+    # SOAK_TASK_OPTS (JSON), a profiling aid: the bench itself gives no option to either side
+    task_opts = json.loads(os.environ.get("SOAK_TASK_OPTS") or "{}")
+    app = user_app(MODE != "user-plain", BROKER, os.environ.get("RMQ_RESULT_BACKEND", BROKER),
+                   int(os.environ.get("SOAK_PREFETCH", "4")))
+    app.set_current()
+    if MODE == "user-rmq":
+        from rmq import governed_task
+
+        user_task = governed_task(**task_opts)
+    else:
+        user_task = app.task(**task_opts)
+
+    @user_task
+    def noop() -> None:
+        """No work at all."""
+        return None
+
+    @user_task
+    def cpu(ms: float = 5.0) -> None:
+        """``ms`` milliseconds of CPU work (a busy loop)."""
+        _spin(ms / 1000.0)
 
 elif MODE in ("bench-rmq", "bench-plain"):
     import json
@@ -307,3 +379,29 @@ if os.environ.get("SOAK_CPROFILE"):  # profiling aid: CPU-time cProfile of each 
         if p is not None:
             p.disable()
             p.dump_stats(os.path.join(os.environ["SOAK_CPROFILE"], f"pool-{os.getpid()}.prof"))
+
+
+if os.environ.get("SOAK_CPROFILE_MAIN"):  # profiling aid: CPU-time cProfile of the worker's main thread
+    import cProfile
+
+    from celery import signals as _msignals
+
+    _mprof: dict[str, Any] = {}
+
+    @_msignals.worker_ready.connect(weak=False)
+    def _mprof_start(**_: Any) -> None:
+        _mprof["p"] = cProfile.Profile(time.thread_time)
+        _mprof["p"].enable()
+
+    @_msignals.worker_shutdown.connect(weak=False)
+    def _mprof_stop(**_: Any) -> None:
+        p = _mprof.get("p")
+        if p is not None:
+            p.disable()
+            p.dump_stats(os.path.join(os.environ["SOAK_CPROFILE_MAIN"], f"main-{os.getpid()}.prof"))
+
+
+if os.environ.get("SOAK_IMPORT"):  # profiling aid: a module to import into the worker (instrumentation)
+    import importlib
+
+    importlib.import_module(os.environ["SOAK_IMPORT"])

@@ -61,6 +61,22 @@ def test_a_heavy_task_runs_on_a_worker_started_without_q(redis_url, unique, star
     assert {q["name"] for q in queues} == {"celery", "rmq.heavy"}
 
 
+def test_a_worker_whose_tasks_never_go_to_the_heavy_queue_polls_the_default_queue_only(redis_url, unique,
+                                                                                       start_worker):
+    # Given an app whose governed tasks are all light (soakapp's user-rmq mode), started without -Q
+    env = _env(redis_url, SOAK_MODE="user-rmq", RMQ_RESULT_BACKEND=redis_url)
+    app = _client(redis_url)
+    w = start_worker(app, app="soakapp", concurrency=1, hostname=f"lightonly-{unique}@%h", env=env)
+    # Then it consumes the default queue only: the heavy queue's lists are not in its BRPOP
+    queues = app.control.inspect(destination=[w.node_name], timeout=5).active_queues()[w.node_name]
+    assert {q["name"] for q in queues} == {"celery"}
+    # And with -Q naming both, it consumes both
+    both = start_worker(app, app="soakapp", concurrency=1, hostname=f"both-{unique}@%h", env=env,
+                        queues=["celery", "rmq.heavy"])
+    queues = app.control.inspect(destination=[both.node_name], timeout=5).active_queues()[both.node_name]
+    assert {q["name"] for q in queues} == {"celery", "rmq.heavy"}
+
+
 def _status(redis_url: str, *args: str) -> subprocess.CompletedProcess:
     rmq = os.path.join(os.path.dirname(sys.executable), "rmq")
     out = subprocess.run([rmq, "status", *args, "-A", "habitsapp"], env=_env(redis_url), cwd=ROOT,

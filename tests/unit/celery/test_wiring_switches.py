@@ -27,6 +27,28 @@ def test_by_default_install_adds_beat_entries_autoscaler_and_priorities() -> Non
     assert app.conf.task_queue_max_priority == 10
 
 
+def test_on_redis_four_priority_lists_keep_high_normal_and_low_apart_in_order() -> None:
+    from bisect import bisect
+
+    from rmq.core.routing import to_wire_priority
+    from rmq.core.units import PRIORITY_NAMES
+
+    steps = _app().conf.broker_transport_options["priority_steps"]
+    assert steps == [0, 3, 6, 9]  # plain Celery's four lists per queue, not ten
+
+    def list_of(priority: int) -> int:  # the step kombu files a wire priority under
+        return steps[bisect(steps, to_wire_priority(priority, "redis")) - 1]
+
+    named = [list_of(PRIORITY_NAMES[n]) for n in ("high", "normal", "low")]
+    assert named == sorted(set(named))  # each its own list, high's polled first
+    assert [list_of(p) for p in range(9, -1, -1)] == [0, 0, 0, 3, 3, 3, 6, 6, 6, 9]
+
+
+def test_the_users_own_priority_steps_win() -> None:
+    app = _app(broker_transport_options={"priority_steps": list(range(10))})
+    assert app.conf.broker_transport_options["priority_steps"] == list(range(10))
+
+
 def test_beat_entries_off_leaves_the_schedule_alone() -> None:
     app = _app(rmq_beat_entries=False, beat_schedule={"mine": {"task": "x", "schedule": 5}})
     assert set(app.conf.beat_schedule) == {"mine"}
