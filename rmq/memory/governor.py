@@ -481,9 +481,17 @@ class Governor:
         return self.admit_line - int(self.admit_penalty)
 
     def _freeing(self, pid: int) -> bool:
-        """Whether a killed pool process's memory is still on its way out (its cgroup or process)."""
+        """Whether a killed pool process's memory is still on its way out (its cgroup or process).
+
+        A zombie holds no memory but stays in its cgroup's ``cgroup.procs`` until reaped: a killed
+        task's subprocess, orphaned to the main process (the subreaper), is reaped here, and never
+        counts as freeing (it kept the next kill waiting, and a held re-run held, for a minute)."""
         if self.pools is not None:
-            return bool(self.pools.members(pid))
+            members = self.pools.members(pid)
+            ended = [m for m in members if not self.alive(m)]  # gone, or a zombie
+            for m in ended:
+                self.trees.reap(m)
+            return len(ended) < len(members)
         return self.alive(pid)
 
     def pop_kill(self, task_id: str) -> KillRecord | None:

@@ -689,3 +689,31 @@ def test_held_at_the_cap_with_nobody_over_their_reservation_the_largest_is_kille
     finally:
         gov.stop()
         ledger.close()
+
+
+def test_a_zombie_left_in_a_killed_pool_cgroup_is_reaped_and_does_not_hold_up_the_next_kill(tmp_path) -> None:
+    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    reaped: list[int] = []
+    gov.trees.reap = lambda pid: reaped.append(pid) or True
+    try:
+        gov.start()
+        ledger.try_add(Entry(KIND_TASK, 11, 100 * MiB, task_id="a", name="media.a", start_rss=10 * MiB),
+                       lambda _: True)
+        meter.children = {11: 600 * MiB, 12: 10 * MiB}
+        events.oom = True
+        kernel(900 * MiB, {11: 610 * MiB, 12: 10 * MiB})
+        gov.tick()
+        assert actuator.kills() == [11]
+        # the killed task's subprocess (pid 4242) ended, orphaned to the main process, unreaped: a
+        # zombie holds no memory, but stays in the cgroup's list until its parent reaps it
+        ledger.try_add(Entry(KIND_TASK, 12, 100 * MiB, task_id="b", name="media.b", start_rss=10 * MiB),
+                       lambda _: True)
+        meter.children = {12: 600 * MiB}
+        kernel(900 * MiB, {11: 0, 12: 610 * MiB})
+        (acc.pools.path_for(11) / "cgroup.procs").write_text("4242\n")
+        gov.alive = lambda pid: pid != 4242
+        gov.tick()
+        assert 4242 in reaped and actuator.kills() == [11, 12]
+    finally:
+        gov.stop()
+        ledger.close()
