@@ -37,9 +37,6 @@ log = logging.getLogger("rmq.memory.governor")
 #: how far the main process's share moves before the pools' cap follows it
 _REFIT_STEP_BYTES = 1 << 20
 
-#: the pools' cap is lowered only while they hold this much less than the new cap (see ``_fit_pools``)
-_LOWER_ROOM_BYTES = 64 << 20
-
 #: a dip of the main process's share larger than this is a pool process replaced (see ``_OWN_WINDOW_S``)
 _DIP_BYTES = 8 << 20
 
@@ -229,14 +226,10 @@ class Governor:
         # of it), but not every page of it: each refit rewrites the kernel's wake-up thresholds
         if not force and abs(own - self.own_bytes) < _REFIT_STEP_BYTES:
             return
-        cap = max(self.budget.line(self.lines.kill) - own, 0)
-        current = self.pools.pools_limit()
-        if not force and current is not None and cap < current and pools > cap - _LOWER_ROOM_BYTES:
-            # Lowered near what the pools hold, the write makes the kernel reclaim in this thread
-            # until usage fits, and a held task takes each page reclaim frees: the governor stayed
-            # in the write, and the held runaway held, for as long as the worker lived. The cap
-            # comes down once the pools are well under it; the worker's kill line acts meanwhile.
-            return
+        # never under what the pools hold now: the kernel would reclaim in the writing thread (this
+        # one) before it refuses, and with anonymous memory and no swap there is nothing to reclaim.
+        # The worker's kill line stops the pools meanwhile.
+        cap = max(self.budget.line(self.lines.kill) - own, pools, 0)
         if not self.pools.set_pools_limit(cap):
             return
         self.own_bytes = own

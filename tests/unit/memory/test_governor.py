@@ -717,24 +717,3 @@ def test_a_zombie_left_in_a_killed_pool_cgroup_is_reaped_and_does_not_hold_up_th
     finally:
         gov.stop()
         ledger.close()
-
-
-def test_the_pools_cap_is_not_lowered_onto_what_they_hold(tmp_path) -> None:
-    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
-    limit = acc.pools.root / "memory.limit_in_bytes"
-    try:
-        gov.start()
-        cap = int(BUDGET * 0.985) - 80 * MiB
-        assert limit.read_text() == str(cap)
-        # the main process grew by 40 MiB while the pools hold nearly their cap: a lower cap written
-        # now would make the kernel reclaim in the governor's thread for as long as a held task lives
-        kernel(120 * MiB + cap - MiB, {11: cap - MiB, 12: 0})
-        gov.tick()
-        assert limit.read_text() == str(cap)
-        # well under it again: the cap comes down
-        kernel(120 * MiB + 100 * MiB, {11: 100 * MiB, 12: 0})
-        gov.tick()
-        assert limit.read_text() == str(cap - 40 * MiB)
-    finally:
-        gov.stop()
-        ledger.close()
