@@ -27,6 +27,7 @@ from rmq.memory.lines import lines_for
 from rmq.memory.pool_cgroups import choose_accounting
 from rmq.memory.probes import HostProbe
 from rmq.memory.proctree import set_child_subreaper
+from rmq.memory.shared_heap import keep_heap_shared
 from rmq.monitoring.snapshot import SnapshotBuilder
 
 __all__ = ["GovernorStep"]
@@ -80,6 +81,8 @@ class GovernorStep(bootsteps.StartStopStep):
         self.runtime.accounting = self.accounting
         if self.accounting.pools is not None:
             self.accounting.pools.adopt_at_fork(os.getpid())
+        if self.config.share_heap:  # before the pool's first fork (docs/design.md#shared-heap)
+            keep_heap_shared(os.getpid())
         self.lines = lines_for(self.config, self.accounting.kernel, limit.limit_bytes)
         self.budget = detect_budget(self.config, percent=self.lines.budget_percent)
         self.cpu_slots, self.cpu_source = _cpu_slots(self.config.cpu_slots)

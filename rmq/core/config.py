@@ -110,6 +110,7 @@ KEYS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "kernel_accounting": (True, boolean),
     "unknown_share": (0.5, share),
     "oom_hold": (True, boolean),
+    "share_heap": (True, boolean),
 }
 
 
@@ -180,6 +181,7 @@ class RmqConfig:
     kernel_accounting: bool
     unknown_share: float
     oom_hold: bool
+    share_heap: bool
     #: the keys the user gave (in the conf or the environment), for defaults that depend on the machine
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
