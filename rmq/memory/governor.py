@@ -55,6 +55,12 @@ _OWN_WINDOW_S = 3.0
 #: out of memory
 _AT_CAP_BYTES = 512 << 10
 
+#: a cap lowered toward what the pools hold stays this far above their count, read a moment before:
+#: written under what they hold by the time of the write, it makes the kernel reclaim in the writing
+#: thread (the governor's), which kept finding page cache to drop while a held runaway took each
+#: freed page, and the governor never came back from the write
+_CAP_SLACK_BYTES = 1 << 20
+
 #: how far the admit line steps down after a kill that found nobody over their reservation (what
 #: admission let in did not fit: page cache, interpreters, the pools themselves), and how fast it
 #: comes back
@@ -160,6 +166,7 @@ class Governor:
         self._own_seen: deque[tuple[float, int]] = deque()
         #: the pools' usage at which they count as held at their cap (0: no cap)
         self.held_at_bytes = 0
+        self.pools_cap: int | None = None  # the pools' cap last written
         self.kills: dict[str, KillRecord] = {}
         #: the last kills with their figures, for people (``kills`` is consumed by the request handler)
         self.recent_kills: deque[dict[str, Any]] = deque(maxlen=RECENT_KILLS)
@@ -226,12 +233,15 @@ class Governor:
         # of it), but not every page of it: each refit rewrites the kernel's wake-up thresholds
         if not force and abs(own - self.own_bytes) < _REFIT_STEP_BYTES:
             return
-        # never under what the pools hold now: the kernel would reclaim in the writing thread (this
-        # one) before it refuses, and with anonymous memory and no swap there is nothing to reclaim.
-        # The worker's kill line stops the pools meanwhile.
-        cap = max(self.budget.line(self.lines.kill) - own, pools, 0)
+        # never under what the pools hold now (see _CAP_SLACK_BYTES); held at their present cap,
+        # they cannot pass it meanwhile. The worker's kill line stops the pools instead.
+        floor = pools + _CAP_SLACK_BYTES
+        if self.pools_cap is not None:
+            floor = min(floor, self.pools_cap)
+        cap = max(self.budget.line(self.lines.kill) - own, floor)
         if not self.pools.set_pools_limit(cap):
             return
+        self.pools_cap = cap
         self.own_bytes = own
         self.held_at_bytes = max(0, cap - _AT_CAP_BYTES)
         if self.events is not None:

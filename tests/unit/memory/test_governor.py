@@ -649,6 +649,27 @@ def test_the_pools_cap_follows_the_main_process_down_only_once_it_stayed_smaller
         ledger.close()
 
 
+def test_the_pools_cap_is_never_written_under_what_they_hold_by_the_time_of_the_write(tmp_path) -> None:
+    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    limit = acc.pools.root / "memory.limit_in_bytes"
+    try:
+        gov.start()
+        cap = int(BUDGET * 0.985) - 80 * MiB
+        # the main process grows while the pools hold a runaway well under their cap: lowered, the cap
+        # stays a MiB above what they held (they may have grown since the reading)
+        kernel(250 * MiB + cap - 100 * MiB, {11: cap - 110 * MiB, 12: 10 * MiB})
+        gov.tick()
+        assert int(limit.read_text()) == cap - 100 * MiB + MiB
+        # held at that cap, and the main process grows again: the cap stays where it is, at or
+        # above what they hold, and the worker's kill line deals with the runaway
+        kernel(300 * MiB + cap - 100 * MiB, {11: cap - 110 * MiB + MiB // 2, 12: 10 * MiB})
+        gov.tick()
+        assert int(limit.read_text()) == cap - 100 * MiB + MiB
+    finally:
+        gov.stop()
+        ledger.close()
+
+
 def test_with_nothing_to_kill_the_choice_goes_back_to_the_kernel(tmp_path) -> None:
     gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
     try:
