@@ -143,7 +143,10 @@ class WorkerProcess:
                 return False
             return bool(replies) and len(self.pool_pids()) >= min(1, self.concurrency)
 
-        wait_until(ready, timeout, interval=0.05, what=f"worker {self.node_name} to answer")
+        try:
+            wait_until(ready, timeout, interval=0.05, what=f"worker {self.node_name} to answer")
+        except TimeoutError as exc:  # what the worker was doing is in its log: say it where the test fails
+            raise TimeoutError(f"{exc}; its log ends:\n{self.log()[-3000:]}") from None
         return self
 
     def pool_pids(self) -> list[int]:
