@@ -142,7 +142,10 @@ def share(v: object, w: str) -> float:
 
 def boolean(value: object, what: str) -> bool:
     """True or False, also as the text an environment variable holds (true/false, yes/no, on/off, 1/0)."""
-    text = str(value).strip().lower()
-    if isinstance(value, bool) or text in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-        return value if isinstance(value, bool) else text in ("true", "yes", "on", "1")
+    if isinstance(value, bool):
+        return value
+    # only text and small ints can name a boolean (str() of an int past 4300 digits raises)
+    text = str(value).strip().lower() if isinstance(value, str) or (isinstance(value, int) and -2 < value < 2) else ""
+    if text in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        return text in ("true", "yes", "on", "1")
     raise ConfigError(f"{what} must be true or false, got {shown(value)}")

@@ -113,6 +113,12 @@ def test_a_non_ascii_or_huge_priority_is_a_config_error(bad: object) -> None:
         parse_priority(bad, "priority")
 
 
+@pytest.mark.parametrize("bad", [10**5000, 2, -1, 1.0, "maybe"], ids=_id)
+def test_a_boolean_setting_takes_true_false_or_their_words_only(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"^rmq_share_heap must be true or false"):
+        load_config({"rmq_share_heap": bad}, {})
+
+
 def test_leading_zeros_and_ascii_spaces_still_make_a_priority() -> None:
     assert parse_priority(" 007 ") == 7
 
