@@ -24,7 +24,7 @@ from collections.abc import Callable
 from rmq.concern import Concern, TaskContext
 from rmq.core import forks
 from rmq.core.errors import BudgetExceeded, Defer
-from rmq.core.ledger import KIND_TASK, Entry, Ledger, LedgerFull
+from rmq.core.ledger import KIND_TASK, Entry, Ledger, LedgerFull, Reserved
 from rmq.core.runtime import Runtime, current
 from rmq.core.selfmem import peak_rss_bytes, reset_peak_rss
 from rmq.memory.admission import Need, Verdict, judge
@@ -44,8 +44,13 @@ _RENEW_S = 0.1
 _UNKNOWN = 1 << 62
 
 
+#: the worker's memory read afresh: its kernel count, and each running task's cgroup count then, by
+#: (pool pid, task id)
+Fresh = tuple[int, dict[tuple[int, str], int]]
+
+
 def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, learned: bool = False,
-              share: float = 1.0, worker_now: Callable[[], int | None] | None = None) -> Verdict:
+              share: float = 1.0, worker_now: Callable[[], Fresh | None] | None = None) -> Verdict:
     """One atomic step: judge ``need`` against the reservations and the governor's latest readings,
     and add ``entry`` when it fits.
 
@@ -57,15 +62,19 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, l
 
     ``worker_now`` reads the worker's memory afresh (the kernel's count, under kernel accounting) in
     place of the governor's last reading: memory a neighbour freed when it ended then admits the
-    next task at once, not at the governor's next sample. A neighbour's growth since that sample is
-    in the fresh count while its reservation still counts as unused: double, so on the safe side."""
+    next task at once, not at the governor's next sample. The running tasks' use is read with it (just
+    before: a growth between the two reads counts twice, on the safe side); against the governor's
+    last sample, a task that started since would count twice until that sample, and the last task of
+    each wave waited up to a sample interval (250 ms) for room it had."""
     disk = shutil.disk_usage(disk_root) if (need.disk_bytes and disk_root) else None
     fresh = worker_now() if worker_now is not None else None
     with ledger.locked():  # the readings are published under the same lock as the reservations' usage
         worker, idle, admit_line, budget, cpu_slots = ledger.admission_readings()
         if fresh is not None:
-            worker = fresh
-        reserved = ledger.reserved_unlocked()
+            worker, used_now = fresh
+            reserved = _reserved_now(ledger, used_now)
+        else:
+            reserved = ledger.reserved_unlocked()
         # alone: the idle worker, and the models resident in it (a pinned one never leaves)
         alone = admit_line - idle - reserved.model_bytes
         if learned and need.memory_bytes == _UNKNOWN:  # its share of what there is, however little
@@ -84,10 +93,21 @@ def _try_once(ledger: Ledger, entry: Entry, need: Need, disk_root: str | None, l
     return v
 
 
+def _reserved_now(ledger: Ledger, used_now: dict[tuple[int, str], int]) -> Reserved:
+    """The reservations' sums with each task's use read afresh (call under the ledger's lock). A
+    reading counts only for the run it was taken of: the pool process may have started another since."""
+    entries = ledger.entries_unlocked()
+    for e in entries:
+        got = used_now.get((e.pid, e.task_id)) if e.kind == KIND_TASK else None
+        if got is not None:
+            e.used_bytes = max(e.used_bytes, got - e.start_rss)
+    return Reserved.of(entries)
+
+
 def _wait_for_room(ledger: Ledger, entry: Entry, need: Need, wait_s: float, disk_root: str | None,
                    verdict: Verdict, learned: bool = False,
                    renew: Callable[[], tuple[int, bool]] | None = None, share: float = 1.0,
-                   worker_now: Callable[[], int | None] | None = None) -> Verdict:
+                   worker_now: Callable[[], Fresh | None] | None = None) -> Verdict:
     """After a first ``verdict`` that did not fit: ask for unloads, then re-try until ``wait_s`` ends.
     ``renew`` gives the reservation again (a peak learned meanwhile by a neighbour's run);
     ``worker_now`` reads the worker's memory afresh for each re-try (see :func:`_try_once`)."""
@@ -240,15 +260,22 @@ def _pools(rt: Runtime) -> PoolCgroups | None:
     return accounting.pools if accounting is not None else None
 
 
-def _fresh_for_known(rt: Runtime, pools: PoolCgroups, task_name: str) -> Callable[[], int | None]:
-    """The kernel's count of the worker, read afresh, for a task whose peak its own runs taught; else
-    ``None`` (the governor's last reading). A declaration may lie and an unknown task may be large:
-    admitted the moment a neighbour's memory came back, such a run would take it before the peak a
-    kill or a neighbour's run just taught reaches it (read again every 0.1 s while it waits), and
-    grow into the cap; waiting for the governor's next reading gives it that time."""
+def _fresh_for_known(rt: Runtime, pools: PoolCgroups, task_name: str) -> Callable[[], Fresh | None]:
+    """The kernel's counts of the worker and of each running task, read afresh, for a task whose peak
+    its own runs taught; else ``None`` (the governor's last readings). A declaration may lie and an
+    unknown task may be large: admitted the moment a neighbour's memory came back, such a run would
+    take it before the peak a kill or a neighbour's run just taught reaches it (read again every 0.1 s
+    while it waits), and grow into the cap; waiting for the governor's next reading gives it that time."""
 
-    def read() -> int | None:
-        return pools.worker.working_set_bytes() if learner(rt).learned(task_name) else None
+    def read() -> Fresh | None:
+        if not learner(rt).learned(task_name):
+            return None
+        used = {}
+        for e in rt.ledger.entries():  # the tasks first: what they grow by before the worker's read counts twice
+            if e.kind == KIND_TASK and (got := pools.usage(e.pid)) is not None:
+                used[(e.pid, e.task_id)] = got
+        worker = pools.worker.working_set_bytes()
+        return (worker, used) if worker is not None else None
 
     return read
 

@@ -229,3 +229,25 @@ def test_a_pool_process_outside_its_cgroup_defers_its_task_instead_of_running_it
     # it tried again, reserved nothing, and the task waits in the queue (counted as deferred.cgroup)
     assert pools.tries == 1 and raised.value.kind == "cgroup" and "Cannot allocate memory" in raised.value.reason
     assert rt.ledger.entries() == []
+
+
+def test_read_afresh_a_running_tasks_use_is_counted_once_and_only_for_the_run_it_was_read_of(rt) -> None:
+    from rmq.core.ledger import KIND_TASK, Entry
+    from rmq.memory.admission import Need
+    from rmq.memory.reservation import _try_once
+
+    # Given a task just admitted (1500 MiB reserved, 10 MiB in its cgroup then), which the governor
+    # has not sampled since (its use reads 0): the kernel's fresh count of the worker holds its 1500 MiB
+    rt.ledger.try_add(Entry(KIND_TASK, 11, 1500 * MiB, task_id="a", name="media.a", start_rss=10 * MiB),
+                      lambda _: True)
+
+    def attempt(task_id: str):
+        entry = Entry(KIND_TASK, 12, 1800 * MiB, task_id="next", name="media.a")
+        return _try_once(rt.ledger, entry, Need(1800 * MiB, 0, 0), None, True, 1.0,
+                         lambda: (1600 * MiB, {(11, task_id): 1510 * MiB}))
+
+    # When a waiting task reads that run's own count with the worker's, the run's 1500 MiB count once,
+    # and the next task fits under the admit line (3500 MiB): 1600 + 0 + 1800
+    refused = attempt("b")  # a count read of another run of that pool process: not this run's use
+    assert not refused.admitted and "reserved-unused 1.5GiB" in refused.reason, refused.reason
+    assert attempt("a").admitted
