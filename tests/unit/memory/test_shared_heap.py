@@ -26,16 +26,12 @@ class Clock:
         return self.now
 
 
-def test_the_main_process_freezes_its_objects_before_a_fork_so_later_collections_skip_them():
+def test_the_main_process_freezes_its_objects_before_a_fork() -> None:
     heap = SharedHeap(os.getpid())
-    kept = [object() for _ in range(10)] + [[] for _ in range(1000)]  # tracked by the collector
+    kept = [[] for _ in range(1000)]  # tracked by the collector
     heap.before_fork()
-    assert gc.get_freeze_count() >= 1000
-    before = gc.get_freeze_count()
-    gc.collect()  # what Celery runs before the next fork: the frozen objects stay frozen
-    assert gc.get_freeze_count() == before
+    assert gc.get_freeze_count() >= len(kept)
     assert heap.forks == 1 and heap.thaws == 0
-    del kept
 
 
 def test_a_fork_by_another_process_freezes_nothing():
