@@ -55,6 +55,10 @@ _OWN_WINDOW_S = 3.0
 #: out of memory
 _AT_CAP_BYTES = 512 << 10
 
+#: a killed pool's cgroup holding no more than this above its count at the task's admission has
+#: freed the task's memory (what stays is page cache, and the pool process's own start-up)
+_FREED_SLACK_BYTES = 8 << 20
+
 #: a cap lowered toward what the pools hold stays this far above their count, read a moment before:
 #: written under what they hold by the time of the write, it makes the kernel reclaim in the writing
 #: thread (the governor's), which kept finding page cache to drop while a held runaway took each
@@ -184,6 +188,8 @@ class Governor:
         self.tick_seconds = 0.0
         self.ticks = 0
         self._killed_pids: dict[int, float] = {}
+        self._killed_from: dict[int, int] = {}  # a killed pool's cgroup count when its task was admitted
+        self._killed_at_reading: set[int] = set()  # the kills still freeing just after this tick's reading
         self._seen_request = ledger.read_unload_request()[0]
         self._loop = PeriodicThread(
             "rmq-governor", self._timed_tick, self._interval, log, "governor tick",
@@ -314,6 +320,7 @@ class Governor:
                 self._swept_at = now
                 self.pools.sweep(set(pids))
             self._fit_pools()  # every tick: a stale cap would hold the pools short of the kill line
+        self._killed_at_reading = {pid for pid in self._killed_pids if self._freeing(pid)}
         self.trees.tidy(reading, now)
         dropped = self.ledger.release_dead(self.alive)
         if dropped:
@@ -413,6 +420,11 @@ class Governor:
         if urgent or self.pools is not None:  # the kernel says when a killed tree's memory is gone
             if any(self._freeing(pid) for pid in self._killed_pids):
                 return True
+            # none frees now, but one did at this tick's reading, which still counts its memory: choose
+            # again on a fresh one (a burst's second kill, made on a reading 269 MiB over the kernel's
+            # count then)
+            if self._killed_at_reading:
+                return True
         elif any(now - at < 2.0 for at in self._killed_pids.values()):
             return True
         main = os.getpid()
@@ -459,6 +471,7 @@ class Governor:
                      worst.name, worst.task_id, worst.pid)
             return False
         self._killed_pids[worst.pid] = now
+        self._killed_from[worst.pid] = worst.start_rss
         self.counters["killed"] += 1
         with self.lock:
             self.recent_kills.append({
@@ -481,6 +494,7 @@ class Governor:
             gone = pid not in reading.rss and not (self.pools is not None and self._freeing(pid))
             if gone or now - at > 60:
                 del self._killed_pids[pid]
+                self._killed_from.pop(pid, None)
 
     def _admit_line_now(self, now: float) -> int:
         """The admit line, less what kills with nobody over their reservation took off it (it comes
@@ -493,15 +507,22 @@ class Governor:
     def _freeing(self, pid: int) -> bool:
         """Whether a killed pool process's memory is still on its way out (its cgroup or process).
 
-        A zombie holds no memory but stays in its cgroup's ``cgroup.procs`` until reaped: a killed
-        task's subprocess, orphaned to the main process (the subreaper), is reaped here, and never
-        counts as freeing (it kept the next kill waiting, and a held re-run held, for a minute)."""
+        Under kernel accounting, the cgroup's count says: a process shows as a zombie once its main
+        thread has exited, while another of its threads may still hold its memory (in a burst, killed
+        pool processes showed as zombies with 284 MiB still in their cgroups, and the governor killed
+        three more tasks for that one excess). A zombie holds no memory of its own but stays in its
+        cgroup's ``cgroup.procs`` until reaped: a killed task's subprocess, orphaned to the main process
+        (the subreaper), is reaped here, and never counts as freeing by itself (it kept the next kill
+        waiting, and a held re-run held, for a minute)."""
         if self.pools is not None:
             members = self.pools.members(pid)
             ended = [m for m in members if not self.alive(m)]  # gone, or a zombie
             for m in ended:
                 self.trees.reap(m)
-            return len(ended) < len(members)
+            if len(ended) < len(members):
+                return True
+            left = self.pools.usage(pid)  # None once the cgroup is gone (swept)
+            return left is not None and left > self._killed_from.get(pid, 0) + _FREED_SLACK_BYTES
         return self.alive(pid)
 
     def pop_kill(self, task_id: str) -> KillRecord | None:
