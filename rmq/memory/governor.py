@@ -518,7 +518,8 @@ class Governor:
             members = self.pools.members(pid)
             ended = [m for m in members if not self.alive(m)]  # gone, or a zombie
             for m in ended:
-                self.trees.reap(m)
+                if m != pid:  # the pool process itself is the pool's to reap: reaped here, its task was never
+                    self.trees.reap(m)  # reported lost, and stayed without a terminal state
             if len(ended) < len(members):
                 return True
             left = self.pools.usage(pid)  # None once the cgroup is gone (swept)

@@ -104,10 +104,13 @@ class MemoryCgroup:
             return []
 
     def remove(self, timeout: float = 10.0) -> None:
-        """Remove the cgroup once its processes are gone."""
+        """Remove the cgroup, and the cgroups a worker made in it (those of a worker killed before it
+        could sweep its own), once their processes are gone."""
         deadline = time.monotonic() + timeout
         while True:
             try:
+                for child in sorted((p for p in self.path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                    child.rmdir()  # deepest first
                 self.path.rmdir()
                 return
             except FileNotFoundError:

@@ -792,6 +792,12 @@ def test_a_zombie_left_in_a_killed_pool_cgroup_is_reaped_and_does_not_hold_up_th
         gov.alive = lambda pid: pid != 4242
         gov.tick()
         assert 4242 in reaped and actuator.kills() == [11, 12]
+        # a killed pool process seen as a zombie is left to the pool, which reaps it and so learns that
+        # its task was lost: reaped here, the task never ended
+        gov.alive = lambda pid: pid not in (4242, 12)
+        for _ in range(3):
+            gov.tick()
+        assert 12 not in reaped
     finally:
         gov.stop()
         ledger.close()
