@@ -206,6 +206,11 @@ class Governor:
             self._fit_pools(force=True)
         if self.events is not None:
             self.events.set_thresholds(self._thresholds())
+            if self.budget.cgroup is not None:
+                # the worker's own lines too: the pools' thresholds stand for them only while the
+                # main process keeps the share they were set for (a worker's cgroup reached its
+                # limit, and the kernel's OOM killer, in the 250 ms between two samples)
+                self.events.watch_worker(self.budget.cgroup, self._worker_thresholds())
             if self.config.oom_hold:
                 self.oom_held = self.events.hold_oom()
         self._loop.start()
@@ -264,6 +269,11 @@ class Governor:
         wakes = {b for r in ratios if (b := self.budget.line(r) - self.own_bytes) > 0}
         wakes.add(self.held_at_bytes or self.budget.line(self.lines.kill) - self.own_bytes)
         return sorted(b for b in wakes if b > 0)
+
+    def _worker_thresholds(self) -> list[int]:
+        """The worker's lines, in its own cgroup's count, where the kernel wakes the governor too."""
+        ratios = {self.lines.admit, self.lines.unload, self.lines.pause, self.lines.kill}
+        return sorted(b for r in ratios if (b := self.budget.line(r)) > 0)
 
     def _wait(self, timeout_s: float) -> None:
         """Wait for the next sample, or less when the kernel reports a crossing or an OOM."""

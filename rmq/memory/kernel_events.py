@@ -108,6 +108,9 @@ class KernelEvents:
         self._gone = False
         self._fds: dict[int, str] = {}  # fd -> what it reports ("threshold", "oom", "events", "psi", "wake")
         self._threshold_fds: dict[int, int] = {}  # threshold bytes -> its eventfd
+        self._worker_fds: dict[int, int] = {}  # the same, on the worker's cgroup (watch_worker)
+        self._worker_control_fd = self._worker_usage_fd = -1
+        self.worker_thresholds: tuple[int, ...] = ()
         self._plain_fds: list[int] = []  # files kept open for the registrations
         self._retired: list[int] = []  # eventfds to close once no poll() uses them
         self._control_fd = self._usage_fd = -1
@@ -201,28 +204,68 @@ class KernelEvents:
             self.thresholds = wanted
             if self.mode != "eventfd" or self._closed:
                 return
-            for threshold in set(self._threshold_fds) - set(wanted):
-                fd = self._threshold_fds.pop(threshold)
-                del self._fds[fd]
-                self._retire(fd)
-            errors = []
-            for threshold in wanted:
-                if threshold in self._threshold_fds:
-                    continue
-                fd = os.eventfd(0, _EVENTFD_FLAGS)
-                try:
-                    os.write(self._control_fd, f"{fd} {self._usage_fd} {threshold}\n".encode())
-                except OSError as exc:
-                    os.close(fd)
-                    errors.append(f"{threshold}: {exc.strerror}")
-                    continue
-                self._threshold_fds[threshold] = fd
-                self._fds[fd] = "threshold"
+            errors = self._register(self._threshold_fds, self._control_fd, self._usage_fd, wanted, "threshold")
+            self._refused(errors)
+
+    def watch_worker(self, worker: CgroupMemory, thresholds: Iterable[int]) -> None:
+        """v1: also wake at ``thresholds`` of ``worker``'s own count (``"worker"``), the cgroup the
+        watched one sits in. The thresholds on the watched cgroup (the pools) stand for the worker's
+        lines only as long as the rest of the worker (its main process) keeps the size they were set
+        for; grown since, it takes the worker over a line, and up to its kernel limit, while the
+        pools' thresholds stay silent. Nothing on v2 (no thresholds there) or without events.
+
+        Raises:
+            ValueError: a threshold is not a positive int (nothing changes).
+        """
+        wanted = self._checked_thresholds(thresholds)
+        with self._lock:
+            self.worker_thresholds = wanted
+            if self.mode != "eventfd" or self._closed or worker.version != 1:
+                return
+            try:
+                if self._worker_control_fd < 0:
+                    self._worker_control_fd = os.open(worker.path / "cgroup.event_control", os.O_WRONLY | os.O_CLOEXEC)
+                    self._plain_fds.append(self._worker_control_fd)
+                    self._worker_usage_fd = os.open(worker.path / "memory.usage_in_bytes", os.O_RDONLY | os.O_CLOEXEC)
+                    self._plain_fds.append(self._worker_usage_fd)
+            except OSError as exc:
+                self._refused([f"the worker's cgroup {worker.path}: {exc.strerror}"], clears=False)
+                return
+            errors = self._register(self._worker_fds, self._worker_control_fd, self._worker_usage_fd, wanted,
+                                    "worker")
+            self._refused(errors, clears=False)
+
+    def _register(self, table: dict[int, int], control_fd: int, usage_fd: int, wanted: tuple[int, ...],
+                  kind: str) -> list[str]:
+        """Make ``table`` (threshold -> eventfd) hold exactly ``wanted``; returns the refusals."""
+        for threshold in set(table) - set(wanted):
+            fd = table.pop(threshold)
+            del self._fds[fd]
+            self._retire(fd)
+        errors = []
+        for threshold in wanted:
+            if threshold in table:
+                continue
+            fd = os.eventfd(0, _EVENTFD_FLAGS)
+            try:
+                os.write(control_fd, f"{fd} {usage_fd} {threshold}\n".encode())
+            except OSError as exc:
+                os.close(fd)
+                errors.append(f"{threshold}: {exc.strerror}")
+                continue
+            table[threshold] = fd
+            self._fds[fd] = kind
+        return errors
+
+    def _refused(self, errors: list[str], clears: bool = True) -> None:
+        """Log and keep the refusals (``clears``: none clears an earlier one), and have the waiter
+        take the new fds."""
+        if errors or clears:
             self.threshold_reason = f"cgroup.event_control refused thresholds {', '.join(errors)}" if errors else None
-            if errors:
-                log.warning("rmq: %s", self.threshold_reason)
-            if self._polling:
-                os.eventfd_write(self._wake_fd, 1)  # the waiter re-reads the fd set
+        if errors:
+            log.warning("rmq: %s", self.threshold_reason)
+        if self._polling:
+            os.eventfd_write(self._wake_fd, 1)  # the waiter re-reads the fd set
 
     def _retire(self, fd: int) -> None:
         """Close ``fd`` now, or after the running poll() (closing it under poll() could let the
@@ -238,7 +281,7 @@ class KernelEvents:
         """Block until a kernel event, :meth:`close` or ``timeout_s``; return what woke it.
 
         Returns:
-            ``[]`` on timeout or close; else some of ``"threshold"``, ``"oom"`` (v1), ``"high"``,
+            ``[]`` on timeout or close; else some of ``"threshold"``, ``"worker"``, ``"oom"`` (v1), ``"high"``,
             ``"max"``, ``"oom"``, ``"oom_kill"``, ``"psi"`` (v2), or ``["removed"]`` once when the
             cgroup's directory is gone (later waits just sleep).
         """
@@ -439,6 +482,7 @@ class KernelEvents:
         self._fds.clear()
         self._plain_fds.clear()
         self._threshold_fds.clear()
+        self._worker_fds.clear()
 
     def __enter__(self) -> KernelEvents:
         return self

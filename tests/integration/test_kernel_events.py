@@ -142,6 +142,31 @@ def test_usage_threshold_wakes_wait_when_a_child_crosses_it(memory_cgroup):
         ke.close()
 
 
+def test_the_worker_cgroups_own_lines_wake_wait_when_memory_outside_the_watched_pools_grows(memory_cgroup):
+    make, procs = memory_cgroup
+    cg = make(512 * MiB)
+    if cg.version != 1:
+        pytest.skip("usage thresholds are a cgroup v1 feature; this host's memory cgroups are v2")
+    # Given events on the pools' cgroup, whose thresholds nothing in the pools will reach, and the
+    # worker's own line at 200 MiB
+    pools = cg.path / "pools"
+    pools.mkdir()
+    ke = open_kernel_events(CgroupMemory(1, pools, None), [400 * MiB])
+    try:
+        assert ke.mode == "eventfd", ke.reason
+        ke.watch_worker(cg.cgroup_memory(), [200 * MiB])
+        assert ke.worker_thresholds == (200 * MiB,) and ke.threshold_reason is None
+        # When a process outside the pools (the worker's main process, say) grows past it
+        child = subprocess.Popen([*cg.wrap(), sys.executable, "-c", ALLOCATOR, "250"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(child)
+        # Then the kernel wakes the waiter, naming the worker's line
+        assert ke.wait(15) == ["worker"]
+    finally:
+        ke.close()
+        pools.rmdir()
+
+
 def test_held_oom_killer_lets_rmq_choose_the_victim(memory_cgroup):
     make, procs = memory_cgroup
     cg = make(256 * MiB)

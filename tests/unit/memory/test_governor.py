@@ -505,6 +505,9 @@ class FakeEvents:
     def set_thresholds(self, thresholds) -> None:
         self.thresholds = list(thresholds)
 
+    def watch_worker(self, worker, thresholds) -> None:
+        self.worker_thresholds = list(thresholds)
+
     def set_high(self, value: int) -> None:
         self.high.append(value)
 
@@ -570,6 +573,8 @@ def test_kernel_accounting_reads_the_kernels_counts_caps_the_pools_and_holds_bur
         # count may stop
         assert events.held and events.thresholds == sorted(
             [int(BUDGET * r) - 80 * MiB for r in {0.97, 0.93, 0.98}] + [int(BUDGET * 0.985) - 80 * MiB - 512 * 1024])
+        # and at the same lines of the worker's own count, whatever share the main process grows to
+        assert events.worker_thresholds == sorted(int(BUDGET * r) for r in {0.97, 0.93, 0.98, 0.985})
         # a task in pool 11 measured from its cgroup's count at admission
         ledger.try_add(Entry(KIND_TASK, 11, 100 * MiB, task_id="a", name="media.a", start_rss=10 * MiB),
                        lambda _: True)
