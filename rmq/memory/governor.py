@@ -230,8 +230,13 @@ class Governor:
         (outside the pools, never held) chooses the victim. Refitted as the main process grows, and
         as it shrinks only once it has stayed smaller for ``_OWN_WINDOW_S``."""
         assert self.pools is not None and self.budget.cgroup is not None
-        worker, pools = self.budget.cgroup.usage_bytes(), self.pools.pools_cgroup.usage_bytes()
-        if worker is None or pools is None:
+        # the pools read on both sides of the worker: memory moving in between (a kill freeing, a
+        # burst growing; the governor may be preempted by the very tree it killed) would show as the
+        # main process's share, and the largest share is kept for seconds
+        pools = self.pools.pools_cgroup.usage_bytes()
+        worker = self.budget.cgroup.usage_bytes()
+        after = self.pools.pools_cgroup.usage_bytes()
+        if worker is None or pools is None or after is None or abs(after - pools) > _REFIT_STEP_BYTES:
             return
         now, own = self.clock(), max(0, worker - pools)
         self._own_seen.append((now, own))

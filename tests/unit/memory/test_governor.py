@@ -675,6 +675,32 @@ def test_the_pools_cap_is_never_written_under_what_they_hold_by_the_time_of_the_
         ledger.close()
 
 
+def test_the_pools_cap_ignores_a_reading_taken_while_memory_moved_between_its_two_counts(tmp_path,
+                                                                                        monkeypatch) -> None:
+    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    limit = acc.pools.root / "memory.limit_in_bytes"
+    try:
+        gov.start()
+        fitted = limit.read_text()
+        # a burst grows the pools by 200 MiB between their count and the worker's: read as a main process
+        # 200 MiB larger, it would have cut the pools' cap by as much for seconds (as would a kill
+        # freeing between the worker's count and the pools')
+        kernel(100 * MiB, {11: 10 * MiB, 12: 10 * MiB})
+        counts = iter([20 * MiB, 220 * MiB])
+
+        class Moving:  # the pools' cgroup, counted twice in one refit
+            def usage_bytes(self) -> int:
+                return next(counts, 220 * MiB)
+
+        monkeypatch.setattr(type(acc.pools), "pools_cgroup", property(lambda self: Moving()))
+        (tmp_path / "cg" / "memory.usage_in_bytes").write_text(str(300 * MiB))  # read after the growth
+        gov.tick()
+        assert limit.read_text() == fitted
+    finally:
+        gov.stop()
+        ledger.close()
+
+
 def test_with_nothing_to_kill_the_choice_goes_back_to_the_kernel(tmp_path) -> None:
     gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
     try:
