@@ -7,7 +7,7 @@ is charged to the main process, and the original stays alive (and charged) for t
 still map it. Each fork thus adds another copy of the main process's heap to what the worker
 holds outside its pools. Measured on a 768 MiB worker with 6 pool processes
 (``tests/integration/test_kernel_accounting.py``'s app): 205 MiB outside the pools' cgroups, and
-up to 21 MiB more within 30 ms of a pool process being replaced, close to the 24 MiB rmq keeps
+up to 21 MiB more within 30 ms of a pool process being replaced, close to the 24 MiB rmq then kept
 between its kill line and the kernel's limit.
 
 ``gc.freeze()`` right before each fork (after Celery's collection, so nothing collectable is frozen)

@@ -100,7 +100,8 @@ def test_lying_declarations_are_rerun_at_their_learned_size_without_a_kernel_oom
     w = _worker(start_worker, tree_app, redis_url, cg, concurrency=6, kill_backoff="0.2s")
     results = [tree_app.tasks["tree.sub_hold"].delay(200, 0.5) for _ in range(12)]
     # Then every one succeeds: those crowded out by their neighbours ran again
-    assert all(r.get(timeout=90)["code"] == 0 for r in results)
+    done = [r.get(timeout=90) for r in results]
+    assert all(d["code"] == 0 for d in done), [d for d in done if d["code"] != 0]
     # the kernel never killed: rmq chose, and the burst waited at the kill line meanwhile
     assert cg.oom_kills() == 0
     stats = rmq_stats_of(tree_app, w)

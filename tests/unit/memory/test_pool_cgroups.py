@@ -137,11 +137,11 @@ def test_kernel_lines_apply_unless_the_user_chose_lines() -> None:
     assert lines_for(load_config({}, {"RMQ_MEMORY_BUDGET": "80%"}), kernel=True).budget_percent == 0.80
 
 
-def test_a_small_worker_keeps_24_mib_above_its_kernel_kill_line_and_between_it_and_admission() -> None:
+def test_a_small_worker_keeps_48_mib_above_its_kernel_kill_line_and_between_it_and_admission() -> None:
     assert lines_for(load_config({}, {}), kernel=True, limit_bytes=8 << 30) == KERNEL
     small = lines_for(load_config({}, {}), kernel=True, limit_bytes=768 * MiB)
     # 1.5 % of 768 MiB is 11.5 MiB: too little for the main process's growth while the pools are held
-    assert round((1 - small.kill) * 768) == 24 and round((small.kill - small.admit) * 768) == 24
+    assert round((1 - small.kill) * 768) == 48 and round((small.kill - small.admit) * 768) == 48
     assert small.unload_target < small.unload < small.admit < small.pause < small.kill
     # a user's lines stay the user's, whatever the size
     assert lines_for(load_config({"rmq_kill_ratio": 0.97}, {}), kernel=True, limit_bytes=768 * MiB).kill == 0.97
