@@ -159,7 +159,7 @@ def test_the_main_process_keeps_its_heap_shared_with_the_pool_processes_it_forks
                                                      share_heap=share))
                for share in (True, False)}
     # When each has two of its pool processes replaced (Celery collects before every fork)
-    for cg, w in workers.values():
+    for _, w in workers.values():
         for _ in range(2):
             before = wait_until(lambda w=w: len(kids := _children(w.pid)) == 6 and kids, 30, what="6 pool processes")
             os.kill(min(before), signal.SIGKILL)
