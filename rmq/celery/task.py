@@ -30,10 +30,10 @@ from rmq.celery.copies import (
 )
 from rmq.celery.resend import resend
 from rmq.concern import Concern, TaskContext, current_context, set_current_context
+from rmq.core import runtime as _runtime
 from rmq.core.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
 from rmq.core.errors import Defer, ResourceUnavailable
 from rmq.core.routing import from_wire_priority, to_wire_priority, transport_kind
-from rmq.core import runtime as _runtime
 from rmq.core.runtime import config_for, current
 from rmq.core.units import parse_priority
 

@@ -9,6 +9,7 @@ what throughput pays, unlike a loop that runs the path hot (``ovh.profile_guards
 adds two ``thread_time`` and two ``perf_counter`` calls (about 1 us) to what it wraps, and the
 wrappers nested inside ``__call__`` add theirs to it: with ``PATHTIMING_PARTS=call`` only
 ``__call__`` and ``after_return`` are wrapped, for the whole path's figure with one wrapper's cost.
+With ``PATHSTUBS`` set it imports ``pathstubs`` first (one part of the path taken out, to price it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import time
 from typing import Any
 
 from celery import signals
+
+if os.environ.get("PATHSTUBS"):
+    import pathstubs  # noqa: F401  (before the wrappers: they wrap what it put in place)
 
 from rmq.celery import concerns
 from rmq.celery.task import GovernedTask
