@@ -70,15 +70,26 @@ def is_copy(request: Any) -> bool:
     may already have ended, or may be running elsewhere."""
     if (request.delivery_info or {}).get("redelivered"):
         return True
-    # every deferral sets the header, 0 for the uncounted ones (rate limits, waiting copies)
-    return request_header(request, DEFERRALS) is not None or bool(request_header(request, "rmq_kills"))
+    # every deferral sets the header, 0 for the uncounted ones (rate limits, waiting copies);
+    # request_header() inlined: this runs for every governed task
+    headers = getattr(request, "headers", None) or {}
+    deferrals = getattr(request, DEFERRALS, None)
+    if deferrals is None:
+        deferrals = headers.get(DEFERRALS)
+    if deferrals is not None:
+        return True
+    kills = getattr(request, "rmq_kills", None)
+    if kills is None:
+        kills = headers.get("rmq_kills")
+    return bool(kills)
 
 
 def run_original(task: Any, rt: Any, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run an original delivery of ``task``: its claim is noted here and taken by the claim keeper
     if the run lasts (no Redis round trip on this path), and released once its outcome is stored."""
     try:
-        rt.claims.note(request.id, claim_token(request.hostname or "?", os.getpid()))
+        # forks.pid(): this pool process's pid without a system call per task
+        rt.claims.note(request.id, claim_token(request.hostname or "?", forks.pid()))
     except Exception as exc:  # never let the bookkeeping of copies stop an original
         log.debug("rmq could not note the run of %s[%s]: %r", task.name, request.id, exc)
         return task._run_governed(rt, request, args, kwargs)

@@ -30,6 +30,7 @@ from rmq.celery.copies import (
 )
 from rmq.celery.resend import resend
 from rmq.concern import Concern, TaskContext, current_context, set_current_context
+from rmq.core import runtime as _runtime
 from rmq.core.declarations import RMQ_OPTIONS, TaskDeclaration, parse_declaration
 from rmq.core.errors import Defer, ResourceUnavailable
 from rmq.core.routing import from_wire_priority, to_wire_priority, transport_kind
@@ -73,7 +74,7 @@ class GovernedTask(Task):
         return current_context()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        rt = current()
+        rt = _runtime._current  # current() without the call: this runs per task
         request = self.request_stack.top  # what Celery's tracer pushed (self.request, less two calls)
         if rt is None or request is None or request.called_directly or request.is_eager:
             return super().__call__(*args, **kwargs)
@@ -88,7 +89,7 @@ class GovernedTask(Task):
     def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         if getattr(finished_copy, "claim", None) == task_id:
             finished_copy.claim = None
-            rt = current()
+            rt = _runtime._current  # current() without the call: this runs per task
             if rt is not None:
                 release_claim(rt, task_id)
         super().after_return(status, retval, task_id, args, kwargs, einfo)
@@ -117,8 +118,15 @@ class GovernedTask(Task):
         entered: list[Concern] = []
         set_current_context(ctx)
         try:
+            # the concerns and whether the body is called directly, as worked out once per task class
+            # (read here without the two method calls: each costs about 1 us in a busy pool process)
+            cached = type(self).__dict__.get("_rmq_concerns")
+            concerns = cached[1] if cached is not None and cached[0] is self.rmq else self._applicable_concerns()
+            direct = type(self).__dict__.get("_rmq_direct")
+            if direct is None:
+                direct = self._runs_directly()
             try:
-                for concern in self._applicable_concerns():
+                for concern in concerns:
                     concern.enter(ctx)
                     entered.append(concern)
             except Defer as defer:
@@ -127,7 +135,7 @@ class GovernedTask(Task):
                 return self._defer(defer)
             failed = True
             try:
-                result = self.run(*args, **kwargs) if self._runs_directly() else super().__call__(*args, **kwargs)
+                result = self.run(*args, **kwargs) if direct else super().__call__(*args, **kwargs)
                 failed = False
                 return result
             except Defer as defer:  # raised by the body, e.g. a model load that does not fit

@@ -242,7 +242,12 @@ class Ledger:
         if i < 0:
             raise LedgerFull(f"the ledger has no free slot ({self.slots} reservations)")
         e.slot = i
-        e.task_id, e.name = fit(e.task_id, 48), fit(e.name, 96)
+        task_id, name = e.task_id, e.name
+        # fit() inlined for what nearly every task has, an ASCII id and name that fit (run per task)
+        if not (len(task_id) <= 48 and task_id.isascii()):
+            e.task_id = fit(task_id, 48)
+        if not (len(name) <= 96 and name.isascii()):
+            e.name = fit(name, 96)
         if not e.started:
             e.started = time.time()
         write_slot(self._map, i, e)

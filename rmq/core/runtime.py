@@ -120,7 +120,8 @@ class Runtime:
     @property
     def claims(self) -> Any:
         """This process's :class:`~rmq.core.claims.RunClaims` (run claims of overlapping task copies)."""
-        return self.local("claims", self._new_claims)
+        found = self._local.get("claims")  # read twice per governed task: no bound method, no call, once made
+        return found if found is not None else self.local("claims", self._new_claims)
 
     def _new_claims(self) -> Any:
         return RunClaims(self.redis, ttl_s=claim_ttl(self.config.visibility_timeout))

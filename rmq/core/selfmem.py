@@ -65,7 +65,8 @@ os.register_at_fork(after_in_child=_forget_inherited)
 def own_rss_bytes() -> int:
     """This process's RSS in bytes (``/proc/self/statm``; psutil where there is no ``/proc``)."""
     try:
-        return int(os.pread(_fd(_STATM, os.O_RDONLY), 128, 0).split()[1]) * _PAGE
+        fd = _fds.get(_STATM, -1)  # _fd() inlined: read twice per governed task
+        return int(os.pread(fd if fd >= 0 else _fd(_STATM, os.O_RDONLY), 128, 0).split()[1]) * _PAGE
     except (OSError, IndexError, ValueError, AttributeError):
         import psutil
 
@@ -76,7 +77,8 @@ def reset_peak_rss() -> bool:
     """Start a new peak: the kernel's high-water mark of this process's RSS (``VmHWM``) is set to
     its RSS now (``5`` written to ``/proc/self/clear_refs``, Linux 4.0+). False where it cannot be."""
     try:
-        os.write(_fd(_CLEAR_REFS, os.O_WRONLY), b"5")
+        fd = _fds.get(_CLEAR_REFS, -1)  # _fd() inlined: written once per governed task
+        os.write(fd if fd >= 0 else _fd(_CLEAR_REFS, os.O_WRONLY), b"5")
         return True
     except (OSError, AttributeError):
         return False

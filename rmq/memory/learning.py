@@ -103,6 +103,9 @@ class PeakLearner:
 
 def learner(rt: Runtime) -> PeakLearner:
     """This process's learner of the worker ``rt`` (made on first use, again after a fork)."""
+    made = rt.made("learner")  # the per-task path: no closure built once it exists
+    if made is not None:
+        return made  # type: ignore[no-any-return]
     config = rt.config
     return rt.local("learner", lambda: PeakLearner(rt.redis, window=config.learn_window, q=config.learn_percentile))
 

@@ -192,13 +192,16 @@ class AdmissionGuard(Concern):
         disk_root = rt.config.session_root_path if decl.disk_bytes else None
         if disk_root:
             os.makedirs(disk_root, exist_ok=True)
-        pools = _pools(rt)
+        pid = forks.pid()
+        accounting = getattr(rt, "accounting", None)  # _pools() inlined: this runs per task
+        pools = accounting.pools if accounting is not None else None
+        start = None
         if pools is not None:
             _in_own_cgroup(rt, pools)
-        # kernel accounting: the task is measured from its pool cgroup's count, its peak by the kernel
-        start = pools.reset_peak(forks.pid()) if pools is not None else None
+            # kernel accounting: the task is measured from its pool cgroup's count, its peak by the kernel
+            start = pools.reset_peak(pid)
         entry = Entry(
-            KIND_TASK, forks.pid(), memory, decl.cpu_slots, decl.disk_bytes,
+            KIND_TASK, pid, memory, decl.cpu_slots, decl.disk_bytes,
             task_id=ctx.task_id, name=ctx.task_name,
             start_rss=_kernel_start(pools) if start is not None else ctx.rss_before_body(),
         )
@@ -211,12 +214,10 @@ class AdmissionGuard(Concern):
                                _fresh_for_known(rt, pools, ctx.task_name) if pools is not None else None)
         if v.admitted:
             ctx.memory_bytes = entry.memory_bytes  # an estimate may have been cut to the idle worker's room
-            ctx.state["admission"] = entry
-            if start is not None:
-                ctx.state["kernel_start"] = start
-            ctx.state["models_loaded"] = self.model_bytes()
-            ctx.state["peak_reset"] = reset_peak_rss()
-            ctx.state["children_peak"] = _children_peak()
+            # what exit needs, in one tuple (one state entry per task, not five): the reservation, the
+            # cgroup's count at the start, the models loaded so far, whether the peak was reset, and the
+            # children's high-water mark before the body
+            ctx.state["admission"] = (entry, start, self.model_bytes(), reset_peak_rss(), _children_peak())
             rt.stats.incr("admitted")
             return
         if v.never:
@@ -225,33 +226,39 @@ class AdmissionGuard(Concern):
         raise Defer(v.reason, rt.config.defer_countdown, kind=v.resource)
 
     def exit(self, ctx: TaskContext, failed: bool) -> None:
-        entry: Entry | None = ctx.state.pop("admission", None)
+        held: tuple[Entry, int | None, int, bool, int] | None = ctx.state.pop("admission", None)
         rt = ctx.runtime or current()
-        if rt is None or entry is None:
+        if rt is None or held is None:
             return
+        entry, start, models_loaded, peak_reset, children_before = held
         peak_seen = rt.ledger.release(entry)  # the governor's peak reading of this reservation
         if failed:
             return
         # The kernel's high-water mark since admission catches a peak shorter than the governor's
         # interval; the RSS after the body is read before hygiene trims, so garbage the task left
         # behind counts too.
-        kernel_peak = peak_rss_bytes() if ctx.state.pop("peak_reset", False) else None
-        own = max(ctx.rss_after_body() - ctx.rss_before_body(), (kernel_peak or 0) - ctx.rss_before_body(), 0)
+        before = ctx.rss_before_body()
+        grown = ctx.rss_after_body() - before
+        if peak_reset:
+            grown = max(grown, (peak_rss_bytes() or 0) - before)
         # a subprocess the task waited for: the kernel's high-water mark of the largest one, when it
         # rose during this task, on top of the process's own growth (the governor's tree reading may
         # have missed a short one between two samples)
         children = _children_peak()
-        child_peak = children if children > ctx.state.pop("children_peak", children) else 0
-        peak = max(own + child_peak, peak_seen or 0)
-        start = ctx.state.pop("kernel_start", None)
-        pools = _pools(rt)
-        if start is not None and pools is not None:  # the cgroup's own high-water mark: the whole tree
-            tree_peak = pools.peak(forks.pid())
-            if tree_peak is not None:
-                peak = max(peak, tree_peak - start)
+        peak = max(grown, 0) + (children if children > children_before else 0)
+        if peak_seen and peak_seen > peak:
+            peak = peak_seen
+        if start is not None:
+            pools = _pools(rt)
+            if pools is not None:  # the cgroup's own high-water mark: the whole tree
+                tree_peak = pools.peak(forks.pid())
+                if tree_peak is not None:
+                    peak = max(peak, tree_peak - start)
         # models the task loaded hold their own reservations: not part of the task's peak (models
         # unloaded meanwhile freed memory the task's peak never counted: nothing to add back)
-        peak = max(0, peak - max(0, self.model_bytes() - ctx.state.pop("models_loaded", 0)))
+        loaded = self.model_bytes() - models_loaded
+        if loaded > 0:
+            peak = max(0, peak - loaded)
         learner(rt).observe(ctx.task_name, peak)
 
 

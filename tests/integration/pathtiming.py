@@ -6,7 +6,10 @@ concern's ``enter``/``exit``, admission's ledger step and the ledger lock, and w
 ``<PATHTIMING_DIR>/path-<pid>.json`` when it exits: ``{part: [cpu seconds, wall seconds], ...,
 "tasks": n}``. Divide by ``tasks`` for the time per task in a busy worker (caches cold), which is
 what throughput pays, unlike a loop that runs the path hot (``ovh.profile_guards``). Each wrapper
-adds two ``thread_time`` and two ``perf_counter`` calls (about 1 us) to what it wraps.
+adds two ``thread_time`` and two ``perf_counter`` calls (about 1 us) to what it wraps, and the
+wrappers nested inside ``__call__`` add theirs to it: with ``PATHTIMING_PARTS=call`` only
+``__call__`` and ``after_return`` are wrapped, for the whole path's figure with one wrapper's cost.
+With ``PATHSTUBS`` set it imports ``pathstubs`` first (one part of the path taken out, to price it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import time
 from typing import Any
 
 from celery import signals
+
+if os.environ.get("PATHSTUBS"):
+    import pathstubs  # noqa: F401  (before the wrappers: they wrap what it put in place)
 
 from rmq.celery import concerns
 from rmq.celery.task import GovernedTask
@@ -46,11 +52,12 @@ def _wrap(owner: Any, attr: str, label: str, count: bool = False) -> None:
 
 _wrap(GovernedTask, "__call__", "GovernedTask.__call__", count=True)
 _wrap(GovernedTask, "after_return", "GovernedTask.after_return")
-for _concern in concerns.default_concerns():
-    _wrap(type(_concern), "enter", f"{_concern.name}.enter")
-    _wrap(type(_concern), "exit", f"{_concern.name}.exit")
-_wrap(reservation, "_try_once", "admission: ledger step")
-_wrap(ledger._Lock, "__enter__", "ledger lock")
+if os.environ.get("PATHTIMING_PARTS") != "call":
+    for _concern in concerns.default_concerns():
+        _wrap(type(_concern), "enter", f"{_concern.name}.enter")
+        _wrap(type(_concern), "exit", f"{_concern.name}.exit")
+    _wrap(reservation, "_try_once", "admission: ledger step")
+    _wrap(ledger._Lock, "__enter__", "ledger lock")
 
 
 @signals.worker_process_shutdown.connect(weak=False)
