@@ -61,9 +61,10 @@ _FREED_SLACK_BYTES = 8 << 20
 
 #: a cap lowered toward what the pools hold stays this far above their count, read a moment before:
 #: written under what they hold by the time of the write, it makes the kernel reclaim in the writing
-#: thread (the governor's), which kept finding page cache to drop while a held runaway took each
-#: freed page, and the governor never came back from the write
-_CAP_SLACK_BYTES = 1 << 20
+#: thread (the governor's) until it gives up, 40-160 ms while a runaway grew at 1 GiB/s past a cap one
+#: MiB above its count (and once, with a held runaway taking each freed page, for good); the kill
+#: went that much later. The worker's own kill line stops the pools meanwhile.
+_CAP_SLACK_BYTES = 16 << 20
 
 #: how far the admit line steps down after a kill that found nobody over their reservation (what
 #: admission let in did not fit: page cache, interpreters, the pools themselves), and how fast it
@@ -265,7 +266,7 @@ class Governor:
                 self.held_at_bytes = max(1, cap - max(_HIGH_MARGIN_BYTES, cap // 50))
                 self.events.set_high(self.held_at_bytes)
             if not force:
-                self.events.set_thresholds(self._thresholds())
+                self.events.set_thresholds_soon(self._thresholds())
 
     def _thresholds(self) -> list[int]:
         """Where the kernel wakes the governor: each line of the ladder, and the admit line, as the

@@ -109,6 +109,9 @@ class KernelEvents:
         self._fds: dict[int, str] = {}  # fd -> what it reports ("threshold", "oom", "events", "psi", "wake")
         self._threshold_fds: dict[int, int] = {}  # threshold bytes -> its eventfd
         self._worker_fds: dict[int, int] = {}  # the same, on the worker's cgroup (watch_worker)
+        self._pending: tuple[int, ...] | None = None  # thresholds set_thresholds_soon will write
+        self._pending_set = threading.Event()
+        self._writer: threading.Thread | None = None
         self._worker_control_fd = self._worker_usage_fd = -1
         self.worker_thresholds: tuple[int, ...] = ()
         self._plain_fds: list[int] = []  # files kept open for the registrations
@@ -206,6 +209,33 @@ class KernelEvents:
                 return
             errors = self._register(self._threshold_fds, self._control_fd, self._usage_fd, wanted, "threshold")
             self._refused(errors)
+
+    def set_thresholds_soon(self, thresholds: Iterable[int]) -> None:
+        """:meth:`set_thresholds` on a thread of its own, the latest call winning: each threshold the
+        kernel adds or drops waits for an RCU grace period (``synchronize_rcu``), and a refit that moved
+        four of them kept the governor's tick 40-160 ms from its next kill.
+
+        Raises:
+            ValueError: a threshold is not a positive int (nothing changes).
+        """
+        wanted = self._checked_thresholds(thresholds)
+        with self._lock:
+            if self._closed:
+                return
+            self._pending = wanted
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_pending, name="rmq-thresholds", daemon=True)
+                self._writer.start()
+        self._pending_set.set()
+
+    def _write_pending(self) -> None:
+        while not self._stopped.is_set():
+            self._pending_set.wait()
+            self._pending_set.clear()
+            with self._lock:
+                wanted, self._pending = self._pending, None
+            if wanted is not None and not self._stopped.is_set():
+                self.set_thresholds(wanted)
 
     def watch_worker(self, worker: CgroupMemory, thresholds: Iterable[int]) -> None:
         """v1: also wake at ``thresholds`` of ``worker``'s own count (``"worker"``), the cgroup the
@@ -457,6 +487,7 @@ class KernelEvents:
         with self._lock:
             already, self._closed = self._closed, True
             self._stopped.set()
+            self._pending_set.set()  # the threshold writer, if any, sees _stopped and ends
         self.release_oom()  # after _closed is set, so no hold_oom can slip in behind it
         if already:
             return

@@ -94,6 +94,50 @@ def test_v1_set_thresholds_keeps_unchanged_ones_and_closes_dropped_ones(tmp_path
     assert ke.thresholds == (200 * MiB, 300 * MiB)
 
 
+def test_v1_thresholds_set_soon_are_written_by_a_thread_of_their_own_the_latest_winning(tmp_path, events):
+    import threading
+    import time
+
+    cg = v1_cgroup(tmp_path)
+    ke = events(cg, [100 * MiB])
+    callers = []
+    original = ke.set_thresholds
+
+    def recording(thresholds):
+        callers.append(threading.current_thread().name)
+        original(thresholds)
+
+    ke.set_thresholds = recording  # type: ignore[method-assign]
+    ke.set_thresholds_soon([150 * MiB])
+    ke.set_thresholds_soon([200 * MiB, 250 * MiB])
+    deadline = time.monotonic() + 5
+    while ke.thresholds != (200 * MiB, 250 * MiB) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ke.thresholds == (200 * MiB, 250 * MiB)
+    assert set(callers) == {"rmq-thresholds"}  # never the caller's thread (the governor's)
+    ke.close()  # and the writer ends with the events
+    assert ke._writer is not None
+    ke._writer.join(2)
+    assert not ke._writer.is_alive()
+
+
+def test_v1_worker_thresholds_are_registered_on_the_worker_cgroup(tmp_path, events):
+    cg = v1_cgroup(tmp_path)
+    pools = cg.path / "pools"
+    pools.mkdir()
+    for name, text in (("cgroup.event_control", ""), ("memory.usage_in_bytes", "0\n"),
+                       ("memory.oom_control", "oom_kill_disable 0\nunder_oom 0\n")):
+        (pools / name).write_text(text)
+    ke = events(CgroupMemory(1, pools, None), [100 * MiB])
+    ke.watch_worker(cg, [700 * MiB, 900 * MiB])
+    # written to the worker's own cgroup.event_control, on its own memory.usage_in_bytes
+    worker = registrations(cg)
+    assert sorted(t[2] for t in worker) == [700 * MiB, 900 * MiB]
+    assert all(fd_target(t[1]) == str(cg.path / "memory.usage_in_bytes") for t in worker)
+    ke.watch_worker(cg, [900 * MiB])
+    assert ke.worker_thresholds == (900 * MiB,)
+
+
 def test_v2_polls_memory_events_and_arms_a_psi_trigger(tmp_path, events):
     cg = v2_cgroup(tmp_path)
     ke = events(cg, [100 * MiB], psi_stall_us=150_000, psi_window_us=2_000_000)
