@@ -112,6 +112,7 @@ class KernelEvents:
         self._pending: tuple[int, ...] | None = None  # thresholds set_thresholds_soon will write
         self._pending_set = threading.Event()
         self._writer: threading.Thread | None = None
+        self._closable: list[int] = []  # retired eventfds for the writer thread to close
         self._worker_control_fd = self._worker_usage_fd = -1
         self.worker_thresholds: tuple[int, ...] = ()
         self._plain_fds: list[int] = []  # files kept open for the registrations
@@ -207,7 +208,8 @@ class KernelEvents:
             self.thresholds = wanted
             if self.mode != "eventfd" or self._closed:
                 return
-            errors = self._register(self._threshold_fds, self._control_fd, self._usage_fd, wanted, "threshold")
+        errors = self._register(self._threshold_fds, self._control_fd, self._usage_fd, wanted, "threshold")
+        with self._lock:
             self._refused(errors)
 
     def set_thresholds_soon(self, thresholds: Iterable[int]) -> None:
@@ -229,11 +231,17 @@ class KernelEvents:
         self._pending_set.set()
 
     def _write_pending(self) -> None:
+        """The writer thread: closes the eventfds the waiter is done with, and writes the latest
+        thresholds asked for, both slow (an RCU grace period each) and so never under the lock the
+        waiter takes on its way out of :meth:`wait`."""
         while not self._stopped.is_set():
             self._pending_set.wait()
             self._pending_set.clear()
             with self._lock:
                 wanted, self._pending = self._pending, None
+                closable, self._closable = self._closable, []
+            for fd in closable:
+                os.close(fd)
             if wanted is not None and not self._stopped.is_set():
                 self.set_thresholds(wanted)
 
@@ -261,21 +269,23 @@ class KernelEvents:
             except OSError as exc:
                 self._refused([f"the worker's cgroup {worker.path}: {exc.strerror}"], clears=False)
                 return
-            errors = self._register(self._worker_fds, self._worker_control_fd, self._worker_usage_fd, wanted,
-                                    "worker")
+        errors = self._register(self._worker_fds, self._worker_control_fd, self._worker_usage_fd, wanted, "worker")
+        with self._lock:
             self._refused(errors, clears=False)
 
     def _register(self, table: dict[int, int], control_fd: int, usage_fd: int, wanted: tuple[int, ...],
                   kind: str) -> list[str]:
-        """Make ``table`` (threshold -> eventfd) hold exactly ``wanted``; returns the refusals."""
-        for threshold in set(table) - set(wanted):
-            fd = table.pop(threshold)
-            del self._fds[fd]
-            self._retire(fd)
-        errors = []
-        for threshold in wanted:
-            if threshold in table:
-                continue
+        """Make ``table`` (threshold -> eventfd) hold exactly ``wanted``; returns the refusals. The
+        registrations are written outside the lock (one caller at a time: the governor's start, then
+        the writer thread), since each waits for an RCU grace period."""
+        with self._lock:
+            for threshold in set(table) - set(wanted):
+                fd = table.pop(threshold)
+                del self._fds[fd]
+                self._retire(fd)
+            missing = [t for t in wanted if t not in table]
+        errors, made = [], {}
+        for threshold in missing:
             fd = os.eventfd(0, _EVENTFD_FLAGS)
             try:
                 os.write(control_fd, f"{fd} {usage_fd} {threshold}\n".encode())
@@ -283,8 +293,14 @@ class KernelEvents:
                 os.close(fd)
                 errors.append(f"{threshold}: {exc.strerror}")
                 continue
-            table[threshold] = fd
-            self._fds[fd] = kind
+            made[threshold] = fd
+        with self._lock:
+            for threshold, fd in made.items():
+                if self._closed:  # closed meanwhile: never handed to the waiter
+                    os.close(fd)
+                    continue
+                table[threshold] = fd
+                self._fds[fd] = kind
         return errors
 
     def _refused(self, errors: list[str], clears: bool = True) -> None:
@@ -302,6 +318,9 @@ class KernelEvents:
         number be reused by another open)."""
         if self._polling:
             self._retired.append(fd)
+        elif self._writer is not None and not self._closed:  # see _close_retired
+            self._closable.append(fd)
+            self._pending_set.set()
         else:
             os.close(fd)
 
@@ -499,12 +518,22 @@ class KernelEvents:
                 self._close_fds()
 
     def _close_retired(self) -> None:
-        for fd in self._retired:
-            os.close(fd)
+        """Close the eventfds the waiter no longer polls (call under the lock): on the writer thread
+        when there is one (closing a registered eventfd unregisters it, an RCU grace period, which the
+        governor's thread should not wait for on its way out of :meth:`wait`), else now."""
+        if self._writer is not None and not self._closed:
+            self._closable += self._retired
+            self._pending_set.set()
+        else:
+            for fd in self._retired:
+                os.close(fd)
         self._retired.clear()
 
     def _close_fds(self) -> None:
         self._close_retired()
+        for fd in self._closable:
+            os.close(fd)
+        self._closable.clear()
         for fd in [*self._fds, *self._plain_fds]:
             try:
                 os.close(fd)

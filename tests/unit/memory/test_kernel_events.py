@@ -121,6 +121,30 @@ def test_v1_thresholds_set_soon_are_written_by_a_thread_of_their_own_the_latest_
     assert not ke._writer.is_alive()
 
 
+def test_v1_eventfds_of_dropped_thresholds_are_closed_on_the_writer_thread(tmp_path, events, monkeypatch):
+    import threading
+    import time
+
+    cg = v1_cgroup(tmp_path)
+    ke = events(cg, [100 * MiB, 200 * MiB])
+    dropped = {t[2]: t[0] for t in registrations(cg)[1:]}[100 * MiB]
+    closed_on: list[str] = []
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        if fd == dropped:
+            closed_on.append(threading.current_thread().name)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", close)
+    ke.set_thresholds_soon([200 * MiB])  # the writer exists from here on
+    deadline = time.monotonic() + 5
+    while not closed_on and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # closing a registered eventfd unregisters it (an RCU grace period): never on the caller's thread
+    assert closed_on == ["rmq-thresholds"]
+
+
 def test_v1_worker_thresholds_are_registered_on_the_worker_cgroup(tmp_path, events):
     cg = v1_cgroup(tmp_path)
     pools = cg.path / "pools"
