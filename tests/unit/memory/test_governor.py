@@ -746,18 +746,24 @@ def test_held_at_the_cap_with_nobody_over_their_reservation_the_largest_is_kille
         ledger.close()
 
 
+def _held_and_one_killed(tmp_path):
+    """Two tasks over their reservations with the pools held: the first tick kills pool 11's."""
+    world = gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    gov.start()
+    for pid, task_id in ((11, "a"), (12, "b")):
+        ledger.try_add(Entry(KIND_TASK, pid, 100 * MiB, task_id=task_id, name="media.a", start_rss=10 * MiB),
+                       lambda _: True)
+    meter.children = {11: 500 * MiB, 12: 400 * MiB}
+    events.oom = True
+    kernel(990 * MiB, {11: 510 * MiB, 12: 410 * MiB})
+    gov.tick()
+    assert actuator.kills() == [11]
+    return world
+
+
 def test_a_killed_pool_process_shown_as_a_zombie_frees_only_once_its_cgroup_count_falls(tmp_path) -> None:
-    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    gov, ledger, actuator, meter, events, kernel, acc = _held_and_one_killed(tmp_path)
     try:
-        gov.start()
-        for pid, task_id in ((11, "a"), (12, "b")):
-            ledger.try_add(Entry(KIND_TASK, pid, 100 * MiB, task_id=task_id, name="media.a", start_rss=10 * MiB),
-                           lambda _: True)
-        meter.children = {11: 500 * MiB, 12: 400 * MiB}
-        events.oom = True
-        kernel(990 * MiB, {11: 510 * MiB, 12: 410 * MiB})
-        gov.tick()
-        assert actuator.kills() == [11]
         # its main thread has exited (a zombie), but another thread still holds its memory: the
         # kernel still holds the pools, and nobody else is killed for that one excess
         gov.alive = lambda pid: pid != 11
@@ -775,17 +781,8 @@ def test_a_killed_pool_process_shown_as_a_zombie_frees_only_once_its_cgroup_coun
 
 
 def test_a_kill_freed_after_the_ticks_reading_is_not_followed_by_another_on_that_reading(tmp_path) -> None:
-    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    gov, ledger, actuator, meter, events, kernel, acc = _held_and_one_killed(tmp_path)
     try:
-        gov.start()
-        for pid, task_id in ((11, "a"), (12, "b")):
-            ledger.try_add(Entry(KIND_TASK, pid, 100 * MiB, task_id=task_id, name="media.a", start_rss=10 * MiB),
-                           lambda _: True)
-        meter.children = {11: 500 * MiB, 12: 400 * MiB}
-        events.oom = True
-        kernel(990 * MiB, {11: 510 * MiB, 12: 410 * MiB})
-        gov.tick()
-        assert actuator.kills() == [11]
         # the reading says the kill still frees (the cgroup holds 510 MiB); it is done by the time the
         # governor would choose again: the reading is stale, and no one else dies on it
         tidy = gov.trees.tidy
