@@ -1,10 +1,10 @@
 """The worker's main process keeps its heap shared with the pool processes it forks.
 
-Celery's prefork pool runs a full ``gc.collect()`` in the main process before each fork (its
-issue #2927). A full collection writes to the header of every object the collector tracks, so it
-copies, page by page, every heap page still shared with the pool processes forked earlier: the copy
-is charged to the main process, and the original stays alive (and charged) for the children that
-still map it. Each fork thus adds another copy of the main process's heap to what the worker
+Celery's prefork pool runs a full ``gc.collect()`` in the main process before each fork
+(``AsynPool._create_worker_process``). A full collection writes to the header of every object the
+collector tracks, so it copies, page by page, every heap page still shared with the pool processes
+forked earlier: the copy is charged to the main process, and the original stays alive (and charged)
+for the children that still map it. Each fork thus adds another copy of the main process's heap to what the worker
 holds outside its pools. Measured on a 768 MiB worker with 6 pool processes
 (``tests/integration/test_kernel_accounting.py``'s app): 205 MiB outside the pools' cgroups, and
 up to 21 MiB more within 30 ms of a pool process being replaced, close to the 24 MiB rmq then kept
