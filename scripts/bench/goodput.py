@@ -8,6 +8,13 @@ each to reach one terminal state. The task app is ``goodput_tasks.py``: plain Ce
 with ``@app.task(acks_late=True, reject_on_worker_lost=True)``; rmq is the same app with
 ``rmq.install(app)`` and ``@governed_task``s (``--set rmq_key=value`` adds settings to its workers).
 
+Sides (``--sides``): ``rmq`` with nothing learned of the case's task (its learned peaks are deleted
+first: the first batch after a deploy); ``warm``, rmq again right after, with the peaks that batch
+taught (every later batch); ``plain``; and ``fit``, an oracle: plain Celery started with ``-c fit``,
+the concurrency that fits (below), which runs that many tasks at a time from the first, at the speed
+they really have side by side on this machine. Each run's makespan is printed against the oracle's
+of its kind of task (in-process or in a subprocess) too.
+
 Cases (``--rows``), each ``--tasks`` (24) tasks touching ``--task-mib`` (300) MiB for ``--hold`` (1) s:
 
 - ``honest``: rmq's task declares 4/3 of what it touches (400 MiB);
@@ -46,7 +53,7 @@ OOM kills.
 Exit 0 when every rmq goal is met, 1 when one is missed, 2 when nothing could be measured (not root,
 or no writable memory cgroup hierarchy).
 
-Usage: scripts/bench/goodput.py [--rows honest,none,lying,subprocess,unbounded] [--sides rmq,plain]
+Usage: scripts/bench/goodput.py [--rows honest,none,lying,subprocess,unbounded] [--sides rmq,warm,plain,fit]
            [--tasks 24] [--concurrency 6] [--limit 1.5GiB] [--task-mib 300] [--hold 1.0]
            [--set rmq_key=value ...] [--json out.json]
 Redis: as pressure.py (RMQ_BENCH_REDIS_URL, else a private redis-server on a free port).
@@ -78,16 +85,23 @@ from pressure import (
     task_states,
 )
 
+from rmq.core import keys
 from rmq.testing.cgroups import MemoryCgroup, can_create
 from rmq.testing.worker import WorkerProcess, wait_until
 
 MiB = 1 << 20
 TERMINAL = ("SUCCESS", "FAILURE", "REVOKED")
 ROWS = ("honest", "none", "lying", "subprocess", "unbounded")
-SIDES = ("rmq", "plain")
-SIDE_LABELS = {"rmq": "rmq", "plain": "plain Celery"}
+SIDES = ("rmq", "warm", "plain", "fit")
+SIDE_LABELS = {"rmq": "rmq", "warm": "rmq, peaks learned", "plain": "plain Celery", "fit": "plain Celery at -c fit"}
+#: the sides that run rmq: ``rmq`` with nothing learned of the case's task (its learned peaks deleted
+#: first: a first batch after a deploy), ``warm`` right after it, with the peaks that batch taught
+RMQ_SIDES = ("rmq", "warm")
 #: cases plain Celery runs: without declarations, ``lying`` would be the same run as ``none``
 PLAIN_ROWS = ("honest", "none", "subprocess", "unbounded")
+#: the oracle (side ``fit``): plain Celery told how many tasks fit, for each kind of task: the in-process
+#: cases all run the same body on plain Celery
+ORACLE_OF = {"honest": "honest", "none": "honest", "lying": "honest", "subprocess": "subprocess"}
 #: runs of one task alone whose median is the task time of the ideal
 SOLO_RUNS = 3
 #: makespan goals (x the physical ideal) of rmq's runs
@@ -160,7 +174,7 @@ class Run:
 def worker_env(side: str, args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
     """(task app environment, rmq settings as ``start_worker`` keywords) of a worker of ``side``."""
     env = {"BENCH_HONEST_MIB": str(args.honest_mib), "BENCH_LYING_MIB": str(args.lying_mib)}
-    return env, (dict(args.settings) if side == "rmq" else {})
+    return env, (dict(args.settings) if side in RMQ_SIDES else {})
 
 
 def plain_client(url: str) -> Any:
@@ -170,14 +184,23 @@ def plain_client(url: str) -> Any:
     return Celery("goodput-client", broker=url, backend=url, set_as_current=False)
 
 
+def oracle_fit(row: str, args: argparse.Namespace, fp: Footprints) -> int:
+    """How many tasks of ``row`` the oracle runs at once: what fits beside the idle plain worker of
+    the footprint's measure, by the footprint."""
+    footprint = fp.subprocess if row == "subprocess" else fp.in_process
+    return max(1, min(args.concurrency, (args.limit - fp.idle) // footprint))
+
+
 def client_for(side: str, url: str) -> Any:
-    return client_app(url) if side == "rmq" else plain_client(url)
+    return client_app(url) if side in RMQ_SIDES else plain_client(url)
 
 
-def start(side: str, app: Any, url: str, queue: str, cg: MemoryCgroup, args: argparse.Namespace) -> WorkerProcess:
+def start(side: str, app: Any, url: str, queue: str, cg: MemoryCgroup, args: argparse.Namespace,
+          concurrency: int | None = None) -> WorkerProcess:
     env, settings = worker_env(side, args)
-    return start_worker(app, side, url, queue, args.concurrency, cg.wrap(), app_module="goodput_tasks", env=env,
-                        **settings)
+    mode = "rmq" if side in RMQ_SIDES else "plain"
+    return start_worker(app, mode, url, queue, concurrency or args.concurrency, cg.wrap(), app_module="goodput_tasks",
+                        env=env, **settings)
 
 
 def finish(w: WorkerProcess | None, cg: MemoryCgroup) -> list[int]:
@@ -287,13 +310,15 @@ def run_case(row: str, side: str, args: argparse.Namespace, url: str, fp: Footpr
     n = 1 if row == "unbounded" else args.tasks
     run = Run(row, side, n)
     began = time.monotonic()
+    if side == "rmq":  # nothing learned: the first batch after a deploy (a ``warm`` run keeps what it taught)
+        client.delete(keys.learned_peaks(f"goodput.{row}"))
     cg = MemoryCgroup(args.limit)
     w: WorkerProcess | None = None
     ids: list[str] = []
     try:
-        w = start(side, app, url, queue, cg, args)
+        w = start(side, app, url, queue, cg, args, oracle_fit(row, args, fp) if side == "fit" and fp else None)
         stats: dict = {}
-        if side == "rmq":
+        if side in RMQ_SIDES:
             stats = wait_until(lambda: (s := rmq_stats(app, w)).get("memory", {}).get("idle_bytes") and s,
                                30, interval=0.2, what="rmq's idle reading")
         run.idle_bytes = cg.usage_bytes() or 0
@@ -334,7 +359,7 @@ def run_case(row: str, side: str, args: argparse.Namespace, url: str, fp: Footpr
         run.oom_kills = cg.oom_kills()
         run.idle_after_bytes = cg.usage_bytes() or 0
         run.peak_bytes = cg.peak_bytes()
-        if side == "rmq":
+        if side in RMQ_SIDES:
             stats = rmq_stats(app, w) or stats
             run.accounting = accounting_of(stats)
         spans = []
@@ -446,10 +471,14 @@ def report(runs: list[Run], fp: Footprints | None, args: argparse.Namespace) -> 
     print(f"\n## Goodput under a real memory limit\n\ncgroup v{args.cg_version}, a fresh {mib(args.limit)} MiB cgroup "
           f"per worker (no swap); prefork -c {args.concurrency}; {args.tasks} tasks touching {args.task_mib} MiB for "
           f"{args.hold:g} s; plain Celery: acks_late + reject_on_worker_lost; extra rmq settings: {settings}\n")
-    print(f"| case | side | ok/{args.tasks} | kernel OOM kills | makespan s | x ideal | x hold ideal | peak MiB "
-          f"| accounting | runs | most at once / fit | failures |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| case | side | ok/{args.tasks} | kernel OOM kills | makespan s | x ideal | x hold ideal | x oracle "
+          f"| peak MiB | accounting | runs | most at once / fit | failures |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    oracles = {r.row: r for r in runs if r.side == "fit" and r.succeeded == r.tasks and r.makespan_s}
     for r in runs:
+        oracle = oracles.get(ORACLE_OF.get(r.row, ""))
+        x_oracle = "-" if oracle is None or r.makespan_s is None or r.succeeded < r.tasks else \
+            f"{r.makespan_s / oracle.makespan_s:.2f}x"
         x = r.x_ideal
         failures = ", ".join(f"{k} x{v}" for k, v in r.errors.items())
         if r.lost:
@@ -466,12 +495,17 @@ def report(runs: list[Run], fp: Footprints | None, args: argparse.Namespace) -> 
         ratio, hold_ratio = ("-" if v is None else f"{v:.2f}x" if r.succeeded == r.tasks else f"({v:.2f}x)"
                              for v in (x, r.x_hold_ideal))
         print(f"| {case_title(r.row, args)} | {SIDE_LABELS[r.side]} | {ok} | {r.oom_kills} | {makespan} | "
-              f"{ratio} | {hold_ratio} | {mib(r.peak_bytes)} | {r.accounting if r.side == 'rmq' else '-'} "
+              f"{ratio} | {hold_ratio} | {x_oracle} | {mib(r.peak_bytes)} | {r.accounting if r.side == 'rmq' else '-'} "
               f"| {r.runs} | {at_once} | {failures or '-'} |")
     if any(r.lost for r in runs):
         print("\n\\* a run with lost tasks: its makespan counts the tasks that ended only")
     if any(r.succeeded < r.tasks and r.x_ideal is not None for r in runs if r.row != "unbounded"):
         print("\n(x) in brackets: not every task succeeded, so the run did less work than the ideal assumes")
+    if oracles:
+        print("\nx oracle: the makespan against plain Celery's at -c fit (side `fit`) in the same run, the same "
+              "fresh cgroup: a worker told beforehand how many tasks fit, which runs them that many at a time "
+              "from the first, at the speed they really have side by side on this machine ("
+              + ", ".join(f"{row}: -c {r.fit}, {r.makespan_s:.1f} s" for row, r in oracles.items()) + ")")
     if fp is not None:
         print_ideals(runs, fp, args)
     print_unbounded(runs)
@@ -482,7 +516,7 @@ def report(runs: list[Run], fp: Footprints | None, args: argparse.Namespace) -> 
         for line in r.lost_detail:
             print(f"{r.row}, {SIDE_LABELS[r.side]}: lost {line}")
     status = 0
-    rmq_runs = [r for r in runs if r.side == "rmq"]
+    rmq_runs = [r for r in runs if r.side in RMQ_SIDES]
     if rmq_runs:
         print("\nGoals (rmq):")
     for r in rmq_runs:
@@ -516,7 +550,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated cases: {', '.join(ROWS)}")
-    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated: rmq, plain")
+    parser.add_argument("--sides", default=",".join(SIDES),
+                        help="comma-separated: rmq, plain, fit (plain Celery at the concurrency that fits: an oracle)")
     parser.add_argument("--tasks", type=int, default=24)
     parser.add_argument("--concurrency", type=int, default=6)
     parser.add_argument("--limit", default="1.5GiB", help="each worker's cgroup memory limit")
@@ -548,7 +583,10 @@ def main() -> int:
     probe = MemoryCgroup(64 * MiB)
     args.cg_version = probe.version
     probe.remove()
-    plan = [(row, side) for row in rows for side in sides if side == "rmq" or row in PLAIN_ROWS]
+    plan = [(row, side) for row in rows for side in sides
+            if side == "rmq" or (side == "plain" and row in PLAIN_ROWS) or (side == "warm" and row in ORACLE_OF)]
+    if "fit" in sides:
+        plan += [(row, "fit") for row in dict.fromkeys(ORACLE_OF[r] for r in rows if r in ORACLE_OF)]
     runs: list[Run] = []
     began = time.monotonic()
     with bench_redis() as url:
