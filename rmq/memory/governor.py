@@ -225,11 +225,13 @@ class Governor:
         if self.pools is not None:
             self.pools.sweep(set())
 
-    def _fit_pools(self, force: bool = False) -> None:
+    def _fit_pools(self, force: bool = False) -> bool:
         """Cap the pools' cgroup so that the worker reaches the kill line exactly when the pools
         reach their cap: a burst is then held by the kernel at the kill line, where the governor
         (outside the pools, never held) chooses the victim. Refitted as the main process grows, and
-        as it shrinks only once it has stayed smaller for ``_OWN_WINDOW_S``."""
+        as it shrinks only once it has stayed smaller for ``_OWN_WINDOW_S``, or at once, as far as
+        the worker's limit allows, for pools the kernel already holds at a cap short of the line.
+        ``True`` when the cap was raised for pools held: their hold is being lifted."""
         assert self.pools is not None and self.budget.cgroup is not None
         # the pools read on both sides of the worker: memory moving in between (a kill freeing, a
         # burst growing; the governor may be preempted by the very tree it killed) would show as the
@@ -238,26 +240,28 @@ class Governor:
         worker = self.budget.cgroup.usage_bytes()
         after = self.pools.pools_cgroup.usage_bytes()
         if worker is None or pools is None or after is None or abs(after - pools) > _REFIT_STEP_BYTES:
-            return
+            return False
         now, own = self.clock(), max(0, worker - pools)
         self._own_seen.append((now, own))
         while self._own_seen[0][0] < now - _OWN_WINDOW_S:
             self._own_seen.popleft()
         largest = max(o for _, o in self._own_seen)
+        lifted = False
         if largest - own > _DIP_BYTES:  # a dip (a pool process replaced): the cap waits for it to pass
-            own = largest
+            own, lifted = self._own_in_dip(own, largest)
         # the cap follows the share to the MiB (the worker should reach the kill line, not stop short
         # of it), but not every page of it: each refit rewrites the kernel's wake-up thresholds
         if not force and abs(own - self.own_bytes) < _REFIT_STEP_BYTES:
-            return
+            return False
         # never under what the pools hold now (see _CAP_SLACK_BYTES); held at their present cap,
         # they cannot pass it meanwhile. The worker's kill line stops the pools instead.
         floor = pools + _CAP_SLACK_BYTES
         if self.pools_cap is not None:
             floor = min(floor, self.pools_cap)
         cap = max(self.budget.line(self.lines.kill) - own, floor)
+        lifted = lifted and self.pools_cap is not None and cap > self.pools_cap
         if not self.pools.set_pools_limit(cap):
-            return
+            return False
         self.pools_cap = cap
         self.own_bytes = own
         self.held_at_bytes = max(0, cap - _AT_CAP_BYTES)
@@ -267,6 +271,18 @@ class Governor:
                 self.events.set_high(self.held_at_bytes)
             if not force:
                 self.events.set_thresholds_soon(self._thresholds())
+        return lifted
+
+    def _own_in_dip(self, own: int, largest: int) -> tuple[int, bool]:
+        """The main process's share the cap is fitted for while its share dips under the largest of the
+        window: that largest, unless the kernel already holds the pools at that cap, short of the kill
+        line (a task held there would be killed before the line). Then the share now, raised as far
+        as needed for the main process growing back to its largest to leave the worker under its
+        limit; ``True`` then."""
+        if not self._held():
+            return largest, False
+        room = self.budget.limit_bytes - self.budget.line(self.lines.kill) - _CAP_SLACK_BYTES
+        return max(own, largest - max(0, room)), True
 
     def _thresholds(self) -> list[int]:
         """Where the kernel wakes the governor: each line of the ladder, and the admit line, as the
@@ -320,6 +336,7 @@ class Governor:
         reading = self.meter.sample(pids)
         worker_bytes = reading.worker_bytes
         kernel_usage: dict[int, int] = {}
+        lifted = False
         if self.budget.cgroup is not None:
             working_set = self.budget.cgroup.working_set_bytes()
             if working_set is not None:
@@ -335,7 +352,8 @@ class Governor:
             if now - self._swept_at >= 1.0:
                 self._swept_at = now
                 self.pools.sweep(set(pids))
-            self._fit_pools()  # every tick: a stale cap would hold the pools short of the kill line
+            # every tick: a stale cap would hold the pools short of the kill line
+            lifted = self._fit_pools()
         self._killed_at_reading = {pid for pid in self._killed_pids if self._freeing(pid)}
         self.trees.tidy(reading, now)
         dropped = self.ledger.release_dead(self.alive)
@@ -402,7 +420,8 @@ class Governor:
         # held (or about to be) by the kernel: kill now, below the kill line by the worker's reading if
         # need be. Read now, not taken from the wake-up: an OOM event read after a kill already freed
         # the memory is stale, and would cost a second task its run.
-        under_oom = self._held()
+        # a hold the cap was just raised for is over once the kernel wakes the held tasks
+        under_oom = not lifted and self._held()
         if step.kill or under_oom:
             killed = self._kill_one(tasks, reading, worker_bytes, now, woken[0] if woken else "sample",
                                     urgent=under_oom)

@@ -532,7 +532,7 @@ class FakeEvents:
         self.closed.set()
 
 
-def _kernel_world(tmp_path: Path):
+def _kernel_world(tmp_path: Path, lines=None):
     from rmq.memory.lines import KERNEL
     from rmq.memory.pool_cgroups import choose_accounting
 
@@ -561,7 +561,7 @@ def _kernel_world(tmp_path: Path):
     gov = Governor(load_config({"rmq_monitor_interval": "1h"}, {}), Budget(BUDGET, "cgroup-v1", BUDGET, cgroup),
                    ledger, actuator,
                    meter=meter, clock=Clock(), alive=lambda pid: True, signal_pid=lambda pid, sig: None,
-                   reap=lambda pid: False, accounting=acc, lines=KERNEL, events=events)
+                   reap=lambda pid: False, accounting=acc, lines=lines or KERNEL, events=events)
     return gov, ledger, actuator, meter, events, kernel, acc
 
 
@@ -652,6 +652,44 @@ def test_the_pools_cap_follows_the_main_process_down_only_once_it_stayed_smaller
         gov.clock.t += 3
         gov.tick()
         assert limit.read_text() == str(int(BUDGET * 0.985) - 60 * MiB)
+    finally:
+        gov.stop()
+        ledger.close()
+
+
+def test_pools_held_at_a_cap_kept_for_a_dip_go_on_to_the_kill_line_as_far_as_the_limit_allows(tmp_path) -> None:
+    from rmq.memory.lines import kernel_lines
+
+    lines = kernel_lines(BUDGET)  # a small worker: 48 MiB between the kill line and the limit
+    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path, lines)
+    limit = acc.pools.root / "memory.limit_in_bytes"
+    line = int(BUDGET * lines.kill)
+    try:
+        gov.start()
+        ledger.try_add(Entry(KIND_TASK, 11, 100 * MiB, task_id="a", name="media.a", start_rss=10 * MiB),
+                       lambda _: True)
+        meter.children = {11: 700 * MiB, 12: 10 * MiB}
+        # the main process's share grows to 120 MiB, then dips to 60 (a pool process replaced)
+        kernel(140 * MiB, {11: 10 * MiB, 12: 10 * MiB})
+        gov.tick()
+        kernel(80 * MiB, {11: 10 * MiB, 12: 10 * MiB})
+        gov.clock.t += 1
+        gov.tick()
+        assert limit.read_text() == str(line - 120 * MiB)
+        # a runaway reaches that cap and the kernel holds it there, 60 MiB short of the kill line: the
+        # cap rises by the 32 MiB the limit leaves over the line (less 16), and nobody is killed yet
+        cap = line - 120 * MiB
+        kernel(60 * MiB + cap, {11: cap - 10 * MiB, 12: 10 * MiB})
+        events.oom = True
+        gov.tick()
+        room = BUDGET - line - 16 * MiB
+        assert limit.read_text() == str(line - 120 * MiB + room)
+        assert actuator.kills() == []
+        # held again at the raised cap (the main process may grow back to 120 MiB and still fit): killed
+        cap += room
+        kernel(60 * MiB + cap, {11: cap - 10 * MiB, 12: 10 * MiB})
+        gov.tick()
+        assert actuator.kills() == [11]
     finally:
         gov.stop()
         ledger.close()
