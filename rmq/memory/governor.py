@@ -231,7 +231,7 @@ class Governor:
         (outside the pools, never held) chooses the victim. Refitted as the main process grows, and
         as it shrinks only once it has stayed smaller for ``_OWN_WINDOW_S``, or at once, as far as
         the worker's limit allows, for pools the kernel already holds at a cap short of the line.
-        ``True`` when the cap was raised for pools held: their hold is being lifted."""
+        ``True`` when the cap was raised for pools held there: their hold is being lifted."""
         assert self.pools is not None and self.budget.cgroup is not None
         # the pools read on both sides of the worker: memory moving in between (a kill freeing, a
         # burst growing; the governor may be preempted by the very tree it killed) would show as the
@@ -259,7 +259,10 @@ class Governor:
         if self.pools_cap is not None:
             floor = min(floor, self.pools_cap)
         cap = max(self.budget.line(self.lines.kill) - own, floor)
-        lifted = lifted and self.pools_cap is not None and cap > self.pools_cap
+        # pools held at a cap that rises are let go on to it: a kill now would come short of the line
+        # (while a runaway grows, the pools' count moves between the two reads above, and the cap is
+        # refitted to the main process's share only once the kernel holds them)
+        lifted = self.pools_cap is not None and cap > self.pools_cap and (lifted or self._held())
         if not self.pools.set_pools_limit(cap):
             return False
         self.pools_cap = cap

@@ -695,6 +695,35 @@ def test_pools_held_at_a_cap_kept_for_a_dip_go_on_to_the_kill_line_as_far_as_the
         ledger.close()
 
 
+def test_pools_held_at_a_cap_a_mib_short_of_the_line_are_let_go_on_to_it_before_a_kill(tmp_path) -> None:
+    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    limit = acc.pools.root / "memory.limit_in_bytes"
+    line = int(BUDGET * 0.985)
+    try:
+        gov.start()
+        ledger.try_add(Entry(KIND_TASK, 11, 100 * MiB, task_id="a", name="media.a", start_rss=10 * MiB),
+                       lambda _: True)
+        meter.children = {11: 700 * MiB, 12: 10 * MiB}
+        assert limit.read_text() == str(line - 80 * MiB)
+        # the main process's share fell by 2 MiB while a runaway grew (no refit on a moving count); the
+        # kernel holds the runaway at the cap, the worker 2 MiB short of its kill line: the cap rises to
+        # the line, and nobody is killed in that tick
+        cap = line - 80 * MiB
+        kernel(78 * MiB + cap, {11: cap - 10 * MiB, 12: 10 * MiB})
+        events.oom = True
+        gov.tick()
+        assert limit.read_text() == str(line - 78 * MiB)
+        assert actuator.kills() == []
+        # held again at the line: killed
+        cap += 2 * MiB
+        kernel(78 * MiB + cap, {11: cap - 10 * MiB, 12: 10 * MiB})
+        gov.tick()
+        assert actuator.kills() == [11]
+    finally:
+        gov.stop()
+        ledger.close()
+
+
 def test_the_pools_cap_is_never_written_under_what_they_hold_by_the_time_of_the_write(tmp_path) -> None:
     gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
     limit = acc.pools.root / "memory.limit_in_bytes"
