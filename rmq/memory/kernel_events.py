@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from rmq.memory.probes import CgroupMemory
+from rmq.memory.probes import CgroupMemory, read_cgroup_file
 
 __all__ = ["KernelEvents", "open_kernel_events"]
 
@@ -490,7 +490,7 @@ class KernelEvents:
         if self.cgroup is None or self.cgroup.version != 1:
             return False
         try:
-            return _counters((self.cgroup.path / "memory.oom_control").read_text()).get("under_oom", 0) == 1
+            return _counters(read_cgroup_file(self.cgroup.path / "memory.oom_control")).get("under_oom", 0) == 1
         except OSError:
             return False
 

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rmq.memory.probes import UNLIMITED, CgroupMemory
+from rmq.memory.probes import UNLIMITED, CgroupMemory, forget_cgroup_files, read_cgroup_file
 
 __all__ = ["PoolCgroups", "Accounting", "choose_accounting"]
 
@@ -113,7 +113,7 @@ class PoolCgroups:
     def pools_limit(self) -> int | None:
         name = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
         try:
-            text = (self.root / name).read_text().strip()
+            text = read_cgroup_file(self.root / name).strip()
         except OSError:
             return None
         return None if text == "max" or int(text) >= UNLIMITED else int(text)
@@ -201,7 +201,7 @@ class PoolCgroups:
         try:
             if self.version == 1:
                 (path / "memory.max_usage_in_bytes").write_text("0")
-                return int((path / "memory.usage_in_bytes").read_text())
+                return int(read_cgroup_file(path / "memory.usage_in_bytes"))
             old = self._peak_files.pop(pool_pid, None)
             if old is not None:
                 os.close(old)
@@ -212,7 +212,7 @@ class PoolCgroups:
                 os.close(fd)
                 return None
             self._peak_files[pool_pid] = fd
-            return int((path / "memory.current").read_text())
+            return int(read_cgroup_file(path / "memory.current"))
         except (OSError, ValueError):
             return None
 
@@ -220,7 +220,7 @@ class PoolCgroups:
         """The tree's high-water mark since :meth:`reset_peak`, or ``None``."""
         try:
             if self.version == 1:
-                return int((self.path_for(pool_pid) / "memory.max_usage_in_bytes").read_text())
+                return int(read_cgroup_file(self.path_for(pool_pid) / "memory.max_usage_in_bytes"))
             fd = self._peak_files.get(pool_pid)
             if fd is None:
                 return None
@@ -248,6 +248,7 @@ class PoolCgroups:
             if pid in keep or self.members(pid):
                 continue
             try:
+                forget_cgroup_files(self.path_for(pid))
                 self.path_for(pid).rmdir()
                 removed.append(pid)
             except OSError as exc:
@@ -258,6 +259,7 @@ class PoolCgroups:
         """Remove every pool cgroup whose processes are gone, then the pools' cgroup if empty."""
         self.sweep(set())
         try:
+            forget_cgroup_files(self.root)
             self.root.rmdir()
         except OSError as exc:
             log.debug("rmq could not remove %s: %s", self.root, exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import psutil
@@ -191,3 +192,78 @@ def test_cgroup_directory_gone(tmp_path: Path, version: int) -> None:
     cg = CgroupMemory(version, tmp_path / "gone", GiB)
     assert cg.working_set_bytes() is None
     assert cg.oom_kills() == 0
+
+
+# --- kept descriptors (read_cgroup_file) --------------------------------------------------------------
+def _as_cgroup_mount(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    from rmq.memory import probes
+
+    monkeypatch.setattr(probes, "CGROUP_MOUNT", str(root) + "/")
+    monkeypatch.setattr(probes, "_kept", probes.OrderedDict())
+
+
+def test_a_cgroup_file_is_read_through_one_kept_descriptor_that_sees_each_new_value(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rmq.memory import probes
+
+    _as_cgroup_mount(monkeypatch, tmp_path)
+    usage = tmp_path / "pool" / "memory.usage_in_bytes"
+    usage.parent.mkdir()
+    usage.write_text("100\n")
+    assert probes.read_cgroup_file(usage) == "100\n"
+    fd = probes._kept[str(usage)]
+    usage.write_text("2000\n")  # the kernel writes the file anew for each read at offset 0
+    assert probes.read_cgroup_file(usage) == "2000\n"
+    assert probes._kept == {str(usage): fd}
+    # the cgroup is removed: its descriptors are closed
+    probes.forget_cgroup_files(usage.parent)
+    assert probes._kept == {}
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_a_kept_descriptor_that_fails_is_dropped_and_the_failure_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rmq.memory import probes
+
+    _as_cgroup_mount(monkeypatch, tmp_path)
+    stat = tmp_path / "memory.stat"
+    stat.write_text("total_inactive_file 0\n")
+    probes.read_cgroup_file(stat)
+
+    def gone(fd: int, n: int, offset: int) -> bytes:
+        raise OSError(19, "No such device")  # what a removed cgroup's files answer
+
+    monkeypatch.setattr(probes.os, "pread", gone)
+    with pytest.raises(OSError):
+        probes.read_cgroup_file(stat)
+    assert probes._kept == {}
+    assert CgroupMemory(1, tmp_path, None).working_set_bytes() is None
+
+
+def test_files_outside_the_cgroup_mount_are_read_afresh_and_never_kept(tmp_path: Path) -> None:
+    from rmq.memory import probes
+
+    f = tmp_path / "memory.usage_in_bytes"
+    f.write_text("7\n")
+    before = dict(probes._kept)
+    assert probes.read_cgroup_file(f) == "7\n"
+    f.unlink()
+    f.write_text("8\n")  # a fake tree may replace a file: read afresh, the new one is seen
+    assert probes.read_cgroup_file(f) == "8\n"
+    assert probes._kept == before
+
+
+def test_kept_descriptors_are_bounded_the_oldest_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rmq.memory import probes
+
+    _as_cgroup_mount(monkeypatch, tmp_path)
+    monkeypatch.setattr(probes, "_KEPT_MAX", 3)
+    files = []
+    for i in range(5):
+        f = tmp_path / f"f{i}"
+        f.write_text(str(i))
+        files.append(f)
+        assert probes.read_cgroup_file(f) == str(i)
+    assert list(probes._kept) == [str(f) for f in files[2:]]
+    probes.forget_cgroup_files(tmp_path)
