@@ -21,12 +21,15 @@ For each kill rmq reports (``inspect stats``: ``memory.recent_kills``: the pool 
 governor's reading of the worker then): the reaction is from the sample where the kernel's count
 first reached the kill line (the line the worker reports, ``budget x kill ratio``, less 2 MiB: with
 the kernel holding the pools at the line the count stops there) to the first sample without that
-pool process or any child it had. Of it, "to the kill" ends at rmq's kill record (taken just after
-its signal): the governor's part; the rest is the kernel freeing the victim's memory. The physics
-row measures that rest alone: a lone process that touched the victims' median size, in a fresh
-cgroup, SIGKILLed with nothing else running, watched the same way (``--floor-runs`` times). The gap
-is the governor's reading at its kill against the kernel's count at that moment (negative: the
-governor saw less than the kernel; a kill before the line shows as a gap the size of the shortfall).
+pool process or any child it had. A crossing between the last sample and the kill counts from that
+last sample when the governor's own reading at the kill was on the line (a working set, never above
+the kernel's count): an upper bound; otherwise the kill came before the line. Of the reaction, "to
+the kill" ends at rmq's kill record (taken just after its signal): the governor's part; the rest is
+the kernel freeing the victim's memory. The physics row measures that rest alone: a lone process
+that touched the victims' median size, in a fresh cgroup, SIGKILLed with nothing else running,
+watched the same way (``--floor-runs`` times). The gap is the governor's reading at its kill against
+the kernel's count at that moment (negative: the governor saw less than the kernel; a kill before
+the line shows as a gap the size of the shortfall).
 
 Modes (``--modes``): ``kernel`` (kernel accounting with its wake-ups and OOM hold, the default) and
 ``polling`` (``rmq_kernel_accounting=false``: /proc trees sampled every 250 ms, the polling lines).
@@ -167,19 +170,25 @@ def analyse(samples: list[tuple[float, int, frozenset[int]]], recent: list[dict]
         gone = next((t for t, _, pids in samples if t >= at - 0.05 and not tree & pids), None)
         # the crossing: the last time before the kill, and since the previous kill, the count went
         # from under the line to on it (a crossing of an earlier episode is not this kill's)
-        crossed_at = None
+        crossed_at = last = None
         below = previous == float("-inf")  # after a kill, the count must first be seen under the line
         for t, usage, _ in samples:
             if t <= previous:
                 continue
             if t > at:
                 break
+            last = t
             if usage >= line - AT_LINE:
                 if below:
                     crossed_at = t
                 below = False
             else:
                 below = True
+        if crossed_at is None and below and last is not None and int(k.get("worker_bytes") or 0) >= line - AT_LINE:
+            # crossed between the last sample and the kill: the governor's reading at its kill, a working
+            # set (never more than the kernel's count), was on the line. Timed from that last sample
+            # under it, an upper bound.
+            crossed_at = last
         near = min(samples, key=lambda s: abs(s[0] - at)) if samples else None
         gap = int(k["worker_bytes"]) - near[1] if near is not None and k.get("worker_bytes") is not None else None
         reaction = gone - crossed_at if gone is not None and crossed_at is not None else None
