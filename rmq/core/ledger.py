@@ -19,7 +19,8 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 from rmq.core import forks, ledger_layout
 from rmq.core.ledger_layout import (
@@ -92,6 +93,28 @@ class _Lock:
         finally:
             self.mutex.release()
 
+    def acquire(self, timeout_s: float) -> bool:
+        """Take the lock if it can be had within ``timeout_s`` (0: only if free now); ``False``, holding
+        nothing, when another holder keeps it longer. Released with ``__exit__``."""
+        deadline = time.monotonic() + timeout_s
+        if not self.mutex.acquire(timeout=max(0.0, timeout_s)):
+            return False
+        try:
+            if self.fd < 0:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            while True:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        self.mutex.release()
+                        return False
+                    time.sleep(0.0005)
+        except BaseException:
+            self.mutex.release()
+            raise
+
     def close(self) -> None:
         if self.fd >= 0:
             try:
@@ -142,6 +165,19 @@ class Ledger:
         """``with ledger.locked():`` holds the ledger's lock against the other processes and the other
         threads of this one (released by the kernel if this process dies). Not re-entrant."""
         return self._lock
+
+    @contextmanager
+    def locked_within(self, timeout_s: float) -> Iterator[bool]:
+        """``with ledger.locked_within(t) as locked:`` the lock when it can be had within ``t`` s, else
+        nothing (``locked`` False). For the governor, which must act even while a pool process holds
+        the lock and cannot let it go: stopped by the kernel at the pools' cap on a page it touched
+        under the lock, it waits for the very kill the governor would wait for the lock to make."""
+        got = self._lock.acquire(timeout_s)
+        try:
+            yield got
+        finally:
+            if got:
+                self._lock.__exit__()
 
     # control block -------------------------------------------------------
     def read_control(self) -> Control:
@@ -297,20 +333,28 @@ class Ledger:
 
     def release_dead(self, alive: Callable[[int], bool]) -> list[Entry]:
         """Drop reservations whose process is gone; returns what was dropped."""
-        dropped = []
         with self.locked():
-            for e in self.entries_unlocked():
-                if not alive(e.pid):
-                    write_slot(self._map, e.slot, None)
-                    dropped.append(e)
+            return self.release_dead_unlocked(alive)
+
+    def release_dead_unlocked(self, alive: Callable[[int], bool]) -> list[Entry]:
+        """:meth:`release_dead`, for a caller that holds the lock."""
+        dropped = []
+        for e in self.entries_unlocked():
+            if not alive(e.pid):
+                write_slot(self._map, e.slot, None)
+                dropped.append(e)
         return dropped
 
     def publish(self, control: Control, usage: Iterable[tuple[Entry, int]]) -> None:
         """Write the governor's readings and the usage of each reservation in one locked step,
         so admission never pairs a new usage figure with an old memory reading."""
         with self.locked():
-            self.write_control(control)
-            self._set_usage_unlocked(usage)
+            self.publish_unlocked(control, usage)
+
+    def publish_unlocked(self, control: Control, usage: Iterable[tuple[Entry, int]]) -> None:
+        """:meth:`publish`, for a caller that holds the lock."""
+        self.write_control(control)
+        self._set_usage_unlocked(usage)
 
     def set_usage(self, usage: Iterable[tuple[Entry, int]]) -> None:
         """Record the bytes each reservation uses now, and its peak (governor only)."""

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +72,13 @@ _CAP_SLACK_BYTES = 16 << 20
 #: comes back
 _ADMIT_STEP = 32 << 20
 _ADMIT_RECOVERY_PER_S = 1 << 20
+
+#: how long, in all, one tick waits for the ledger's lock. Under an OOM hold a pool process may hold
+#: it stopped by the kernel, on a page it touched while admitting its task beside pools at their cap;
+#: waiting for it, the governor never made the kill that would free it (a burst of five held for
+#: good, 1 run in about 40). Past this the tick reads the ledger without the lock, skips what it
+#: would write there, and kills without it.
+_LOCK_WAIT_S = 0.05
 
 #: kills the snapshot lists (``memory.recent_kills``), newest last; older ones stay counted in ``killed``
 RECENT_KILLS = 20
@@ -173,6 +181,7 @@ class Governor:
         self.held_at_bytes = 0
         self.pools_cap: int | None = None  # the pools' cap last written
         self.kills: dict[str, KillRecord] = {}
+        self._lock_until = 0.0  # this tick's deadline for the ledger's lock (_LOCK_WAIT_S)
         #: the last kills with their figures, for people (``kills`` is consumed by the request handler)
         self.recent_kills: deque[dict[str, Any]] = deque(maxlen=RECENT_KILLS)
         self.counters: dict[str, Any] = {"killed": 0, "unload_requests": 0, "pauses": 0, "dead_released": 0,
@@ -335,6 +344,7 @@ class Governor:
         """Sample, publish readings, and act on the ladder."""
         now = self.clock()
         woken, self.woken = self.woken, []
+        self._lock_until = time.monotonic() + _LOCK_WAIT_S
         pids = self.actuator.pool_pids()
         reading = self.meter.sample(pids)
         worker_bytes = reading.worker_bytes
@@ -359,12 +369,14 @@ class Governor:
             lifted = self._fit_pools()
         self._killed_at_reading = {pid for pid in self._killed_pids if self._freeing(pid)}
         self.trees.tidy(reading, now)
-        dropped = self.ledger.release_dead(self.alive)
+        with self._ledger_locked() as locked:
+            dropped = self.ledger.release_dead_unlocked(self.alive) if locked else []
+            # without the lock: a slot being rewritten may read torn for this tick
+            entries = self.ledger.entries_unlocked()
         if dropped:
             self.counters["dead_released"] += len(dropped)
             log.warning("rmq released %d reservation(s) of dead processes: %s", len(dropped),
                         ", ".join(f"{e.name}[{e.task_id}] pid {e.pid}" for e in dropped))
-        entries = self.ledger.entries()
         usage = []
         for e in entries:
             if e.pid in kernel_usage:  # the kernel's count of the pool's cgroup since admission
@@ -393,21 +405,21 @@ class Governor:
             self.unload_generation += 1
             self.unload_bytes = unload_bytes  # kept with its generation, not rewritten each tick
             self.counters["unload_requests"] += 1
-        self.ledger.publish(
-            Control(
-                unload_generation=self.unload_generation,
-                unload_bytes=self.unload_bytes,
-                worker_bytes=worker_bytes,
-                budget_bytes=self.budget.budget_bytes,
-                admit_line_bytes=self._admit_line_now(now),
-                idle_bytes=self.idle_bytes,
-                sample_time=time.time(),
-                zone=step.zone,
-                cpu_slots=self.cpu_slots,
-                paused=self.ladder.paused,
-            ),
-            usage,
+        control = Control(
+            unload_generation=self.unload_generation,
+            unload_bytes=self.unload_bytes,
+            worker_bytes=worker_bytes,
+            budget_bytes=self.budget.budget_bytes,
+            admit_line_bytes=self._admit_line_now(now),
+            idle_bytes=self.idle_bytes,
+            sample_time=time.time(),
+            zone=step.zone,
+            cpu_slots=self.cpu_slots,
+            paused=self.ladder.paused,
         )
+        with self._ledger_locked() as locked:
+            if locked:  # else admission weighs this tick's predecessor's readings
+                self.ledger.publish_unlocked(control, usage)
         if step.pause:
             self.paused = True
             self.counters["pauses"] += 1
@@ -437,6 +449,10 @@ class Governor:
                 self.oom_held = False
         elif self.events is not None and self.config.oom_hold and not self.oom_held and step.zone == "ok":
             self.oom_held = self.events.hold_oom()
+
+    def _ledger_locked(self) -> AbstractContextManager[bool]:
+        """The ledger's lock, waited for up to what is left of this tick's ``_LOCK_WAIT_S``."""
+        return self.ledger.locked_within(max(0.0, self._lock_until - time.monotonic()))
 
     def _held(self) -> bool:
         """Whether the kernel holds the pools at their cap now (or is about to: within a charge
@@ -485,7 +501,10 @@ class Governor:
         # since and its process taken the next one. Check, and kill, under the ledger's lock, so that
         # no new reservation is admitted in between; a stale choice waits for the next tick's reading.
         # The record is kept before the kill: the request handler looks for it once the pool notices.
-        with self.ledger.locked():
+        with self._ledger_locked() as locked:
+            if not locked:
+                log.warning("rmq: a pool process has held the ledger's lock for %.0f ms; killing without it",
+                            1000 * _LOCK_WAIT_S)
             current = self.ledger.holds_unlocked(worst)
             if current:
                 record = self.kills[worst.task_id] = KillRecord(

@@ -325,6 +325,34 @@ def test_sigkilled_holder_releases_the_lock_and_its_reservation(ledger: Ledger) 
         stop(proc)
 
 
+def test_the_lock_held_by_a_stopped_process_is_given_up_on_within_the_timeout(ledger: Ledger) -> None:
+    # Given a pool process that holds the ledger's lock and does not let it go (stopped by the kernel
+    # at the pools' cap, say)
+    proc = spawn(HOLD_LOCK, ledger.directory)
+    try:
+        assert proc.stdout.readline().strip() == "locked", proc.stderr.read()
+        os.kill(proc.pid, signal.SIGSTOP)
+        # When the governor asks for the lock with a deadline: it is told no, once the deadline passed
+        started = time.monotonic()
+        with ledger.locked_within(0.05) as locked:
+            waited = time.monotonic() - started
+            assert locked is False
+        assert 0.05 <= waited < 1.0
+        with ledger.locked_within(0.0) as locked:  # no wait at all
+            assert locked is False
+        # and nothing of this process stays held: once the holder is gone, the lock is had at once
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        with ledger.locked_within(2.0) as locked:
+            assert locked is True
+            assert not lock_is_free(ledger.lock_path)
+        assert lock_is_free(ledger.lock_path)
+        with ledger.locked():  # the blocking lock works as before
+            pass
+    finally:
+        stop(proc)
+
+
 ADDER = """
     import sys, time
     from rmq.core.ledger import Entry, KIND_TASK, Ledger

@@ -7,6 +7,10 @@ so what pool processes would read from the control block is checked too.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -720,6 +724,38 @@ def test_pools_held_at_a_cap_a_mib_short_of_the_line_are_let_go_on_to_it_before_
         gov.tick()
         assert actuator.kills() == [11]
     finally:
+        gov.stop()
+        ledger.close()
+
+
+def test_a_pool_process_stuck_holding_the_ledgers_lock_does_not_stop_the_kill_that_frees_it(tmp_path) -> None:
+    gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)", ledger.lock_path],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        gov.start()
+        cap = int(BUDGET * 0.985) - 80 * MiB
+        ledger.try_add(Entry(KIND_TASK, 11, 100 * MiB, task_id="a", name="media.a", start_rss=10 * MiB),
+                       lambda _: True)
+        meter.children = {11: 700 * MiB, 12: 10 * MiB}
+        # a pool process admitting its task holds the lock, stopped by the kernel on a page it touched
+        # beside pools held at their cap: it waits for a kill
+        assert holder.stdout.readline().strip() == "locked"
+        os.kill(holder.pid, signal.SIGSTOP)
+        kernel(80 * MiB + cap, {11: cap - 10 * MiB, 12: 10 * MiB})
+        events.oom = True
+        started = time.monotonic()
+        gov.tick()
+        # the tick gave up on the lock after its 50 ms, and killed without it
+        assert time.monotonic() - started < 2.0
+        assert actuator.kills() == [11]
+        assert gov.pop_kill("a") is not None
+    finally:
+        holder.kill()
+        holder.wait(10)
+        holder.stdout.close()
         gov.stop()
         ledger.close()
 
