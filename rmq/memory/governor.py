@@ -76,7 +76,7 @@ _ADMIT_RECOVERY_PER_S = 1 << 20
 #: how long, in all, one tick waits for the ledger's lock. Under an OOM hold a pool process may hold
 #: it stopped by the kernel, on a page it touched while admitting its task beside pools at their cap;
 #: waiting for it, the governor never made the kill that would free it (a burst of five held for
-#: good, 1 run in about 40). Past this the tick reads the ledger without the lock, skips what it
+#: good, once in 77 bursts). Past this the tick reads the ledger without the lock, skips what it
 #: would write there, and kills without it.
 _LOCK_WAIT_S = 0.05
 
