@@ -47,7 +47,7 @@ def _hasten(pid: int) -> None:
     """Give a process about to be killed the CPU first: its memory comes back only once it has run
     its exit, and beside busy neighbours (often the very tasks waiting for that memory) a dying
     300 MiB process took 35-105 ms to go; at nice -20 it goes about as fast as one alone with nothing
-    else running (30-45 ms against 45-55 ms here, scripts/bench/kernel_reaction.py, burst and
+    else running (31-48 ms against 46-64 ms here, scripts/bench/kernel_reaction.py, burst and
     physics rows). Every thread: a priority belongs to one thread, and the memory goes only when the
     last of them has exited (a pool process runs rmq's watcher thread beside the task). Needs
     ``CAP_SYS_NICE``; without it the kill goes ahead at the process's own priority."""
