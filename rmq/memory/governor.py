@@ -255,9 +255,8 @@ class Governor:
         while self._own_seen[0][0] < now - _OWN_WINDOW_S:
             self._own_seen.popleft()
         largest = max(o for _, o in self._own_seen)
-        lifted = False
         if largest - own > _DIP_BYTES:  # a dip (a pool process replaced): the cap waits for it to pass
-            own, lifted = self._own_in_dip(own, largest)
+            own = self._own_in_dip(own, largest)
         # the cap follows the share to the MiB (the worker should reach the kill line, not stop short
         # of it), but not every page of it: each refit rewrites the kernel's wake-up thresholds
         if not force and abs(own - self.own_bytes) < _REFIT_STEP_BYTES:
@@ -271,7 +270,7 @@ class Governor:
         # pools held at a cap that rises are let go on to it: a kill now would come short of the line
         # (while a runaway grows, the pools' count moves between the two reads above, and the cap is
         # refitted to the main process's share only once the kernel holds them)
-        lifted = self.pools_cap is not None and cap > self.pools_cap and (lifted or self._held())
+        lifted = self.pools_cap is not None and cap > self.pools_cap and self._held()
         if not self.pools.set_pools_limit(cap):
             return False
         self.pools_cap = cap
@@ -285,16 +284,16 @@ class Governor:
                 self.events.set_thresholds_soon(self._thresholds())
         return lifted
 
-    def _own_in_dip(self, own: int, largest: int) -> tuple[int, bool]:
+    def _own_in_dip(self, own: int, largest: int) -> int:
         """The main process's share the cap is fitted for while its share dips under the largest of the
         window: that largest, unless the kernel already holds the pools at that cap, short of the kill
         line (a task held there would be killed before the line). Then the share now, raised as far
         as needed for the main process growing back to its largest to leave the worker under its
-        limit; ``True`` then."""
+        limit."""
         if not self._held():
-            return largest, False
+            return largest
         room = self.budget.limit_bytes - self.budget.line(self.lines.kill) - _CAP_SLACK_BYTES
-        return max(own, largest - max(0, room)), True
+        return max(own, largest - max(0, room))
 
     def _thresholds(self) -> list[int]:
         """Where the kernel wakes the governor: each line of the ladder, and the admit line, as the
