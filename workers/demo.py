@@ -71,13 +71,38 @@ class DemoStopped(KeyboardInterrupt):
     """
 
 
-def stop_on_signal(signum: int, frame: Any) -> None:
-    """The demo's SIGINT and SIGTERM handler: the first press stops the demo; later ones are ignored,
-    so that they cannot cut its cleanup short and orphan what it started (every cleanup step has its
-    own timeout)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise DemoStopped
+class StopOnSignals:
+    """Ctrl-C and SIGTERM stop the demo: the first press raises :class:`DemoStopped` wherever the demo
+    is; later presses are ignored, so that they cannot cut its cleanup short and orphan what it
+    started (every cleanup step has its own timeout).
+
+    What reaches the demo's handler is not always :class:`DemoStopped`: code the press lands in may
+    turn it into another exception (Python 3.11 re-raises one from a descriptor's ``__set_name__``,
+    which Celery's lazily built classes run, as a ``RuntimeError``), or swallow it. So the demo asks
+    :attr:`pressed`, not the exception's type, and its waiting loops look at it too.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        self.ignore()
+        raise DemoStopped
+
+    def check(self) -> None:
+        """Raise :class:`DemoStopped` if a press came and what it landed in swallowed it."""
+        if self.pressed:
+            raise DemoStopped
+
+    def ignore(self) -> None:
+        for signum in self._previous:
+            signal.signal(signum, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, timeout: float = 240.0,
@@ -101,8 +126,7 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
     redis_server = api = beat = worker = None
     interrupted = False
 
-    old_term = signal.signal(signal.SIGTERM, stop_on_signal)
-    old_int = signal.signal(signal.SIGINT, stop_on_signal)
+    presses = StopOnSignals()
     plain = plain or not sys.stdout.isatty()
     result = DemoResult(mode=_pick_mode(synthetic))
     t0 = time.monotonic()
@@ -221,6 +245,7 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
 
             if plain:
                 while time.monotonic() < deadline:
+                    presses.check()
                     print(frame(), flush=True)
                     if all(settled(t) for t in ids):
                         return
@@ -232,6 +257,7 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
             with Live(view(result.mode, snap, Counter(), {}, plain=False), console=Console(),
                       refresh_per_second=4) as live:
                 while time.monotonic() < deadline:
+                    presses.check()
                     live.update(frame())
                     if all(settled(t) for t in ids):
                         return
@@ -259,12 +285,13 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
         if output:
             print(f"rmq demo: the encoded files are in {out_dir}")
         app.close()
-    except KeyboardInterrupt:
+    except BaseException:
+        if not presses.pressed:
+            raise
         interrupted = True
         print("\nrmq demo: interrupted, stopping everything it started")
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the cleanup of a finished run is not cut short either
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        presses.ignore()  # the cleanup of a finished run is not cut short either
         if beat is not None and beat.poll() is None:
             beat.terminate()
             try:
@@ -279,8 +306,7 @@ def run_demo(broker: str | None = None, sessions: int = 3, plain: bool = False, 
             redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         if not interrupted:  # a stopped demo keeps ignoring further presses until its process exits with 130
-            signal.signal(signal.SIGTERM, old_term)
-            signal.signal(signal.SIGINT, old_int)
+            presses.restore()
     if interrupted:
         return 130
     return 0 if result.ok() else 1
