@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +90,9 @@ class PoolCgroups:
 
     def prepare(self) -> None:
         """Make the worker's cgroup able to hold pool cgroups (v2: move its processes to a leaf and
-        enable the memory controller for children). Raises ``OSError`` when the kernel refuses."""
+        enable the memory controller for children), after ending what dead workers left in it
+        (:meth:`reclaim_dead_workers`). Raises ``OSError`` when the kernel refuses."""
+        self.reclaim_dead_workers()
         if self.version == 2:
             controllers = (self.worker.path / "cgroup.controllers").read_text().split()
             if "memory" not in controllers:
@@ -104,6 +109,68 @@ class PoolCgroups:
         self.root.mkdir(exist_ok=True)
         if self.version == 2:
             (self.root / "cgroup.subtree_control").write_text("+memory")
+
+    def reclaim_dead_workers(self, timeout_s: float = 2.0) -> dict[int, list[int]]:
+        """End what workers that died in this cgroup left in their pool cgroups, and remove those.
+
+        A worker killed outright (SIGKILL, a crash) cannot tidy up. Celery's pool processes die with
+        it (their parent-death signal), but a subprocess a task started (an encoder) lives on in its
+        pool cgroup, governed by nobody, holding memory the next worker's budget counts; on v1, at
+        the pools' cap with the kernel's OOM killer held off, it waits there for ever. Its task is
+        delivered again (``acks_late``), so the leftover is ended as a memory kill would have ended
+        it: its hold released, every process SIGKILLed, the cgroups removed once empty (each waited
+        for up to ``timeout_s``). A worker whose main process still runs in this cgroup (two
+        workers may share one) is left alone, and so is what a dead v2 worker's ``rmq-<pid>-main``
+        leaf holds (the processes it found in the cgroup: removed only when empty). Returns {dead
+        main pid: pids killed}.
+        """
+        reclaimed: dict[int, list[int]] = {}
+        try:
+            names = sorted(os.listdir(self.worker.path))
+        except OSError:
+            return reclaimed
+        living = self._processes_here()
+        for name in names:
+            found = re.fullmatch(r"rmq-(\d+)-(pools|main)", name)
+            if found is None or int(found[1]) == self.main_pid or int(found[1]) in living:
+                continue
+            dead = self.worker.path / name
+            if found[2] == "main":  # v2's leaf for the processes it found (a supervisor, say): never killed
+                try:
+                    dead.rmdir()
+                except OSError:
+                    pass
+                continue
+            if self.version == 1:
+                try:  # a process at the cap then leaves the OOM wait on its own kill
+                    (dead / "memory.oom_control").write_text("0")
+                except OSError:
+                    pass
+            cgroups = sorted((p.parent for p in dead.rglob("cgroup.procs")), key=lambda p: -len(p.parts))
+            killed = [pid for cg in cgroups for pid in _pids_of(cg)]
+            for pid in killed:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + timeout_s
+            for cg in cgroups:  # the deepest first: a cgroup is removed once its children are
+                while _pids_of(cg) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                try:
+                    forget_cgroup_files(cg)
+                    cg.rmdir()
+                except OSError as exc:
+                    log.warning("rmq could not remove %s, left by dead worker pid %s: %s", cg, found[1], exc)
+            reclaimed.setdefault(int(found[1]), []).extend(killed)
+            if killed:
+                log.warning("rmq killed %d process(es) %s left in %s by dead worker pid %s", len(killed),
+                            sorted(killed), dead, found[1])
+        return reclaimed
+
+    def _processes_here(self) -> set[int]:
+        """Every process of the worker's cgroup and its children now."""
+        return {pid for procs in self.worker.path.rglob("cgroup.procs") for pid in _pids_of(procs.parent)}
 
     @property
     def pools_cgroup(self) -> CgroupMemory:
@@ -263,6 +330,13 @@ class PoolCgroups:
             self.root.rmdir()
         except OSError as exc:
             log.debug("rmq could not remove %s: %s", self.root, exc)
+
+
+def _pids_of(cgroup: Path) -> list[int]:
+    try:
+        return [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def choose_accounting(worker: CgroupMemory | None, main_pid: int, enabled: bool = True,

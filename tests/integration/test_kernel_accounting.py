@@ -205,3 +205,39 @@ def test_the_pools_cap_follows_the_main_process_both_ways_swap_included(cgroup_o
             assert caps and all(c == mib * MiB for c in caps), (mib, caps)
     finally:
         pools.remove()
+
+
+@needs_cgroups
+def test_what_a_killed_worker_left_running_is_ended_by_the_next_worker_in_its_cgroup(redis_url, tree_app,
+                                                                                     cgroup_of, start_worker,
+                                                                                     tmp_path):
+    import redis as redis_lib
+
+    # Given a worker in its memory cgroup whose task runs a subprocess (an encoder) holding 50 MiB
+    cg = cgroup_of(1024)
+    w = _worker(start_worker, tree_app, redis_url, cg, concurrency=1)
+    pid_file = tmp_path / "pids"
+    tree_app.tasks["tree.sub_grow"].delay(str(pid_file), 10, 0.05, 50)
+    wait_until(lambda: len(pids_in(pid_file)) == 2, 30, what="the task and its subprocess to start")
+    pool_pid, encoder = pids_in(pid_file)
+    left = cg.path / f"rmq-{w.pid}-pools"
+    try:
+        # When the worker is killed outright
+        os.kill(w.pid, signal.SIGKILL)
+        wait_until(lambda: not running(pool_pid), 10, what="the pool process to die with its worker")
+        # Then the subprocess lives on in the dead worker's pool cgroup, governed by nobody
+        assert running(encoder) and left.is_dir()
+        # (its task is delivered again by then: not what this test is about)
+        redis_lib.Redis.from_url(redis_url).flushdb()
+        # And the next worker started in the cgroup ends it, and removes what the dead one left
+        w2 = _worker(start_worker, tree_app, redis_url, cg, concurrency=1)
+        wait_until(lambda: not running(encoder), 5, what=f"the leftover subprocess {encoder} to be ended")
+        assert not left.exists()
+        assert (cg.path / f"rmq-{w2.pid}-pools").is_dir()
+        assert "left in" in w2.log() and f"dead worker pid {w.pid}" in w2.log()
+    finally:
+        for pid in pids_in(pid_file):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

@@ -3,6 +3,8 @@ and the lines it brings (docs/design.md#kernel-accounting)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -183,3 +185,43 @@ def test_processes_the_main_process_forks_move_into_their_own_cgroup_at_once_and
     # process; the subprocess it forked is not moved out of its pool's cgroup
     assert (pools / f"pool-{child}" / "cgroup.procs").read_text() == str(child)
     assert not (pools / f"pool-{grandchild}").exists()
+
+
+def _sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "300"])
+
+
+def _gone_pid() -> int:
+    done = subprocess.Popen(["true"])
+    done.wait()
+    return done.pid
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_what_a_dead_worker_left_in_its_pool_cgroups_is_killed_and_its_hold_released(tmp_path, version) -> None:
+    worker = v1_tree(tmp_path) if version == 1 else v2_tree(tmp_path)
+    dead = _gone_pid()
+    left, found = _sleeper(), _sleeper()  # a dead worker's task subprocess; what its v2 leaf holds
+    alive = worker.path / "rmq-100-pools" / "pool-7"  # a live worker's (pid 100, in the worker's cgroup)
+    try:
+        leftover = worker.path / f"rmq-{dead}-pools" / "pool-9"
+        leftover.mkdir(parents=True)
+        (leftover / "cgroup.procs").write_text(f"{left.pid}\n")
+        (leftover.parent / "memory.oom_control").write_text("oom_kill_disable 1\nunder_oom 1\n")
+        (worker.path / f"rmq-{dead}-main").mkdir()
+        (worker.path / f"rmq-{dead}-main" / "cgroup.procs").write_text(f"{found.pid}\n")
+        alive.mkdir(parents=True)
+        (alive / "cgroup.procs").write_text(f"{found.pid}\n")
+
+        reclaimed = PoolCgroups(worker, 200).reclaim_dead_workers(timeout_s=0.05)
+
+        assert reclaimed == {dead: [left.pid]}
+        assert left.wait(5) == -signal.SIGKILL
+        if version == 1:  # the kernel's OOM killer back, for anything the kill could not end
+            assert (leftover.parent / "memory.oom_control").read_text() == "0"
+        # nothing of a live worker, nor what a dead v2 worker's leaf holds (a supervisor, say), is touched
+        assert found.poll() is None and alive.is_dir()
+    finally:
+        for proc in (left, found):
+            proc.kill()
+            proc.wait()
