@@ -129,11 +129,15 @@ def test_a_runaway_subprocess_ends_as_a_memory_kill_with_its_whole_cgroup(
         assert cg.oom_kills() == 0
         assert rmq_stats_of(tree_app, w)["counters"]["killed"] == 2
     finally:
-        for pid in pids_in(pid_file):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _kill_all(pids_in(pid_file))
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _children(pid: int) -> set[int]:
@@ -236,8 +240,4 @@ def test_what_a_killed_worker_left_running_is_ended_by_the_next_worker_in_its_cg
         assert (cg.path / f"rmq-{w2.pid}-pools").is_dir()
         assert "left in" in w2.log() and f"dead worker pid {w.pid}" in w2.log()
     finally:
-        for pid in pids_in(pid_file):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _kill_all(pids_in(pid_file))
