@@ -69,6 +69,7 @@ def test_a_press_exits_130_wherever_it_lands(tmp_path, landing):
     assert _run_module(tmp_path, DEMO_SHAPE.format(body=body)) == 130
 
 
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="measured on CPython 3.11, the version CI runs")
 def test_the_python_behaviour_the_demo_steps_around(tmp_path):
     """Plain ``KeyboardInterrupt`` raised by a handler inside exec'd source, caught and followed by
     ``sys.exit(130)``: Python 3.11 ends that ``python -m`` run by SIGINT all the same."""
