@@ -67,7 +67,7 @@ class DemoStopped(KeyboardInterrupt):
     class, even when a caller catches it later, and a ``python -m`` run so marked kills itself with
     SIGINT at exit instead of returning its status. A press landing while Celery builds a task's
     signature check (``exec`` of generated source, on a task's first ``apply_async``) did that, once
-    in about 45 runs: the demo cleaned up and then died by signal instead of exiting 130.
+    in 60 runs: the demo cleaned up and then died by signal instead of exiting 130.
     """
 
 
