@@ -65,9 +65,10 @@ class DemoStopped(KeyboardInterrupt):
     A subclass, not ``KeyboardInterrupt`` itself: CPython (3.11) marks the process as "ended by an
     unhandled KeyboardInterrupt" whenever an ``exec`` or ``eval`` of a string ends with exactly that
     class, even when a caller catches it later, and a ``python -m`` run so marked kills itself with
-    SIGINT at exit instead of returning its status. A press landing while Celery builds a task's
-    signature check (``exec`` of generated source, on a task's first ``apply_async``) did that, once
-    in 60 runs: the demo cleaned up and then died by signal instead of exiting 130.
+    SIGINT at exit instead of returning its status. Celery builds each task's signature check with
+    an ``exec`` of generated source when the app is finalized, on its first use, just after the
+    demo says its worker is up: a press landing there did that, once in 60 runs, and the demo
+    cleaned up and then died by signal instead of exiting 130.
     """
 
 
