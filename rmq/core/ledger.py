@@ -77,12 +77,15 @@ class _Lock:
         except OSError:  # made at a fork, maybe after the runtime directory went: open on first use
             self.fd = -1
 
+    def _opened(self) -> int:
+        if self.fd < 0:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        return self.fd
+
     def __enter__(self) -> None:
         self.mutex.acquire()
         try:
-            if self.fd < 0:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            fcntl.flock(self._opened(), fcntl.LOCK_EX)
         except BaseException:
             self.mutex.release()
             raise
@@ -100,11 +103,10 @@ class _Lock:
         if not self.mutex.acquire(timeout=max(0.0, timeout_s)):
             return False
         try:
-            if self.fd < 0:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self._opened()
             while True:
                 try:
-                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     return True
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
