@@ -132,9 +132,11 @@ class PoolCgroups:
         living = self._processes_here()
         for name in names:
             found = re.fullmatch(r"rmq-(\d+)-(pools|main)", name)
-            if found is None or int(found[1]) == self.main_pid or int(found[1]) in living:
+            if found is None:
                 continue
-            dead = self.worker.path / name
+            dead_pid, dead = int(found[1]), self.worker.path / name
+            if dead_pid == self.main_pid or dead_pid in living:
+                continue
             if found[2] == "main":  # v2's leaf for the processes it found (a supervisor, say): never killed
                 try:
                     dead.rmdir()
@@ -161,11 +163,11 @@ class PoolCgroups:
                     forget_cgroup_files(cg)
                     cg.rmdir()
                 except OSError as exc:
-                    log.warning("rmq could not remove %s, left by dead worker pid %s: %s", cg, found[1], exc)
-            reclaimed.setdefault(int(found[1]), []).extend(killed)
+                    log.warning("rmq could not remove %s, left by dead worker pid %d: %s", cg, dead_pid, exc)
+            reclaimed[dead_pid] = killed
             if killed:
-                log.warning("rmq killed %d process(es) %s left in %s by dead worker pid %s", len(killed),
-                            sorted(killed), dead, found[1])
+                log.warning("rmq killed %d process(es) %s left in %s by dead worker pid %d", len(killed),
+                            sorted(killed), dead, dead_pid)
         return reclaimed
 
     def _processes_here(self) -> set[int]:
@@ -252,11 +254,7 @@ class PoolCgroups:
 
     def members(self, pool_pid: int) -> list[int]:
         """Every live process of ``pool_pid``'s cgroup: its tree, double-forked ones included."""
-        try:
-            text = (self.path_for(pool_pid) / "cgroup.procs").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
+        return _pids_of(self.path_for(pool_pid))
 
     def reset_peak(self, pool_pid: int) -> int | None:
         """Start a new high-water mark of the tree's usage; returns the usage it starts from.
