@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -569,6 +569,14 @@ def _kernel_world(tmp_path: Path, lines=None):
     return gov, ledger, actuator, meter, events, kernel, acc
 
 
+def _held_at_cap(kernel: Callable[[int, dict[int, int]], None], events: FakeEvents, main_share: int,
+                 cap: int) -> None:
+    """The kernel holds pool 11's runaway at the pools' cap ``cap`` (its OOM event up), pool 12 idle
+    beside it, the main process holding ``main_share`` outside the pools."""
+    kernel(main_share + cap, {11: cap - 10 * MiB, 12: 10 * MiB})
+    events.oom = True
+
+
 def test_kernel_accounting_reads_the_kernels_counts_caps_the_pools_and_holds_bursts(tmp_path) -> None:
     gov, ledger, actuator, meter, events, kernel, acc = _kernel_world(tmp_path)
     try:
@@ -683,15 +691,14 @@ def test_pools_held_at_a_cap_kept_for_a_dip_go_on_to_the_kill_line_as_far_as_the
         # a runaway reaches that cap and the kernel holds it there, 60 MiB short of the kill line: the
         # cap rises by the 32 MiB the limit leaves over the line (less 16), and nobody is killed yet
         cap = line - 120 * MiB
-        kernel(60 * MiB + cap, {11: cap - 10 * MiB, 12: 10 * MiB})
-        events.oom = True
+        _held_at_cap(kernel, events, 60 * MiB, cap)
         gov.tick()
         room = BUDGET - line - 16 * MiB
         assert limit.read_text() == str(line - 120 * MiB + room)
         assert actuator.kills() == []
         # held again at the raised cap (the main process may grow back to 120 MiB and still fit): killed
         cap += room
-        kernel(60 * MiB + cap, {11: cap - 10 * MiB, 12: 10 * MiB})
+        _held_at_cap(kernel, events, 60 * MiB, cap)
         gov.tick()
         assert actuator.kills() == [11]
     finally:
@@ -713,14 +720,13 @@ def test_pools_held_at_a_cap_a_mib_short_of_the_line_are_let_go_on_to_it_before_
         # kernel holds the runaway at the cap, the worker 2 MiB short of its kill line: the cap rises to
         # the line, and nobody is killed in that tick
         cap = line - 80 * MiB
-        kernel(78 * MiB + cap, {11: cap - 10 * MiB, 12: 10 * MiB})
-        events.oom = True
+        _held_at_cap(kernel, events, 78 * MiB, cap)
         gov.tick()
         assert limit.read_text() == str(line - 78 * MiB)
         assert actuator.kills() == []
         # held again at the line: killed
         cap += 2 * MiB
-        kernel(78 * MiB + cap, {11: cap - 10 * MiB, 12: 10 * MiB})
+        _held_at_cap(kernel, events, 78 * MiB, cap)
         gov.tick()
         assert actuator.kills() == [11]
     finally:
@@ -744,8 +750,7 @@ def test_a_pool_process_stuck_holding_the_ledgers_lock_does_not_stop_the_kill_th
         # beside pools held at their cap: it waits for a kill
         assert holder.stdout.readline().strip() == "locked"
         os.kill(holder.pid, signal.SIGSTOP)
-        kernel(80 * MiB + cap, {11: cap - 10 * MiB, 12: 10 * MiB})
-        events.oom = True
+        _held_at_cap(kernel, events, 80 * MiB, cap)
         started = time.monotonic()
         gov.tick()
         # the tick gave up on the lock after its 50 ms, and killed without it
