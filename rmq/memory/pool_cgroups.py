@@ -27,7 +27,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rmq.memory.probes import UNLIMITED, CgroupMemory, forget_cgroup_files, read_cgroup_file
+from rmq.memory.probes import (
+    UNLIMITED,
+    CgroupMemory,
+    forget_cgroup_files,
+    read_cgroup_file,
+    working_set_of,
+    write_cgroup_file,
+)
 
 __all__ = ["PoolCgroups", "Accounting", "choose_accounting"]
 
@@ -71,6 +78,9 @@ class PoolCgroups:
         #: the cgroup every pool cgroup lives in
         self.root = worker.path / f"rmq-{main_pid}-pools"
         self._peak_files: dict[int, int] = {}
+        #: pool pid -> its cgroup's usage, stat and high-water mark files, as strings: a ``Path``
+        #: join costs about 2.5 us, and these are read around every task
+        self._files: dict[int, tuple[str, str, str]] = {}
         #: the process that :meth:`adopt` last moved, in this process's copy (a pool process asks
         #: whether it is in its cgroup before each task)
         self.adopted_pid = 0
@@ -245,47 +255,62 @@ class PoolCgroups:
         os.register_at_fork(after_in_child=_moved_in_child)
 
     # readings -------------------------------------------------------------
-    def _cgroup(self, pool_pid: int) -> CgroupMemory:
-        return CgroupMemory(self.version, self.path_for(pool_pid), None)
+    def _files_of(self, pool_pid: int) -> tuple[str, str, str]:
+        files = self._files.get(pool_pid)
+        if files is None:
+            path = str(self.path_for(pool_pid))
+            if self.version == 1:
+                names = ("memory.usage_in_bytes", "memory.stat", "memory.max_usage_in_bytes")
+            else:
+                names = ("memory.current", "memory.stat", "memory.peak")
+            files = self._files[pool_pid] = (f"{path}/{names[0]}", f"{path}/{names[1]}", f"{path}/{names[2]}")
+        return files
 
     def usage(self, pool_pid: int) -> int | None:
         """The working set of ``pool_pid``'s whole tree as the kernel counts it, or ``None``."""
-        return self._cgroup(pool_pid).working_set_bytes()
+        usage, stat, _ = self._files_of(pool_pid)
+        try:
+            return working_set_of(read_cgroup_file(usage), read_cgroup_file(stat), self.version)
+        except (OSError, ValueError):
+            return None
 
     def members(self, pool_pid: int) -> list[int]:
         """Every live process of ``pool_pid``'s cgroup: its tree, double-forked ones included."""
         return _pids_of(self.path_for(pool_pid))
 
-    def reset_peak(self, pool_pid: int) -> int | None:
-        """Start a new high-water mark of the tree's usage; returns the usage it starts from.
+    def begin_task(self, pool_pid: int) -> tuple[int, int] | None:
+        """Start a new high-water mark of the tree's usage before a task; returns the usage it
+        starts from and the working set now (what the task's use is counted from), or ``None``.
 
         v1 resets ``memory.max_usage_in_bytes`` by writing 0; v2 (6.12 and later) resets
         ``memory.peak`` for the file descriptor it is written through, kept open for :meth:`peak`.
+        Every file goes through a kept descriptor: a pool process does this before each task, and
+        opening a cgroup file costs more than all the rest (docs/guarantees.md#p1).
         """
-        path = self.path_for(pool_pid)
+        usage, stat, peak = self._files_of(pool_pid)
         try:
             if self.version == 1:
-                (path / "memory.max_usage_in_bytes").write_text("0")
-                return int(read_cgroup_file(path / "memory.usage_in_bytes"))
-            old = self._peak_files.pop(pool_pid, None)
-            if old is not None:
-                os.close(old)
-            fd = os.open(path / "memory.peak", os.O_RDWR)
-            try:
-                os.write(fd, b"reset\n")
-            except OSError:
-                os.close(fd)
-                return None
-            self._peak_files[pool_pid] = fd
-            return int(read_cgroup_file(path / "memory.current"))
+                write_cgroup_file(peak, "0")
+            else:
+                fd = self._peak_files.get(pool_pid)
+                if fd is None:
+                    fd = self._peak_files[pool_pid] = os.open(peak, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    os.write(fd, b"reset\n")  # again through the same descriptor: a new mark for it
+                except OSError:
+                    del self._peak_files[pool_pid]
+                    os.close(fd)
+                    return None
+            now = read_cgroup_file(usage)
+            return int(now), working_set_of(now, read_cgroup_file(stat), self.version)
         except (OSError, ValueError):
             return None
 
     def peak(self, pool_pid: int) -> int | None:
-        """The tree's high-water mark since :meth:`reset_peak`, or ``None``."""
+        """The tree's high-water mark since :meth:`begin_task`, or ``None``."""
         try:
             if self.version == 1:
-                return int(read_cgroup_file(self.path_for(pool_pid) / "memory.max_usage_in_bytes"))
+                return int(read_cgroup_file(self._files_of(pool_pid)[2]))
             fd = self._peak_files.get(pool_pid)
             if fd is None:
                 return None
@@ -313,6 +338,7 @@ class PoolCgroups:
             if pid in keep or self.members(pid):
                 continue
             try:
+                self._files.pop(pid, None)
                 forget_cgroup_files(self.path_for(pid))
                 self.path_for(pid).rmdir()
                 removed.append(pid)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["CgroupMemory", "HostProbe", "UNLIMITED", "read_cgroup_file", "forget_cgroup_files"]
+__all__ = ["CgroupMemory", "HostProbe", "UNLIMITED", "read_cgroup_file", "write_cgroup_file", "forget_cgroup_files",
+           "working_set_of"]
 
 #: cgroup v1 reports "no limit" as a huge page-aligned number; anything above this is unlimited
 UNLIMITED = 1 << 60
@@ -64,6 +65,51 @@ def read_cgroup_file(path: Path | str) -> str:
             raise
 
 
+#: the key suffix of a descriptor kept for writing (under the file's path, so that
+#: :func:`forget_cgroup_files` finds it with the readers)
+_WRITE = "#w"
+
+
+def write_cgroup_file(path: Path | str, text: str) -> None:
+    """Write ``text`` to a cgroup file, through a descriptor kept open (as :func:`read_cgroup_file`
+    keeps one for reading) when it lives in the kernel's cgroup filesystem: opening one costs
+    35-50 us, and a pool process resets its cgroup's high-water mark before every task. Any other
+    file (a test's fake tree) is written afresh. Raises ``OSError`` as writing it would."""
+    path = str(path)
+    if not path.startswith(CGROUP_MOUNT):
+        with open(path, "w") as fh:
+            fh.write(text)
+        return
+    key = path + _WRITE
+    with _kept_lock:
+        fd = _kept.get(key)
+        if fd is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            _kept[key] = fd
+            if len(_kept) > _KEPT_MAX:
+                os.close(_kept.popitem(last=False)[1])
+        try:
+            os.write(fd, text.encode())  # a cgroup file takes each write whole, whatever the offset
+        except OSError:
+            del _kept[key]
+            os.close(fd)
+            raise
+
+
+def working_set_of(usage: str, stat: str, version: int) -> int:
+    """Usage minus inactive file cache (the kubelet's formula), from the texts of the usage file and
+    ``memory.stat``. The counter is looked up, not parsed line by line: v1 has it near the end of
+    about 40 lines, and pool processes read it before every task."""
+    key = "\ntotal_inactive_file " if version == 1 else "\ninactive_file "
+    at = ("\n" + stat).find(key)  # at a line's start: v1 also has a "inactive_file" line of its own
+    inactive = 0
+    if at >= 0:
+        start = at + len(key) - 1  # the stat text without the leading "\n"
+        end = stat.find("\n", start)
+        inactive = int(stat[start:end if end >= 0 else len(stat)])
+    return max(0, int(usage) - inactive)
+
+
 def forget_cgroup_files(directory: Path | str) -> None:
     """Close the kept descriptors of the files of ``directory`` (a cgroup being removed)."""
     prefix = str(directory).rstrip("/") + "/"
@@ -106,14 +152,7 @@ class CgroupMemory:
         stat = self._read("memory.stat")
         if usage is None:
             return None
-        inactive_key = "inactive_file" if self.version == 2 else "total_inactive_file"
-        inactive = 0
-        for line in (stat or "").splitlines():
-            key, _, value = line.partition(" ")
-            if key == inactive_key:
-                inactive = int(value)
-                break
-        return max(0, int(usage) - inactive)
+        return working_set_of(usage, stat or "", self.version)
 
     def oom_kills(self) -> int:
         """Kernel OOM kills counted by this cgroup (0 where the file has no counter)."""

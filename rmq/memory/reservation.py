@@ -195,15 +195,18 @@ class AdmissionGuard(Concern):
         pid = forks.pid()
         accounting = getattr(rt, "accounting", None)  # _pools() inlined: this runs per task
         pools = accounting.pools if accounting is not None else None
-        start = None
+        start = begun = None
         if pools is not None:
             _in_own_cgroup(rt, pools)
             # kernel accounting: the task is measured from its pool cgroup's count, its peak by the kernel
-            start = pools.reset_peak(pid)
+            begun = pools.begin_task(pid)
+        if begun is not None:
+            start, start_working_set = begun
+        else:
+            start_working_set = ctx.rss_before_body()
         entry = Entry(
             KIND_TASK, pid, memory, decl.cpu_slots, decl.disk_bytes,
-            task_id=ctx.task_id, name=ctx.task_name,
-            start_rss=_kernel_start(pools) if start is not None else ctx.rss_before_body(),
+            task_id=ctx.task_id, name=ctx.task_name, start_rss=start_working_set,
         )
         share = rt.config.unknown_share
         v = _try_once(rt.ledger, entry, need, disk_root, estimate, share)
@@ -302,9 +305,3 @@ def _in_own_cgroup(rt: Runtime, pools: PoolCgroups) -> None:
     except OSError as exc:  # counted as deferred.cgroup
         raise Defer(f"its pool process could not move into its memory cgroup yet ({exc.strerror or exc})",
                     rt.config.defer_countdown, kind="cgroup") from exc
-
-
-def _kernel_start(pools: PoolCgroups | None) -> int:
-    """The pool cgroup's working set now: the kernel-accounted task is measured from it."""
-    got = pools.usage(forks.pid()) if pools is not None else None
-    return got or 0

@@ -80,17 +80,30 @@ def test_a_pool_cgroups_reading_is_its_working_set_and_its_peak_since_admission(
     pools.prepare()
     fill(pools.path_for(9), version, usage=400 * MiB, inactive=50 * MiB, peak=900 * MiB)
     assert pools.usage(9) == 350 * MiB
+    # a task starts: the usage the peak starts from, and the working set its use is counted from
+    assert pools.begin_task(9) == (400 * MiB, 350 * MiB)
     if version == 1:
-        # v1 resets the high-water mark by writing 0, and starts from the usage now
-        assert pools.reset_peak(9) == 400 * MiB
+        # v1 resets the high-water mark by writing 0
         assert (pools.path_for(9) / "memory.max_usage_in_bytes").read_text() == "0"
         (pools.path_for(9) / "memory.max_usage_in_bytes").write_text(str(700 * MiB))
         assert pools.peak(9) == 700 * MiB
     else:
         # v2 resets memory.peak through a descriptor it keeps (a plain file takes the write)
-        assert pools.reset_peak(9) == 400 * MiB
-        (pools.path_for(9) / "memory.peak").write_text(str(650 * MiB))  # what the kernel shows after
+        peak_file = pools.path_for(9) / "memory.peak"
+        assert peak_file.read_text().startswith("reset\n")
+        peak_file.write_text(str(650 * MiB))  # what the kernel shows after
         assert pools.peak(9) == 650 * MiB
+        # the next task resets through the same descriptor: the kernel's mark is per descriptor
+        fd = pools._peak_files[9]
+        assert pools.begin_task(9) is not None
+        assert pools._peak_files[9] == fd
+
+
+def test_a_pool_cgroup_that_cannot_be_read_begins_no_kernel_measured_task(tmp_path) -> None:
+    pools = PoolCgroups(v1_tree(tmp_path), 100)
+    pools.prepare()
+    pools.path_for(9).mkdir()  # no files: its cgroup is going away
+    assert pools.begin_task(9) is None and pools.usage(9) is None
 
 
 def test_only_empty_pool_cgroups_of_gone_processes_are_removed(tmp_path) -> None:

@@ -267,3 +267,50 @@ def test_kept_descriptors_are_bounded_the_oldest_closed(tmp_path: Path, monkeypa
         assert probes.read_cgroup_file(f) == str(i)
     assert list(probes._kept) == [str(f) for f in files[2:]]
     probes.forget_cgroup_files(tmp_path)
+
+
+def test_a_cgroup_file_is_written_through_one_kept_descriptor_closed_with_its_cgroup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rmq.memory import probes
+
+    _as_cgroup_mount(monkeypatch, tmp_path)
+    peak = tmp_path / "pool" / "memory.max_usage_in_bytes"
+    peak.parent.mkdir()
+    peak.write_text("")
+    opened = []
+    real_open = probes.os.open
+    monkeypatch.setattr(probes.os, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    probes.write_cgroup_file(peak, "0")
+    probes.write_cgroup_file(peak, "0")  # before the next task: no second open
+    assert opened == [str(peak)]
+    assert peak.read_text() == "00"  # a plain file keeps both writes; the kernel's takes each whole
+    assert probes.read_cgroup_file(peak) == "00"  # its reader is a descriptor of its own
+    assert len(probes._kept) == 2
+    probes.forget_cgroup_files(peak.parent)
+    assert probes._kept == {}
+
+
+def test_a_cgroup_file_outside_the_mount_is_written_afresh(tmp_path: Path) -> None:
+    from rmq.memory import probes
+
+    f = tmp_path / "memory.max_usage_in_bytes"
+    f.write_text(str(700 * MiB))
+    before = dict(probes._kept)
+    probes.write_cgroup_file(f, "0")
+    assert f.read_text() == "0" and probes._kept == before
+
+
+@pytest.mark.parametrize(("version", "stat", "working_set"), [
+    # v1: the hierarchical total counts, not the cgroup's own line before it
+    (1, f"cache 1\ninactive_file {5 * MiB}\nactive_file 0\ntotal_inactive_file {200 * MiB}\ntotal_active_file 0\n",
+     500 * MiB),
+    # v2: "inactive_file" at a line's start, not inside "active_file"'s neighbours; last line without "\n"
+    (2, f"anon 1\nactive_file {50 * MiB}\ninactive_file {150 * MiB}", 550 * MiB),
+    (2, f"inactive_file {100 * MiB}\nactive_file 0\n", 600 * MiB),  # the first line
+    (1, "cache 0\n", 700 * MiB),  # no counter: the usage
+])
+def test_the_working_set_is_found_in_memory_stat_wherever_its_line_is(version: int, stat: str,
+                                                                        working_set: int) -> None:
+    from rmq.memory.probes import working_set_of
+
+    assert working_set_of(f"{700 * MiB}\n", stat, version) == working_set
