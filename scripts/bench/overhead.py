@@ -80,6 +80,8 @@ for _p in (ROOT, TESTS_DIR, os.path.dirname(HERE)):
 import psutil  # noqa: E402
 import redis as redis_lib  # noqa: E402
 
+from rmq.core.units import parse_size  # noqa: E402
+from rmq.testing.cgroups import MemoryCgroup, can_create  # noqa: E402
 from rmq.testing.worker import WorkerProcess, wait_until  # noqa: E402
 
 MODES = ("plain", "rmq")
@@ -202,12 +204,13 @@ def redis_cpu(rc: redis_lib.Redis) -> float:
 
 def user_round(url: str, rc: redis_lib.Redis, side: str, kind: str, n: int, concurrency: int, prefetch: int,
                skip: int, timeout_s: float = 300.0, extra_env: dict[str, str] | None = None,
-               queues: list[str] | None = None) -> dict[str, Any]:
+               queues: list[str] | None = None, memory_limit: int | None = None) -> dict[str, Any]:
     """One round of ``--compare install``: fill the default queue with ``n`` tasks from the side's
     own app (its ``apply_async``: router, priorities), start a fresh worker as a user starts it
-    (no ``-Q``), measure from the ``skip``-th result (first imports and pool processes' first tasks
-    left out) to the last: throughput, CPU per task of the main process and the pool, and Redis
-    commands per task (``INFO commandstats``, the bench's own polling left out)."""
+    (no ``-Q``; with ``memory_limit``, in a fresh memory cgroup of that limit, as in a container,
+    removed after the round), measure from the ``skip``-th result (first imports and pool processes'
+    first tasks left out) to the last: throughput, CPU per task of the main process and the pool, and
+    Redis commands per task (``INFO commandstats``, the bench's own polling left out)."""
     import subprocess
 
     name, args = USER_KINDS[kind]
@@ -218,8 +221,9 @@ def user_round(url: str, rc: redis_lib.Redis, side: str, kind: str, n: int, conc
                    env={**os.environ, **env, "SOAK_FILL_N": str(n), "SOAK_FILL_PREFIX": prefix,
                         "SOAK_FILL_TASK": name, "SOAK_FILL_ARGS": json.dumps(args)})
     keys = [f"{META}{prefix}-{i}" for i in range(n)]
+    cg = MemoryCgroup(memory_limit) if memory_limit else None
     w = WorkerProcess(app="soakapp", env=env, concurrency=concurrency, cwd=ROOT, loglevel="WARNING", queues=queues,
-                      hostname=f"ovh-{side}-{uuid.uuid4().hex[:6]}@%h")
+                      hostname=f"ovh-{side}-{uuid.uuid4().hex[:6]}@%h", prefix=cg.wrap() if cg else ())
     polls = 0
     try:
         w.start()
@@ -246,6 +250,8 @@ def user_round(url: str, rc: redis_lib.Redis, side: str, kind: str, n: int, conc
         commands = redis_commands(rc)
     finally:
         w.finish()
+        if cg is not None:
+            cg.remove()
     commands["exists"] = commands.get("exists", 0) - polls
     for c in BENCH_COMMANDS[1:]:
         commands.pop(c, None)
@@ -293,11 +299,15 @@ def compare_install(url: str, args: argparse.Namespace) -> int:
     def run(side: str, kind: str, n: int, c: int, p: int) -> dict[str, Any]:
         v = variants.get(side)
         if v is None:
-            return user_round(url, rc, side, kind, n, c, p, skip)
+            return user_round(url, rc, side, kind, n, c, p, skip, memory_limit=limit)
         env = {"SOAK_USER_CONF": json.dumps(v["conf"])} if v.get("conf") else {}
         return user_round(url, rc, v.get("mode", "installed"), kind, n, c, p, skip, extra_env=env,
-                          queues=v.get("queues"))
+                          queues=v.get("queues"), memory_limit=limit)
 
+    limit = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None
+    if limit is not None and (why := can_create()) is not None:
+        print(f"--memory-limit: no memory cgroup can be made here ({why})", file=sys.stderr)
+        return 2
     others = sides[1:]
     cells = [(c, p, k) for k in kinds for c in concs for p in prefetches]
     rc = redis_lib.Redis.from_url(url)
@@ -306,7 +316,9 @@ def compare_install(url: str, args: argparse.Namespace) -> int:
     print(f"P1 as users see it: a plain app against the same app with rmq.install(app), nothing else given to "
           f"either; a fresh worker per round, started without -Q, prefork; {args.tasks} tasks per round "
           f"(cpu5: {max(args.tasks // 2, 4 * skip)}), the first {skip} left out; {args.rounds} rounds, cells and "
-          f"sides interleaved; Redis {url}", flush=True)
+          f"sides interleaved; Redis {url}" +
+          (f"; each worker in a fresh memory cgroup of {args.memory_limit} (kernel accounting)" if limit else ""),
+          flush=True)
     for side in sides:
         print(f"  {side}: {describe[side]}")
     print(f"  {'cell':>16}  {'round':>5}  " + "  ".join(f"{s + '/s':>10}" for s in sides) + "  " +
@@ -374,6 +386,9 @@ def main() -> int:
     parser.add_argument("--variant", action="append", metavar="NAME=JSON",
                         help='with --compare install, another side: {"mode": "installed" (default), "rmq" or '
                              '"plain", "conf": {Celery settings added}, "queues": [-Q]}; repeatable')
+    parser.add_argument("--memory-limit", metavar="SIZE",
+                        help="with --compare install, each worker in a fresh memory cgroup of this limit (as in a "
+                             "container: rmq then counts memory with the kernel, docs/design.md#kernel-accounting)")
     args = parser.parse_args()
     if args.compare == "install":
         url = os.environ.get("RMQ_BENCH_REDIS_URL")
