@@ -219,8 +219,13 @@ class AdmissionGuard(Concern):
             ctx.memory_bytes = entry.memory_bytes  # an estimate may have been cut to the idle worker's room
             # what exit needs, in one tuple (one state entry per task, not five): the reservation, the
             # cgroup's count at the start, the models loaded so far, whether the peak was reset, and the
-            # children's high-water mark before the body
-            ctx.state["admission"] = (entry, start, self.model_bytes(), reset_peak_rss(), _children_peak())
+            # children's high-water mark before the body. Under kernel accounting the pool cgroup's
+            # high-water mark is the whole tree's peak: the process's own and its children's are not
+            # read (four system calls a task, docs/guarantees.md#p1)
+            if start is not None:
+                ctx.state["admission"] = (entry, start, self.model_bytes(), False, 0)
+            else:
+                ctx.state["admission"] = (entry, None, self.model_bytes(), reset_peak_rss(), _children_peak())
             rt.stats.incr("admitted")
             return
         if v.never:
@@ -247,7 +252,7 @@ class AdmissionGuard(Concern):
         # a subprocess the task waited for: the kernel's high-water mark of the largest one, when it
         # rose during this task, on top of the process's own growth (the governor's tree reading may
         # have missed a short one between two samples)
-        children = _children_peak()
+        children = _children_peak() if start is None else 0
         peak = max(grown, 0) + (children if children > children_before else 0)
         if peak_seen and peak_seen > peak:
             peak = peak_seen

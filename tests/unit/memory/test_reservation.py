@@ -251,3 +251,42 @@ def test_read_afresh_a_running_tasks_use_is_counted_once_and_only_for_the_run_it
     refused = attempt("b")  # a count read of another run of that pool process: not this run's use
     assert not refused.admitted and "reserved-unused 1.5GiB" in refused.reason, refused.reason
     assert attempt("a").admitted
+
+
+def test_under_kernel_accounting_the_pool_cgroups_high_water_mark_is_the_peak_and_nothing_else_is_read(
+        rt, tmp_path, monkeypatch) -> None:
+    from rmq.core import forks
+    from rmq.memory import reservation
+    from rmq.memory.pool_cgroups import Accounting, PoolCgroups
+    from rmq.memory.probes import CgroupMemory
+
+    # Given a pool process in its own (fake, v1) cgroup: 400 MiB charged, 50 MiB of it inactive cache
+    worker = tmp_path / "worker"
+    pools = PoolCgroups(CgroupMemory(1, worker, 4096 * MiB), 100)
+    pool = pools.path_for(forks.pid())
+    pool.mkdir(parents=True)
+    (pool / "memory.usage_in_bytes").write_text(str(400 * MiB))
+    (pool / "memory.stat").write_text(f"inactive_file 0\ntotal_inactive_file {50 * MiB}\n")
+    (pool / "memory.max_usage_in_bytes").write_text(str(900 * MiB))
+    pools.adopted_pid = forks.pid()
+    rt.accounting = Accounting("cgroup-v1", "fake", pools)  # type: ignore[assignment]
+
+    def not_read(*args: object) -> None:
+        raise AssertionError("the process's own peak is read under kernel accounting")
+
+    for name in ("reset_peak_rss", "peak_rss_bytes", "_children_peak"):
+        monkeypatch.setattr(reservation, name, not_read)
+    ctx = TaskContext("media.encode", "e-1", parse_declaration(), rt.config)
+    guard = AdmissionGuard()
+    # When a task starts: the cgroup's mark is reset, and its use counts from the working set
+    guard.enter(ctx)
+    assert (pool / "memory.max_usage_in_bytes").read_text() == "0"
+    [entry] = rt.ledger.entries()
+    assert entry.start_rss == 350 * MiB
+    # and its tree (an encoder subprocess, say) peaks 300 MiB above the start while the process
+    # itself ends 5 MiB larger
+    (pool / "memory.max_usage_in_bytes").write_text(str(700 * MiB))
+    ctx.rss_after = ctx.rss_before_body() + 5 * MiB
+    guard.exit(ctx, failed=False)
+    # Then the learner gets the tree's peak, from the cgroup's high-water mark alone
+    assert rt.made("learner").observed == [("media.encode", 300 * MiB)]
