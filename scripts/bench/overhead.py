@@ -9,7 +9,9 @@ heavy queue, the visibility timeout and its restore loop, ``acks_late``, the rou
 ``@governed_task()`` (no declaration); ``--install-only`` adds ``installed``, ``install()`` with the
 plain ``@app.task`` tasks (what ``install()`` costs without the governed path), and ``--variant``
 sides price one setting (``--variant 'steps10={"conf": {"broker_transport_options": {"priority_steps":
-[0,1,2,3,4,5,6,7,8,9]}}}'``, ``--variant 'heavy={"queues": ["celery", "rmq.heavy"]}'``). Every
+[0,1,2,3,4,5,6,7,8,9]}}}'``, ``--variant 'heavy={"queues": ["celery", "rmq.heavy"]}'``; ``env`` prices one
+part of the governed path with ``tests/integration/pathstubs.py``: ``--variant 'nopeak={"mode": "rmq",
+"env": {"SOAK_IMPORT": "pathstubs", "PATHSTUBS": "peak"}}'``). Every
 ``--concurrency`` x ``--prefetch`` x ``--kinds`` cell (lists), rounds interleaved across cells and
 sides. A round fills the default queue from the side's own app (its ``apply_async``: router,
 priorities), then starts a fresh worker as users start it (``celery -A app worker``, no ``-Q``), and
@@ -301,6 +303,7 @@ def compare_install(url: str, args: argparse.Namespace) -> int:
         if v is None:
             return user_round(url, rc, side, kind, n, c, p, skip, memory_limit=limit)
         env = {"SOAK_USER_CONF": json.dumps(v["conf"])} if v.get("conf") else {}
+        env.update(v.get("env", {}))  # a profiling aid, e.g. {"SOAK_IMPORT": "pathstubs", "PATHSTUBS": "peak"}
         return user_round(url, rc, v.get("mode", "installed"), kind, n, c, p, skip, extra_env=env,
                           queues=v.get("queues"), memory_limit=limit)
 
@@ -360,8 +363,11 @@ def compare_install(url: str, args: argparse.Namespace) -> int:
             cmds = {k: med(x["commands"].get(k, 0.0) for x in res[s]) for k in names}
             detail = ", ".join(f"{k} {v:.2f}" for k, v in cmds.items() if v >= 0.005)
             main, pool = med(x["main_ms"] for x in res[s]), med(x["pool_ms"] for x in res[s])
-            print(f"    {s:>9}: main {main:.3f}, pool {pool:.3f}, Redis {med(x['redis_ms'] for x in res[s]):.3f} ms; "
-                  f"{sum(cmds.values()):.2f} commands: {detail}")
+            # in units of the Redis server's CPU per task: the same 14 commands on every side, so it
+            # gauges how fast the machine ran that round (up to 40 % apart between rounds here)
+            units = med(x["pool_ms"] / x["redis_ms"] for x in res[s] if x["redis_ms"] > 0) if res[s] else 0.0
+            print(f"    {s:>9}: main {main:.3f}, pool {pool:.3f}, Redis {med(x['redis_ms'] for x in res[s]):.3f} ms "
+                  f"(pool {units:.2f} Redis units); {sum(cmds.values()):.2f} commands: {detail}")
     print("\nPASS" if ok else "\nMISS: see the figures above")
     return 0 if ok else 1
 
@@ -385,7 +391,8 @@ def main() -> int:
                         help="with --compare install, a third side: install() with plain @app.task tasks")
     parser.add_argument("--variant", action="append", metavar="NAME=JSON",
                         help='with --compare install, another side: {"mode": "installed" (default), "rmq" or '
-                             '"plain", "conf": {Celery settings added}, "queues": [-Q]}; repeatable')
+                             '"plain", "conf": {Celery settings added}, "queues": [-Q], "env": {worker environment}}; '
+                             'repeatable')
     parser.add_argument("--memory-limit", metavar="SIZE",
                         help="with --compare install, each worker in a fresh memory cgroup of this limit (as in a "
                              "container: rmq then counts memory with the kernel, docs/design.md#kernel-accounting)")
