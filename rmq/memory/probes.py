@@ -42,6 +42,18 @@ def _new_lock_in_child() -> None:
 os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
+def _kept_descriptor(key: str, path: str, flags: int) -> int:
+    """The descriptor kept under ``key``, opened on ``path`` first if none is (call under
+    ``_kept_lock``); the oldest kept one is closed past ``_KEPT_MAX``."""
+    fd = _kept.get(key)
+    if fd is None:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+        _kept[key] = fd
+        if len(_kept) > _KEPT_MAX:
+            os.close(_kept.popitem(last=False)[1])
+    return fd
+
+
 def read_cgroup_file(path: Path | str) -> str:
     """The text of a cgroup file, through a descriptor kept open when it lives in the kernel's cgroup
     filesystem (never replaced, only removed with its cgroup); any other file (a test's fake tree) is
@@ -51,12 +63,7 @@ def read_cgroup_file(path: Path | str) -> str:
         with open(key) as fh:
             return fh.read()
     with _kept_lock:
-        fd = _kept.get(key)
-        if fd is None:
-            fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
-            _kept[key] = fd
-            if len(_kept) > _KEPT_MAX:
-                os.close(_kept.popitem(last=False)[1])
+        fd = _kept_descriptor(key, key, os.O_RDONLY)
         try:
             return os.pread(fd, 65536, 0).decode()
         except OSError:  # its cgroup was removed (ENODEV); one made since under the same path is opened anew
@@ -82,12 +89,7 @@ def write_cgroup_file(path: Path | str, text: str) -> None:
         return
     key = path + _WRITE
     with _kept_lock:
-        fd = _kept.get(key)
-        if fd is None:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            _kept[key] = fd
-            if len(_kept) > _KEPT_MAX:
-                os.close(_kept.popitem(last=False)[1])
+        fd = _kept_descriptor(key, path, os.O_WRONLY)
         try:
             os.write(fd, text.encode())  # a cgroup file takes each write whole, whatever the offset
         except OSError:
