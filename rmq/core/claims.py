@@ -84,6 +84,9 @@ class RunClaims:
         self._lock = threading.Lock()
         self._keeper: PeriodicThread | None = None
         self._refreshed = 0.0
+        #: a claim's expiry is pushed back each third of its TTL at most: a refresh due at a late
+        #: keeper step (about REFRESH_EVERY_S + KEEP_EVERY_S) must still come before a short TTL ends
+        self._refresh_every_s = min(REFRESH_EVERY_S, ttl_s / 3)
 
     def acquire(self, task_id: str, token: str) -> bool:
         """Take the claim of ``task_id``; True if this token holds it now (also when it already did:
@@ -136,10 +139,10 @@ class RunClaims:
     # the keeper ---------------------------------------------------------------
     def keep(self) -> None:
         """One step of the keeper: claim the originals that have run long enough, and about once a
-        second push back the expiry of every held claim."""
+        second (each third of the TTL, for a shorter one) push back the expiry of every held claim."""
         self.claim_pending()
         now = self._clock()
-        if now - self._refreshed >= REFRESH_EVERY_S:
+        if now - self._refreshed >= self._refresh_every_s:
             self._refreshed = now
             self.refresh_held()
 

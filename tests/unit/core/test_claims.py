@@ -134,3 +134,21 @@ def test_the_keeper_thread_claims_and_keeps_claims_alive_past_their_ttl(client) 
 
 def test_the_claim_ttl_outlives_a_broker_outage_of_a_visibility_timeout() -> None:
     assert claim_ttl(20.0) == 40.0 and claim_ttl(1.0) == 10.0
+
+
+def test_a_short_ttl_is_pushed_back_within_a_third_of_it(client) -> None:
+    # Given a claim whose TTL (1.2 s) is not much longer than the keeper's usual refresh (1 s) plus
+    # a step of it (0.2 s): a refresh due at a late step would come after the claim ended
+    clock = Clock()
+    a = RunClaims(lambda: client, ttl_s=1.2, clock=clock, keeper=False)
+    a.note("t1", "w1@h:10")
+    clock.now += CLAIM_AFTER_S
+    a.keep()  # claimed (and its first refresh)
+    assert a.holder("t1") == "w1@h:10"
+    # When half a second later the keeper steps again
+    time.sleep(0.5)
+    clock.now += 0.5
+    a.keep()
+    # Then the claim was pushed back: it is still held past its first TTL
+    time.sleep(0.8)
+    assert a.holder("t1") == "w1@h:10"
