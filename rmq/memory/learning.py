@@ -1,8 +1,8 @@
 """Learned declarations: the observed peak memory of each task name, kept in Redis.
 
 Pool processes buffer observations and write them at most once a second (one pipelined
-round trip), and read a task's learned value at most every ``ttl_s`` seconds, so learning
-costs no Redis round trip per task. Until a task has a learned peak its runs wait alone, so the
+round trip), and read a task's learned value at most every ``ttl_s`` seconds (at once after writing
+a peak above it), so learning costs no Redis round trip per task. Until a task has a learned peak its runs wait alone, so the
 first peak of a task name is written at once, and an unknown one is read again every
 ``unknown_ttl_s``. Values survive worker restarts and are shared by all
 workers on the same Redis.
@@ -77,9 +77,13 @@ class PeakLearner:
                 pipe.lpush(key, *values)
                 pipe.ltrim(key, 0, self.window - 1)
             pipe.execute()
-            for name, values in pending.items():  # known now; read again at the next learned()
+            for name, values in pending.items():
                 hit = self._cache.get(name)
-                self._cache[name] = ((hit[0] if hit else 0) or max(values), float("-inf"))
+                # new, or a run above what was learned: read again at the next learned(); runs within
+                # it leave the value cached for ttl_s (a read after every flush cost each pool process
+                # a round trip a second on the task path, docs/guarantees.md#p1)
+                if hit is None or not hit[0] or max(values) > hit[0]:
+                    self._cache[name] = ((hit[0] if hit else 0) or max(values), float("-inf"))
         except Exception as exc:  # learning is advisory: never fail a task for it
             log.warning("rmq could not store learned peaks: %s", exc)
 

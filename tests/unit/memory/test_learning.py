@@ -56,6 +56,41 @@ def test_an_unknown_value_is_read_again_soon_a_known_one_is_cached(server) -> No
     assert reader.learned("t") == 7 * MiB  # a known value is cached for ttl_s
 
 
+class CountingClient:
+    """A fakeredis client that counts the reads of learned peaks (round trips on the task path)."""
+
+    def __init__(self, server: fakeredis.FakeServer) -> None:
+        self.client = fakeredis.FakeRedis(server=server)
+        self.reads = 0
+
+    def lrange(self, *args):
+        self.reads += 1
+        return self.client.lrange(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_a_flush_within_the_learned_value_keeps_it_cached_a_larger_peak_is_read_at_once(server) -> None:
+    clock = Clock()
+    client = CountingClient(server)
+    lrn = PeakLearner(lambda: client, clock=clock, ttl_s=5.0, q=1.0)
+    lrn.observe("t", 100 * MiB)  # its first peak: written at once
+    assert lrn.learned("t") == 100 * MiB
+    reads = client.reads
+    for _ in range(3):  # steady runs, one flush a second: no read before ttl_s
+        lrn.observe("t", 90 * MiB)
+        clock.t += 1.0
+        lrn.flush()
+        assert lrn.learned("t") == 100 * MiB
+    assert client.reads == reads
+    lrn.observe("t", 150 * MiB)  # a run above what was learned: the next admission must see it
+    clock.t += 1.0
+    lrn.flush()
+    assert lrn.learned("t") == 150 * MiB
+    assert client.reads == reads + 1
+
+
 def test_observations_reach_redis_on_flush_and_give_a_percentile(server) -> None:
     lrn = learner(server, q=0.95)
     lrn._cache["media.transcribe"] = (1, 1000.0)  # known: observations wait for the flush
