@@ -1,11 +1,11 @@
 """Learned declarations: the observed peak memory of each task name, kept in Redis.
 
 Pool processes buffer observations and write them at most once a second (one pipelined
-round trip), and read a task's learned value at most every ``ttl_s`` seconds (at once after writing
-a peak above it), so learning costs no Redis round trip per task. Until a task has a learned peak its runs wait alone, so the
-first peak of a task name is written at once, and an unknown one is read again every
-``unknown_ttl_s``. Values survive worker restarts and are shared by all
-workers on the same Redis.
+round trip), and read a task's learned value at most every ``ttl_s`` seconds (at once after
+writing a peak above it), so learning costs no Redis round trip per task. Until a task has a
+learned peak its runs wait alone, so the first peak of a task name is written at once, and an
+unknown one is read again every ``unknown_ttl_s``. Values survive worker restarts and are shared
+by all workers on the same Redis.
 """
 
 from __future__ import annotations

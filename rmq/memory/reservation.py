@@ -135,6 +135,30 @@ def _children_peak() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
+#: :func:`_children_peak` as the last task of this pool process left it (``None``: not read yet).
+#: Nothing between two tasks waits for a child, so it is the next task's figure before its body too:
+#: one ``getrusage`` a task, not two (docs/guarantees.md#p1)
+_children_seen: int | None = None
+
+
+def _forget_children_seen() -> None:
+    global _children_seen
+    _children_seen = None
+
+
+os.register_at_fork(after_in_child=_forget_children_seen)
+
+
+def _children_before() -> int:
+    return _children_seen if _children_seen is not None else _children_peak()
+
+
+def _children_after() -> int:
+    global _children_seen
+    _children_seen = seen = _children_peak()
+    return seen
+
+
 class AdmissionGuard(Concern):
     """Reserves the task's memory, CPU slots and disk in the worker's ledger."""
 
@@ -225,7 +249,7 @@ class AdmissionGuard(Concern):
             if start is not None:
                 ctx.state["admission"] = (entry, start, self.model_bytes(), False, 0)
             else:
-                ctx.state["admission"] = (entry, None, self.model_bytes(), reset_peak_rss(), _children_peak())
+                ctx.state["admission"] = (entry, None, self.model_bytes(), reset_peak_rss(), _children_before())
             rt.stats.incr("admitted")
             return
         if v.never:
@@ -240,6 +264,7 @@ class AdmissionGuard(Concern):
             return
         entry, start, models_loaded, peak_reset, children_before = held
         peak_seen = rt.ledger.release(entry)  # the governor's peak reading of this reservation
+        children = _children_after() if start is None else 0  # failed too: the next task starts from it
         if failed:
             return
         # The kernel's high-water mark since admission catches a peak shorter than the governor's
@@ -252,7 +277,6 @@ class AdmissionGuard(Concern):
         # a subprocess the task waited for: the kernel's high-water mark of the largest one, when it
         # rose during this task, on top of the process's own growth (the governor's tree reading may
         # have missed a short one between two samples)
-        children = _children_peak() if start is None else 0
         peak = max(grown, 0) + (children if children > children_before else 0)
         if peak_seen and peak_seen > peak:
             peak = peak_seen

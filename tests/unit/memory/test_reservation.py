@@ -113,6 +113,43 @@ def test_a_peak_between_two_governor_readings_is_still_learned(rt) -> None:
     assert ctx.rss_after is not None and ctx.rss_after - ctx.rss_before < 32 * MiB  # the RSS alone missed it
 
 
+def test_a_waited_for_subprocess_counts_for_the_task_it_ran_in_only_with_one_read_a_task(rt, monkeypatch) -> None:
+    from rmq.memory import reservation
+
+    # Given a pool process whose waited-for children's high-water mark (getrusage) is scripted
+    children = {"peak": 10 * MiB, "reads": 0}
+
+    def children_peak() -> int:
+        children["reads"] += 1
+        return children["peak"]
+
+    monkeypatch.setattr(reservation, "_children_peak", children_peak)
+    monkeypatch.setattr(reservation, "_children_seen", None)
+    guard = AdmissionGuard()
+
+    def task(name: str, child_peak: int | None = None, failed: bool = False) -> None:
+        ctx = TaskContext(name, f"{name}-1", parse_declaration(), rt.config)
+        guard.enter(ctx)
+        if child_peak is not None:  # the body ran an encoder subprocess and waited for it
+            children["peak"] = max(children["peak"], child_peak)
+        ctx.rss_after = ctx.rss_before_body() + 5 * MiB
+        guard.exit(ctx, failed)
+
+    # When a task runs a 300 MiB subprocess, one fails after a 900 MiB one, and two run none
+    task("app.first")
+    task("app.encode", child_peak=300 * MiB)
+    task("app.after")
+    task("app.crash", child_peak=900 * MiB, failed=True)
+    task("app.next")
+    # Then only the task that ran the subprocess learns it, on top of its own growth; the failed
+    # task's subprocess is charged to no one
+    assert rt.made("learner").observed == [
+        ("app.first", 5 * MiB), ("app.encode", 305 * MiB), ("app.after", 5 * MiB), ("app.next", 5 * MiB),
+    ]
+    # and the children's mark is read once a task (the first also before its body)
+    assert children["reads"] == 5 + 1
+
+
 class GrownLearner(RecordingLearner):
     """Peaks learned on a bigger worker: more than this one's admit line."""
 
