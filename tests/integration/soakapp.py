@@ -26,6 +26,9 @@ Test-only switches (environment of the worker):
 - ``SOAK_CPROFILE_MAIN=<dir>``: the worker's main thread writes a CPU-time cProfile to ``<dir>`` at shutdown.
 - ``SOAK_IMPORT=<module>``: a module imported into the worker, e.g. ``pathtiming`` (CPU and wall time of
   each part of the governed path, per pool process).
+- ``SOAK_POOL_NICE=<n>``: each pool process lowers its scheduling priority by ``n`` when it starts
+  (``os.nice``), so that the worker's main process runs first when both want a core (an experiment:
+  neither Celery nor rmq does this).
 - ``SOAK_TASK_OPTS`` / ``SOAK_USER_CONF`` (JSON, ``user-*`` modes): task options / Celery settings added
   (``overhead.py --variant`` uses the second).
 """
@@ -399,6 +402,14 @@ if os.environ.get("SOAK_CPROFILE_MAIN"):  # profiling aid: CPU-time cProfile of 
         if p is not None:
             p.disable()
             p.dump_stats(os.path.join(os.environ["SOAK_CPROFILE_MAIN"], f"main-{os.getpid()}.prof"))
+
+
+if os.environ.get("SOAK_POOL_NICE"):  # an experiment: the main process before the pool (see above)
+    from celery import signals as _nsignals
+
+    @_nsignals.worker_process_init.connect(weak=False)
+    def _pool_nice(**_: Any) -> None:
+        os.nice(int(os.environ["SOAK_POOL_NICE"]))
 
 
 if os.environ.get("SOAK_IMPORT"):  # profiling aid: a module to import into the worker (instrumentation)
