@@ -11,7 +11,8 @@ plain ``@app.task`` tasks (what ``install()`` costs without the governed path), 
 sides price one setting (``--variant 'steps10={"conf": {"broker_transport_options": {"priority_steps":
 [0,1,2,3,4,5,6,7,8,9]}}}'``, ``--variant 'heavy={"queues": ["celery", "rmq.heavy"]}'``; ``env`` prices one
 part of the governed path with ``tests/integration/pathstubs.py``: ``--variant 'nopeak={"mode": "rmq",
-"env": {"SOAK_IMPORT": "pathstubs", "PATHSTUBS": "peak"}}'``). Every
+"env": {"SOAK_IMPORT": "pathstubs", "PATHSTUBS": "peak"}}'``); ``--aa`` adds a second plain side,
+plain Celery against itself in the same run: the noise every ratio of that run carries. Every
 ``--concurrency`` x ``--prefetch`` x ``--kinds`` cell (lists), rounds interleaved across cells and
 sides. A round fills the default queue from the side's own app (its ``apply_async``: router,
 priorities), then starts a fresh worker as users start it (``celery -A app worker``, no ``-Q``), and
@@ -54,7 +55,7 @@ minus plain, main and pool together, <= 2 %); also the governor's own accounting
 
 Usage: scripts/bench/overhead.py [--tasks 3000] [--rounds 11] [--concurrency 8] [--prefetch 4]
                                  [--kinds noop,cpu5,sleep5] [--idle 30]
-       scripts/bench/overhead.py --compare install [--install-only] [--variant NAME=JSON]
+       scripts/bench/overhead.py --compare install [--install-only] [--aa] [--variant NAME=JSON]
                                  --concurrency 2,8 --prefetch 1,4 --kinds noop,cpu5 [--rounds 6]
 Redis: RMQ_BENCH_REDIS_URL, else a private ``redis-server`` on a free port.
 """
@@ -281,6 +282,20 @@ def _cell(c: int, p: int, kind: str) -> str:
     return f"-c {c} pf {p} {kind}"
 
 
+#: ``--aa``: the name of the second plain side
+AA = "plainB"
+
+
+def aa_spread(plain: list[dict[str, Any]], again: list[dict[str, Any]]) -> str:
+    """Plain Celery against itself over paired rounds: the ratio of medians, the median paired ratio
+    and the range of single rounds, which bound what a ratio of this run can tell apart from 1."""
+    med = statistics.median
+    singles = [b["worker"] / a["worker"] for a, b in zip(plain, again, strict=True)]
+    ratio = med(x["worker"] for x in again) / med(x["worker"] for x in plain)
+    return (f"of medians {ratio:.3f}, paired {med(singles):.3f}, single rounds {min(singles):.3f}-"
+            f"{max(singles):.3f} ({len(singles)} rounds)")
+
+
 def compare_install(url: str, args: argparse.Namespace) -> int:
     """``--compare install``: every (concurrency, prefetch, kind) cell, rounds interleaved across cells
     and sides, a fresh worker per round; prints each round, then the summary and where the difference goes."""
@@ -291,12 +306,17 @@ def compare_install(url: str, args: argparse.Namespace) -> int:
     # --variant NAME=JSON: another side, an app of ``mode`` (default: installed) with ``conf`` added to its
     # Celery config and started with -Q ``queues``: the price of one setting, side by side with the rest
     variants: dict[str, dict[str, Any]] = {}
+    if args.aa:  # plain Celery against itself: how far apart two sides with the same code land in this run
+        variants[AA] = {"mode": "plain"}
+        sides.append(AA)
     for spec in args.variant or ():
         name, _, raw = spec.partition("=")
         variants[name] = json.loads(raw or "{}")
         sides.append(name)
     describe = {**SIDES, **{k: f"{v.get('mode', 'installed')} + {json.dumps({x: v[x] for x in v if x != 'mode'})}"
                             for k, v in variants.items()}}
+    if args.aa:
+        describe[AA] = "@app.task, no rmq, a second plain side (A/A: the bench's own noise in this run)"
 
     def run(side: str, kind: str, n: int, c: int, p: int) -> dict[str, Any]:
         v = variants.get(side)
@@ -353,6 +373,10 @@ def compare_install(url: str, args: argparse.Namespace) -> int:
             if s == "rmq":
                 ok = ok and ratio >= 0.95
         print(line)
+    if args.aa:
+        print(f"\nA/A, plain against plain ({AA}/plain), the noise any ratio above carries in this run:")
+        for cell in cells:
+            print(f"  {_cell(*cell):>16}  {aa_spread(results[cell]['plain'], results[cell][AA])}")
     print("\nWhere the difference goes, per task (medians over rounds): CPU ms of the worker's main process and of "
           "its pool, CPU ms of the Redis server, Redis commands (INFO commandstats, the bench's polling left out)")
     for cell in cells:
@@ -389,6 +413,9 @@ def main() -> int:
                              "install: a plain app against the same app with install(), nothing else given")
     parser.add_argument("--install-only", action="store_true",
                         help="with --compare install, a third side: install() with plain @app.task tasks")
+    parser.add_argument("--aa", action="store_true",
+                        help="with --compare install, a second plain side: prints plain against plain (A/A), "
+                             "the noise of every ratio in the same run")
     parser.add_argument("--variant", action="append", metavar="NAME=JSON",
                         help='with --compare install, another side: {"mode": "installed" (default), "rmq" or '
                              '"plain", "conf": {Celery settings added}, "queues": [-Q], "env": {worker environment}}; '
