@@ -11,7 +11,9 @@ Parts: ``concerns=none|admission|hygiene`` (only those concerns run), ``peak`` (
 ``clear_refs`` and ``getrusage``), ``flock`` (the ledger's file lock), ``ledger`` (admission's
 ledger step and the release), ``learn`` (learned-peak look-up and record), ``models`` (the model
 caches' byte counts), ``cgroupfiles`` (under kernel accounting, the pool cgroup's files read and
-written around each task: the task is then measured as without it).
+written around each task: the task is then measured as without it), ``floor`` (every concern
+replaced by the steps any governed path must take per task, with no policy around them: the least a
+fused admission-and-hygiene path could cost).
 """
 
 from __future__ import annotations
@@ -52,3 +54,44 @@ if "models" in _parts:
             _g.model_bytes = lambda: 0  # type: ignore[attr-defined]
 if "cgroupfiles" in _parts:
     PoolCgroups.begin_task = lambda self, pool_pid: None  # type: ignore[method-assign]
+if "floor" in _parts:
+    import resource
+
+    from rmq.concern import Concern, TaskContext
+    from rmq.core import forks
+    from rmq.core.ledger import KIND_TASK, Entry
+    from rmq.core.selfmem import own_rss_bytes, peak_rss_bytes, reset_peak_rss
+    from rmq.memory.learning import learner
+
+    class _Floor(Concern):
+        """In place of every concern, what a governed path must do per task with no policy around it:
+        the learned peak looked up, a reservation judged and added under the ledger's lock and
+        released, the RSS read before and after, the peak reset and read, the children's mark read
+        and the peak recorded (the price of a fused admission-and-hygiene path, at best)."""
+
+        name = "floor"
+
+        def enter(self, ctx: TaskContext) -> None:
+            rt = ctx.runtime
+            assert rt is not None
+            entry = Entry(KIND_TASK, forks.pid(), learner(rt).learned(ctx.task_name) or (64 << 20),
+                          task_id=ctx.task_id, name=ctx.task_name, start_rss=own_rss_bytes())
+            ledger = rt.ledger
+            with ledger.locked():
+                ledger.admission_readings()
+                ledger.reserved_unlocked()
+                ledger.add_unlocked(entry)
+            reset_peak_rss()
+            ctx.state["floor"] = entry
+
+        def exit(self, ctx: TaskContext, failed: bool) -> None:
+            entry = ctx.state.pop("floor")
+            rt = ctx.runtime
+            assert rt is not None
+            rt.ledger.release(entry)
+            peak = max(own_rss_bytes(), peak_rss_bytes() or 0) - entry.start_rss
+            resource.getrusage(resource.RUSAGE_CHILDREN)
+            learner(rt).observe(ctx.task_name, max(0, peak))
+
+    _floor = (_Floor(),)
+    GovernedTask._applicable_concerns = lambda self, _c=_floor: _c  # type: ignore[method-assign]
