@@ -65,9 +65,10 @@ if "floor" in _parts:
 
     class _Floor(Concern):
         """In place of every concern, what a governed path must do per task with no policy around it:
-        the learned peak looked up, a reservation judged and added under the ledger's lock and
-        released, the RSS read before and after, the peak reset and read, the children's mark read
-        and the peak recorded (the price of a fused admission-and-hygiene path, at best)."""
+        the learned peak looked up, the readings a reservation is judged on read and the reservation
+        added under the ledger's lock, then released, the RSS read before and after, the peak reset
+        and read, the children's mark read and the peak recorded (the price of a fused
+        admission-and-hygiene path, at best)."""
 
         name = "floor"
 
