@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -103,22 +104,56 @@ class MemoryCgroup:
         except (OSError, ValueError):
             return []
 
-    def remove(self, timeout: float = 10.0) -> None:
+    def all_pids(self) -> list[int]:
+        """The processes in this cgroup and in the cgroups made inside it (a worker's pool cgroups)."""
+        pids: list[int] = []
+        for procs in self.path.rglob("cgroup.procs"):
+            try:
+                pids += [int(line) for line in procs.read_text().split()]
+            except (OSError, ValueError):
+                pass
+        return pids
+
+    def remove(self, timeout: float = 20.0, grace: float = 5.0) -> bool:
         """Remove the cgroup, and the cgroups a worker made in it (those of a worker killed before it
-        could sweep its own), once their processes are gone."""
-        deadline = time.monotonic() + timeout
+        could sweep its own), once their processes are gone; True when it is gone.
+
+        A process still inside after ``grace`` seconds (a pool process or a task's subprocess that
+        its stopped worker left behind) is sent SIGKILL by pid, read from the cgroup's own lists:
+        only what :meth:`wrap` started, and its descendants, ever runs in a cgroup of this class."""
+        start = time.monotonic()
         while True:
             try:
                 for child in sorted((p for p in self.path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
                     child.rmdir()  # deepest first
                 self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
+                return True
+            except OSError:  # busy, or a cgroup inside went meanwhile
+                if not self.path.exists():
+                    return True
+            waited = time.monotonic() - start
+            if waited > timeout:
+                return False
+            if waited >= grace:
+                for pid in self.all_pids():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.1)
+
+    def describe(self) -> str:
+        """What keeps the cgroup: its processes (pid and command line) and the cgroups inside it."""
+        procs = []
+        for pid in self.all_pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
             except OSError:
-                if time.monotonic() > deadline:
-                    return
-                time.sleep(0.1)
+                cmd = "?"
+            procs.append(f"{pid} {cmd[:120]!r}")
+        inside = [str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_dir()]
+        return f"processes {procs or 'none'}, cgroups inside {inside or 'none'}"
 
 
 def can_create() -> str | None:

@@ -36,8 +36,8 @@ def cgroup_of():
 
     yield make
     for cg in made:  # the worker fixture has stopped the workers by then
-        cg.remove()
-        assert not cg.path.exists(), f"{cg.path} left behind"
+        removed = cg.remove()
+        assert removed, f"{cg.path} left behind: {cg.describe()}"
 
 
 def _worker(start_worker, app, redis_url, cg: MemoryCgroup | None, concurrency: int, **rmq):
