@@ -213,7 +213,8 @@ def finish(w: WorkerProcess | None, cg: MemoryCgroup) -> list[int]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    cg.remove()
+    if not cg.remove():
+        print(f"  {cg.path} left behind: {cg.describe()}", file=sys.stderr)
     return left
 
 

@@ -273,7 +273,8 @@ def run_mode(mode: str, args: argparse.Namespace, url: str) -> Run:
     finally:
         if w is not None:
             stop_worker(w)
-        cg.remove()
+        if not cg.remove():
+            print(f"  {cg.path} left behind: {cg.describe()}", file=sys.stderr)
         if ids:
             client.delete(*[f"celery-task-meta-{i}" for i in ids], *[f"bench:starts:{i}" for i in ids],
                           *[f"bench:trace:{i}" for i in ids])
