@@ -41,6 +41,8 @@ class MemoryCgroup:
             except OSError:
                 pass
         self.limit_bytes = limit_bytes
+        #: what :meth:`remove` found still inside after its grace and ended (:meth:`describe`), else ""
+        self.ended_at_removal = ""
 
     @property
     def procs_file(self) -> Path:
@@ -120,7 +122,8 @@ class MemoryCgroup:
 
         A process still inside after ``grace`` seconds (a pool process or a task's subprocess that
         its stopped worker left behind) is sent SIGKILL by pid, read from the cgroup's own lists:
-        only what :meth:`wrap` started, and its descendants, ever runs in a cgroup of this class."""
+        only what :meth:`wrap` started, and its descendants, ever runs in a cgroup of this class.
+        What was ended is kept in :attr:`ended_at_removal` (a test may report it)."""
         start = time.monotonic()
         while True:
             try:
@@ -135,6 +138,8 @@ class MemoryCgroup:
             if waited > timeout:
                 return False
             if waited >= grace:
+                if not self.ended_at_removal:
+                    self.ended_at_removal = self.describe()
                 for pid in self.all_pids():
                     try:
                         os.kill(pid, signal.SIGKILL)

@@ -93,6 +93,7 @@ def test_removing_a_cgroup_ends_what_its_stopped_worker_left_inside_and_says_wha
         removed = cg.remove(timeout=10, grace=0)
         # Then the process left behind was ended, and the cgroup is gone with the one inside it
         assert removed and not cg.path.exists()
+        assert "sleep 600" in cg.ended_at_removal, cg.ended_at_removal
         wait_until(lambda: _gone(orphan), 10, what="the process left behind ended")
     finally:
         cg.remove(timeout=10, grace=0)

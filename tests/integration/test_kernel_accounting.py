@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 
 import pytest
 
@@ -38,6 +39,8 @@ def cgroup_of():
     for cg in made:  # the worker fixture has stopped the workers by then
         removed = cg.remove()
         assert removed, f"{cg.path} left behind: {cg.describe()}"
+        if cg.ended_at_removal:  # the workers had stopped: say what outlived them (the run goes on)
+            warnings.warn(f"{cg.path} still held, ended at removal: {cg.ended_at_removal}", stacklevel=1)
 
 
 def _worker(start_worker, app, redis_url, cg: MemoryCgroup | None, concurrency: int, **rmq):
