@@ -59,7 +59,6 @@ def test_a_cgroup_reports_its_process_its_usage_and_a_peak_that_restarts():
     assert not cg.path.exists()
 
 
-
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
