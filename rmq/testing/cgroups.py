@@ -6,6 +6,7 @@ needs root and a writable hierarchy; :func:`can_create` says why not where it ca
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -16,6 +17,8 @@ from pathlib import Path
 from rmq.memory.probes import CgroupMemory, HostProbe
 
 __all__ = ["MemoryCgroup", "can_create"]
+
+log = logging.getLogger("rmq.testing.cgroups")
 
 
 class MemoryCgroup:
@@ -118,7 +121,8 @@ class MemoryCgroup:
 
     def remove(self, timeout: float = 20.0, grace: float = 5.0) -> bool:
         """Remove the cgroup, and the cgroups a worker made in it (those of a worker killed before it
-        could sweep its own), once their processes are gone; True when it is gone.
+        could sweep its own), once their processes are gone; True when it is gone (else a warning says
+        what keeps it).
 
         A process still inside after ``grace`` seconds (a pool process or a task's subprocess that
         its stopped worker left behind) is sent SIGKILL by pid, read from the cgroup's own lists:
@@ -136,6 +140,7 @@ class MemoryCgroup:
                     return True
             waited = time.monotonic() - start
             if waited > timeout:
+                log.warning("%s left behind after %.0f s: %s", self.path, waited, self.describe())
                 return False
             if waited >= grace:
                 if not self.ended_at_removal:

@@ -64,8 +64,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import signal
 import statistics
 import sys
 import time
@@ -208,13 +206,7 @@ def finish(w: WorkerProcess | None, cg: MemoryCgroup) -> list[int]:
     if w is not None:
         stop_worker(w)
     left = cg.pids()
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if not cg.remove():
-        print(f"  {cg.path} left behind: {cg.describe()}", file=sys.stderr)
+    cg.remove(grace=0)  # ends what is left at once
     return left
 
 

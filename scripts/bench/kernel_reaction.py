@@ -249,8 +249,7 @@ def run_case(mode: str, case: str, args: argparse.Namespace, url: str) -> CaseRu
             sampler.stop()
         if w is not None:
             stop_worker(w)
-        if not cg.remove():
-            print(f"  {cg.path} left behind: {cg.describe()}", file=sys.stderr)
+        cg.remove()
     return run
 
 

@@ -253,8 +253,8 @@ def user_round(url: str, rc: redis_lib.Redis, side: str, kind: str, n: int, conc
         commands = redis_commands(rc)
     finally:
         w.finish()
-        if cg is not None and not cg.remove():
-            print(f"  {cg.path} left behind: {cg.describe()}", file=sys.stderr)
+        if cg is not None:
+            cg.remove()
     commands["exists"] = commands.get("exists", 0) - polls
     for c in BENCH_COMMANDS[1:]:
         commands.pop(c, None)

@@ -273,8 +273,7 @@ def run_mode(mode: str, args: argparse.Namespace, url: str) -> Run:
     finally:
         if w is not None:
             stop_worker(w)
-        if not cg.remove():
-            print(f"  {cg.path} left behind: {cg.describe()}", file=sys.stderr)
+        cg.remove()
         if ids:
             client.delete(*[f"celery-task-meta-{i}" for i in ids], *[f"bench:starts:{i}" for i in ids],
                           *[f"bench:trace:{i}" for i in ids])
