@@ -14,6 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
+
 from rmq.memory.probes import CgroupMemory, HostProbe
 
 __all__ = ["MemoryCgroup", "can_create"]
@@ -157,9 +159,8 @@ class MemoryCgroup:
         procs = []
         for pid in self.all_pids():
             try:
-                with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                    cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:
+                cmd = " ".join(psutil.Process(pid).cmdline())
+            except psutil.Error:
                 cmd = "?"
             procs.append(f"{pid} {cmd[:120]!r}")
         inside = [str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_dir()]
